@@ -1,0 +1,41 @@
+# The README's commands. Everything is set up on first use: the venv, the install, the models.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+HOST   ?= 127.0.0.1
+PORT   ?= 3000
+
+.PHONY: install serve test models bench lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first, pinned, so pip takes the local CPU build and never a CUDA one
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[cpu,dev]'
+	rm -f $(VENV)/.installed-* && touch $@
+
+install: $(STAMP)
+
+## serve: the default models on loopback (HTTP $(PORT), gRPC 8001)
+serve: install
+	$(BIN)/genserve serve --host $(HOST) --port $(PORT)
+
+## test: the executable specification (pytest's exit 5, no tests collected, is a failure)
+test: install
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+## models: rebuild the committed default artifacts in exported_models/ (seeded)
+models: install
+	$(BIN)/python -m training.default_models --out exported_models
+
+## bench: the benchmarks that write docs/BENCHMARKS.md
+bench: install
+	$(BIN)/python -m bench.flows
+
+lint: install
+	$(BIN)/python -m ruff check training service tests bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,160 @@
+"""The one training loop, checkpoints and the CLI's train/evaluate/data commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_checkpoint
+
+from training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from training.cli import main
+from training.config import TrainConfig
+from training.evaluate import data_log_prob, evaluate
+from training.train import lr_lambda
+
+
+def test_lr_schedule_warms_up_then_decays() -> None:
+    f = lr_lambda(TrainConfig(steps=100, warmup_steps=10))
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0) and f(99) < f(50) < f(10)
+    assert f(100) == pytest.approx(0.1)
+
+
+def test_training_is_seeded_and_checkpoints_round_trip_bit_for_bit(tmp_path: Path) -> None:
+    a = tiny_checkpoint("realnvp", tmp_path / "a")
+    b = tiny_checkpoint("realnvp", tmp_path / "b")
+    x = torch.randn(64, 2)
+    with torch.no_grad():
+        assert torch.equal(a.model.log_prob(x), b.model.log_prob(x))
+        loaded = load_checkpoint(tmp_path / "a")
+        assert torch.equal(a.model.log_prob(x), loaded.model.log_prob(x))
+        u1, l1 = a.preprocessor(x)
+        u2, l2 = loaded.preprocessor(x)
+    assert torch.equal(u1, u2) and torch.equal(l1, l2)
+    assert loaded.config.summary["best_step"] >= 1
+
+
+def test_training_lowers_validation_loss(tmp_path: Path) -> None:
+    ckpt = tiny_checkpoint("nsf", tmp_path / "c", steps=150)
+    history = ckpt.config.summary["history"]
+    assert len(history) >= 1
+    first = tiny_checkpoint("nsf", tmp_path / "d", steps=1).config.summary["best_val_loss"]
+    assert ckpt.config.summary["best_val_loss"] < first - 0.2
+
+
+def test_checkpoint_tampering_is_refused(tmp_path: Path) -> None:
+    tiny_checkpoint("nice", tmp_path / "t", steps=2)
+    weights = tmp_path / "t" / "weights.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="sha256"):
+        load_checkpoint(tmp_path / "t")
+    with pytest.raises(CheckpointError, match="config.json is missing"):
+        load_checkpoint(tmp_path)
+
+
+def test_failed_save_leaves_no_half_written_checkpoint(tmp_path: Path) -> None:
+    ckpt = tiny_checkpoint("nice", tmp_path / "ok", steps=2)
+    target = tmp_path / "ok"
+    before = sorted(p.name for p in target.iterdir())
+
+    class Boom(torch.nn.Module):
+        def state_dict(self, *a, **k):  # type: ignore[override]
+            raise RuntimeError("disk full")
+
+    ckpt.preprocessor = Boom()
+    with pytest.raises(RuntimeError):
+        save_checkpoint(ckpt, target)
+    assert sorted(p.name for p in target.iterdir()) == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_preprocessing_log_det_is_in_data_units(tmp_path: Path) -> None:
+    """Scaling the data by c must shift every log-likelihood by exactly -D log c."""
+    ckpt = tiny_checkpoint("realnvp", tmp_path / "s", steps=20)
+    x = np.random.default_rng(0).normal(size=(32, 2))
+    lp = data_log_prob(ckpt, x)["log_prob"]
+    u, ladj = ckpt.preprocessor(torch.as_tensor(x, dtype=torch.float32))
+    mean = ckpt.preprocessor.describe()
+    std = next(step for step in mean if step["type"] == "standardize")["std"]
+    assert np.allclose(ladj.numpy(), -np.log(std).sum(), atol=1e-5)
+    with torch.no_grad():
+        by_hand = ckpt.model.log_prob(u).double().numpy() - np.log(std).sum()
+    assert np.allclose(lp, by_hand, atol=1e-5)
+
+
+def test_evaluate_reports_likelihood_samples_and_truth(tmp_path: Path) -> None:
+    ckpt = tiny_checkpoint("nsf", tmp_path / "e")
+    report = evaluate(ckpt, samples=200)
+    for key in ("log_likelihood", "log_likelihood_se", "bits_per_dim", "w2_to_test",
+                "samples_per_second"):
+        assert np.isfinite(report[key]), key
+    assert report["rows"] == 100  # 10 % of 1000 rows
+    assert report["bits_per_dim"] == pytest.approx(
+        -report["log_likelihood"] / (2 * np.log(2)))
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, TQDM_DISABLE="1")
+    return subprocess.run([sys.executable, "-m", "training", *args], capture_output=True,
+                          text=True, env=env, timeout=300)
+
+
+def test_cli_train_evaluate_data(tmp_path: Path) -> None:
+    out = tmp_path / "m"
+    r = _cli("train", "--model", "maf", "--data", "8gaussians", "--rows", "600", "--steps",
+             "30", "--hidden", "16", "--transforms", "2", "--out", str(out), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    r = _cli("evaluate", str(out), "--samples", "100")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["model_type"] == "maf" and "true_log_likelihood" in report
+    r = _cli("data", "moons", "--rows", "50", "--out", str(tmp_path / "moons.csv"))
+    assert r.returncode == 0, r.stderr
+    assert len((tmp_path / "moons.csv").read_text().splitlines()) == 51
+    r = _cli("evaluate", str(out), "--data", str(tmp_path / "moons.csv"), "--samples", "0")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["rows"] == 50
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train", "--model", "nope", "--data", "moons", "--out", "x"], "choose one of"),
+        (["train", "--model", "nsf", "--data", "nope", "--out", "x"], "moons"),
+        (["train", "--model", "nsf", "--family", "diffusion", "--data", "moons", "--out", "x"],
+         "is a flow model"),
+        (["train", "--model", "nsf", "--data", "moons", "--out", "x", "--steps", "0"], "steps"),
+        (["evaluate", "/nonexistent"], "not a checkpoint"),
+    ],
+)
+def test_cli_bad_input_is_one_line_and_nonzero(
+    args: list[str], message: str, capsys: pytest.CaptureFixture
+) -> None:
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_cli_bad_input_messages(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    ragged = tmp_path / "bad.csv"
+    ragged.write_text("a,b\n1,2\n3\n")
+    assert main(["train", "--model", "nsf", "--data", str(ragged), "--out",
+                 str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "bad.csv" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+    ckpt = tmp_path / "ck"
+    tiny_checkpoint("nice", ckpt, steps=2)
+    three = tmp_path / "three.npy"
+    np.save(three, np.zeros((5, 3)))
+    assert main(["evaluate", str(ckpt), "--data", str(three)]) == 2
+    assert "3 columns" in capsys.readouterr().err

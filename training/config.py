@@ -1,0 +1,62 @@
+"""Typed configuration: one Pydantic model per configured thing (habit 6: config is data).
+
+`ModelConfig` holds every architecture knob of every model type; a builder reads the fields
+it needs and ignores the rest, so one JSON shape describes any checkpoint.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = ["ModelConfig", "PreprocessConfig", "TrainConfig"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Strict):
+    """Architecture of one model. Field names are shared across families."""
+
+    hidden_features: int = Field(64, ge=1, le=4096, description="width of hidden layers")
+    hidden_layers: int = Field(2, ge=1, le=16, description="hidden layers per network")
+    transforms: int = Field(5, ge=1, le=64, description="flow: number of flow steps")
+    bins: int = Field(8, ge=2, le=128, description="spline flows: bins per dimension")
+    tail_bound: float = Field(5.0, gt=0, description="spline flows: [-B, B] spline interval")
+    # diffusion
+    schedule: Literal["linear", "cosine"] = "linear"
+    prediction: Literal["epsilon", "v"] = "epsilon"
+    beta_min: float = Field(0.1, gt=0)
+    beta_max: float = Field(20.0, gt=0)
+    t_min: float = Field(1e-3, ge=0, lt=0.5, description="diffusion: smallest time integrated")
+    # flow matching
+    sigma_min: float = Field(0.0, ge=0, lt=1)
+    gamma: float = Field(0.0, ge=0, description="stochastic interpolant noise level")
+    time_embedding: int = Field(16, ge=2, le=256, description="Fourier features of t")
+
+
+class PreprocessConfig(_Strict):
+    """Invertible preprocessing fitted on the training split; its log-det is always counted."""
+
+    standardize: bool = True
+    dequantize: bool = Field(False, description="add U(0,1) noise to integer data (train time)")
+    levels: int | None = Field(None, ge=2, description="integer data takes values 0..levels-1")
+    logit_alpha: float | None = Field(None, gt=0, lt=0.5, description="logit(alpha+(1-2a)u)")
+
+
+class TrainConfig(_Strict):
+    """The one training loop's settings (the same for every family)."""
+
+    steps: int = Field(2000, ge=1)
+    batch_size: int = Field(256, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(100, ge=0)
+    grad_clip: float | None = Field(5.0, gt=0)
+    ema_decay: float | None = Field(None, gt=0, lt=1)
+    eval_every: int = Field(250, ge=1)
+    patience: int | None = Field(None, ge=1, description="evals without improvement to stop")
+    seed: int = Field(0, ge=0)
+    progress: bool = True

@@ -1,0 +1,592 @@
+"""Data sets: named toys and bundled tables, user files, validation, splits, saving.
+
+Everything random takes a ``numpy.random.Generator`` (or a seed that builds one); nothing
+touches a global RNG. Arrays are ``(rows, dim)`` float64.
+
+Example:
+    >>> data = load_data("moons", n=1000, seed=0)
+    >>> data.x.shape
+    (1000, 2)
+    >>> splits = split(data.x, seed=0)
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import math
+import numbers
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "DATASETS",
+    "DataError",
+    "Dataset",
+    "DatasetSpec",
+    "GaussianMixture",
+    "Splits",
+    "check_dim",
+    "check_levels",
+    "gaussian_mixture",
+    "load_data",
+    "save_data",
+    "split",
+    "split_indices",
+    "true_log_density",
+]
+
+FILE_SUFFIXES = (".npy", ".npz", ".csv")
+Sampler = Callable[[int, np.random.Generator], tuple[np.ndarray, np.ndarray | None]]
+LogDensity = Callable[[np.ndarray], np.ndarray]
+
+
+class DataError(ValueError):
+    """Bad data or a bad data argument; the message says what to do about it."""
+
+
+@dataclass(frozen=True, eq=False)
+class Dataset:
+    """A loaded data set.
+
+    Attributes:
+        x: ``(rows, dim)`` float64 values.
+        y: ``(rows,)`` labels, or ``None``.
+        name: the set's name (a named set, or the file's stem).
+        levels: integer data takes values ``0..levels-1``; ``None`` for continuous data.
+        source: ``"named"`` or the file path.
+    """
+
+    x: np.ndarray
+    y: np.ndarray | None
+    name: str
+    levels: int | None
+    source: str
+
+    @property
+    def dim(self) -> int:
+        return self.x.shape[1]
+
+
+@dataclass(frozen=True)
+class Splits:
+    """Train / validation / test rows, each ``(rows_i, dim)``."""
+
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+
+
+# --------------------------------------------------------------------------- mixtures
+
+
+@dataclass(frozen=True, eq=False)
+class GaussianMixture:
+    """``p(x) = sum_k w_k N(x; mu_k, Sigma_k)`` with exact density and sampler.
+
+    Attributes:
+        weights: ``(K,)``, summing to 1.
+        means: ``(K, D)``.
+        covariances: ``(K, D, D)``, symmetric positive definite.
+    """
+
+    weights: np.ndarray
+    means: np.ndarray
+    covariances: np.ndarray
+
+    def sample(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """Returns ``x: (n, D)`` and the component labels ``(n,)``."""
+        labels = rng.choice(len(self.weights), size=n, p=self.weights)
+        noise = rng.standard_normal((n, self.means.shape[1]))
+        chols = np.linalg.cholesky(self.covariances)[labels]
+        return self.means[labels] + np.einsum("nij,nj->ni", chols, noise), labels
+
+    def log_density(self, x: np.ndarray) -> np.ndarray:
+        """Exact ``log p(x)``: ``x: (..., D)`` -> ``(...,)``."""
+        x = np.asarray(x, dtype=np.float64)
+        dim = self.means.shape[1]
+        flat = x.reshape(-1, dim)
+        chols = np.linalg.cholesky(self.covariances)
+        diff = flat[:, None, :] - self.means[None]  # (n, K, D)
+        z = np.einsum("kij,nkj->nki", np.linalg.inv(chols), diff)
+        half_logdet = np.log(np.diagonal(chols, axis1=1, axis2=2)).sum(-1)
+        log_normal = -0.5 * (z**2).sum(-1) - half_logdet - 0.5 * dim * math.log(2 * math.pi)
+        return _logsumexp(log_normal + np.log(self.weights), axis=1).reshape(x.shape[:-1])
+
+
+def _logsumexp(a: np.ndarray, axis: int) -> np.ndarray:
+    top = a.max(axis=axis, keepdims=True)
+    return (top + np.log(np.exp(a - top).sum(axis=axis, keepdims=True))).squeeze(axis)
+
+
+def _farthest_points(candidates: np.ndarray, k: int) -> np.ndarray:
+    chosen = [0]
+    gap = np.linalg.norm(candidates - candidates[0], axis=1)
+    for _ in range(k - 1):
+        chosen.append(int(gap.argmax()))
+        gap = np.minimum(gap, np.linalg.norm(candidates - candidates[chosen[-1]], axis=1))
+    return candidates[chosen]
+
+
+def _random_rotation(dim: int, rng: np.random.Generator) -> np.ndarray:
+    q, r = np.linalg.qr(rng.standard_normal((dim, dim)))
+    return q * np.sign(np.diagonal(r))  # sign fix makes the rotation unique
+
+
+@functools.cache
+def _random_mixture(dim: int, components: int, seed: int) -> GaussianMixture:
+    """Fixed mixture: per-axis std in [0.5, 1], closest means 3.5 apart (they overlap a bit)."""
+    rng = np.random.default_rng(seed)
+    means = _farthest_points(rng.uniform(-1, 1, (64 * components, dim)), components)
+    closest = min(np.linalg.norm(a - b) for i, a in enumerate(means) for b in means[i + 1 :])
+    stds = rng.uniform(0.5, 1.0, (components, dim))
+    rotations = [_random_rotation(dim, rng) for _ in range(components)]
+    covs = np.stack([q @ np.diag(s**2) @ q.T for q, s in zip(rotations, stds, strict=True)])
+    weights = rng.uniform(1.0, 2.0, components)
+    return GaussianMixture(weights / weights.sum(), means * (3.5 / closest), covs)
+
+
+@functools.cache
+def _eight_gaussians() -> GaussianMixture:
+    angles = np.arange(8) * (np.pi / 4)
+    means = 2 * math.sqrt(2) * np.stack([np.cos(angles), np.sin(angles)], 1)
+    return GaussianMixture(np.full(8, 1 / 8), means, np.tile(np.eye(2) / 8, (8, 1, 1)))
+
+
+@functools.cache
+def _three_clusters() -> GaussianMixture:
+    means = np.array([[-2.5, -1.0], [2.5, -1.0], [0.0, 2.5]])
+    covs = np.array([[[0.5, 0.0], [0.0, 0.5]], [[0.8, 0.4], [0.4, 0.4]], [[0.3, 0], [0, 0.9]]])
+    return GaussianMixture(np.array([0.4, 0.35, 0.25]), means, covs)
+
+
+_MIXTURES: dict[str, Callable[[], GaussianMixture]] = {
+    "8gaussians": _eight_gaussians,
+    "3clusters": _three_clusters,
+    "gmm2": lambda: _random_mixture(2, 5, 1002),
+    "gmm6": lambda: _random_mixture(6, 6, 1006),
+    "gmm16": lambda: _random_mixture(16, 8, 1016),
+}
+
+
+def gaussian_mixture(name: str) -> GaussianMixture:
+    """The exact mixture behind a mixture-valued named set (``gmm*``, 8gaussians, 3clusters)."""
+    if name not in _MIXTURES:
+        raise DataError(f"'{name}' is not a Gaussian mixture; choose one of {sorted(_MIXTURES)}")
+    return _MIXTURES[name]()
+
+
+# --------------------------------------------------------------------------- 2D toys
+
+_CHECKER_CORNERS = np.array(
+    [(-4 + 2 * i, -4 + 2 * j) for i in range(4) for j in range(4) if (i + j) % 2 == 0], float
+)
+
+
+def _checkerboard(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    cells = rng.integers(0, len(_CHECKER_CORNERS), n)
+    return _CHECKER_CORNERS[cells] + 2 * rng.uniform(size=(n, 2)), cells
+
+
+def _checkerboard_log_density(x: np.ndarray) -> np.ndarray:
+    """Uniform on the 8 black 2x2 squares of a 4x4 board over [-4, 4)^2: 1/32 there, else 0."""
+    x = np.asarray(x, dtype=np.float64)
+    cell = np.floor((x + 4) / 2)
+    inside = np.all((cell >= 0) & (cell <= 3), axis=-1) & (cell.sum(-1) % 2 == 0)
+    return np.where(inside, -math.log(32.0), -np.inf)
+
+
+def _moons(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    labels = rng.integers(0, 2, n)
+    t = rng.uniform(0, np.pi, n)
+    outer = np.stack([np.cos(t), np.sin(t)], 1)
+    inner = np.stack([1 - np.cos(t), 0.5 - np.sin(t)], 1)
+    x = np.where(labels[:, None] == 0, outer, inner) + 0.1 * rng.standard_normal((n, 2))
+    return x, labels
+
+
+def _circles(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    labels = rng.integers(0, 2, n)
+    t = rng.uniform(0, 2 * np.pi, n)
+    radius = np.where(labels == 0, 1.0, 0.5)[:, None]
+    x = radius * np.stack([np.cos(t), np.sin(t)], 1) + 0.05 * rng.standard_normal((n, 2))
+    return x, labels
+
+
+def _pinwheel(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Five arms, as in Johnson et al. 2016 (structured VAEs)."""
+    labels = rng.integers(0, 5, n)
+    feats = rng.standard_normal((n, 2)) * [0.3, 0.1] + [1.0, 0.0]
+    angles = labels * (2 * np.pi / 5) + 0.25 * np.exp(feats[:, 0])
+    cos, sin = np.cos(angles), np.sin(angles)
+    x = np.stack([feats[:, 0] * cos - feats[:, 1] * sin, feats[:, 0] * sin + feats[:, 1] * cos])
+    return 2 * x.T, labels
+
+
+def _two_spirals(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    labels = rng.integers(0, 2, n)
+    t = np.sqrt(rng.uniform(size=n)) * 3 * np.pi
+    arm = np.stack([-np.cos(t) * t, np.sin(t) * t], 1) + 0.5 * rng.uniform(size=(n, 2))
+    x = np.where(labels[:, None] == 0, arm, -arm) / 3
+    return x + 0.1 * rng.standard_normal((n, 2)), labels
+
+
+def _swissroll(n: int, rng: np.random.Generator) -> tuple[np.ndarray, None]:
+    t = 1.5 * np.pi * (1 + 2 * rng.uniform(size=n))
+    x = np.stack([t * np.cos(t), t * np.sin(t)], 1) + rng.standard_normal((n, 2))
+    return x / 5, None
+
+
+def _mixture_sampler(name: str) -> Sampler:
+    return lambda n, rng: gaussian_mixture(name).sample(n, rng)
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def _bundled(loader_name: str) -> Sampler:
+    """A scikit-learn bundled table (offline); ``n`` rows drawn without replacement."""
+
+    def load(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        import sklearn.datasets  # heavy: import where used
+
+        bunch = getattr(sklearn.datasets, loader_name)()
+        x, y = bunch.data.astype(np.float64), np.asarray(bunch.target)
+        keep = np.arange(len(x)) if n == len(x) else np.sort(rng.choice(len(x), n, False))
+        return x[keep], y[keep]
+
+    return load
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A named set: what it is, its dimension, default size, and (for integer data) levels."""
+
+    summary: str
+    dim: int
+    default_size: int
+    sampler: Sampler
+    levels: int | None = None
+    generated: bool = True  # False: a fixed table; seed only picks a subsample
+
+    @property
+    def integer(self) -> bool:
+        return self.levels is not None
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    "moons": DatasetSpec("two interleaving half circles, noise 0.1", 2, 10_000, _moons),
+    "circles": DatasetSpec("two concentric circles, radii 1 and 0.5", 2, 10_000, _circles),
+    "8gaussians": DatasetSpec(
+        "8 isotropic Gaussians on a circle (exact density)",
+        2,
+        10_000,
+        _mixture_sampler("8gaussians"),
+    ),
+    "checkerboard": DatasetSpec(
+        "uniform on 8 squares of a 4x4 board (exact density)", 2, 10_000, _checkerboard
+    ),
+    "pinwheel": DatasetSpec("five curved arms", 2, 10_000, _pinwheel),
+    "2spirals": DatasetSpec("two interleaved spirals", 2, 10_000, _two_spirals),
+    "swissroll": DatasetSpec("2D swiss roll", 2, 10_000, _swissroll),
+    "3clusters": DatasetSpec(
+        "three Gaussian clusters (exact density)", 2, 10_000, _mixture_sampler("3clusters")
+    ),
+    "gmm2": DatasetSpec(
+        "5-component Gaussian mixture, 2D (exact density)", 2, 10_000, _mixture_sampler("gmm2")
+    ),
+    "gmm6": DatasetSpec(
+        "6-component Gaussian mixture, 6D (exact density)", 6, 20_000, _mixture_sampler("gmm6")
+    ),
+    "gmm16": DatasetSpec(
+        "8-component Gaussian mixture, 16D (exact density)", 16, 50_000, _mixture_sampler("gmm16")
+    ),
+    "digits": DatasetSpec(
+        "8x8 handwritten digits, integers 0..16 (scikit-learn)",
+        64,
+        1797,
+        _bundled("load_digits"),
+        levels=17,
+        generated=False,
+    ),
+    "breast_cancer": DatasetSpec(
+        "Wisconsin breast cancer features (scikit-learn)",
+        30,
+        569,
+        _bundled("load_breast_cancer"),
+        generated=False,
+    ),
+    "wine": DatasetSpec(
+        "wine chemical analysis (scikit-learn)", 13, 178, _bundled("load_wine"), generated=False
+    ),
+}
+
+
+def true_log_density(name: str) -> LogDensity | None:
+    """Exact ``log p(x)`` of a named set, ``x: (..., dim)`` -> ``(...,)``, or ``None``.
+
+    ``None`` when the set has no closed-form density; an unknown name raises ``DataError``.
+
+    Available for the Gaussian mixtures (gmm2, gmm6, gmm16, 8gaussians, 3clusters) and for
+    checkerboard (uniform density 1/32 on its squares, ``-inf`` off them).
+    """
+    if name not in DATASETS:
+        raise DataError(f"unknown data set '{name}'; choose one of {', '.join(DATASETS)}")
+    if name in _MIXTURES:
+        return gaussian_mixture(name).log_density
+    return _checkerboard_log_density if name == "checkerboard" else None
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_data(
+    name_or_path: str | os.PathLike[str],
+    n: int | None = None,
+    seed: int = 0,
+    *,
+    levels: int | None = None,
+) -> Dataset:
+    """Load a named set or a ``.npy`` / ``.npz`` / ``.csv`` file.
+
+    Args:
+        name_or_path: a key of ``DATASETS`` or a file path.
+        n: rows to generate (named) or to draw without replacement (tables, files);
+            ``None``: the spec's default size, or every row.
+        seed: seeds the ``numpy.random.Generator`` used for generation or subsampling.
+        levels: declare the data integer-valued in ``0..levels-1`` (checked). Files are
+            never assumed integer otherwise; named sets carry their own levels.
+    Returns:
+        a ``Dataset`` with ``x: (rows, dim)`` float64.
+    """
+    if n is not None and (isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1):
+        raise DataError(f"n must be a positive integer, got {n!r}")
+    key = os.fspath(name_or_path)
+    rng = np.random.default_rng(seed)
+    if key in DATASETS:
+        spec = DATASETS[key]
+        if not spec.generated and n is not None and n > spec.default_size:
+            raise DataError(
+                f"'{key}' has {spec.default_size} rows; ask for n <= {spec.default_size}"
+            )
+        x, y = spec.sampler(n or spec.default_size, rng)
+        data = Dataset(np.asarray(x, np.float64), y, key, spec.levels, "named")
+    else:
+        data = _load_file(_resolve_path(key), n, rng)
+    if levels is not None:
+        check_levels(data.x, levels, data.source if data.source != "named" else key)
+        data = Dataset(data.x, data.y, data.name, levels, data.source)
+    return data
+
+
+def _resolve_path(key: str) -> Path:
+    path = Path(key)
+    if path.suffix.lower() not in FILE_SUFFIXES:
+        extra = f" ('{key}' exists, but its suffix is not supported)" if path.exists() else ""
+        raise DataError(
+            f"unknown data set '{key}'{extra}; choose one of {', '.join(DATASETS)}, "
+            f"or give a file path ending in .npy, .npz or .csv"
+        )
+    if not path.is_file():
+        raise DataError(f"data file '{key}' not found; check the path (cwd: {os.getcwd()})")
+    return path
+
+
+def _load_file(path: Path, n: int | None, rng: np.random.Generator) -> Dataset:
+    readers = {".csv": _read_csv, ".npy": _read_npy, ".npz": _read_npz}
+    x, y, row_numbers = readers[path.suffix.lower()](path)
+    _check_finite(x, path, row_numbers)
+    if n is not None:
+        if n > len(x):
+            raise DataError(f"{path} has {len(x)} rows; ask for n <= {len(x)}")
+        keep = np.sort(rng.choice(len(x), n, replace=False))
+        x, y = x[keep], None if y is None else y[keep]
+    return Dataset(x, y, path.stem, None, str(path))
+
+
+def _as_table(array: np.ndarray, path: Path, what: str) -> np.ndarray:
+    """Validate dtype / ndim / emptiness; returns ``(rows, dim)`` float64."""
+    real = np.issubdtype(array.dtype, np.number) or array.dtype == bool
+    if not real or np.iscomplexobj(array):
+        raise DataError(f"{path}: {what} has dtype {array.dtype}; store real numbers only")
+    if array.ndim == 1:
+        array = array[:, None]
+    if array.ndim != 2:
+        raise DataError(
+            f"{path}: {what} has shape {array.shape}; expected a 2D array (rows, columns) "
+            f"or a 1D array (one column)"
+        )
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise DataError(
+            f"{path}: {what} has shape {array.shape}; it needs at least one row and one column"
+        )
+    return array.astype(np.float64)
+
+
+def _np_load(path: Path) -> np.ndarray | np.lib.npyio.NpzFile:
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise DataError(f"could not read {path} as {path.suffix}: {err}") from err
+
+
+def _read_npy(path: Path) -> tuple[np.ndarray, None, None]:
+    return _as_table(_np_load(path), path, "the array"), None, None
+
+
+def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None, None]:
+    with _np_load(path) as archive:
+        if "X" not in archive.files:
+            found = ", ".join(archive.files) or "none"
+            raise DataError(
+                f"{path} has no array named 'X' (found keys: {found}); "
+                f"save it with numpy.savez(file, X=data, y=labels)"
+            )
+        x = _as_table(archive["X"], path, "array 'X'")
+        y = archive["y"] if "y" in archive.files else None
+    if y is not None and (y.ndim != 1 or len(y) != len(x)):
+        raise DataError(f"{path}: 'y' has shape {y.shape}; expected ({len(x)},), one per row")
+    return x, y, None
+
+
+def _read_csv(path: Path) -> tuple[np.ndarray, None, list[int]]:
+    """Returns the table and, per data row, its 1-based line number in the file."""
+    rows: list[list[float]] = []
+    lines: list[int] = []
+    header: list[str] | None = None
+    width, width_line = 0, 0
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.reader(fh)
+        for cells in reader:
+            if not cells or (len(cells) == 1 and not cells[0].strip()):
+                continue  # blank line
+            if not width:
+                width, width_line = len(cells), reader.line_num
+                if not all(_is_number(cell) for cell in cells):
+                    header = cells
+                    continue
+            if len(cells) != width:
+                raise DataError(
+                    f"{path}: row {reader.line_num} has {len(cells)} columns, expected "
+                    f"{width} (as in row {width_line}); every row needs the same columns"
+                )
+            rows.append(_parse_row(cells, path, reader.line_num, header))
+            lines.append(reader.line_num)
+    if not rows:
+        found = "only a header" if header else "nothing"
+        raise DataError(f"{path} has no data rows (found {found}); it needs at least one row")
+    return np.array(rows, dtype=np.float64), None, lines
+
+
+def _is_number(cell: str) -> bool:
+    try:
+        float(cell)
+    except ValueError:
+        return False
+    return True
+
+
+def _parse_row(cells: list[str], path: Path, line: int, header: list[str] | None) -> list[float]:
+    for column, cell in enumerate(cells, start=1):
+        if not _is_number(cell):
+            name = f" ('{header[column - 1]}')" if header else ""
+            raise DataError(
+                f"{path}: row {line}, column {column}{name} holds {cell!r}, which is not a "
+                f"number; only numeric columns are supported (drop or encode that column)"
+            )
+    return [float(cell) for cell in cells]
+
+
+def _check_finite(x: np.ndarray, path: Path, row_numbers: list[int] | None) -> None:
+    bad = np.argwhere(~np.isfinite(x))
+    if len(bad):
+        row, column = bad[0]
+        line = row_numbers[row] if row_numbers else row + 1
+        raise DataError(
+            f"{path}: row {line}, column {column + 1} is {x[row, column]}; NaN/Inf values are "
+            f"not allowed, remove or impute them ({len(bad)} such cells in all)"
+        )
+
+
+def check_levels(x: np.ndarray, levels: int, source: str) -> None:
+    """Raise ``DataError`` unless ``x`` holds integers in ``0..levels-1``."""
+    if isinstance(levels, bool) or not isinstance(levels, numbers.Integral) or levels < 2:
+        raise DataError(f"levels must be an integer >= 2, got {levels!r}")
+    bad = np.argwhere((x != np.round(x)) | (x < 0) | (x > levels - 1))
+    if len(bad):
+        row, column = bad[0]
+        raise DataError(
+            f"{source}: row {row + 1}, column {column + 1} is {x[row, column]}, but levels="
+            f"{levels} needs integers in 0..{levels - 1}"
+        )
+
+
+def check_dim(
+    data: np.ndarray | Dataset, expected_dim: int, source: str, model: str | None = None
+) -> None:
+    """Raise ``DataError`` unless ``data`` has ``expected_dim`` columns."""
+    x = data.x if isinstance(data, Dataset) else np.asarray(data)
+    found = x.shape[1] if x.ndim == 2 else 1
+    if x.ndim > 2 or found != expected_dim:
+        who = f"model '{model}'" if model else "the model"
+        raise DataError(f"{source} has {found} columns but {who} expects {expected_dim}")
+
+
+# --------------------------------------------------------------------------- splits, saving
+
+
+def split_indices(
+    rows: int, seed: int, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Disjoint train / val / test row indices covering ``range(rows)``, each non-empty."""
+    if len(fractions) != 3 or min(fractions) <= 0 or abs(sum(fractions) - 1) > 1e-9:
+        raise DataError(f"fractions must be 3 positive numbers summing to 1, got {fractions}")
+    if rows < 3:
+        raise DataError(f"need at least 3 rows to split into train/val/test, got {rows}")
+    n_val = max(1, round(rows * fractions[1]))
+    n_test = max(1, round(rows * fractions[2]))
+    n_train = rows - n_val - n_test
+    while n_train < 1:  # tiny sets with large val/test fractions; rows >= 3 keeps each >= 1
+        n_val, n_test = (n_val - 1, n_test) if n_val >= n_test else (n_val, n_test - 1)
+        n_train += 1
+    order = np.random.default_rng(seed).permutation(rows)
+    return order[:n_train], order[n_train : n_train + n_val], order[n_train + n_val :]
+
+
+def split(
+    x: np.ndarray, seed: int, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+) -> Splits:
+    """Deterministic split of ``x: (rows, dim)``: same seed, same splits."""
+    train, val, test = split_indices(len(x), seed, fractions)
+    return Splits(x[train], x[val], x[test])
+
+
+def save_data(x: np.ndarray, path: str | os.PathLike[str]) -> Path:
+    """Write ``x: (rows, dim)`` to ``.npy`` or ``.csv`` (header ``x0,x1,...``), atomically."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".npy", ".csv"):
+        raise DataError(f"cannot write '{path}': the output file must end in .npy or .csv")
+    x = np.asarray(x, dtype=np.float64)
+    x = x[:, None] if x.ndim == 1 else x
+    if x.ndim != 2:
+        raise DataError(f"can only save a 2D array (rows, columns), got shape {x.shape}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            if suffix == ".npy":
+                np.save(fh, x)
+            else:
+                header = ",".join(f"x{i}" for i in range(x.shape[1]))
+                np.savetxt(fh, x, fmt="%.17g", delimiter=",", header=header, comments="")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,101 @@
+"""From data to checkpoint: load, split, fit preprocessing, build, train, save.
+
+This is what ``genserve train`` runs; ``fit-anomaly`` and the benchmarks call it too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from training.checkpoint import Checkpoint, CheckpointConfig, DataSummary, save_checkpoint
+from training.config import ModelConfig, PreprocessConfig, TrainConfig
+from training.registry import build_model, family_of
+
+__all__ = ["default_preprocess", "fit", "fit_arrays"]
+
+
+def default_preprocess(levels: int | None) -> PreprocessConfig:
+    """Integer data is dequantized; everything is standardized."""
+    if levels is None:
+        return PreprocessConfig()
+    return PreprocessConfig(dequantize=True, levels=levels, standardize=True)
+
+
+def fit_arrays(
+    model_type: str,
+    x_train: np.ndarray,
+    x_val: np.ndarray,
+    *,
+    data: DataSummary,
+    model_cfg: ModelConfig | None = None,
+    pre_cfg: PreprocessConfig | None = None,
+    train_cfg: TrainConfig | None = None,
+) -> Checkpoint:
+    """Train ``model_type`` on ``x_train`` (rows, dim) with early stopping on ``x_val``."""
+    from training.preprocess import Preprocessor
+    from training.train import train_model
+
+    model_cfg = model_cfg or ModelConfig()
+    train_cfg = train_cfg or TrainConfig()
+    pre_cfg = pre_cfg or default_preprocess(data.levels)
+    dim = x_train.shape[1]
+    torch.manual_seed(train_cfg.seed)  # parameter initialisation
+    model = build_model(model_type, dim, model_cfg)
+    pre = Preprocessor.fit(pre_cfg, x_train, data.levels)
+    result = train_model(model, pre, x_train, x_val, train_cfg)
+    config = CheckpointConfig(
+        model_type=model_type,
+        family=family_of(model_type),
+        dim=dim,
+        model=model_cfg,
+        preprocess=pre_cfg,
+        train=train_cfg,
+        data=data,
+        summary=result.summary() | {"history": result.history},
+    )
+    return Checkpoint(model=model, preprocessor=pre, config=config)
+
+
+def fit(
+    model_type: str,
+    data: str,
+    *,
+    out: str | Path | None = None,
+    rows: int | None = None,
+    data_seed: int = 0,
+    split_seed: int = 0,
+    model_cfg: ModelConfig | None = None,
+    pre_cfg: PreprocessConfig | None = None,
+    train_cfg: TrainConfig | None = None,
+) -> Checkpoint:
+    """Train ``model_type`` on a named set or a file; save to ``out`` when given."""
+    from training.data import load_data, split
+
+    dataset = load_data(data, n=rows, seed=data_seed)
+    splits = split(dataset.x, seed=split_seed)
+    summary = DataSummary(
+        name=dataset.name,
+        source=dataset.source,
+        rows=int(len(dataset.x)),
+        dim=int(dataset.x.shape[1]),
+        levels=dataset.levels,
+        data_seed=data_seed,
+        split_seed=split_seed,
+        mean=[float(v) for v in splits.train.mean(0)],
+        std=[float(v) for v in splits.train.std(0)],
+    )
+    ckpt = fit_arrays(
+        model_type,
+        splits.train,
+        splits.val,
+        data=summary,
+        model_cfg=model_cfg,
+        pre_cfg=pre_cfg,
+        train_cfg=train_cfg,
+    )
+    if out is not None:
+        save_checkpoint(ckpt, out)
+    return ckpt

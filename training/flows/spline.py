@@ -1,0 +1,196 @@
+"""Rational-quadratic spline maps and the neural spline flows built from them.
+
+Durkan et al. 2019, "Neural Spline Flows": a monotone rational-quadratic spline on
+``[-B, B]`` with ``K`` bins, identity (linear) tails outside. The bin of a value is found
+by a comparison count ``(x[..., None] >= knots).sum(-1)``, never ``torch.searchsorted``,
+which has no ONNX form.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from training.config import ModelConfig
+from training.flows.autoregressive import MaskedAutoregressive, autoregressive_flow
+from training.flows.base import Flow
+from training.flows.coupling import Coupling, alternating_mask, check_coupling_dim
+from training.flows.univariate import Univariate
+
+__all__ = ["RationalQuadraticSpline", "build_nsf", "build_nsf_ar"]
+
+
+class _Bin(NamedTuple):
+    """The knot bin holding each value: left corner, size, slope and end derivatives."""
+
+    x0: Tensor
+    y0: Tensor
+    width: Tensor
+    height: Tensor
+    d0: Tensor
+    d1: Tensor
+
+    @property
+    def slope(self) -> Tensor:
+        return self.height / self.width
+
+
+def _knots(raw: Tensor, bound: float, min_size: float) -> Tensor:
+    """Unnormalised bin sizes ``(..., K)`` -> knots ``(..., K + 1)`` from ``-B`` to ``B``."""
+    bins = raw.shape[-1]
+    sizes = min_size + (1 - min_size * bins) * raw.softmax(-1)
+    interior = 2 * bound * sizes.cumsum(-1)[..., :-1] - bound
+    # Pinning the end knots exactly keeps the spline continuous with the identity tails.
+    return F.pad(F.pad(interior, (1, 0), value=-bound), (0, 1), value=bound)
+
+
+def _gather(t: Tensor, index: Tensor) -> Tensor:
+    return t.gather(-1, index).squeeze(-1)
+
+
+def _derivative(bin_: _Bin, theta: Tensor) -> Tensor:
+    """``dy/dx`` inside the bin at relative position ``theta`` (Durkan et al. 2019, eq. 5)."""
+    s, one_minus = bin_.slope, 1 - theta
+    numerator = s.square() * (
+        bin_.d1 * theta.square() + 2 * s * theta * one_minus + bin_.d0 * one_minus.square()
+    )
+    return numerator / _denominator(bin_, theta).square()
+
+
+def _denominator(bin_: _Bin, theta: Tensor) -> Tensor:
+    s = bin_.slope
+    return s + (bin_.d0 + bin_.d1 - 2 * s) * theta * (1 - theta)
+
+
+class RationalQuadraticSpline(Univariate):
+    """Monotone rational-quadratic spline with linear (identity) tails.
+
+    Durkan et al. 2019, "Neural Spline Flows", section 3.1 and appendix A. Per feature the
+    ``3K - 1`` parameters are ``K`` widths, ``K`` heights (softmax, with a floor) and
+    ``K - 1`` interior derivatives (softplus, with a floor); the end derivatives are 1 so the
+    map is C1 with the identity tails. Zero parameters give the identity.
+
+    Args:
+        bins: ``K``, number of bins.
+        bound: ``B``; the spline acts on ``[-B, B]``, the identity outside.
+        min_bin_size: floor of each bin's width and height (fraction of ``2B``).
+        min_derivative: floor of the knot derivatives.
+
+    Shapes: ``x: (batch, n)``, ``params: (batch, n, 3K - 1)``.
+
+    Example:
+        >>> spline = RationalQuadraticSpline(bins=8, bound=3.0)
+        >>> params = torch.randn(16, 2, spline.params_per_dim)
+        >>> y, ladj = spline(torch.randn(16, 2), params)
+        >>> x, inverse_ladj = spline.inverse(y, params)
+    """
+
+    def __init__(
+        self,
+        bins: int = 8,
+        bound: float = 5.0,
+        min_bin_size: float = 1e-3,
+        min_derivative: float = 1e-3,
+    ) -> None:
+        super().__init__()
+        if min_bin_size * bins >= 1:
+            raise ValueError(f"min_bin_size={min_bin_size} leaves no room for {bins} bins")
+        self.bins = bins
+        self.bound = float(bound)
+        self.min_bin_size = min_bin_size
+        self.min_derivative = min_derivative
+        self.params_per_dim = 3 * bins - 1
+        # softplus(0 + offset) = 1 - floor, so zero parameters give unit derivatives.
+        self._derivative_offset = math.log(math.expm1(1 - min_derivative))
+
+    def _spline(self, params: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``params`` -> x knots, y knots, derivatives, each ``(batch, n, K + 1)``."""
+        k = self.bins
+        xs = _knots(params[..., :k], self.bound, self.min_bin_size)
+        ys = _knots(params[..., k : 2 * k], self.bound, self.min_bin_size)
+        raw = params[..., 2 * k :]
+        interior = self.min_derivative + F.softplus(raw + self._derivative_offset)
+        return xs, ys, F.pad(interior, (1, 1), value=1.0)
+
+    def _locate(self, value: Tensor, params: Tensor, by_output: bool) -> _Bin:
+        xs, ys, ds = self._spline(params)
+        knots = ys if by_output else xs
+        index = (value[..., None] >= knots[..., 1:-1]).sum(-1, keepdim=True)
+        x0, y0 = _gather(xs, index), _gather(ys, index)
+        return _Bin(
+            x0=x0,
+            y0=y0,
+            width=_gather(xs[..., 1:], index) - x0,
+            height=_gather(ys[..., 1:], index) - y0,
+            d0=_gather(ds, index),
+            d1=_gather(ds[..., 1:], index),
+        )
+
+    def _inside(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        # Clamping first keeps the unused spline branch finite, so torch.where has clean grads.
+        return (x >= -self.bound) & (x <= self.bound), x.clamp(-self.bound, self.bound)
+
+    def forward(self, x: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
+        inside, x_in = self._inside(x)
+        bin_ = self._locate(x_in, params, by_output=False)
+        theta = (x_in - bin_.x0) / bin_.width
+        s = bin_.slope
+        y = bin_.y0 + bin_.height * (
+            s * theta.square() + bin_.d0 * theta * (1 - theta)
+        ) / _denominator(bin_, theta)
+        ladj = _derivative(bin_, theta).log()
+        return torch.where(inside, y, x), torch.where(inside, ladj, torch.zeros_like(ladj))
+
+    def inverse(self, y: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
+        inside, y_in = self._inside(y)
+        bin_ = self._locate(y_in, params, by_output=True)
+        # Solve the quadratic a theta^2 + b theta + c = 0 in its cancellation-free form
+        # (Durkan et al. 2019, eqs. 6-8).
+        s, dy = bin_.slope, y_in - bin_.y0
+        curvature = bin_.d0 + bin_.d1 - 2 * s
+        a = bin_.height * (s - bin_.d0) + dy * curvature
+        b = bin_.height * bin_.d0 - dy * curvature
+        c = -s * dy
+        discriminant = (b.square() - 4 * a * c).clamp_min(0)
+        theta = 2 * c / (-b - discriminant.sqrt())
+        x = bin_.x0 + theta * bin_.width
+        ladj = -_derivative(bin_, theta).log()
+        return torch.where(inside, x, y), torch.where(inside, ladj, torch.zeros_like(ladj))
+
+    def extra_repr(self) -> str:
+        return f"bins={self.bins}, bound={self.bound}"
+
+
+def build_nsf(dim: int, cfg: ModelConfig) -> Flow:
+    """NSF (coupling): ``cfg.transforms`` spline couplings with alternating masks."""
+    check_coupling_dim("nsf", dim)
+    return Flow(
+        dim,
+        [
+            Coupling(
+                alternating_mask(dim, i),
+                RationalQuadraticSpline(cfg.bins, cfg.tail_bound),
+                cfg.hidden_features,
+                cfg.hidden_layers,
+            )
+            for i in range(cfg.transforms)
+        ],
+    )
+
+
+def build_nsf_ar(dim: int, cfg: ModelConfig) -> Flow:
+    """NSF (autoregressive): ``cfg.transforms`` spline MADE steps with reversals between."""
+    return autoregressive_flow(
+        dim,
+        cfg.transforms,
+        lambda: MaskedAutoregressive(
+            dim,
+            RationalQuadraticSpline(cfg.bins, cfg.tail_bound),
+            cfg.hidden_features,
+            cfg.hidden_layers,
+        ),
+    )
