@@ -1,0 +1,272 @@
+"""The ``genserve`` command line: one console script, one subcommand per user task."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["build_parser", "main"]
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
+
+
+def command(name: str) -> Callable[[Callable[[argparse.Namespace], int]], Any]:
+    def register(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        COMMANDS[name] = fn
+        return fn
+
+    return register
+
+
+def _model_types_help() -> str:
+    from training.registry import MODEL_TYPES
+
+    return "; ".join(f"{k} ({v.family})" for k, v in MODEL_TYPES.items())
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("architecture (fields of ModelConfig; unset = the default)")
+    g.add_argument("--hidden", dest="hidden_features", type=int, help="hidden layer width")
+    g.add_argument("--layers", dest="hidden_layers", type=int, help="hidden layers per network")
+    g.add_argument("--transforms", type=int, help="flows: number of flow steps")
+    g.add_argument("--bins", type=int, help="spline flows: bins")
+    g.add_argument("--tail-bound", dest="tail_bound", type=float, help="spline interval [-B, B]")
+    g.add_argument("--schedule", choices=["linear", "cosine"], help="diffusion noise schedule")
+    g.add_argument("--prediction", choices=["epsilon", "v"], help="diffusion target")
+    g.add_argument("--sigma-min", dest="sigma_min", type=float, help="flow matching sigma_min")
+    g.add_argument("--gamma", type=float, help="stochastic interpolant noise level")
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training (fields of TrainConfig)")
+    g.add_argument("--steps", type=int, help="optimizer steps (default 2000)")
+    g.add_argument("--batch-size", dest="batch_size", type=int, help="minibatch rows (256)")
+    g.add_argument("--lr", type=float, help="peak learning rate (1e-3)")
+    g.add_argument("--weight-decay", dest="weight_decay", type=float, help="AdamW decay (0)")
+    g.add_argument("--warmup", dest="warmup_steps", type=int, help="warmup steps (100)")
+    g.add_argument("--grad-clip", dest="grad_clip", type=float, help="max gradient norm (5)")
+    g.add_argument("--ema", dest="ema_decay", type=float, help="EMA decay, e.g. 0.999 (off)")
+    g.add_argument("--eval-every", dest="eval_every", type=int, help="steps between evals")
+    g.add_argument("--patience", type=int, help="evals without improvement before stopping")
+    g.add_argument("--seed", type=int, help="seed for initialisation and batches (0)")
+
+
+def _pick(ns: argparse.Namespace, fields: Sequence[str]) -> dict[str, Any]:
+    return {f: getattr(ns, f) for f in fields if getattr(ns, f, None) is not None}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="genserve",
+        description="Train, evaluate, export and serve likelihood-based generative models "
+        "(normalizing flows, diffusion, flow matching).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="fit a model to a named data set or a file")
+    p.add_argument("--model", required=True, metavar="TYPE", help=_model_types_help())
+    p.add_argument(
+        "--family",
+        choices=["flow", "diffusion", "flow_matching"],
+        help="optional check that --model belongs to this family",
+    )
+    p.add_argument("--data", required=True, help="named set (see `genserve data --list`) "
+                   "or a .npy/.npz/.csv file")
+    p.add_argument("--out", required=True, help="checkpoint directory to write")
+    p.add_argument("--rows", type=int, help="rows to generate for named toy sets")
+    p.add_argument("--data-seed", type=int, default=0, help="seed of generated data sets")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the train/val/test split")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_model_args(p)
+    _add_train_args(p)
+
+    p = sub.add_parser("evaluate", help="print JSON: test log-likelihood, samples, speed")
+    p.add_argument("checkpoint", help="checkpoint directory")
+    p.add_argument("--data", help=".npy/.npz/.csv to score instead of the test split")
+    p.add_argument("--method", choices=["exact", "hutchinson"], help="divergence (ODE models)")
+    p.add_argument("--solver", help="ODE/diffusion solver for likelihood and samples")
+    p.add_argument("--steps", type=int, help="solver steps (adaptive dopri5 when unset)")
+    p.add_argument("--samples", type=int, default=2000, help="samples for W2 and speed (2000)")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("reflow", help="rectified-flow reflow of a flow-matching checkpoint "
+                       "(straighter paths: good samples in 1-2 steps)")
+    p.add_argument("checkpoint", help="trained cfm/otcfm/si checkpoint")
+    p.add_argument("--out", required=True, help="checkpoint directory to write")
+    p.add_argument("--pairs", type=int, default=20000, help="noise/sample pairs (20000)")
+    p.add_argument("--pair-steps", type=int, default=32, help="RK4 steps per pair (32)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_train_args(p)
+
+    p = sub.add_parser("export", help="write a served artifact (manifest + graphs)")
+    p.add_argument("checkpoint", help="checkpoint directory")
+    p.add_argument("--format", choices=["onnx", "torchscript", "both"], default="onnx")
+    p.add_argument("--out", required=True, help="artifact directory, e.g. exported_models/NAME")
+    p.add_argument("--name", help="served model name (default: the --out folder's name)")
+    p.add_argument("--target-fpr", type=float, default=0.01,
+                   help="anomaly threshold's false-positive rate on normal data (0.01)")
+
+    p = sub.add_parser("serve", help="serve the models over HTTP on loopback (BentoML)")
+    p.add_argument("--models", help="models directory (GENSERVE_MODELS_DIR, exported_models)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
+    p.add_argument("--port", type=int, default=3000, help="HTTP port (3000)")
+    p.add_argument("--workers", type=int, help="worker processes (GENSERVE_WORKERS, 1)")
+
+    p = sub.add_parser("data", help="write a named data set to .npy or .csv")
+    p.add_argument("name", nargs="?", help="data set name")
+    p.add_argument("--out", help="file to write (.npy or .csv)")
+    p.add_argument("--rows", type=int, help="rows for generated sets")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--list", action="store_true", help="list the named sets")
+
+    return parser
+
+
+@command("train")
+def _train(ns: argparse.Namespace) -> int:
+    from training.config import ModelConfig, TrainConfig
+    from training.fit import fit
+    from training.registry import family_of
+
+    if ns.family is not None and family_of(ns.model) != ns.family:
+        raise ValueError(f"model {ns.model!r} is a {family_of(ns.model)} model, not {ns.family}")
+    model_cfg = ModelConfig(**_pick(ns, ModelConfig.model_fields))
+    train_cfg = TrainConfig(**_pick(ns, TrainConfig.model_fields), progress=not ns.no_progress)
+    ckpt = fit(
+        ns.model,
+        ns.data,
+        out=ns.out,
+        rows=ns.rows,
+        data_seed=ns.data_seed,
+        split_seed=ns.split_seed,
+        model_cfg=model_cfg,
+        train_cfg=train_cfg,
+    )
+    s = ckpt.config.summary
+    print(
+        f"saved {ns.out}: {ns.model} on {ckpt.config.data.name} ({ckpt.config.dim}-D), "
+        f"best validation loss {s['best_val_loss']:.4f} at step {s['best_step']}, "
+        f"{s['train_seconds']:.1f} s",
+        file=sys.stderr,
+    )
+    return 0
+
+
+@command("evaluate")
+def _evaluate(ns: argparse.Namespace) -> int:
+    from training.checkpoint import load_checkpoint
+    from training.data import check_dim, load_data
+    from training.evaluate import evaluate
+
+    ckpt = load_checkpoint(ns.checkpoint)
+    x = None
+    if ns.data is not None:
+        x = load_data(ns.data).x
+        check_dim(x, ckpt.config.dim, ns.data)
+    report = evaluate(
+        ckpt, x, method=ns.method, steps=ns.steps, solver=ns.solver,
+        samples=ns.samples, seed=ns.seed,
+    )
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+@command("reflow")
+def _reflow(ns: argparse.Namespace) -> int:
+    from training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+    from training.config import TrainConfig
+    from training.flow_matching import reflow
+
+    teacher = load_checkpoint(ns.checkpoint)
+    if teacher.config.family != "flow_matching":
+        raise ValueError(f"reflow needs a flow-matching checkpoint; {ns.checkpoint} is a "
+                         f"{teacher.config.family} model")
+    cfg = TrainConfig(**_pick(ns, TrainConfig.model_fields), progress=not ns.no_progress)
+    student = reflow(teacher.model, ns.pairs, cfg, pair_steps=ns.pair_steps)
+    config = teacher.config.model_copy(deep=True)
+    config.train = cfg
+    config.summary = {"reflow": {"teacher": str(ns.checkpoint), "pairs": ns.pairs,
+                                 "pair_steps": ns.pair_steps, "rounds": 1}}
+    save_checkpoint(Checkpoint(student, teacher.preprocessor, config), ns.out)
+    print(f"saved {ns.out}: reflowed {config.model_type} ({ns.pairs} pairs)", file=sys.stderr)
+    return 0
+
+
+@command("export")
+def _export(ns: argparse.Namespace) -> int:
+    from training.checkpoint import load_checkpoint
+    from training.export import export_checkpoint
+
+    formats = ("onnx", "torchscript") if ns.format == "both" else (ns.format,)
+    ckpt = load_checkpoint(ns.checkpoint)
+    manifest = export_checkpoint(ckpt, ns.out, formats=formats, name=ns.name,
+                                 target_fpr=ns.target_fpr)
+    print(f"exported {manifest.name} ({manifest.family} {manifest.model_type}) to {ns.out}: "
+          f"{', '.join(sorted(manifest.graphs))} as {', '.join(formats)}", file=sys.stderr)
+    return 0
+
+
+@command("serve")
+def _serve(ns: argparse.Namespace) -> int:
+    import os
+
+    env = dict(os.environ)
+    if ns.models:
+        env["GENSERVE_MODELS_DIR"] = ns.models
+    if ns.workers:
+        env["GENSERVE_WORKERS"] = str(ns.workers)
+    models = Path(env.get("GENSERVE_MODELS_DIR", "exported_models"))
+    if not models.is_dir():
+        raise FileNotFoundError(f"models directory {models} does not exist; run `make models` "
+                                "or set GENSERVE_MODELS_DIR")
+    cmd = [sys.executable, "-m", "bentoml", "serve", "service.api:GenServe",
+           "--host", ns.host, "--port", str(ns.port)]
+    print(f"serving {models} on http://{ns.host}:{ns.port}", file=sys.stderr)
+    os.execvpe(cmd[0], cmd, env)
+    return 0  # pragma: no cover - exec does not return
+
+
+@command("data")
+def _data(ns: argparse.Namespace) -> int:
+    from training.data import DATASETS, load_data, save_data
+
+    if ns.list or ns.name is None:
+        for name, spec in DATASETS.items():
+            print(f"{name:14s} {spec.summary}")
+        return 0
+    if ns.out is None:
+        raise ValueError("give --out FILE (.npy or .csv) to write the data set")
+    data = load_data(ns.name, n=ns.rows, seed=ns.seed)
+    save_data(data.x, ns.out)
+    print(f"wrote {ns.out}: {data.x.shape[0]} rows x {data.x.shape[1]} columns", file=sys.stderr)
+    return 0
+
+
+def _one_line(err: BaseException) -> str:
+    from pydantic import ValidationError
+
+    if isinstance(err, ValidationError):
+        return "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()
+        )
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError, FloatingPointError) as err:
+        print(f"genserve {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
