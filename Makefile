@@ -5,6 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 HOST   ?= 127.0.0.1
 PORT   ?= 3000
+GRPC_PORT ?= 8001
 
 .PHONY: install serve test models bench lint clean
 
@@ -18,9 +19,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-## serve: the default models on loopback (HTTP $(PORT), gRPC 8001)
+## serve: the default models on loopback (HTTP $(PORT), gRPC $(GRPC_PORT))
 serve: install
-	$(BIN)/genserve serve --host $(HOST) --port $(PORT)
+	$(BIN)/genserve serve --host $(HOST) --port $(PORT) --grpc-port $(GRPC_PORT)
 
 ## test: the executable specification (pytest's exit 5, no tests collected, is a failure)
 test: install

@@ -72,82 +72,9 @@ def artifact_factory(zoo_dir: Path, checkpoint_factory):
 
 # --- a real `bentoml serve` subprocess on a free loopback port ---------------------------------
 
-import contextlib  # noqa: E402
 import json  # noqa: E402
-import signal  # noqa: E402
-import socket  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-import urllib.error  # noqa: E402
-import urllib.request  # noqa: E402
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """Handle on a running service: ``url``, ``post``, ``get``, the log file."""
-
-    def __init__(self, url: str, proc: subprocess.Popen, log: Path) -> None:
-        self.url, self.proc, self.log = url, proc, log
-
-    def request(self, method: str, path: str, body: bytes | None = None,
-                content_type: str = "application/json", timeout: float = 60):
-        req = urllib.request.Request(self.url + path, data=body, method=method,
-                                     headers={"Content-Type": content_type})
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
-                return resp.status, resp.read()
-        except urllib.error.HTTPError as err:
-            return err.code, err.read()
-
-    def post(self, path: str, payload: object, timeout: float = 60) -> tuple[int, object]:
-        status, raw = self.request("POST", path, json.dumps(payload).encode(), timeout=timeout)
-        return status, json.loads(raw)
-
-    def get(self, path: str) -> tuple[int, bytes]:
-        return self.request("GET", path)
-
-
-@contextlib.contextmanager
-def running_server(models_dir: Path, log: Path, env: dict | None = None,
-                   startup_s: float = 180):
-    port = free_port()
-    full_env = dict(os.environ, GENSERVE_MODELS_DIR=str(models_dir), BENTOML_DO_NOT_TRACK="True",
-                    **(env or {}))
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "bentoml", "serve", "service.api:GenServe", "--host",
-             "127.0.0.1", "--port", str(port)],
-            stdout=fh, stderr=subprocess.STDOUT, env=full_env,
-            cwd=Path(__file__).resolve().parents[1], start_new_session=True,
-        )
-    server = Server(f"http://127.0.0.1:{port}", proc, log)
-    try:
-        deadline = time.monotonic() + startup_s
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited early:\n{log.read_text()[-3000:]}")
-            with contextlib.suppress(OSError):
-                if server.get("/readyz")[0] == 200:
-                    break
-            if time.monotonic() > deadline:
-                tail = log.read_text()[-3000:]
-                raise RuntimeError(f"server not ready in {startup_s} s:\n{tail}")
-            time.sleep(0.5)
-        yield server
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+from service.devserver import Server, free_port, running_server  # noqa: E402,F401
 
 
 @pytest.fixture(scope="session")

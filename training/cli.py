@@ -110,10 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-fpr", type=float, default=0.01,
                    help="anomaly threshold's false-positive rate on normal data (0.01)")
 
-    p = sub.add_parser("serve", help="serve the models over HTTP on loopback (BentoML)")
+    p = sub.add_parser("serve", help="serve the models over HTTP and gRPC on loopback")
     p.add_argument("--models", help="models directory (GENSERVE_MODELS_DIR, exported_models)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
     p.add_argument("--port", type=int, default=3000, help="HTTP port (3000)")
+    p.add_argument("--grpc-port", type=int, default=None,
+                   help="gRPC (Open Inference Protocol v2) port (8001; GENSERVE_GRPC_PORT)")
+    p.add_argument("--no-grpc", action="store_true", help="serve HTTP only")
     p.add_argument("--workers", type=int, help="worker processes (GENSERVE_WORKERS, 1)")
 
     p = sub.add_parser("data", help="write a named data set to .npy or .csv")
@@ -213,6 +216,9 @@ def _export(ns: argparse.Namespace) -> int:
 @command("serve")
 def _serve(ns: argparse.Namespace) -> int:
     import os
+    import signal
+    import subprocess
+    import time
 
     env = dict(os.environ)
     if ns.models:
@@ -223,11 +229,38 @@ def _serve(ns: argparse.Namespace) -> int:
     if not models.is_dir():
         raise FileNotFoundError(f"models directory {models} does not exist; run `make models` "
                                 "or set GENSERVE_MODELS_DIR")
-    cmd = [sys.executable, "-m", "bentoml", "serve", "service.api:GenServe",
-           "--host", ns.host, "--port", str(ns.port)]
-    print(f"serving {models} on http://{ns.host}:{ns.port}", file=sys.stderr)
-    os.execvpe(cmd[0], cmd, env)
-    return 0  # pragma: no cover - exec does not return
+    cmds = [[sys.executable, "-m", "bentoml", "serve", "service.api:GenServe",
+             "--host", ns.host, "--port", str(ns.port)]]
+    where = f"http://{ns.host}:{ns.port}"
+    if not ns.no_grpc:
+        grpc_port = ns.grpc_port or int(env.get("GENSERVE_GRPC_PORT") or 8001)
+        local = "127.0.0.1" if ns.host in ("0.0.0.0", "::", "") else ns.host
+        local = f"[{local}]" if ":" in local else local
+        cmds.append([sys.executable, "-m", "service.grpc_server", "--host", ns.host,
+                     "--port", str(grpc_port), "--http-url", f"http://{local}:{ns.port}"])
+        where += f" and grpc://{ns.host}:{grpc_port} (Open Inference Protocol v2)"
+    print(f"serving {models} on {where}", file=sys.stderr)
+    procs = [subprocess.Popen(cmd, env=env) for cmd in cmds]
+
+    def stop(*_: object) -> None:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:  # one process gone (crash or signal) stops the other: no half-served state
+        while all(proc.poll() is None for proc in procs):
+            time.sleep(0.5)
+    finally:
+        stop()
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    return max(proc.returncode or 0 for proc in procs)
 
 
 @command("data")

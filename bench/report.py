@@ -1,0 +1,51 @@
+"""Write one benchmark's section of ``docs/BENCHMARKS.md``, leaving the other sections alone."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import tempfile
+from datetime import date
+from pathlib import Path
+
+__all__ = ["BENCHMARKS", "machine_line", "markdown_table", "write_section"]
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "docs" / "BENCHMARKS.md"
+HEADER = """# genserve benchmarks
+
+Every figure comes with the command that reproduced it. The machines are small (2 cores) and
+shared: timings are medians of repeated runs, and comparisons are ratios measured side by side
+in one run. Quality figures (log-likelihoods, W2) do not depend on load.
+"""
+
+
+def machine_line() -> str:
+    return (f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()},"
+            f" measured {date.today().isoformat()}")
+
+
+def markdown_table(header: list[str], rows: list[list[object]]) -> str:
+    def cell(v: object) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.3e}"
+        return str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_section(name: str, markdown: str, path: Path = BENCHMARKS) -> None:
+    """Replace (or append) the block between ``<!-- BEGIN name -->`` and ``<!-- END name -->``."""
+    begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
+    block = f"{begin}\n{markdown.strip()}\n{end}"
+    text = path.read_text() if path.exists() else HEADER
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else (
+        text.rstrip() + "\n\n" + block + "\n")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".BENCHMARKS.")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)

@@ -1,0 +1,142 @@
+"""The BentoML service: ``/sample``, ``/log_likelihood``, ``/anomaly_score``, ``/models``.
+
+Thin glue (STYLE habit 18): models load once in ``__init__``; each verb is a batchable API
+whose single, positional-only argument is the whole flat JSON body; BentoML's adaptive
+batcher gathers requests with rows as the unit (``service.batching``), and the batch is run
+as one graph call per model and option set (``service.verbs``). Requests are validated by
+``service.boundary`` before they can join a batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from typing import Any
+
+import bentoml
+
+from service.batching import Answers, Parts, error_answer, register_containers, rows_of
+from service.boundary import BoundaryMiddleware
+from service.metrics import ANOMALIES, BATCH_ROWS, GRAPH_SECONDS, MODELS_LOADED, REQUESTS, ROWS
+from service.models import ModelSet
+from service.runtime import InputError
+from service.schemas import (
+    AnomalyScoreRequest,
+    AnomalyScoreResponse,
+    LogLikelihoodRequest,
+    LogLikelihoodResponse,
+    ModelsResponse,
+    SampleRequest,
+    SampleResponse,
+)
+from service.settings import load_settings
+from service.verbs import GROUP_KEYS, RUNNERS
+
+__all__ = ["GenServe"]
+
+log = logging.getLogger("genserve")
+SETTINGS = load_settings()
+register_containers()
+
+
+def _batching() -> dict[str, Any]:
+    if not SETTINGS.batching:
+        return {}
+    return {"batchable": True, "max_batch_size": SETTINGS.max_batch_rows,
+            "max_latency_ms": SETTINGS.max_latency_ms}
+
+
+def _traffic() -> dict[str, Any]:
+    traffic: dict[str, Any] = {"timeout": SETTINGS.timeout_s}
+    if SETTINGS.max_concurrency:
+        traffic["max_concurrency"] = SETTINGS.max_concurrency
+    return traffic
+
+
+@bentoml.service(name="genserve", workers=SETTINGS.workers, traffic=_traffic())
+class GenServe:
+    """Every model of ``GENSERVE_MODELS_DIR`` behind three verbs."""
+
+    def __init__(self) -> None:
+        self.model_set = ModelSet.load(SETTINGS)
+        for name, rt in self.model_set.runtimes.items():
+            rt.observer = _graph_observer(name)
+        MODELS_LOADED.labels(state="ok").set(len(self.model_set.runtimes))
+        MODELS_LOADED.labels(state="failed").set(len(self.model_set.failed))
+
+    def __is_ready__(self) -> bool:
+        return bool(self.model_set.runtimes)
+
+    @bentoml.api(route="/sample", **_batching())
+    def sample(self, request: SampleRequest, /) -> SampleResponse:
+        """Draw ``n`` samples (seeded) from a model, in the data's units."""
+        return self._serve("sample", request)  # type: ignore[arg-type,return-value]
+
+    @bentoml.api(route="/log_likelihood", **_batching())
+    def log_likelihood(self, request: LogLikelihoodRequest, /) -> LogLikelihoodResponse:
+        """log p(x) per row in nats (and bits/dim): exact for flows, PF-ODE otherwise."""
+        return self._serve("log_likelihood", request)  # type: ignore[arg-type,return-value]
+
+    @bentoml.api(route="/anomaly_score", **_batching())
+    def anomaly_score(self, request: AnomalyScoreRequest, /) -> AnomalyScoreResponse:
+        """NLL scores, percentiles among normal data and flags at the calibrated threshold."""
+        return self._serve("anomaly_score", request)  # type: ignore[arg-type,return-value]
+
+    @bentoml.api(route="/models")
+    def list_models(self) -> ModelsResponse:
+        """The served models (also ``GET /models``) and the folders refused at start."""
+        return ModelsResponse(models=self.model_set.info(), failed=self.model_set.failed)
+
+    def _serve(self, verb: str, parts: Parts | Any) -> Answers | Any:
+        """One batch: group the parts by model and options, one graph call per group.
+
+        With batching off (``GENSERVE_BATCHING=0``) BentoML hands over one request and
+        expects one answer.
+        """
+        if not isinstance(parts, Parts):
+            return self._serve(verb, Parts([parts]))[0]
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i, part in enumerate(parts):
+            groups[tuple(getattr(part, k) for k in GROUP_KEYS[verb])].append(i)
+        answers: list[Any] = [None] * len(parts)
+        for idx in groups.values():
+            group = [parts[i] for i in idx]
+            for i, answer in zip(idx, self._run_group(verb, group), strict=True):
+                answers[i] = answer
+        return Answers(answers)
+
+    def _run_group(self, verb: str, group: list) -> list[Any]:
+        name = group[0].model
+        rt = self.model_set.runtimes.get(name)
+        if rt is None:
+            return self._fail(verb, "unknown", group, 404, f"model {name[:64]!r} is not loaded")
+        rows = sum(rows_of(p) for p in group)
+        BATCH_ROWS.labels(model=name, verb=verb).observe(rows)
+        try:
+            results = RUNNERS[verb](rt, group)
+        except InputError as err:
+            return self._fail(verb, name, group, 400, str(err))
+        except Exception:
+            log.exception("model %s failed on /%s", name, verb)
+            return self._fail(verb, name, group, 500,
+                              f"model '{name}' failed on this request; see the server log")
+        REQUESTS.labels(model=name, verb=verb, status="200").inc(len(group))
+        ROWS.labels(model=name, verb=verb).inc(rows)
+        if verb == "anomaly_score":
+            ANOMALIES.labels(model=name).inc(sum(sum(r.is_anomaly) for r in results))
+        return results
+
+    @staticmethod
+    def _fail(verb: str, model: str, group: list, status: int, message: str) -> list[Any]:
+        REQUESTS.labels(model=model, verb=verb, status=str(status)).inc(len(group))
+        return [error_answer(status, message) for _ in group]
+
+
+def _graph_observer(model: str) -> Any:
+    def observe(graph: str, seconds: float) -> None:
+        GRAPH_SECONDS.labels(model=model, graph=graph).observe(seconds)
+
+    return observe
+
+
+GenServe.add_asgi_middleware(BoundaryMiddleware, settings=SETTINGS)

@@ -1,0 +1,102 @@
+"""A real ``bentoml serve`` subprocess on a free loopback port, for tests and benchmarks.
+
+One copy of the start / wait-until-ready / stop logic (STYLE habit 12): the test suite's
+fixtures and ``bench/serving.py`` both use :func:`running_server`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+__all__ = ["Server", "free_port", "running_server"]
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """Handle on a running service: ``url``, ``post``, ``get``, the process and its log."""
+
+    def __init__(self, url: str, proc: subprocess.Popen, log: Path) -> None:
+        self.url, self.proc, self.log = url, proc, log
+
+    def request(self, method: str, path: str, body: bytes | None = None,
+                content_type: str = "application/json", timeout: float = 60) -> tuple[int, bytes]:
+        req = urllib.request.Request(self.url + path, data=body, method=method,
+                                     headers={"Content-Type": content_type})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                return resp.status, resp.read()
+        except urllib.error.HTTPError as err:
+            return err.code, err.read()
+
+    def post(self, path: str, payload: object, timeout: float = 60) -> tuple[int, object]:
+        status, raw = self.request("POST", path, json.dumps(payload).encode(), timeout=timeout)
+        return status, json.loads(raw)
+
+    def get(self, path: str) -> tuple[int, bytes]:
+        return self.request("GET", path)
+
+
+@contextlib.contextmanager
+def running_server(models_dir: Path, log: Path, env: dict[str, str] | None = None,
+                   startup_s: float = 180) -> Iterator[Server]:
+    """Start the service on a free loopback port, wait for ``/readyz``, stop it on exit."""
+    port = free_port()
+    full_env = dict(os.environ, GENSERVE_MODELS_DIR=str(models_dir),
+                    BENTOML_DO_NOT_TRACK="True", **(env or {}))
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bentoml", "serve", "service.api:GenServe", "--host",
+             "127.0.0.1", "--port", str(port)],
+            stdout=fh, stderr=subprocess.STDOUT, env=full_env, cwd=ROOT,
+            start_new_session=True,
+        )
+    server = Server(f"http://127.0.0.1:{port}", proc, log)
+    try:
+        _wait_ready(server, startup_s)
+        yield server
+    finally:
+        stop(proc)
+
+
+def _wait_ready(server: Server, startup_s: float) -> None:
+    deadline = time.monotonic() + startup_s
+    while True:
+        if server.proc.poll() is not None:
+            raise RuntimeError(f"server exited early:\n{server.log.read_text()[-3000:]}")
+        with contextlib.suppress(OSError):
+            if server.get("/readyz")[0] == 200:
+                return
+        if time.monotonic() > deadline:
+            tail = server.log.read_text()[-3000:]
+            raise RuntimeError(f"server not ready in {startup_s} s:\n{tail}")
+        time.sleep(0.5)
+
+
+def stop(proc: subprocess.Popen, grace_s: float = 30) -> None:
+    """SIGTERM the server's process group, then SIGKILL after ``grace_s``."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

@@ -1,0 +1,319 @@
+"""gRPC side of genserve: the Open Inference Protocol v2 (KServe v2) over grpcio asyncio.
+
+    python -m service.grpc_server --host 127.0.0.1 --port 8001 --http-url http://127.0.0.1:3000
+
+BentoML's service API has no gRPC, so this is its own process. It translates each OIP call
+into the service's HTTP JSON verbs on loopback, and so reaches the very same batched model
+workers: batching, limits, metrics and calibration exist once, on the HTTP side. Each served
+model appears as one OIP model per verb, ``NAME.sample``, ``NAME.log_likelihood`` and
+``NAME.anomaly_score`` (docs/GRPC.md). Tensors are checked here before they are forwarded;
+the HTTP side's answers map to gRPC status codes (400 INVALID_ARGUMENT, 404 NOT_FOUND, 413 and
+429 RESOURCE_EXHAUSTED, 503 or unreachable UNAVAILABLE) with the HTTP message as details.
+Also served: grpc.health.v1 (SERVING while the HTTP side's /readyz answers 200) and server
+reflection.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import grpc
+import httpx
+from google.protobuf import descriptor_pool
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2
+
+from service.oip import grpc_predict_v2_pb2 as pb
+from service.oip import grpc_predict_v2_pb2_grpc as pb_grpc
+from service.oip.convert import (
+    VERBS,
+    OipError,
+    encode_outputs,
+    request_body,
+    response_tensors,
+    signature,
+    split_name,
+)
+
+__all__ = ["InferenceServicer", "Upstream", "main", "serve"]
+
+log = logging.getLogger("genserve.grpc")
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+DEFAULT_PORT = 8001
+DEFAULT_HTTP_URL = "http://127.0.0.1:3000"
+VERSION = "1"  # every OIP model has one version
+MODELS_TTL_S = 5.0
+Code = grpc.StatusCode
+HTTP_CODES = {400: Code.INVALID_ARGUMENT, 404: Code.NOT_FOUND, 405: Code.UNIMPLEMENTED,
+              408: Code.DEADLINE_EXCEEDED, 413: Code.RESOURCE_EXHAUSTED,
+              415: Code.INVALID_ARGUMENT, 422: Code.INVALID_ARGUMENT,
+              429: Code.RESOURCE_EXHAUSTED, 500: Code.INTERNAL, 502: Code.UNAVAILABLE,
+              503: Code.UNAVAILABLE, 504: Code.DEADLINE_EXCEEDED}
+MAX_MESSAGE_BYTES = 64 << 20
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("genserve")
+    except Exception:  # noqa: BLE001 - not installed: running from a checkout
+        return "0.0.0+checkout"
+
+
+class Upstream:
+    """The HTTP side on loopback: a pooled client, the model list (cached) and readiness."""
+
+    def __init__(self, url: str, timeout_s: float = 120.0) -> None:
+        self.url = url.rstrip("/")
+        self.timeout_s = timeout_s
+        self.client = httpx.AsyncClient(
+            base_url=self.url, trust_env=False, timeout=httpx.Timeout(timeout_s, connect=5.0),
+            limits=httpx.Limits(max_connections=128, max_keepalive_connections=32))
+        self._models: dict[str, dict] | None = None
+        self._models_at = 0.0
+        self._lock = asyncio.Lock()
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+    def _unreachable(self, err: Exception) -> OipError:
+        return OipError(Code.UNAVAILABLE, f"the genserve HTTP service at {self.url} is not "
+                        f"reachable ({type(err).__name__}); is it running and ready?")
+
+    async def ready(self) -> bool:
+        try:
+            return (await self.client.get("/readyz", timeout=2.0)).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    async def models(self, refresh: bool = False) -> dict[str, dict]:
+        """``{name: model info}`` from GET /models, cached for a few seconds."""
+        async with self._lock:
+            fresh = time.monotonic() - self._models_at < (0.5 if refresh else MODELS_TTL_S)
+            if self._models is None or not fresh:
+                try:
+                    resp = await self.client.get("/models", timeout=10.0)
+                except httpx.HTTPError as err:
+                    raise self._unreachable(err) from None
+                if resp.status_code != 200:
+                    raise _http_error(resp)
+                self._models = {m["name"]: m for m in resp.json()["models"]}
+                self._models_at = time.monotonic()
+            return self._models
+
+    async def call(self, verb: str, body: dict, timeout_s: float | None) -> dict:
+        """POST the verb; its JSON answer, or OipError carrying the mapped status."""
+        timeout = self.timeout_s if timeout_s is None else max(0.001, timeout_s)
+        try:
+            resp = await self.client.post(f"/{verb}", content=json.dumps(body).encode(),
+                                          headers={"content-type": "application/json"},
+                                          timeout=httpx.Timeout(timeout, connect=5.0))
+        except httpx.TimeoutException:
+            raise OipError(Code.DEADLINE_EXCEEDED, f"/{verb} did not answer within "
+                           f"{timeout:.1f} s") from None
+        except httpx.HTTPError as err:
+            raise self._unreachable(err) from None
+        if resp.status_code != 200:
+            if resp.status_code == 404:
+                self._models_at = 0.0  # the model set may have changed
+            raise _http_error(resp)
+        return resp.json()
+
+
+def _http_error(resp: httpx.Response) -> OipError:
+    try:
+        message = str(resp.json()["error"])
+    except (ValueError, KeyError, TypeError):
+        message = resp.text.strip()[:500] or f"HTTP {resp.status_code}"
+    code = HTTP_CODES.get(resp.status_code,
+                          Code.INVALID_ARGUMENT if resp.status_code < 500 else Code.INTERNAL)
+    return OipError(code, message)
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    """inference.GRPCInferenceService over the HTTP side."""
+
+    def __init__(self, upstream: Upstream, health_servicer: Any = None) -> None:
+        self.up = upstream
+        self.health = health_servicer
+
+    async def _abort(self, context: grpc.aio.ServicerContext, err: OipError) -> None:
+        await context.abort(err.code, err.message)
+
+    async def set_health(self, ready: bool) -> None:
+        if self.health is None:
+            return
+        status = (health_pb2.HealthCheckResponse.SERVING if ready
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    async def _resolve(self, name: str, version: str) -> tuple[str, str, dict]:
+        """``(model, verb, info)`` of an OIP model name, or NOT_FOUND naming the served ones."""
+        models = await self.up.models()
+        parts = split_name(name)
+        if parts is None or parts[0] not in models:
+            models = await self.up.models(refresh=True)
+        if parts is not None and parts[0] in models:
+            info = models[parts[0]]
+            if parts[1] == "anomaly_score" and not info.get("calibration"):
+                raise OipError(Code.NOT_FOUND, f"model '{parts[0]}' has no anomaly "
+                               "calibration, so it has no anomaly_score; re-export it")
+            if version not in ("", VERSION):
+                raise OipError(Code.NOT_FOUND, f"model '{name}' has no version "
+                               f"{version[:16]!r}; its only version is {VERSION!r}")
+            return parts[0], parts[1], info
+        served = ", ".join(_oip_names(models)) or "(none loaded)"
+        hint = (f"model '{name}' is served as one OIP model per verb, NAME.VERB; "
+                if name in models else f"unknown model {name[:64]!r}; ")
+        raise OipError(Code.NOT_FOUND, f"{hint}served models: {served}")
+
+    async def ServerLive(self, request: Any, context: Any) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: Any, context: Any) -> pb.ServerReadyResponse:
+        ready = await self.up.ready()
+        await self.set_health(ready)
+        return pb.ServerReadyResponse(ready=ready)
+
+    async def ModelReady(self, request: Any, context: Any) -> pb.ModelReadyResponse:
+        try:
+            await self._resolve(request.name, request.version)
+        except OipError:
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=await self.up.ready())
+
+    async def ServerMetadata(self, request: Any, context: Any) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name="genserve", version=_version(),
+                                         extensions=["parameters"])
+
+    async def ModelMetadata(self, request: Any, context: Any) -> pb.ModelMetadataResponse:
+        try:
+            model, verb, info = await self._resolve(request.name, request.version)
+        except OipError as err:
+            return await self._abort(context, err)  # type: ignore[return-value]
+        inputs, outputs = signature(verb, info)
+        meta = pb.ModelMetadataResponse.TensorMetadata
+        return pb.ModelMetadataResponse(
+            name=request.name, versions=[VERSION], platform=f"genserve_{info['family']}",
+            inputs=[meta(name=n, datatype=d, shape=s) for n, d, s in inputs],
+            outputs=[meta(name=n, datatype=d, shape=s) for n, d, s in outputs])
+
+    async def ModelInfer(self, request: Any, context: Any) -> pb.ModelInferResponse:
+        try:
+            model, verb, info = await self._resolve(request.model_name, request.model_version)
+            body, raw = request_body(model, verb, info, request)
+            answer = await self.up.call(verb, body, context.time_remaining())
+            tensors, params = response_tensors(verb, answer)
+            resp = pb.ModelInferResponse(model_name=request.model_name, model_version=VERSION,
+                                         id=request.id)
+            encode_outputs(resp, tensors, params, [o.name for o in request.outputs], raw)
+        except OipError as err:
+            return await self._abort(context, err)  # type: ignore[return-value]
+        return resp
+
+
+def _oip_names(models: dict[str, dict]) -> list[str]:
+    return [f"{name}.{verb}" for name, info in sorted(models.items()) for verb in VERBS
+            if verb != "anomaly_score" or info.get("calibration")]
+
+
+def _reflection_pool() -> descriptor_pool.DescriptorPool:
+    # The OIP descriptors live in a private pool (so tritonclient's own `inference.*` stubs can
+    # be imported in the same process); reflection gets a pool holding every served service.
+    pool = descriptor_pool.DescriptorPool()
+    for desc in (pb.DESCRIPTOR, health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR):
+        pool.AddSerializedFile(desc.serialized_pb)
+    return pool
+
+
+async def _watch_ready(servicer: InferenceServicer, period_s: float) -> None:
+    while True:
+        await servicer.set_health(await servicer.up.ready())
+        await asyncio.sleep(period_s)
+
+
+async def serve(host: str, port: int, http_url: str, grace_s: float = 5.0,
+                ready_period_s: float = 2.0) -> None:
+    """Run until SIGTERM/SIGINT, then drain in-flight calls for ``grace_s`` seconds."""
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                                      ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                                      ("grpc.so_reuseport", 0)])
+    upstream = Upstream(http_url)
+    health_servicer = health.aio.HealthServicer()
+    servicer = InferenceServicer(upstream, health_servicer)
+    await servicer.set_health(False)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
+    reflection.enable_server_reflection(names, server, pool=_reflection_pool())
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError as err:
+        raise SystemExit(f"genserve grpc: cannot listen on {address}: {err}") from None
+    if not bound:
+        raise SystemExit(f"genserve grpc: cannot listen on {address} (port in use?)")
+    await server.start()
+    print(f"genserve gRPC (Open Inference Protocol v2) on {host}:{bound} -> {upstream.url}",
+          file=sys.stderr, flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    watcher = asyncio.create_task(_watch_ready(servicer, ready_period_s))
+    try:
+        await stop.wait()
+    finally:
+        watcher.cancel()
+        await health_servicer.enter_graceful_shutdown()
+        await server.stop(grace_s)
+        await upstream.close()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+
+
+def _port(value: str) -> int:
+    port = int(value)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port {port} is not in 0..65535")
+    return port
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m service.grpc_server",
+        description="genserve over gRPC: the Open Inference Protocol v2, forwarding to the "
+                    "genserve HTTP service (one OIP model per served model and verb).")
+    parser.add_argument("--host", default=os.environ.get("GENSERVE_GRPC_HOST", "127.0.0.1"),
+                        help="interface to bind (default 127.0.0.1; env GENSERVE_GRPC_HOST)")
+    parser.add_argument("--port", type=_port,
+                        default=os.environ.get("GENSERVE_GRPC_PORT") or DEFAULT_PORT,
+                        help=f"port (default {DEFAULT_PORT}; env GENSERVE_GRPC_PORT)")
+    parser.add_argument("--http-url", default=os.environ.get("GENSERVE_HTTP_URL")
+                        or DEFAULT_HTTP_URL,
+                        help=f"the genserve HTTP service (default {DEFAULT_HTTP_URL}; "
+                             "env GENSERVE_HTTP_URL)")
+    parser.add_argument("--grace", type=float, default=5.0,
+                        help="seconds to finish in-flight calls on SIGTERM (default 5)")
+    args = parser.parse_args(argv)
+    if not args.http_url.startswith(("http://", "https://")):
+        parser.error(f"--http-url {args.http_url!r} must start with http:// or https://")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not one line per forwarded call
+    asyncio.run(serve(args.host, _port(str(args.port)), args.http_url, args.grace))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

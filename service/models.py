@@ -1,0 +1,79 @@
+"""The set of served models: every folder of the models directory, loaded once.
+
+A folder that is missing a file, fails a sha256 or breaks the manifest schema is refused with
+a message naming the file; the others load and serve (readiness reports both).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from service.manifest import MANIFEST_FILE, ManifestError
+from service.runtime import ModelRuntime
+from service.schemas import ModelInfo
+from service.settings import Settings
+from service.validation import ModelCard
+
+__all__ = ["ModelSet", "model_card"]
+
+log = logging.getLogger("genserve")
+
+
+def model_card(rt: ModelRuntime) -> ModelCard:
+    m = rt.manifest
+    return ModelCard(name=m.name, family=m.family, dim=m.dim, calibrated=m.calibration is not None)
+
+
+@dataclass
+class ModelSet:
+    runtimes: dict[str, ModelRuntime] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, settings: Settings) -> ModelSet:
+        root = Path(settings.models_dir)
+        out = cls()
+        if not root.is_dir():
+            out.failed[str(root.name or root)] = f"models directory {root} does not exist"
+            log.error("models directory %s does not exist", root)
+            return out
+        for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+            if folder.name.startswith(".") or not (folder / MANIFEST_FILE).exists() and not any(
+                folder.iterdir()
+            ):
+                continue
+            try:
+                rt = ModelRuntime(folder, runtime=settings.runtime, threads=settings.threads,
+                                  device=settings.device)
+            except (ManifestError, RuntimeError, OSError, ValueError) as err:
+                out.failed[folder.name] = str(err)
+                log.error("refused model %s: %s", folder.name, err)
+                continue
+            if rt.name in out.runtimes:
+                out.failed[folder.name] = f"duplicate model name {rt.name!r}"
+                continue
+            out.runtimes[rt.name] = rt
+            log.info("loaded model %s (%s %s, %s)", rt.name, rt.family,
+                     rt.manifest.model_type, rt.format)
+        return out
+
+    def cards(self) -> dict[str, ModelCard]:
+        return {name: model_card(rt) for name, rt in self.runtimes.items()}
+
+    def info(self) -> list[ModelInfo]:
+        out = []
+        for rt in self.runtimes.values():
+            m = rt.manifest
+            out.append(ModelInfo(
+                name=m.name, family=m.family, model_type=m.model_type, dim=m.dim,
+                graphs=sorted(m.graphs), runtime=rt.format, solvers=list(rt.solvers()),
+                defaults=m.defaults.model_dump(),
+                calibration=None if m.calibration is None else {
+                    "target_fpr": m.calibration.target_fpr,
+                    "threshold": m.calibration.threshold,
+                    "rows": m.calibration.rows,
+                },
+            ))
+        return out

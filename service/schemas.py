@@ -1,0 +1,135 @@
+"""Request and response bodies of the HTTP API (the JSON shapes in DESIGN.md).
+
+``x`` is declared for the OpenAPI document but not validated element by element by Pydantic
+(that would cost milliseconds per request): ``service.validation`` checks it with numpy before
+the request can join a batch.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    WithJsonSchema,
+    model_validator,
+)
+
+__all__ = [
+    "AnomalyScoreRequest",
+    "AnomalyScoreResponse",
+    "ErrorResponse",
+    "LogLikelihoodRequest",
+    "LogLikelihoodResponse",
+    "ModelInfo",
+    "ModelsResponse",
+    "Rows",
+    "SampleRequest",
+    "SampleResponse",
+]
+
+ROWS_SCHEMA = {
+    "type": "array",
+    "minItems": 1,
+    "items": {"type": "array", "minItems": 1, "items": {"type": "number"}},
+    "description": "rows of numbers, (rows, dim), in the units of the training data",
+}
+Rows = Annotated[Any, WithJsonSchema(ROWS_SCHEMA)]
+MAX_SEED = 2**63 - 1
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str = Field(description="served model name (see GET /models)", max_length=64)
+    # Row offset of this part inside the client's request: set when the batcher splits one
+    # request across two batches, so seeded rows stay the same.
+    _offset: int = PrivateAttr(default=0)
+
+
+class SampleRequest(_Request):
+    n: int = Field(description="number of samples", ge=1)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="same seed, same samples")
+    steps: int | None = Field(None, ge=1, description="solver steps (ODE/diffusion models)")
+    solver: str | None = Field(None, description="see GET /models for each model's solvers")
+
+    @model_validator(mode="after")
+    def _seeded(self) -> SampleRequest:
+        # Chosen before batching, so a request split across batches keeps one stream.
+        if self.seed is None:
+            self.seed = secrets.randbelow(2**31)
+        return self
+
+
+class SampleResponse(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+    model: str
+    samples: list[list[float]]
+    seed: int
+    steps: int | None
+    solver: str
+
+
+class LogLikelihoodRequest(_Request):
+    x: Rows
+    method: Literal["exact", "hutchinson"] | None = Field(
+        None, description="divergence for ODE models; flows are always exact"
+    )
+    steps: int | None = Field(None, ge=1, description="fixed solver steps (default adaptive)")
+    solver: str | None = Field(None, description="ODE solver for the likelihood integral")
+    probes: int | None = Field(None, ge=1, description="Hutchinson probes")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Hutchinson probe seed")
+
+
+class LogLikelihoodResponse(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+    model: str
+    log_likelihood: list[float] = Field(description="nats per row, in the data's units")
+    bits_per_dim: list[float]
+    method: str
+    std_error: list[float] = Field(
+        default_factory=list, description="Hutchinson standard error per row; empty if exact"
+    )
+    nfe: int = Field(description="graph evaluations used")
+
+
+class AnomalyScoreRequest(_Request):
+    x: Rows
+    target_fpr: float | None = Field(
+        None, gt=0, lt=1, description="override the model's calibrated false-positive rate"
+    )
+
+
+class AnomalyScoreResponse(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+    model: str
+    scores: list[float] = Field(description="negative log-likelihood, nats per row")
+    threshold: float
+    is_anomaly: list[bool]
+    percentile: list[float] = Field(description="percentile among normal validation rows")
+
+
+class ModelInfo(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+    name: str
+    family: str
+    model_type: str
+    dim: int
+    graphs: list[str]
+    runtime: str
+    solvers: list[str]
+    defaults: dict[str, Any]
+    calibration: dict[str, Any] | None
+
+
+class ModelsResponse(BaseModel):
+    models: list[ModelInfo]
+    failed: dict[str, str] = Field(description="model folders refused at start, and why")
+
+
+class ErrorResponse(BaseModel):
+    error: str

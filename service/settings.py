@@ -1,0 +1,46 @@
+"""Service settings, read once from the environment (documented in README's table)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = ["Settings", "load_settings"]
+
+ENV_PREFIX = "GENSERVE_"
+
+
+class Settings(BaseModel):
+    """Every knob of the service; environment variable = ``GENSERVE_`` + upper-case name."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    models_dir: Path = Field(Path("exported_models"), description="directory of model folders")
+    runtime: Literal["auto", "onnx", "torchscript"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = Field(None, ge=1, description="intra-op threads per graph session")
+    workers: int = Field(1, ge=1, le=64, description="BentoML worker processes")
+    batching: bool = Field(True, description="adaptive batching on (off: one request per call)")
+    max_batch_rows: int = Field(4096, ge=2, description="adaptive batching: rows per batch")
+    max_latency_ms: int = Field(10000, ge=1, description="adaptive batching: queueing bound")
+    max_rows: int = Field(10000, ge=1, description="rows of x per request")
+    max_samples: int = Field(10000, ge=1, description="n per /sample request")
+    max_steps: int = Field(1000, ge=1, description="solver steps per request")
+    max_probes: int = Field(64, ge=1, description="Hutchinson probes per request")
+    max_body_bytes: int = Field(8 << 20, ge=1024, description="request body size limit")
+    timeout_s: int = Field(60, ge=1, description="request timeout (BentoML traffic.timeout)")
+    max_concurrency: int | None = Field(None, ge=1, description="requests in flight per service")
+
+
+def load_settings(environ: dict[str, str] | None = None) -> Settings:
+    """Settings from ``GENSERVE_*`` variables; an invalid value is an error naming it."""
+    environ = dict(os.environ if environ is None else environ)
+    values = {}
+    for name in Settings.model_fields:
+        raw = environ.get(ENV_PREFIX + name.upper())
+        if raw is not None and raw != "":
+            values[name] = raw
+    return Settings.model_validate(values)

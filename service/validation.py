@@ -1,0 +1,172 @@
+"""Request validation at the boundary, shared by HTTP and gRPC.
+
+Everything that can be known about a request without running a graph is checked here,
+before it can join a batch: one bad request never reaches (and so never fails) a batch.
+Each error carries a status and a message that says what is wrong and what is allowed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from pydantic import ValidationError
+
+from service.schemas import AnomalyScoreRequest, LogLikelihoodRequest, SampleRequest
+from service.settings import Settings
+
+__all__ = [
+    "ModelCard",
+    "RequestError",
+    "validate_anomaly_score",
+    "validate_log_likelihood",
+    "validate_sample",
+    "validate_verb",
+]
+
+ODE_SOLVERS = ("euler", "heun", "midpoint", "rk4", "dopri5")
+DIFFUSION_SAMPLERS = ("ddpm", "ddim", "dpmpp2m")
+
+
+class RequestError(Exception):
+    """A request that cannot be served as sent. ``status`` is the HTTP status to answer."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What validation needs to know about a served model (from its manifest)."""
+
+    name: str
+    family: str
+    dim: int
+    calibrated: bool
+
+    @property
+    def sample_solvers(self) -> tuple[str, ...]:
+        if self.family == "flow":
+            return ("exact",)
+        return ODE_SOLVERS + (DIFFUSION_SAMPLERS if self.family == "diffusion" else ())
+
+
+def _pydantic_message(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors(include_url=False):
+        field = ".".join(str(p) for p in e["loc"]) or "body"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field; remove it"
+        parts.append(f"'{field}': {msg}")
+    return "; ".join(parts)
+
+
+def _parse(cls: type, body: Any) -> Any:
+    if not isinstance(body, dict):
+        raise RequestError(400, "the request body must be a JSON object")
+    try:
+        return cls.model_validate(body)
+    except ValidationError as err:
+        raise RequestError(400, _pydantic_message(err)) from None
+
+
+def _card(cards: dict[str, ModelCard], name: str) -> ModelCard:
+    card = cards.get(name)
+    if card is None:
+        shown = repr(name[:64])
+        choices = ", ".join(sorted(cards)) or "(none loaded)"
+        raise RequestError(404, f"unknown model {shown}; served models: {choices}")
+    return card
+
+
+def _limit(value: int | None, field: str, maximum: int) -> None:
+    if value is not None and value > maximum:
+        raise RequestError(
+            413 if field in ("n", "x") else 400,
+            f"'{field}' is {value}; the largest allowed is {maximum} (server limit)",
+        )
+
+
+def check_rows(x: Any, card: ModelCard, max_rows: int) -> np.ndarray:
+    """``x`` as finite float64 ``(rows, dim)``; the message names the problem and the fix."""
+    if not isinstance(x, list):
+        raise RequestError(400, f"'x' must be a list of rows, each a list of {card.dim} numbers")
+    if len(x) == 0:
+        raise RequestError(400, "'x' is empty; send at least one row")
+    _limit(len(x), "x", max_rows)
+    for i, row in enumerate(x):
+        if not isinstance(row, list):
+            raise RequestError(400, f"'x' row {i} is not a list; each row is a list of "
+                               f"{card.dim} numbers")
+        if len(row) != card.dim:
+            raise RequestError(400, f"'x' row {i} has {len(row)} values but model "
+                               f"'{card.name}' expects {card.dim}")
+    try:
+        arr = np.array(x)
+    except (ValueError, TypeError):
+        raise RequestError(400, "'x' has rows of different lengths") from None
+    if arr.dtype.kind not in "iuf" or arr.dtype == bool:
+        raise RequestError(400, "'x' must contain only numbers (no strings, booleans or nulls)")
+    arr = arr.astype(np.float64)
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        r, c = np.argwhere(bad)[0]
+        raise RequestError(400, f"'x' has a non-finite value at row {r}, column {c}; "
+                           "every value must be a finite number")
+    return arr
+
+
+def validate_sample(body: Any, cards: dict[str, ModelCard], s: Settings) -> SampleRequest:
+    req = _parse(SampleRequest, body)
+    card = _card(cards, req.model)
+    _limit(req.n, "n", s.max_samples)
+    _limit(req.steps, "steps", s.max_steps)
+    if req.solver is not None and req.solver not in card.sample_solvers:
+        raise RequestError(400, f"unknown solver {req.solver[:32]!r} for {card.family} model "
+                           f"'{card.name}'; choose one of: {', '.join(card.sample_solvers)}")
+    return req
+
+
+def validate_log_likelihood(body: Any, cards: dict[str, ModelCard],
+                            s: Settings) -> LogLikelihoodRequest:
+    req = _parse(LogLikelihoodRequest, body)
+    card = _card(cards, req.model)
+    req.x = check_rows(req.x, card, s.max_rows)
+    _limit(req.steps, "steps", s.max_steps)
+    _limit(req.probes, "probes", s.max_probes)
+    if card.family == "flow":
+        if req.method == "hutchinson":
+            raise RequestError(400, f"model '{card.name}' is a flow: its likelihood is exact; "
+                               "use method 'exact' or leave it out")
+        if req.solver is not None or req.steps is not None:
+            raise RequestError(400, f"model '{card.name}' is a flow: 'solver' and 'steps' do "
+                               "not apply; leave them out")
+    elif req.solver is not None and req.solver not in ODE_SOLVERS:
+        raise RequestError(400, f"unknown solver {req.solver[:32]!r} for the likelihood; "
+                           f"choose one of: {', '.join(ODE_SOLVERS)}")
+    return req
+
+
+def validate_anomaly_score(body: Any, cards: dict[str, ModelCard],
+                           s: Settings) -> AnomalyScoreRequest:
+    req = _parse(AnomalyScoreRequest, body)
+    card = _card(cards, req.model)
+    if not card.calibrated:
+        raise RequestError(400, f"model '{card.name}' has no anomaly calibration; re-export it")
+    req.x = check_rows(req.x, card, s.max_rows)
+    return req
+
+
+VALIDATORS = {
+    "sample": validate_sample,
+    "log_likelihood": validate_log_likelihood,
+    "anomaly_score": validate_anomaly_score,
+}
+
+
+def validate_verb(verb: str, body: Any, cards: dict[str, ModelCard], s: Settings) -> Any:
+    return VALIDATORS[verb](body, cards, s)

@@ -1,0 +1,94 @@
+"""The three verbs over a group of validated requests for one model: one graph call each.
+
+Shared by the HTTP service and the gRPC server, so batching, limits and calibration live in
+one place. Each function takes requests that share a model and options and returns one
+response per request, in order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from service.runtime import ModelRuntime, SeededRows
+from service.schemas import (
+    AnomalyScoreRequest,
+    AnomalyScoreResponse,
+    LogLikelihoodRequest,
+    LogLikelihoodResponse,
+    SampleRequest,
+    SampleResponse,
+)
+
+__all__ = ["GROUP_KEYS", "run_anomaly_score", "run_log_likelihood", "run_sample"]
+
+
+def _stack(parts: Sequence[LogLikelihoodRequest | AnomalyScoreRequest]) -> tuple[np.ndarray, list]:
+    arrays = [np.asarray(p.x, dtype=np.float64) for p in parts]
+    bounds = np.cumsum([0] + [len(a) for a in arrays]).tolist()
+    return np.concatenate(arrays, axis=0), list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
+def _floats(a: np.ndarray) -> list[float]:
+    return [float(v) for v in a]
+
+
+def run_sample(rt: ModelRuntime, parts: Sequence[SampleRequest]) -> list[SampleResponse]:
+    first = parts[0]
+    solver, steps = rt.resolve_solver(first.solver, first.steps)
+    blocks = rt.sample_many([SeededRows(p.n, p.seed, p._offset) for p in parts],
+                            steps=steps, solver=solver)
+    return [
+        SampleResponse(model=rt.name, samples=block.tolist(), seed=p.seed, steps=steps,
+                       solver=solver)
+        for p, block in zip(parts, blocks, strict=True)
+    ]
+
+
+def run_log_likelihood(rt: ModelRuntime,
+                       parts: Sequence[LogLikelihoodRequest]) -> list[LogLikelihoodResponse]:
+    first = parts[0]
+    x, spans = _stack(parts)
+    out = rt.log_likelihood(x, method=first.method, steps=first.steps, solver=first.solver,
+                            probes=first.probes, seed=first.seed or 0)
+    return [
+        LogLikelihoodResponse(
+            model=rt.name,
+            log_likelihood=_floats(out.log_prob[a:b]),
+            bits_per_dim=_floats(out.bits_per_dim[a:b]),
+            method=out.method,
+            std_error=[] if out.std_error is None else _floats(out.std_error[a:b]),
+            nfe=out.nfe,
+        )
+        for a, b in spans
+    ]
+
+
+def run_anomaly_score(rt: ModelRuntime,
+                      parts: Sequence[AnomalyScoreRequest]) -> list[AnomalyScoreResponse]:
+    x, spans = _stack(parts)
+    out = rt.anomaly_score(x, target_fpr=parts[0].target_fpr)
+    return [
+        AnomalyScoreResponse(
+            model=rt.name,
+            scores=_floats(out.scores[a:b]),
+            threshold=out.threshold,
+            is_anomaly=[bool(v) for v in out.is_anomaly[a:b]],
+            percentile=_floats(out.percentile[a:b]),
+        )
+        for a, b in spans
+    ]
+
+
+# Requests that agree on these fields run as one graph call.
+GROUP_KEYS = {
+    "sample": ("model", "steps", "solver"),
+    "log_likelihood": ("model", "method", "steps", "solver", "probes", "seed"),
+    "anomaly_score": ("model", "target_fpr"),
+}
+RUNNERS = {
+    "sample": run_sample,
+    "log_likelihood": run_log_likelihood,
+    "anomaly_score": run_anomaly_score,
+}

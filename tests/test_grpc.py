@@ -1,0 +1,356 @@
+"""The gRPC side (Open Inference Protocol v2) against real processes.
+
+A standard OIP client from PyPI (tritonclient[grpc]) talks to `python -m service.grpc_server`,
+which forwards to the session's real `bentoml serve` (the `server` fixture): every verb of
+every family gives the numbers HTTP gives; health, readiness, metadata, reflection and each
+error code are exercised.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from tritonclient.utils import InferenceServerException
+
+from service.devserver import free_port
+from service.oip import grpc_predict_v2_pb2 as pb
+from service.oip import grpc_predict_v2_pb2_grpc as pb_grpc
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ("moons-nsf", "moons-ddpm", "moons-cfm")
+# Fixed-step options for the ODE models keep the file fast; flows take none.
+SAMPLE_OPTS = {"moons-nsf": {}, "moons-ddpm": {"steps": 12, "solver": "ddim"},
+               "moons-cfm": {"steps": 8, "solver": "heun"}}
+LL_OPTS = {"moons-nsf": {}, "moons-ddpm": {"steps": 8, "solver": "rk4"},
+           "moons-cfm": {"steps": 8, "solver": "rk4"}}
+X = np.array([[0.125, 0.25], [1.0, -0.375], [-0.75, 0.5], [3.0, 3.0]], dtype=np.float32)
+SERVING = health_pb2.HealthCheckResponse.SERVING
+
+
+@contextlib.contextmanager
+def grpc_process(http_url: str, log: Path, until_serving: bool = True):
+    """`python -m service.grpc_server` on a free port; yields (address, process)."""
+    port = free_port()
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "service.grpc_server", "--host", "127.0.0.1", "--port",
+             str(port), "--http-url", http_url, "--grace", "1"],
+            stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+    address = f"127.0.0.1:{port}"
+    try:
+        with grpc.insecure_channel(address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            deadline = time.monotonic() + 30
+            while True:
+                assert proc.poll() is None, f"gRPC server exited:\n{log.read_text()[-2000:]}"
+                with contextlib.suppress(grpc.RpcError):
+                    status = stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                    if status == SERVING or not until_serving:
+                        break
+                assert time.monotonic() < deadline, f"not serving:\n{log.read_text()[-2000:]}"
+                time.sleep(0.2)
+        yield address, proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+@pytest.fixture(scope="module")
+def grpc_address(server, tmp_path_factory: pytest.TempPathFactory):
+    log = tmp_path_factory.mktemp("grpc") / "grpc.log"
+    with grpc_process(server.url, log) as (address, _):
+        yield address
+
+
+@pytest.fixture(scope="module")
+def client(grpc_address: str):
+    c = triton.InferenceServerClient(grpc_address)
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def stub(grpc_address: str):
+    with grpc.insecure_channel(grpc_address) as channel:
+        yield pb_grpc.GRPCInferenceServiceStub(channel)
+
+
+def _input(name: str, array: np.ndarray, datatype: str) -> triton.InferInput:
+    t = triton.InferInput(name, list(array.shape), datatype)
+    t.set_data_from_numpy(array)
+    return t
+
+
+def _x(array: np.ndarray = X) -> triton.InferInput:
+    return _input("x", array, "FP32")
+
+
+def _n(n: int) -> triton.InferInput:
+    return _input("n", np.array([n], dtype=np.int64), "INT64")
+
+
+def _http(server, verb: str, body: dict) -> dict:
+    status, answer = server.post(f"/{verb}", body)
+    assert status == 200, answer
+    return answer
+
+
+def _code(call) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(InferenceServerException) as info:
+        call()
+    # tritonclient reports the status as text, "StatusCode.NOT_FOUND"
+    return grpc.StatusCode[info.value.status().rsplit(".", 1)[-1]], info.value.message()
+
+
+# --- every verb, every family: the numbers HTTP gives ---------------------------------------
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_log_likelihood_matches_http(model: str, client, server) -> None:
+    opts = LL_OPTS[model]
+    result = client.infer(f"{model}.log_likelihood", [_x()], parameters=opts)
+    http = _http(server, "log_likelihood", {"model": model, "x": X.tolist(), **opts})
+    np.testing.assert_array_equal(result.as_numpy("log_likelihood"), http["log_likelihood"])
+    np.testing.assert_array_equal(result.as_numpy("bits_per_dim"), http["bits_per_dim"])
+    assert result.as_numpy("std_error") is None
+    params = result.get_response().parameters
+    assert params["method"].string_param == http["method"]
+    assert params["nfe"].int64_param == http["nfe"]
+
+
+def test_hutchinson_log_likelihood_has_std_error(client, server) -> None:
+    opts = {"method": "hutchinson", "probes": 4, "seed": 3, "steps": 6, "solver": "rk4"}
+    result = client.infer("moons-cfm.log_likelihood", [_x()], parameters=opts)
+    http = _http(server, "log_likelihood", {"model": "moons-cfm", "x": X.tolist(), **opts})
+    np.testing.assert_array_equal(result.as_numpy("log_likelihood"), http["log_likelihood"])
+    np.testing.assert_array_equal(result.as_numpy("std_error"), http["std_error"])
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_anomaly_score_matches_http(model: str, client, server) -> None:
+    result = client.infer(f"{model}.anomaly_score", [_x()])
+    http = _http(server, "anomaly_score", {"model": model, "x": X.tolist()})
+    np.testing.assert_array_equal(result.as_numpy("scores"), http["scores"])
+    np.testing.assert_array_equal(result.as_numpy("percentile"), http["percentile"])
+    np.testing.assert_array_equal(result.as_numpy("is_anomaly"), http["is_anomaly"])
+    assert result.as_numpy("is_anomaly").dtype == np.bool_
+    np.testing.assert_array_equal(result.as_numpy("threshold"), [http["threshold"]])
+
+
+def test_anomaly_target_fpr_parameter(client, server) -> None:
+    # tritonclient has no float parameters: a number may travel as a string
+    result = client.infer("moons-nsf.anomaly_score", [_x()], parameters={"target_fpr": "0.2"})
+    http = _http(server, "anomaly_score", {"model": "moons-nsf", "x": X.tolist(),
+                                           "target_fpr": 0.2})
+    assert result.as_numpy("threshold")[0] == http["threshold"]
+    default = _http(server, "anomaly_score", {"model": "moons-nsf", "x": X.tolist()})
+    assert http["threshold"] < default["threshold"]
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_sample_matches_http(model: str, client, server) -> None:
+    opts = SAMPLE_OPTS[model]
+    seed = _input("seed", np.array([11], dtype=np.int64), "INT64")
+    result = client.infer(f"{model}.sample", [_n(5), seed], parameters=opts)
+    http = _http(server, "sample", {"model": model, "n": 5, "seed": 11, **opts})
+    samples = result.as_numpy("samples")
+    assert samples.shape == (5, 2) and samples.dtype == np.float64
+    np.testing.assert_array_equal(samples, http["samples"])
+    params = result.get_response().parameters
+    assert params["seed"].int64_param == 11
+    assert params["solver"].string_param == http["solver"]
+    # the seed as a parameter is the same request
+    again = client.infer(f"{model}.sample", [_n(5)], parameters={"seed": 11, **opts})
+    np.testing.assert_array_equal(again.as_numpy("samples"), samples)
+
+
+def test_concurrent_calls_share_the_batches(client, server) -> None:
+    rng = np.random.default_rng(0)
+    xs = [rng.normal(size=(3 + i, 2)).astype(np.float32) for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(
+            lambda x: client.infer("moons-nsf.log_likelihood", [_x(x)]), xs))
+    for x, result in zip(xs, results, strict=True):
+        http = _http(server, "log_likelihood", {"model": "moons-nsf", "x": x.tolist()})
+        np.testing.assert_allclose(result.as_numpy("log_likelihood"), http["log_likelihood"],
+                                   rtol=1e-6)
+
+
+def test_requested_outputs_only(client) -> None:
+    out = [triton.InferRequestedOutput("is_anomaly")]
+    result = client.infer("moons-nsf.anomaly_score", [_x()], outputs=out)
+    assert [o.name for o in result.get_response().outputs] == ["is_anomaly"]
+
+
+def test_typed_contents_request_gets_typed_outputs(stub, server) -> None:
+    req = pb.ModelInferRequest(model_name="moons-nsf.log_likelihood", id="req-7")
+    x = req.inputs.add(name="x", datatype="FP32", shape=list(X.shape))
+    x.contents.fp32_contents.extend(X.reshape(-1).tolist())
+    resp = stub.ModelInfer(req, timeout=30)
+    http = _http(server, "log_likelihood", {"model": "moons-nsf", "x": X.tolist()})
+    assert resp.id == "req-7" and not resp.raw_output_contents
+    outputs = {o.name: o for o in resp.outputs}
+    assert list(outputs["log_likelihood"].shape) == [len(X)]
+    assert list(outputs["log_likelihood"].contents.fp64_contents) == http["log_likelihood"]
+    # FP64 rows and an INT64 `n` in typed contents work too
+    req = pb.ModelInferRequest(model_name="moons-nsf.sample")
+    req.inputs.add(name="n", datatype="INT64", shape=[1]).contents.int64_contents.append(3)
+    req.parameters["seed"].int64_param = 5
+    resp = stub.ModelInfer(req, timeout=30)
+    samples = np.reshape(resp.outputs[0].contents.fp64_contents, list(resp.outputs[0].shape))
+    np.testing.assert_array_equal(samples, _http(server, "sample", {"model": "moons-nsf", "n": 3,
+                                                                    "seed": 5})["samples"])
+
+
+def test_grpc_calls_reach_the_shared_metrics(client, server) -> None:
+    def count() -> float:
+        raw = server.get("/metrics")[1].decode()
+        return sum(float(line.rsplit(" ", 1)[1]) for line in raw.splitlines()
+                   if line.startswith("genserve_requests_total{") and 'model="moons-cfm"' in line
+                   and 'verb="anomaly_score"' in line and 'status="200"' in line)
+
+    before = count()
+    client.infer("moons-cfm.anomaly_score", [_x()])
+    assert count() == before + 1
+
+
+# --- health, readiness, metadata, reflection ------------------------------------------------
+
+
+def test_live_ready_and_server_metadata(client) -> None:
+    assert client.is_server_live() and client.is_server_ready()
+    meta = client.get_server_metadata()
+    assert meta.name == "genserve" and meta.version
+
+
+def test_standard_health_check(grpc_address: str) -> None:
+    with grpc.insecure_channel(grpc_address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "inference.GRPCInferenceService"):
+            req = health_pb2.HealthCheckRequest(service=service)
+            assert health.Check(req, timeout=5).status == SERVING
+
+
+def test_reflection_lists_the_services(grpc_address: str) -> None:
+    with grpc.insecure_channel(grpc_address) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        requests = [reflection_pb2.ServerReflectionRequest(list_services=""),
+                    reflection_pb2.ServerReflectionRequest(
+                        file_containing_symbol="inference.GRPCInferenceService")]
+        listed, described = list(stub.ServerReflectionInfo(iter(requests), timeout=5))
+    names = {s.name for s in listed.list_services_response.service}
+    assert {"inference.GRPCInferenceService", "grpc.health.v1.Health"} <= names
+    assert described.file_descriptor_response.file_descriptor_proto
+
+
+def test_model_ready(client) -> None:
+    for model in MODELS:
+        for verb in ("sample", "log_likelihood", "anomaly_score"):
+            assert client.is_model_ready(f"{model}.{verb}")
+    assert client.is_model_ready("moons-nsf.sample", "1")
+    for name in ("nope.sample", "moons-nsf", "moons-nsf.train", "broken.sample"):
+        assert not client.is_model_ready(name)
+    assert not client.is_model_ready("moons-nsf.sample", "2")
+
+
+def test_model_metadata_describes_each_signature(client) -> None:
+    def tensors(meta, side: str) -> dict:
+        return {t.name: (t.datatype, list(t.shape)) for t in getattr(meta, side)}
+
+    meta = client.get_model_metadata("moons-nsf.log_likelihood")
+    assert meta.versions == ["1"]
+    assert tensors(meta, "inputs") == {"x": ("FP32", [-1, 2])}
+    assert tensors(meta, "outputs") == {"log_likelihood": ("FP64", [-1]),
+                                        "bits_per_dim": ("FP64", [-1])}
+    assert "std_error" in tensors(client.get_model_metadata("moons-ddpm.log_likelihood"),
+                                  "outputs")
+    meta = client.get_model_metadata("moons-cfm.anomaly_score")
+    assert tensors(meta, "outputs") == {"scores": ("FP64", [-1]), "is_anomaly": ("BOOL", [-1]),
+                                        "percentile": ("FP64", [-1]),
+                                        "threshold": ("FP64", [1])}
+    meta = client.get_model_metadata("moons-ddpm.sample")
+    assert tensors(meta, "inputs") == {"n": ("INT64", [1]), "seed": ("INT64", [1])}
+    assert tensors(meta, "outputs") == {"samples": ("FP64", [-1, 2])}
+    code, message = _code(lambda: client.get_model_metadata("nope.sample"))
+    assert code == grpc.StatusCode.NOT_FOUND and "moons-nsf.sample" in message
+
+
+# --- errors map to gRPC status codes ---------------------------------------------------------
+
+
+def test_invalid_argument(client, stub) -> None:
+    ll = "moons-nsf.log_likelihood"
+    bad = grpc.StatusCode.INVALID_ARGUMENT
+    code, message = _code(lambda: client.infer(ll, [_x(np.zeros((2, 3), np.float32))]))
+    assert code == bad and "expects [rows, 2]" in message
+    nan = X.copy()
+    nan[1, 0] = np.nan
+    code, message = _code(lambda: client.infer(ll, [_x(nan)]))
+    assert code == bad and "non-finite value at row 1, column 0" in message
+    code, message = _code(lambda: client.infer(ll, [_input("x", X.astype(np.int64), "INT64")]))
+    assert code == bad and "send FP32" in message
+    code, message = _code(lambda: client.infer("moons-nsf.sample", [_n(2)],
+                                               parameters={"solver": "euler"}))
+    assert code == bad and "unknown solver 'euler'" in message  # the HTTP side's message
+    code, message = _code(lambda: client.infer(ll, [_x()], parameters={"bogus": 1}))
+    assert code == bad and "unknown parameter 'bogus'" in message
+    # raw contents whose size does not match the declared shape
+    req = pb.ModelInferRequest(model_name=ll, raw_input_contents=[X.tobytes()[:-4]])
+    req.inputs.add(name="x", datatype="FP32", shape=list(X.shape))
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ModelInfer(req, timeout=10)
+    assert info.value.code() == bad and "needs 32" in info.value.details()
+
+
+def test_not_found(client) -> None:
+    code, message = _code(lambda: client.infer("nope.log_likelihood", [_x()]))
+    assert code == grpc.StatusCode.NOT_FOUND
+    assert "unknown model 'nope.log_likelihood'" in message and "moons-cfm.sample" in message
+
+
+def test_resource_exhausted(client, server) -> None:
+    rows = np.zeros((501, 2), np.float32)
+    code, message = _code(lambda: client.infer("moons-nsf.log_likelihood", [_x(rows)]))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    status, http = server.post("/log_likelihood", {"model": "moons-nsf", "x": rows.tolist()})
+    assert status == 413 and message == http["error"]  # the same words as HTTP
+    code, _ = _code(lambda: client.infer("moons-nsf.sample", [_n(2001)]))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_http_side_down_is_unavailable(tmp_path: Path) -> None:
+    closed = f"http://127.0.0.1:{free_port()}"
+    with grpc_process(closed, tmp_path / "down.log", until_serving=False) as (address, proc):
+        c = triton.InferenceServerClient(address)
+        assert c.is_server_live()
+        assert not c.is_server_ready()
+        assert not c.is_model_ready("moons-nsf.sample")
+        code, message = _code(lambda: c.infer("moons-nsf.log_likelihood", [_x()]))
+        assert code == grpc.StatusCode.UNAVAILABLE and closed in message
+        code, _ = _code(lambda: c.get_model_metadata("moons-nsf.sample"))
+        assert code == grpc.StatusCode.UNAVAILABLE
+        with grpc.insecure_channel(address) as channel:
+            status = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=5).status
+        assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+        c.close()
+        os.killpg(proc.pid, signal.SIGTERM)  # clean shutdown
+        assert proc.wait(timeout=15) == 0

@@ -1,0 +1,223 @@
+"""End to end against a real `bentoml serve` subprocess on a free loopback port."""
+
+from __future__ import annotations
+
+import json
+import math
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from service.runtime import ModelRuntime
+
+FAMILY_MODELS = {"flow": "moons-nsf", "diffusion": "moons-ddpm", "flow_matching": "moons-cfm"}
+X = [[0.1, 0.2], [1.0, -0.3], [-0.7, 0.4]]
+
+
+def _runtime(served_models, name: str) -> ModelRuntime:
+    return ModelRuntime(served_models / name)
+
+
+def _metrics(server) -> dict[tuple, float]:
+    status, raw = server.get("/metrics")
+    assert status == 200
+    values = {}
+    for family in text_string_to_metric_families(raw.decode()):
+        for s in family.samples:
+            values[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return values
+
+
+def _sum(metrics: dict, name: str, **labels: str) -> float:
+    return sum(v for (n, lab), v in metrics.items()
+               if n == name and all(dict(lab).get(k) == val for k, val in labels.items()))
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_MODELS))
+def test_sample_matches_the_runtime(family: str, server, served_models) -> None:
+    name = FAMILY_MODELS[family]
+    body = {"model": name, "n": 5, "seed": 42}
+    if family != "flow":
+        body |= {"steps": 6, "solver": "heun"}
+    status, out = server.post("/sample", body)
+    assert status == 200, out
+    expected = _runtime(served_models, name).sample(5, seed=42, steps=body.get("steps"),
+                                                    solver=body.get("solver"))
+    assert np.allclose(out["samples"], expected, atol=1e-6)
+    assert out["seed"] == 42 and out["model"] == name
+    again = server.post("/sample", body)[1]
+    assert again["samples"] == out["samples"]
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_MODELS))
+def test_log_likelihood_and_anomaly_score_match_the_runtime(family: str, server,
+                                                            served_models) -> None:
+    name = FAMILY_MODELS[family]
+    rt = _runtime(served_models, name)
+    body = {"model": name, "x": X}
+    opts = {}
+    if family != "flow":
+        body |= {"steps": 8, "solver": "rk4"}
+        opts = {"steps": 8, "solver": "rk4"}
+    status, out = server.post("/log_likelihood", body)
+    assert status == 200, out
+    direct = rt.log_likelihood(np.array(X), **opts)
+    assert np.allclose(out["log_likelihood"], direct.log_prob, atol=1e-6)
+    assert np.allclose(out["bits_per_dim"], direct.bits_per_dim, atol=1e-6)
+    assert out["method"] == "exact"
+    status, out = server.post("/anomaly_score", {"model": name, "x": X + [[30.0, -30.0]]})
+    assert status == 200, out
+    direct = rt.anomaly_score(np.array(X + [[30.0, -30.0]]))
+    assert np.allclose(out["scores"], direct.scores, atol=1e-6)
+    assert out["is_anomaly"] == direct.is_anomaly.tolist() and out["is_anomaly"][-1]
+    assert out["threshold"] == pytest.approx(direct.threshold)
+
+
+def test_hutchinson_over_http_reports_standard_errors(server, served_models) -> None:
+    body = {"model": "moons-cfm", "x": X, "method": "hutchinson", "steps": 8, "solver": "rk4",
+            "probes": 4, "seed": 3}
+    status, out = server.post("/log_likelihood", body)
+    assert status == 200, out
+    direct = _runtime(served_models, "moons-cfm").log_likelihood(
+        np.array(X), method="hutchinson", steps=8, solver="rk4", probes=4, seed=3)
+    assert np.allclose(out["log_likelihood"], direct.log_prob, atol=1e-6)
+    assert np.allclose(out["std_error"], direct.std_error, atol=1e-9)
+    # in 2-D a few Rademacher probes can all agree (s.e. exactly 0), but not for every row
+    assert all(s >= 0 for s in out["std_error"]) and any(s > 0 for s in out["std_error"])
+
+
+def test_bentoml_sync_client(server, served_models) -> None:
+    import bentoml
+
+    with bentoml.SyncHTTPClient(server.url, timeout=60) as client:
+        out = client.log_likelihood({"model": "moons-nsf", "x": X})
+        direct = _runtime(served_models, "moons-nsf").log_likelihood(np.array(X))
+        assert np.allclose(out["log_likelihood"], direct.log_prob, atol=1e-6)
+        listing = client.list_models()
+        assert {m["name"] for m in listing["models"]} == set(FAMILY_MODELS.values())
+
+
+def test_models_listing_and_refused_folder(server) -> None:
+    status, raw = server.get("/models")
+    assert status == 200
+    listing = json.loads(raw)
+    assert {m["name"] for m in listing["models"]} == set(FAMILY_MODELS.values())
+    assert "sha256" in listing["failed"]["broken"]
+    ddpm = next(m for m in listing["models"] if m["name"] == "moons-ddpm")
+    assert "dpmpp2m" in ddpm["solvers"] and ddpm["calibration"]["target_fpr"] == 0.01
+    assert server.get("/readyz")[0] == 200 and server.get("/livez")[0] == 200
+
+
+def test_batching_really_happens_and_changes_nothing(server, served_models) -> None:
+    before = _metrics(server)
+    rows = np.random.default_rng(0).normal(size=(48, 2)).tolist()
+    body = {"model": "moons-ddpm", "steps": 40, "solver": "rk4"}
+
+    def one(row: list[float]) -> list[float]:
+        status, out = server.post("/log_likelihood", body | {"x": [row]})
+        assert status == 200, out
+        return out["log_likelihood"]
+
+    with ThreadPoolExecutor(24) as pool:
+        served = [v[0] for v in pool.map(one, rows)]
+    direct = _runtime(served_models, "moons-ddpm").log_likelihood(np.array(rows), steps=40,
+                                                                  solver="rk4")
+    assert np.allclose(served, direct.log_prob, atol=1e-5)
+    after = _metrics(server)
+    labels = {"model": "moons-ddpm", "verb": "log_likelihood"}
+    batches = (_sum(after, "genserve_batch_rows_count", **labels)
+               - _sum(before, "genserve_batch_rows_count", **labels))
+    batched_rows = (_sum(after, "genserve_batch_rows_sum", **labels)
+                    - _sum(before, "genserve_batch_rows_sum", **labels))
+    assert batched_rows == 48
+    assert batches < 48, "no two requests were ever batched together"
+
+
+BAD = [
+    ({"model": "nope", "x": X}, 404, "served models: moons-cfm, moons-ddpm, moons-nsf"),
+    ({"model": "moons-nsf", "x": [[1.0, 2.0, 3.0]]}, 400, "expects 2"),
+    ({"model": "moons-nsf", "x": [[1.0, 2.0], [3.0]]}, 400, "row 1 has 1 values"),
+    ({"model": "moons-nsf", "x": []}, 400, "empty"),
+    ({"model": "moons-nsf", "x": [[1.0, "a"]]}, 400, "only numbers"),
+    ({"model": "moons-nsf", "x": [[1.0, None]]}, 400, "only numbers"),
+    ({"model": "moons-nsf", "x": [[1.0, 2.0]] * 501}, 413, "largest allowed is 500"),
+    ({"model": "moons-nsf", "x": X, "extra": 1}, 400, "'extra': unknown field"),
+    ({"model": "moons-nsf", "x": X, "method": "hutchinson"}, 400, "exact"),
+    ({"model": "moons-cfm", "x": X, "solver": "magic"}, 400, "choose one of: euler"),
+    ({"model": "moons-cfm", "x": X, "steps": 10_000}, 400, "largest allowed is 200"),
+    ({"x": X}, 400, "'model': Field required"),
+]
+
+
+@pytest.mark.parametrize(("body", "status", "message"), BAD)
+def test_bad_log_likelihood_requests(body: dict, status: int, message: str, server) -> None:
+    got, out = server.post("/log_likelihood", body)
+    assert got == status and message in out["error"], out
+
+
+def test_non_finite_values_and_bad_bodies(server) -> None:
+    for payload in (b'{"model": "moons-nsf", "x": [[NaN, 1.0]]}',
+                    b'{"model": "moons-nsf", "x": [[1e400, 1.0]]}'):
+        status, raw = server.request("POST", "/log_likelihood", payload)
+        assert status == 400 and b"non-finite value at row 0, column 0" in raw
+    status, raw = server.request("POST", "/log_likelihood", b'{"model": ')
+    assert status == 400 and b"not valid JSON" in raw
+    status, raw = server.request("POST", "/log_likelihood", b"x=1", "text/plain")
+    assert status == 415 and b"application/json" in raw
+    status, raw = server.request("POST", "/log_likelihood", b"[1, 2]")
+    assert status == 400 and b"JSON object" in raw
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "message"),
+    [
+        ({"model": "moons-nsf", "n": 0}, 400, "'n'"),
+        ({"model": "moons-nsf", "n": 2001}, 413, "largest allowed is 2000"),
+        ({"model": "moons-nsf", "n": 2, "seed": -1}, 400, "'seed'"),
+        ({"model": "moons-nsf", "n": 2, "seed": 1.5}, 400, "'seed'"),
+        ({"model": "moons-nsf", "n": "many"}, 400, "'n'"),
+        ({"model": "moons-ddpm", "n": 2, "solver": "warp"}, 400, "ddpm, ddim, dpmpp2m"),
+        ({"model": "moons-nsf", "n": 2, "solver": "rk4"}, 400, "choose one of: exact"),
+    ],
+)
+def test_bad_sample_requests(body: dict, status: int, message: str, server) -> None:
+    got, out = server.post("/sample", body)
+    assert got == status and message in out["error"], out
+
+
+def test_bad_requests_never_hurt_concurrent_good_ones(server, served_models) -> None:
+    good = {"model": "moons-cfm", "x": X, "steps": 20, "solver": "rk4"}
+    expected = _runtime(served_models, "moons-cfm").log_likelihood(
+        np.array(X), steps=20, solver="rk4").log_prob
+    jobs = [good if i % 2 else BAD[i % len(BAD)][0] for i in range(40)]
+    with ThreadPoolExecutor(20) as pool:
+        results = list(pool.map(lambda b: server.post("/log_likelihood", b), jobs))
+    for body, (status, out) in zip(jobs, results, strict=True):
+        if body is good:
+            assert status == 200 and np.allclose(out["log_likelihood"], expected, atol=1e-6)
+        else:
+            assert 400 <= status < 500 and "error" in out
+
+
+def test_metrics_parse_and_counters_move(server) -> None:
+    before = _metrics(server)
+    for _ in range(3):
+        assert server.post("/log_likelihood", {"model": "moons-nsf", "x": X})[0] == 200
+    assert server.post("/anomaly_score", {"model": "moons-nsf", "x": [[40.0, 40.0]]})[0] == 200
+    assert server.post("/sample", {"model": "nope", "n": 1})[0] == 404
+    after = _metrics(server)
+
+    def delta(name: str, **labels: str) -> float:
+        return _sum(after, name, **labels) - _sum(before, name, **labels)
+
+    assert delta("genserve_requests_total", model="moons-nsf", verb="log_likelihood",
+                 status="200") == 3
+    assert delta("genserve_rows_total", model="moons-nsf", verb="log_likelihood") == 9
+    assert delta("genserve_anomalies_total", model="moons-nsf") == 1
+    assert delta("genserve_requests_total", model="unknown", verb="sample", status="404") == 1
+    assert delta("genserve_graph_seconds_count", model="moons-nsf", graph="log_prob") >= 3
+    assert _sum(after, "genserve_models_loaded", state="ok") == 3
+    assert _sum(after, "genserve_models_loaded", state="failed") == 1
+    assert math.isfinite(_sum(after, "bentoml_service_request_total"))
