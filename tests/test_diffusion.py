@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 from torch.autograd.functional import jacobian
+from toys import CENTERS, fit, mixture  # noqa: F401
 
 from service.schedules import make_schedule
 from training.config import ModelConfig
@@ -24,32 +25,9 @@ from training.metrics import wasserstein2
 from training.registry import build_model
 
 W2_BOUND = 0.3
-CENTERS = torch.tensor([[-1.5, 0.0], [1.5, 0.0]])
 CFG = ModelConfig(hidden_features=128, hidden_layers=2, time_embedding=8)
 SOLVERS = ["ddpm", "ddim", "dpmpp2m", "euler", "heun", "midpoint", "rk4", "dopri5"]
 
-
-def mixture(n: int, seed: int) -> Tensor:
-    """``(n, 2)`` draws of an equal-weight mixture of two Gaussians (std 0.5)."""
-    g = torch.Generator().manual_seed(seed)
-    which = torch.randint(len(CENTERS), (n,), generator=g)
-    return CENTERS[which] + 0.5 * torch.randn(n, 2, generator=g)
-
-
-def fit(model: nn.Module, steps: int, batch: int = 256, seed: int = 0) -> nn.Module:
-    """Plain Adam (lr 3e-3, cosine decay) on fresh mixture batches."""
-    g = torch.Generator().manual_seed(seed)
-    data = mixture(20_000, seed + 100)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, eta_min=3e-4)
-    for _ in range(steps):
-        idx = torch.randint(len(data), (batch,), generator=g)
-        loss = model.training_loss(data[idx], g)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-    return model.eval()
 
 
 class GaussianOracle(nn.Module):
