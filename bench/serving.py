@@ -27,12 +27,15 @@ from service.runtime import ModelRuntime
 ROOT = Path(__file__).resolve().parents[1]
 LUA = """wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
-wrk.body = [[{body}]]
+wrk.body = [==[{body}]==]
 """
 
 
 def wrk(url: str, body: dict, connections: int, duration: int) -> dict:
-    """One bounded wrk run; returns requests/s, p50/p99 ms and the non-2xx count."""
+    """One bounded wrk run; returns requests/s, p50/p99 ms and the non-2xx count.
+
+    Every error is counted: a run whose answers are not 2xx is reported, never hidden.
+    """
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as fh:
         fh.write(LUA.format(body=json.dumps(body)))
         script = fh.name
@@ -48,6 +51,62 @@ def wrk(url: str, body: dict, connections: int, duration: int) -> dict:
         "errors": int(m.group(1)) if (m := re.search(r"Non-2xx or 3xx responses: (\d+)", out))
         else 0,
     }
+
+
+def grpc_load(target: str, body: dict, concurrency: int, duration: int) -> dict:
+    """A bounded asyncio gRPC load (raw FP32 contents, the way tritonclient sends them).
+
+    wrk does not speak gRPC, so this client is Python: its own CPU use is reported, since on
+    2 cores it competes with the server.
+    """
+    import asyncio
+    import resource
+
+    import grpc
+
+    from service.oip import grpc_predict_v2_pb2 as pb
+    from service.oip import grpc_predict_v2_pb2_grpc as pb_grpc
+
+    x = np.asarray(body["x"], dtype=np.float32)
+    req = pb.ModelInferRequest(model_name=f"{body['model']}.log_likelihood")
+    req.inputs.add(name="x", datatype="FP32", shape=list(x.shape))
+    req.raw_input_contents.append(x.tobytes())
+    for key in ("steps", "solver"):
+        if key in body:
+            value = body[key]
+            param = req.parameters[key]
+            if isinstance(value, int):
+                param.int64_param = value
+            else:
+                param.string_param = value
+    latencies: list[float] = []
+    errors = 0
+
+    async def worker(stub: pb_grpc.GRPCInferenceServiceStub, stop_at: float) -> None:
+        nonlocal errors
+        while time.perf_counter() < stop_at:
+            start = time.perf_counter()
+            try:
+                await stub.ModelInfer(req, timeout=30)
+                latencies.append(time.perf_counter() - start)
+            except grpc.aio.AioRpcError:
+                errors += 1
+
+    async def main() -> float:
+        async with grpc.aio.insecure_channel(target) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            begin = time.perf_counter()
+            await asyncio.gather(*(worker(stub, begin + duration) for _ in range(concurrency)))
+            return time.perf_counter() - begin
+
+    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+    elapsed = asyncio.run(main())
+    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
+    lat = np.array(latencies) * 1e3
+    return {"rps": len(latencies) / elapsed, "p50_ms": float(np.percentile(lat, 50)),
+            "p99_ms": float(np.percentile(lat, 99)), "errors": errors,
+            "client_cpu_share": cpu / elapsed}
 
 
 def _ms(text: str) -> float:
@@ -78,6 +137,37 @@ def scenarios(models: Path) -> list[dict]:
         {"name": "otcfm PF-ODE (rk4 x16), 64-row", "body": ode | {"x": many}, "rows": 64},
         {"name": "nsf exact, 64-row", "body": flow | {"x": many}, "rows": 64},
     ]
+
+
+def run_grpc(models: Path, duration: int, concurrency: list[int]) -> list[dict]:
+    """gRPC rows: the OIP server in front of the batched HTTP service, 1-row requests."""
+    import os
+    import sys
+
+    from service.devserver import free_port, stop
+
+    rows = []
+    log = Path(tempfile.mkdtemp()) / "server.log"
+    env = {"GENSERVE_MAX_LATENCY_MS": "30000"}
+    with running_server(models, log, env=env) as server:
+        port = free_port()
+        grpc_proc = subprocess.Popen(
+            [sys.executable, "-m", "service.grpc_server", "--port", str(port), "--http-url",
+             server.url], cwd=ROOT, start_new_session=True, env=dict(os.environ),
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        try:
+            time.sleep(3)
+            for s in scenarios(models)[:2]:
+                for c in concurrency:
+                    grpc_load(f"127.0.0.1:{port}", s["body"], c, 2)  # warm-up
+                    r = grpc_load(f"127.0.0.1:{port}", s["body"], c, duration)
+                    r |= {"scenario": s["name"], "concurrency": c,
+                          "rows_per_s": r["rps"] * s["rows"]}
+                    rows.append(r)
+                    print(json.dumps(r), flush=True)
+        finally:
+            stop(grpc_proc, grace_s=10)
+    return rows
 
 
 def run(models: Path, duration: int, concurrency: list[int]) -> dict:
@@ -132,6 +222,32 @@ runtime would get per call.
 
 Targets: batching gives at least 5x the rows/s of no batching at concurrency 64 (1-row
 requests); served rows/s at least 50 % of the in-process ceiling for 64-row requests.
+{grpc_section(results)}"""
+
+
+def grpc_section(results: dict) -> str:
+    if not results.get("grpc"):
+        return ""
+    rows = []
+    for r in results["grpc"]:
+        http = next(h for h in results["served"] if h["scenario"] == r["scenario"]
+                    and h["batching"] and h["concurrency"] == r["concurrency"])
+        rows.append([r["scenario"], r["concurrency"], round(r["rows_per_s"]),
+                     f"{r['p50_ms']:.1f} / {r['p99_ms']:.1f}", f"{r['client_cpu_share']:.0%}",
+                     round(http["rows_per_s"]), f"{http['p50_ms']:.1f} / {http['p99_ms']:.1f}",
+                     r["errors"]])
+    table = markdown_table(
+        ["request", "conc.", "gRPC rows/s", "gRPC p50/p99 ms", "gRPC client CPU (of 1 core)",
+         "HTTP rows/s (wrk)", "HTTP p50/p99 ms", "gRPC errors"], rows)
+    return f"""
+### gRPC (Open Inference Protocol) next to HTTP, batching on
+
+The gRPC server forwards to the same batched HTTP workers (one extra loopback hop). Its load
+comes from a Python asyncio client (`bench.serving.grpc_load`, raw FP32 contents), whose own
+CPU use is shown: on 2 cores it competes with the server, so gRPC figures are a lower bound
+next to wrk's HTTP ones.
+
+{table}
 """
 
 
@@ -140,12 +256,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", type=Path, default=ROOT / "exported_models")
     p.add_argument("--duration", type=int, default=10, help="seconds per load (10)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64])
+    p.add_argument("--no-grpc", action="store_true", help="skip the gRPC rows")
+    p.add_argument("--grpc-only", action="store_true",
+                   help="keep docs/bench/serving.json's HTTP figures, (re)measure gRPC")
     ns = p.parse_args(argv)
     if shutil.which("wrk") is None:
         raise SystemExit("bench.serving needs wrk (apt-get install wrk)")
-    results = run(ns.models, ns.duration, ns.concurrency)
     out = ROOT / "docs" / "bench"
     out.mkdir(parents=True, exist_ok=True)
+    if ns.grpc_only:  # add gRPC rows to the HTTP figures of an earlier run
+        results = json.loads((out / "serving.json").read_text())
+    else:
+        results = run(ns.models, ns.duration, ns.concurrency)
+    if not ns.no_grpc:
+        results["grpc"] = run_grpc(ns.models, ns.duration, ns.concurrency)
     (out / "serving.json").write_text(json.dumps(results, indent=2))
     command = "python -m bench.serving " + " ".join(argv or [])
     write_section("serving", markdown(results, command.strip()))
