@@ -221,3 +221,24 @@ def test_metrics_parse_and_counters_move(server) -> None:
     assert _sum(after, "genserve_models_loaded", state="ok") == 3
     assert _sum(after, "genserve_models_loaded", state="failed") == 1
     assert math.isfinite(_sum(after, "bentoml_service_request_total"))
+
+
+def test_metrics_add_up_across_two_workers(served_models, tmp_path) -> None:
+    """With 2 worker processes, /metrics (whichever worker answers) counts every request."""
+    from conftest import running_server
+
+    n = 24
+    with running_server(served_models, tmp_path / "two.log",
+                        env={"GENSERVE_WORKERS": "2"}) as two:
+        with ThreadPoolExecutor(8) as pool:
+            statuses = list(pool.map(
+                lambda _: two.post("/log_likelihood", {"model": "moons-nsf", "x": X})[0],
+                range(n)))
+        assert statuses == [200] * n
+        for _ in range(3):  # any worker may answer the scrape; each must see the total
+            after = _metrics(two)
+            assert _sum(after, "genserve_requests_total", model="moons-nsf",
+                        verb="log_likelihood", status="200") == n
+            assert _sum(after, "genserve_rows_total", model="moons-nsf",
+                        verb="log_likelihood") == 3 * n
+        assert _sum(after, "genserve_models_loaded", state="ok") == 3
