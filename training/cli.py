@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-seed", type=int, default=0, help="seed of generated data sets")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the train/val/test split")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--distributed", type=int, metavar="N", help="data-parallel training on N "
+                   "local processes (torchrun; gloo on CPU, nccl on GPU); --batch-size is global")
     _add_model_args(p)
     _add_train_args(p)
 
@@ -131,10 +133,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 @command("train")
 def _train(ns: argparse.Namespace) -> int:
+    import os
+
     from training.config import ModelConfig, TrainConfig
+    from training.distributed import is_main_process, launch
     from training.fit import fit
     from training.registry import family_of
 
+    if ns.distributed and ns.distributed > 1 and "WORLD_SIZE" not in os.environ:
+        return launch(ns.distributed, ns.argv)
     if ns.family is not None and family_of(ns.model) != ns.family:
         raise ValueError(f"model {ns.model!r} is a {family_of(ns.model)} model, not {ns.family}")
     model_cfg = ModelConfig(**_pick(ns, ModelConfig.model_fields))
@@ -150,6 +157,8 @@ def _train(ns: argparse.Namespace) -> int:
         train_cfg=train_cfg,
     )
     s = ckpt.config.summary
+    if not is_main_process():
+        return 0
     print(
         f"saved {ns.out}: {ns.model} on {ckpt.config.data.name} ({ckpt.config.dim}-D), "
         f"best validation loss {s['best_val_loss']:.4f} at step {s['best_step']}, "
@@ -292,6 +301,7 @@ def _one_line(err: BaseException) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for --distributed relaunch
     try:
         return COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError, FloatingPointError) as err:

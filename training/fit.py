@@ -97,5 +97,9 @@ def fit(
         train_cfg=train_cfg,
     )
     if out is not None:
-        save_checkpoint(ckpt, out)
+        from training.distributed import barrier, is_main_process
+
+        if is_main_process():  # one writer; the other ranks wait until it is on disk
+            save_checkpoint(ckpt, out)
+        barrier()
     return ckpt

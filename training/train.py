@@ -3,6 +3,11 @@
 AdamW, linear warmup then cosine decay, gradient clipping, optional EMA of the weights,
 periodic validation with early stopping, and the best validation state kept. Seeded: the
 same config and data give the same weights.
+
+Data parallel when started by torchrun (``training.distributed``): each rank trains on its
+own slice of the same global batch, DistributedDataParallel averages the gradients, rank 0
+validates (and broadcasts) and is the only one with a progress bar. A single process runs
+exactly the loop it always ran.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import torch
 from torch import nn
 
 from training.config import TrainConfig
+from training.distributed import DistContext, all_reduce_mean, broadcast_float, setup
 
 __all__ = ["TrainResult", "batch_indices", "lr_lambda", "train_model"]
 
@@ -82,7 +88,7 @@ def _validation_loss(
     model: nn.Module, preprocess: nn.Module, x_val: torch.Tensor, seed: int
 ) -> float:
     """Mean validation loss over the whole split, with fixed randomness (comparable evals)."""
-    generator = torch.Generator().manual_seed(seed + 1)
+    generator = torch.Generator(device=x_val.device).manual_seed(seed + 1)
     total, rows = 0.0, 0
     with torch.no_grad():
         for chunk in torch.split(x_val, 4096):
@@ -92,25 +98,97 @@ def _validation_loss(
     return total / max(rows, 1)
 
 
+class _TrainingLoss(nn.Module):
+    """``forward`` = the model's ``training_loss``, so DistributedDataParallel can wrap it."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, u: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return self.model.training_loss(u, generator)
+
+
+def _clone(generator: torch.Generator) -> torch.Generator:
+    copy_ = torch.Generator(device=generator.device)
+    copy_.set_state(generator.get_state())
+    return copy_
+
+
+def _local_batch_size(cfg: TrainConfig, ctx: DistContext) -> int:
+    if cfg.batch_size % ctx.world_size:
+        raise ValueError(f"batch size {cfg.batch_size} is not divisible by the "
+                         f"{ctx.world_size} training processes; the global batch is split "
+                         "evenly across ranks")
+    return cfg.batch_size // ctx.world_size
+
+
+@torch.no_grad()
+def _data_dependent_init(
+    model: nn.Module,
+    preprocess: nn.Module,
+    xt: torch.Tensor,
+    batch_size: int,
+    index_gen: torch.Generator,
+    noise_gen: torch.Generator,
+) -> None:
+    """Run the first global batch once, untrained, before DDP wraps the model.
+
+    Layers that initialise from their first training batch (Glow's ActNorm) then see the
+    whole global batch, as in one process, and agree on every rank; the generators are
+    copied, so the loop's random streams are untouched.
+    """
+    model.train()
+    preprocess.train()
+    idx = batch_indices(len(xt), batch_size, _clone(index_gen)).to(xt.device)
+    noise = _clone(noise_gen)
+    u, _ = preprocess(xt[idx], generator=noise)
+    model.training_loss(u, noise)
+
+
 def train_model(
     model: nn.Module,
     preprocess: nn.Module,
     x_train: np.ndarray,
     x_val: np.ndarray,
     cfg: TrainConfig,
+    *,
+    dist_ctx: DistContext | None = None,
 ) -> TrainResult:
     """Fit ``model`` in place on preprocessed minibatches; leaves the best weights loaded.
 
     ``x_train``/``x_val``: ``(rows, dim)`` in data units. ``preprocess`` maps data to model
     space (``forward(x, generator) -> (u, ladj)``); its random part (dequantization) is redrawn
     for every batch from the loop's generator.
+
+    ``dist_ctx``: the process group to train in; by default the one torchrun's environment
+    describes (:func:`training.distributed.setup`), or none. ``cfg.batch_size`` is the global
+    batch, split evenly across ranks. On return every rank holds the same (best) weights, on
+    the CPU.
     """
     from tqdm.auto import tqdm
 
+    ctx = dist_ctx if dist_ctx is not None else setup()
     generator = torch.Generator().manual_seed(cfg.seed)
+    index_gen = noise_gen = generator  # one process: one stream, as it always was
+    local_batch = cfg.batch_size
+    if ctx.enabled:
+        # the same global batch on every rank; the model's own noise differs per rank
+        local_batch = _local_batch_size(cfg, ctx)
+        model.to(ctx.device)
+        preprocess.to(ctx.device)
+        noise_gen = torch.Generator(device=ctx.device).manual_seed(
+            cfg.seed + 1_000_003 * (ctx.rank + 1))
     dtype = next(model.parameters()).dtype
-    xt = torch.as_tensor(x_train, dtype=dtype)
-    xv = torch.as_tensor(x_val, dtype=dtype)
+    xt = torch.as_tensor(x_train, dtype=dtype, device=ctx.device if ctx.enabled else None)
+    xv = torch.as_tensor(x_val, dtype=dtype, device=ctx.device if ctx.enabled else None)
+    loss_fn: nn.Module | None = None
+    if ctx.enabled:
+        _data_dependent_init(model, preprocess, xt, cfg.batch_size, index_gen, noise_gen)
+        loss_fn = nn.parallel.DistributedDataParallel(
+            _TrainingLoss(model),
+            device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+        )
 
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
@@ -118,15 +196,22 @@ def train_model(
     best_state, best_val, best_step, bad_evals = None, math.inf, 0, 0
     history: list[dict[str, float]] = []
     start, step = time.perf_counter(), 0
-    bar = tqdm(total=cfg.steps, disable=not cfg.progress, desc="train", dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, disable=not cfg.progress or not ctx.is_main, desc="train",
+               dynamic_ncols=True)
     stopped_early = False
     preprocess.train()
     for step in range(1, cfg.steps + 1):
         model.train()
-        idx = batch_indices(len(xt), cfg.batch_size, generator)
-        u, _ = preprocess(xt[idx], generator=generator)
-        loss = model.training_loss(u, generator)
-        loss_value = float(loss.detach())
+        idx = batch_indices(len(xt), cfg.batch_size, index_gen)
+        if loss_fn is None:
+            u, _ = preprocess(xt[idx], generator=noise_gen)
+            loss = model.training_loss(u, noise_gen)
+            loss_value = float(loss.detach())
+        else:  # this rank's slice of the global batch; the logged loss is the global mean
+            mine = idx[ctx.rank * local_batch:(ctx.rank + 1) * local_batch].to(ctx.device)
+            u, _ = preprocess(xt[mine], generator=noise_gen)
+            loss = loss_fn(u, noise_gen)
+            loss_value = all_reduce_mean(float(loss.detach()), ctx)
         if not math.isfinite(loss_value):
             raise FloatingPointError(
                 f"training loss became {loss_value} at step {step}; lower --lr "
@@ -145,7 +230,8 @@ def train_model(
             scored = ema.shadow if ema is not None else model
             scored.eval()
             preprocess.eval()
-            val = _validation_loss(scored, preprocess, xv, cfg.seed)
+            val = _validation_loss(scored, preprocess, xv, cfg.seed) if ctx.is_main else 0.0
+            val = broadcast_float(val, ctx)  # every rank takes rank 0's decisions
             preprocess.train()
             history.append({"step": step, "loss": loss_value, "val_loss": val})
             if val < best_val:
@@ -164,6 +250,9 @@ def train_model(
     bar.close()
     if best_state is not None:
         model.load_state_dict(best_state)
+    if ctx.enabled:
+        model.to("cpu")
+        preprocess.to("cpu")
     model.eval()
     preprocess.eval()
     return TrainResult(
