@@ -281,7 +281,9 @@ def reflow(
 class _Identity(nn.Module):
     """Preprocessing for data already in model space."""
 
-    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, x: Tensor, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
         return x, x.new_zeros(len(x))
 
     def inverse(self, u: Tensor) -> Tensor:
