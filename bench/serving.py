@@ -175,7 +175,9 @@ def run_grpc(models: Path, duration: int, concurrency: list[int]) -> list[dict]:
 def run(models: Path, duration: int, concurrency: list[int]) -> dict:
     """Each (request kind, batching) pair gets a fresh server: BentoML's adaptive dispatcher
     learns its queueing wait from history, and one scenario's load must not set the next's."""
-    results: dict = {"ceiling": {}, "served": []}
+    import os
+
+    results: dict = {"ceiling": {}, "served": [], "load_before": os.getloadavg()[0]}
     for s in scenarios(models):
         body = s["body"]
         rt = ModelRuntime(models / body["model"])
@@ -194,10 +196,12 @@ def run(models: Path, duration: int, concurrency: list[int]) -> dict:
                           "concurrency": c, "rows_per_s": r["rps"] * s["rows"]}
                     results["served"].append(r)
                     print(json.dumps(r), flush=True)
+    results["load_after"] = os.getloadavg()[0]
     return results
 
 
 def markdown(results: dict, command: str) -> str:
+    nan = float("nan")
     rows = []
     for s in sorted({r["scenario"] for r in results["served"]}, key=lambda n: ("64" in n, n)):
         ceil = results["ceiling"][s]
@@ -218,8 +222,10 @@ def markdown(results: dict, command: str) -> str:
          "batched / ceiling", "non-2xx / timeouts"], rows)
     return f"""## Serving: `/log_likelihood` over HTTP on loopback
 
-Reproduce: `{command}` ({machine_line()}). One BentoML worker, ONNX Runtime; load from `wrk`
-(2 threads) on the same 2 cores, so client and server share the machine. The ceiling is the
+Reproduce: `{command}` ({machine_line()}; 1-minute load average
+{results.get("load_before", nan):.1f} before and {results.get("load_after", nan):.1f}
+after the run — other jobs shared the 2 cores). One BentoML worker, ONNX Runtime; load from
+`wrk` (2 threads) on the same 2 cores, so client and server share the machine. The ceiling is the
 in-process runtime called with the request's own rows (1 or 64) — what a caller embedding the
 runtime would get per call.
 
