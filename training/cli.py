@@ -121,6 +121,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-grpc", action="store_true", help="serve HTTP only")
     p.add_argument("--workers", type=int, help="worker processes (GENSERVE_WORKERS, 1)")
 
+    p = sub.add_parser("fit-anomaly", help="one-command anomaly model from normal rows "
+                       "(trained, calibrated, exported)")
+    p.add_argument("data", help=".csv/.npy/.npz of normal rows (.npz with y: its y == 0 rows)")
+    p.add_argument("--out", required=True, help="artifact directory (served name = folder)")
+    p.add_argument("--target-fpr", type=float, default=0.01,
+                   help="share of normal rows the threshold flags (0.01)")
+    p.add_argument("--model", nargs="+", help="model type(s) to try instead of the defaults")
+    p.add_argument("--ensemble", type=int, default=1,
+                   help="seeds per candidate; the best by validation NLL is kept (1)")
+    p.add_argument("--steps", type=int, help="cap on optimizer steps per candidate")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--format", choices=["onnx", "torchscript", "both"], default="onnx")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("score", help="score a file in chunks: CSV of score, percentile, "
+                       "is_anomaly per row (the numbers /anomaly_score returns)")
+    p.add_argument("--model", required=True, help="artifact directory")
+    p.add_argument("--in", dest="in_path", required=True, help=".csv/.npy/.npz rows to score")
+    p.add_argument("--out", required=True, help="CSV to write (atomically)")
+    p.add_argument("--chunk-rows", type=int, default=65536, help="rows read at a time")
+    p.add_argument("--per-dim", action="store_true", help="scores in nats per dimension")
+    p.add_argument("--target-fpr", type=float, help="override the calibrated rate")
+
     p = sub.add_parser("data", help="write a named data set to .npy or .csv")
     p.add_argument("name", nargs="?", help="data set name")
     p.add_argument("--out", help="file to write (.npy or .csv)")
@@ -270,6 +293,28 @@ def _serve(ns: argparse.Namespace) -> int:
                 proc.kill()
                 proc.wait()
     return max(proc.returncode or 0 for proc in procs)
+
+
+@command("fit-anomaly")
+def _fit_anomaly(ns: argparse.Namespace) -> int:
+    from training.anomaly import fit_anomaly, format_summary
+
+    formats = ("onnx", "torchscript") if ns.format == "both" else (ns.format,)
+    summary = fit_anomaly(ns.data, ns.out, target_fpr=ns.target_fpr, seed=ns.seed,
+                          ensemble=ns.ensemble, model=ns.model, steps=ns.steps,
+                          formats=formats, progress=not ns.no_progress)
+    print(format_summary(summary), file=sys.stderr)
+    return 0
+
+
+@command("score")
+def _score(ns: argparse.Namespace) -> int:
+    from training.anomaly import score_file
+
+    out = score_file(ns.model, ns.in_path, ns.out, chunk_rows=ns.chunk_rows,
+                     per_dim=ns.per_dim, target_fpr=ns.target_fpr)
+    print(json.dumps(out), file=sys.stderr)
+    return 0
 
 
 @command("data")

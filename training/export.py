@@ -8,6 +8,7 @@ them; it never sees training code.
 from __future__ import annotations
 
 import json
+import logging
 import platform
 import warnings
 from pathlib import Path
@@ -151,6 +152,8 @@ def _export_onnx(module: nn.Module, inputs: list[TensorSpec], outputs: list[Tens
                  path: Path) -> None:
     from torch.export import Dim
 
+    # torch's registry warns once per missing torchvision op: noise, not news, for our graphs
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     batch = Dim("batch", min=1, max=1 << 20)
     args = _example_inputs(inputs)
     dynamic = tuple({0: batch} for _ in inputs)

@@ -1,0 +1,767 @@
+"""``genserve fit-anomaly`` and ``genserve score``: one-command anomaly models for pipelines.
+
+``fit_anomaly(data, out_dir)`` takes a table of *normal* rows, picks sensible defaults for its
+size and shape, trains, calibrates the anomaly threshold on held-out normal rows and exports
+one served artifact (``manifest.json`` + graphs, the same as ``genserve export``).
+``score_file(model_dir, in_path, out_path)`` streams a large file through that artifact in
+chunks and writes one CSV row per input row: the numbers ``/anomaly_score`` returns.
+
+The score
+---------
+* ``score``: the negative log-likelihood of the row in nats, in the units of the user's data
+  (every preprocessing log-det counted). Higher is more anomalous. ``per_dim=True`` divides it
+  (and the threshold) by the number of columns: nats per dimension, comparable across tables
+  of different widths; the ranking and the flags do not change.
+* ``percentile``: where the score falls among the normal *calibration* rows, in [0, 100]
+  (interpolated between 201 stored quantiles; 99 means "higher than 99 % of normal rows").
+* ``is_anomaly``: ``score > threshold``, the threshold being the ``1 - target_fpr`` quantile
+  of the calibration rows' NLL, so about ``target_fpr`` of fresh normal rows are flagged.
+
+The defaults policy (``choose_plan``; every choice is made from the training rows or the
+validation rows, never from anomalies)
+-------------------------------------------------------------------------------------------
+* **Splits.** The normal rows are shuffled (``seed``) into train / validation / calibration
+  70 / 15 / 15 when there are at least 2000 rows; below that, 80 / 20 with the validation
+  rows doubling as calibration rows (a small data set cannot spare a third split; early
+  stopping on the same rows biases the threshold slightly low, i.e. a little above
+  ``target_fpr`` of normal rows flagged).
+* **Columns.** A column whose distinct values number at most half its rows is *discrete*
+  (counts, ratings, one-hot flags, rounded readings, constants). A continuous density fitted
+  to such a column piles onto the grid points and its likelihood becomes meaningless, so it
+  is *dequantized*: uniform noise of one grid step (the smallest gap between its distinct
+  values, centred on each value) is added to the training and validation rows; a column
+  constant in the training rows gets a step of 1 data unit (the unit scale scikit-learn's
+  ``StandardScaler`` gives a zero-variance column: a tiny step would make any other value
+  cost millions of nats and let one such validation row drive early stopping). Continuous
+  columns get Gaussian noise of ``noise * std`` (noise regularization, which also keeps
+  exactly duplicated or collinear columns from collapsing the density to zero volume). Noise
+  is drawn afresh for several copies of each training row (about 20 000 rows in all) and
+  fixed for the validation rows; scoring always uses the raw rows. All columns are then
+  standardized (the log-det counted).
+* **Validation rows for early stopping and the choice of model.** A validation row whose
+  value in some discrete column lies outside that column's training range (a category never
+  seen in training, e.g. the rare value of a flag) is left out of early stopping and of the
+  comparison of candidates: its NLL measures the flow's extrapolation, which training does
+  not improve, and a single such row can dominate the mean. (Unless that would leave fewer
+  than half the validation rows.) Calibration always uses every calibration row.
+* **Size.** By the number of training rows ``n`` and columns ``d``:
+
+  =============  ===========  =======  ==========  ============  =====  ======================
+  tier           rows n       hidden   flow steps  weight decay  steps  validation every
+  =============  ===========  =======  ==========  ============  =====  ======================
+  small          < 1 000      32       3           1e-2          2000   25 steps, patience 10
+  medium         < 10 000     64       4           1e-3          2000   50 steps, patience 8
+  large          < 100 000    128      5           1e-4          4000   100 steps, patience 8
+  very large     >= 100 000   256      6           1e-5          8000   200 steps, patience 8
+  =============  ===========  =======  ==========  ============  =====  ======================
+
+  ``hidden`` is raised to at least ``d`` (so MADE sees every input) and capped at 512; two
+  hidden layers; learning rate 1e-3 with warmup and cosine decay, gradient clipping, early
+  stopping on the validation NLL with the best weights kept.
+* **Model type.** Candidates are ``maf`` (masked autoregressive affine) and ``nsf`` (spline
+  coupling; ``maf`` alone for one column), each trained with the tier's settings; the one with
+  the lowest validation NLL is exported. ``ensemble=k`` trains ``k`` seeds of each candidate
+  and keeps the best by validation NLL: the service serves exactly one artifact per model, so
+  an ensemble whose scores were averaged could not be served as the same numbers; a choice on
+  validation data can.
+
+Example:
+    >>> summary = fit_anomaly("normal.csv", "exported_models/my-detector", target_fpr=0.01)
+    >>> score_file("exported_models/my-detector", "new.csv", "scores.csv")
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import tempfile
+import time
+import zipfile
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from training.data import DataError
+
+__all__ = [
+    "DEFAULT_CANDIDATES",
+    "Candidate",
+    "ColumnNoise",
+    "Plan",
+    "Prepared",
+    "choose_plan",
+    "column_noise",
+    "export_candidate",
+    "fit_anomaly",
+    "format_summary",
+    "iter_chunks",
+    "prepare",
+    "read_scores",
+    "reblock",
+    "score_file",
+    "select",
+    "train_candidate",
+]
+
+DEFAULT_CANDIDATES = ("maf", "nsf")
+MIN_ROWS = 10
+TRAIN_COPIES_ROWS = 20_000  # training rows x noise copies aimed at
+VAL_COPIES_ROWS = 4_000
+MAX_COPIES = 32
+HEADER = ("score", "percentile", "is_anomaly")
+
+
+# --------------------------------------------------------------------------- policy
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What ``fit_anomaly`` trains: the outcome of the defaults policy for one table."""
+
+    tier: str
+    candidates: tuple[str, ...]
+    hidden_features: int
+    hidden_layers: int
+    transforms: int
+    weight_decay: float
+    steps: int
+    eval_every: int
+    patience: int
+    lr: float = 1e-3
+    batch_size: int = 256
+    noise: float = 0.05  # Gaussian noise of continuous columns, in units of their std
+    bins: int = 8
+    tail_bound: float = 5.0
+
+
+_TIERS = (  # (max rows, tier, hidden, transforms, weight decay, steps, eval every, patience)
+    (1_000, "small", 32, 3, 1e-2, 2000, 25, 10),
+    (10_000, "medium", 64, 4, 1e-3, 2000, 50, 8),
+    (100_000, "large", 128, 5, 1e-4, 4000, 100, 8),
+    (math.inf, "very large", 256, 6, 1e-5, 8000, 200, 8),
+)
+
+
+def choose_plan(rows: int, dim: int, candidates: Sequence[str] | None = None) -> Plan:
+    """The defaults for ``rows`` training rows of ``dim`` columns (see the module docstring)."""
+    row = next(t for t in _TIERS if rows < t[0])
+    _, tier, hidden, transforms, wd, steps, every, patience = row
+    if candidates is None:
+        candidates = DEFAULT_CANDIDATES if dim >= 2 else ("maf",)
+    return Plan(
+        tier=tier,
+        candidates=tuple(candidates),
+        hidden_features=int(min(max(hidden, dim), 512)),
+        hidden_layers=2,
+        transforms=transforms,
+        weight_decay=wd,
+        steps=steps,
+        eval_every=every,
+        patience=patience,
+        batch_size=256 if rows < 100_000 else 512,
+    )
+
+
+@dataclass(frozen=True)
+class ColumnNoise:
+    """Training-time noise per column: uniform dequantization or Gaussian regularization.
+
+    Attributes:
+        step: ``(dim,)`` grid step of discrete columns (uniform noise on ``[-step/2, step/2)``),
+            0 for continuous columns.
+        sigma: ``(dim,)`` Gaussian noise std of continuous columns, 0 for discrete ones.
+    """
+
+    step: np.ndarray
+    sigma: np.ndarray
+
+    @property
+    def discrete(self) -> np.ndarray:
+        return self.step > 0
+
+    def apply(self, x: np.ndarray, copies: int, rng: np.random.Generator) -> np.ndarray:
+        """``copies`` noisy copies of ``x: (rows, dim)`` stacked: ``(copies * rows, dim)``."""
+        tiled = np.tile(x, (copies, 1))
+        uniform = rng.uniform(-0.5, 0.5, tiled.shape) * self.step
+        gauss = rng.standard_normal(tiled.shape) * self.sigma
+        return tiled + uniform + gauss
+
+    def apply_discrete(self, x: np.ndarray, copies: int, rng: np.random.Generator) -> np.ndarray:
+        """Dequantize the discrete columns only (validation rows: a proper lower bound on the
+        log-mass there, the served density on the continuous columns)."""
+        tiled = np.tile(x, (copies, 1))
+        return tiled + rng.uniform(-0.5, 0.5, tiled.shape) * self.step
+
+    def describe(self) -> dict[str, Any]:
+        return {"discrete_columns": [int(i) for i in np.flatnonzero(self.discrete)],
+                "step": [float(v) for v in self.step],
+                "sigma": [float(v) for v in self.sigma]}
+
+
+def column_noise(x: np.ndarray, noise: float = 0.05) -> ColumnNoise:
+    """Classify the columns of ``x: (rows, dim)`` and choose their training-time noise."""
+    rows, dim = x.shape
+    step = np.zeros(dim)
+    sigma = np.zeros(dim)
+    for j in range(dim):
+        col = x[:, j]
+        values = np.unique(col)
+        if len(values) == 1:
+            step[j] = 1.0  # StandardScaler's convention for a zero-variance column
+        elif len(values) <= rows / 2:
+            gaps = np.diff(values)
+            scale = float(values[-1] - values[0])
+            step[j] = float(gaps[gaps > 1e-9 * scale].min())
+        else:
+            sigma[j] = noise * float(col.std())
+    return ColumnNoise(step=step, sigma=sigma)
+
+
+def _copies(rows: int, aim: int) -> int:
+    return int(min(max(math.ceil(aim / max(rows, 1)), 1), MAX_COPIES))
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _as_rows(data: Any) -> tuple[np.ndarray, str, str, str]:
+    """``(x, name, source, note)`` from a path (``.csv/.npy/.npz``) or an array."""
+    from training.data import load_data
+
+    note = ""
+    if isinstance(data, (str, os.PathLike)):
+        dataset = load_data(data)
+        x, name, source = dataset.x, dataset.name, dataset.source
+        if dataset.y is not None:  # a labelled .npz: train on the rows labelled normal (0)
+            normal = np.asarray(dataset.y) == 0
+            if not normal.any():
+                raise DataError(f"{data}: its 'y' labels no row as normal (y == 0); "
+                                "fit-anomaly needs normal rows")
+            x = x[normal]
+            note = f"used the {int(normal.sum())} rows with y == 0 of {len(normal)}"
+    else:
+        try:
+            x = np.asarray(data, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise DataError("data must be a numeric (rows, columns) array or a "
+                            ".csv/.npy/.npz path") from None
+        if x.ndim == 1:
+            x = x[:, None]
+        if x.ndim != 2 or x.shape[1] == 0:
+            raise DataError(f"data must be a 2-D (rows, columns) array, got shape {x.shape}")
+        bad = np.argwhere(~np.isfinite(x))
+        if len(bad):
+            r, c = bad[0]
+            raise DataError(f"data row {r + 1}, column {c + 1} is {x[r, c]}; NaN/Inf values "
+                            "are not allowed, remove or impute them")
+        name, source = "array", "array"
+    if len(x) < MIN_ROWS:
+        raise DataError(f"fit-anomaly needs at least {MIN_ROWS} normal rows, got {len(x)}")
+    return x, name, source, note
+
+
+def _split(rows: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    order = np.random.default_rng(seed).permutation(rows)
+    if rows >= 2000:
+        n_val = n_cal = round(0.15 * rows)
+        n_train = rows - n_val - n_cal
+        return order[:n_train], order[n_train:n_train + n_val], order[n_train + n_val:]
+    n_val = max(2, round(0.2 * rows))
+    return order[n_val:], order[:n_val], None
+
+
+# --------------------------------------------------------------------------- fitting
+
+
+@dataclass
+class Prepared:
+    """A table split, its columns classified and its noisy training/validation copies."""
+
+    plan: Plan
+    x_train: np.ndarray  # raw rows
+    x_val: np.ndarray
+    x_cal: np.ndarray  # the validation rows themselves when the table is small
+    xt: np.ndarray  # noisy training copies
+    xv: np.ndarray  # validation rows, discrete columns dequantized
+    noise: ColumnNoise
+    summary: Any  # training.checkpoint.DataSummary
+    rows: dict[str, Any]
+    note: str = ""
+
+
+@dataclass
+class Candidate:
+    """One trained candidate and its line in the summary."""
+
+    ckpt: Any  # training.checkpoint.Checkpoint
+    entry: dict[str, Any]
+
+
+def prepare(
+    data: str | os.PathLike[str] | np.ndarray,
+    *,
+    seed: int = 0,
+    model: str | Sequence[str] | None = None,
+    plan: Plan | None = None,
+    steps: int | None = None,
+) -> Prepared:
+    """Load, split, classify columns, choose the plan and draw the training noise."""
+    from training.checkpoint import DataSummary
+    from training.registry import MODEL_TYPES
+
+    x, data_name, source, note = _as_rows(data)
+    rows, dim = x.shape
+    train_idx, val_idx, cal_idx = _split(rows, seed)
+    x_train, x_val = x[train_idx], x[val_idx]
+    x_cal = x_val if cal_idx is None else x[cal_idx]
+    candidates = None if model is None else ((model,) if isinstance(model, str) else tuple(model))
+    for kind in candidates or ():  # diffusion / flow matching work too (ODE likelihood)
+        if kind not in MODEL_TYPES:
+            raise ValueError(f"unknown model type {kind!r}; choose from {', '.join(MODEL_TYPES)}")
+    if plan is None:
+        plan = choose_plan(len(x_train), dim, candidates)
+    elif candidates is not None:
+        plan = replace(plan, candidates=candidates)
+    if steps is not None:
+        plan = replace(plan, steps=steps, eval_every=min(plan.eval_every, steps))
+    if dim == 1:
+        coupling = [k for k in plan.candidates if k in ("nice", "realnvp", "glow", "nsf")]
+        if coupling:
+            raise ValueError(f"{', '.join(coupling)} need at least 2 columns; use maf")
+    rng = np.random.default_rng([seed, 1])
+    noise = column_noise(x_train, plan.noise)
+    xt = noise.apply(x_train, _copies(len(x_train), TRAIN_COPIES_ROWS), rng)
+    val_copies = _copies(len(x_val), VAL_COPIES_ROWS) if noise.discrete.any() else 1
+    disc = noise.discrete
+    lo = x_train[:, disc].min(0) - noise.step[disc] / 2
+    hi = x_train[:, disc].max(0) + noise.step[disc] / 2
+    seen = ((x_val[:, disc] >= lo) & (x_val[:, disc] <= hi)).all(1)
+    x_sel = x_val[seen] if 2 * seen.sum() >= len(x_val) else x_val
+    xv = noise.apply_discrete(x_sel, val_copies, rng)
+    summary = DataSummary(name=data_name, source=source, rows=rows, dim=dim,
+                          split_seed=seed, mean=x_train.mean(0).tolist(),
+                          std=x_train.std(0).tolist())
+    info = {"total": rows, "train": len(x_train), "val": len(x_val), "calibration": len(x_cal),
+            "calibration_is_val": cal_idx is None, "train_noisy_copies": len(xt) // len(x_train),
+            "val_copies": val_copies, "val_for_selection": len(x_sel)}
+    return Prepared(plan, x_train, x_val, x_cal, xt, xv, noise, summary, info, note)
+
+
+def train_candidate(prep: Prepared, kind: str, seed: int = 0, *,
+                    progress: bool = False) -> Candidate:
+    """Train one model type under ``prep.plan``; its entry holds the validation NLL (nats/row,
+    data units, discrete columns dequantized: the figure candidates are compared on)."""
+    from training.config import ModelConfig, PreprocessConfig, TrainConfig
+    from training.evaluate import data_log_prob
+    from training.fit import fit_arrays
+
+    plan = prep.plan
+    model_cfg = ModelConfig(hidden_features=plan.hidden_features,
+                            hidden_layers=plan.hidden_layers, transforms=plan.transforms,
+                            bins=plan.bins, tail_bound=plan.tail_bound)
+    train_cfg = TrainConfig(steps=plan.steps, batch_size=plan.batch_size, lr=plan.lr,
+                            weight_decay=plan.weight_decay, eval_every=plan.eval_every,
+                            patience=plan.patience, seed=seed, progress=progress,
+                            warmup_steps=min(100, plan.steps // 10))
+    t0 = time.perf_counter()
+    ckpt = fit_arrays(kind, prep.xt, prep.xv, data=prep.summary, model_cfg=model_cfg,
+                      pre_cfg=PreprocessConfig(standardize=True), train_cfg=train_cfg)
+    s = ckpt.config.summary
+    val_nll = float(-np.mean(data_log_prob(ckpt, prep.xv)["log_prob"]))
+    entry = {"model_type": kind, "seed": seed, "val_nll": val_nll, "steps": int(s["steps"]),
+             "best_step": int(s["best_step"]), "seconds": round(time.perf_counter() - t0, 3)}
+    return Candidate(ckpt, entry)
+
+
+def select(candidates: Sequence[Candidate]) -> Candidate:
+    """The candidate with the lowest finite validation NLL."""
+    finite = [c for c in candidates if math.isfinite(c.entry["val_nll"])]
+    if not finite:
+        raise FloatingPointError("every candidate's validation NLL is non-finite; check the "
+                                 "data for extreme values or choose another --model")
+    return min(finite, key=lambda c: c.entry["val_nll"])
+
+
+def export_candidate(
+    prep: Prepared,
+    chosen: Candidate,
+    out_dir: str | os.PathLike[str],
+    *,
+    target_fpr: float = 0.01,
+    formats: tuple[str, ...] = ("onnx",),
+    name: str | None = None,
+    tried: Sequence[dict[str, Any]] = (),
+) -> dict[str, Any]:
+    """Calibrate ``chosen`` on the calibration rows (raw, as served) and export it."""
+    from training.evaluate import data_log_prob
+    from training.export import export_checkpoint
+
+    if not 0.0 < target_fpr < 1.0:
+        raise ValueError(f"target_fpr must be in (0, 1); got {target_fpr}")
+    ckpt = chosen.ckpt
+    tried = list(tried) or [chosen.entry]
+    ckpt.config.summary["anomaly"] = {"plan": asdict(prep.plan), "candidates": tried,
+                                      "columns": prep.noise.describe(), "rows": prep.rows}
+    t0 = time.perf_counter()
+    nll_val = -data_log_prob(ckpt, prep.x_val)["log_prob"]
+    cal_is_val = prep.rows["calibration_is_val"]
+    nll_cal = nll_val if cal_is_val else -data_log_prob(ckpt, prep.x_cal)["log_prob"]
+    manifest = export_checkpoint(ckpt, out_dir, formats=formats, name=name,
+                                 target_fpr=target_fpr, calibration_nll=nll_cal)
+    threshold = float(manifest.calibration.threshold)
+    n_cal, dim = len(nll_cal), prep.x_train.shape[1]
+    return {
+        "out": str(out_dir),
+        "name": manifest.name,
+        "model_type": chosen.entry["model_type"],
+        "seed": chosen.entry["seed"],
+        "data": prep.summary.name,
+        "note": prep.note,
+        "rows": prep.rows,
+        "dim": dim,
+        "val_nll": float(np.mean(nll_val)),
+        "val_nll_per_dim": float(np.mean(nll_val)) / dim,
+        "threshold": threshold,
+        "threshold_per_dim": threshold / dim,
+        "target_fpr": target_fpr,
+        "expected_fpr": target_fpr,
+        "expected_fpr_se": math.sqrt(target_fpr * (1 - target_fpr) / n_cal),
+        "calibration_flagged": float(np.mean(nll_cal > threshold)),
+        "candidates": tried,
+        "plan": asdict(prep.plan),
+        "columns": prep.noise.describe(),
+        "fit_seconds": round(sum(c["seconds"] for c in tried), 3),
+        "export_seconds": round(time.perf_counter() - t0, 3),
+    }
+
+
+def fit_anomaly(
+    data: str | os.PathLike[str] | np.ndarray,
+    out_dir: str | os.PathLike[str],
+    *,
+    target_fpr: float = 0.01,
+    seed: int = 0,
+    ensemble: int = 1,
+    model: str | Sequence[str] | None = None,
+    plan: Plan | None = None,
+    steps: int | None = None,
+    name: str | None = None,
+    formats: tuple[str, ...] = ("onnx",),
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Fit, calibrate and export an anomaly model on normal rows; returns a summary dict.
+
+    Args:
+        data: ``.csv/.npy/.npz`` path (an ``.npz`` with labels ``y`` uses its ``y == 0`` rows)
+            or a ``(rows, columns)`` array of normal rows.
+        out_dir: artifact directory to write (atomically); the served name is its folder name
+            unless ``name`` is given.
+        target_fpr: share of normal rows the calibrated threshold should flag, in (0, 1).
+        seed: split, noise, initialisation and minibatch seed.
+        ensemble: seeds trained per candidate model type; the best by validation NLL is kept
+            (one served artifact per model: see the module docstring).
+        model: a model type (or several candidates) instead of the default candidates.
+        plan: a full ``Plan`` instead of ``choose_plan``'s (``model`` and ``steps`` still apply).
+        steps: cap on optimizer steps per candidate (default: the plan's).
+        formats: export formats (``"onnx"``, ``"torchscript"``).
+        progress: progress bars for training.
+    Returns:
+        JSON-able summary (``format_summary`` prints it): chosen model type, validation NLL
+        (nats/row on the raw validation rows), threshold, expected false-positive rate, the
+        candidates tried with their validation NLL, the plan, column handling and timings.
+    """
+    if not 0.0 < target_fpr < 1.0:
+        raise ValueError(f"target_fpr must be in (0, 1); got {target_fpr}")
+    if ensemble < 1:
+        raise ValueError(f"ensemble must be >= 1; got {ensemble}")
+    prep = prepare(data, seed=seed, model=model, plan=plan, steps=steps)
+    trained = [train_candidate(prep, kind, seed + 1000 * k, progress=progress)
+               for kind in prep.plan.candidates for k in range(ensemble)]
+    return export_candidate(prep, select(trained), out_dir, target_fpr=target_fpr,
+                            formats=formats, name=name, tried=[c.entry for c in trained])
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    """A few lines for the end of ``genserve fit-anomaly``."""
+    cands = ", ".join(f"{c['model_type']}/{c['seed']} {c['val_nll']:.3f}" for c in s["candidates"])
+    r = s["rows"]
+    cal = "validation" if r["calibration_is_val"] else "calibration"
+    lines = [
+        f"exported {s['name']} ({s['model_type']}, {s['dim']} columns) to {s['out']}",
+        f"  rows: {r['train']} train / {r['val']} validation"
+        + ("" if r["calibration_is_val"] else f" / {r['calibration']} calibration")
+        + (f" ({s['note']})" if s["note"] else ""),
+        f"  validation NLL: {s['val_nll']:.4f} nats/row ({s['val_nll_per_dim']:.4f} per "
+        f"column); candidates by validation NLL: {cands}",
+        f"  threshold: NLL > {s['threshold']:.4f} nats is flagged (quantile of {r['calibration']} "
+        f"{cal} rows)",
+        f"  expected false-positive rate: {100 * s['expected_fpr']:.2f} % "
+        f"(± {100 * s['expected_fpr_se']:.2f} % from the calibration sample size)",
+        f"  time: training {s['fit_seconds']:.1f} s, calibration and export "
+        f"{s['export_seconds']:.1f} s",
+    ]
+    if r["calibration"] * s["target_fpr"] < 5:
+        lines.insert(-1, f"  note: only {r['calibration']} calibration rows for a "
+                     f"{100 * s['target_fpr']:.2g} % rate: the threshold is rough; give more "
+                     "normal rows or a larger --target-fpr")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def _csv_chunks(path: Path, dim: int, chunk_rows: int) -> Iterator[np.ndarray]:
+    header_seen = False
+    block: list[list[float]] = []
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.reader(fh)
+        for cells in reader:
+            if not cells or (len(cells) == 1 and not cells[0].strip()):
+                continue
+            line = reader.line_num
+            if len(cells) != dim:
+                raise DataError(f"{path}: row {line} has {len(cells)} columns, but the model "
+                                f"expects {dim}; every row needs {dim} numeric columns")
+            try:
+                values = [float(c) for c in cells]
+            except ValueError:
+                if not header_seen and not block:
+                    header_seen = True  # the first non-blank row may be a header
+                    continue
+                col = next(i for i, c in enumerate(cells) if not _is_float(c))
+                raise DataError(f"{path}: row {line}, column {col + 1} holds {cells[col]!r}, "
+                                "which is not a number") from None
+            header_seen = True
+            if not all(math.isfinite(v) for v in values):
+                col = next(i for i, v in enumerate(values) if not math.isfinite(v))
+                raise DataError(f"{path}: row {line}, column {col + 1} is {values[col]}; "
+                                "NaN/Inf values cannot be scored")
+            block.append(values)
+            if len(block) == chunk_rows:
+                yield np.array(block, dtype=np.float64)
+                block = []
+    if block:
+        yield np.array(block, dtype=np.float64)
+
+
+def _is_float(cell: str) -> bool:
+    try:
+        float(cell)
+    except ValueError:
+        return False
+    return True
+
+
+def _check_array_shape(shape: tuple[int, ...], dim: int, path: Path) -> None:
+    cols = 1 if len(shape) == 1 else (shape[1] if len(shape) == 2 else None)
+    if cols is None:
+        raise DataError(f"{path}: array of shape {shape}; expected (rows, {dim})")
+    if cols != dim:
+        raise DataError(f"{path}: rows have {cols} columns, but the model expects {dim}")
+
+
+def _array_chunks(arr: Any, dim: int, chunk_rows: int, path: Path,
+                  first_row: int = 0) -> Iterator[np.ndarray]:
+    for a in range(0, arr.shape[0], chunk_rows):
+        block = np.asarray(arr[a:a + chunk_rows], dtype=np.float64).reshape(-1, dim)
+        bad = np.argwhere(~np.isfinite(block))
+        if len(bad):
+            r, c = bad[0]
+            raise DataError(f"{path}: row {first_row + a + r + 1}, column {c + 1} is "
+                            f"{block[r, c]}; NaN/Inf values cannot be scored")
+        yield block
+
+
+def _npz_chunks(path: Path, dim: int, chunk_rows: int) -> Iterator[np.ndarray]:
+    """Stream array ``X`` of an ``.npz`` (stored or deflated) without loading all of it."""
+    from numpy.lib import format as npformat
+
+    with zipfile.ZipFile(path) as zf:
+        if "X.npy" not in zf.namelist():
+            found = ", ".join(n.removesuffix(".npy") for n in zf.namelist()) or "none"
+            raise DataError(f"{path} has no array named 'X' (found keys: {found})")
+        with zf.open("X.npy") as fh:
+            major, _ = npformat.read_magic(fh)
+            read_header = (npformat.read_array_header_1_0 if major == 1
+                           else npformat.read_array_header_2_0)
+            shape, fortran, dtype = read_header(fh)
+            if dtype.kind not in "biuf":
+                raise DataError(f"{path}: 'X' has dtype {dtype}; store real numbers only")
+            _check_array_shape(shape, dim, path)
+            if not (fortran and len(shape) == 2 and shape[1] > 1):
+                per_row = dtype.itemsize * (1 if len(shape) == 1 else shape[1])
+                for a in range(0, shape[0], chunk_rows):
+                    n = min(chunk_rows, shape[0] - a)
+                    buf = fh.read(n * per_row)
+                    if len(buf) != n * per_row:
+                        raise DataError(f"{path}: 'X' is truncated at row {a + 1}")
+                    block = np.frombuffer(buf, dtype=dtype).reshape(n, -1)
+                    yield from _array_chunks(block, dim, n, path, first_row=a)
+                return
+    with np.load(path, allow_pickle=False) as archive:  # column-major X: rows are not contiguous
+        yield from _array_chunks(archive["X"], dim, chunk_rows, path)
+
+
+def iter_chunks(path: str | os.PathLike[str], dim: int, chunk_rows: int) -> Iterator[np.ndarray]:
+    """``(rows <= chunk_rows, dim)`` float64 blocks of a ``.csv/.npy/.npz`` file, in order.
+
+    Memory is bounded by one chunk: CSV is read line by line, ``.npy`` is memory-mapped and
+    ``.npz`` member ``X`` is read sequentially from the archive.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"input file '{path}' not found (cwd: {os.getcwd()})")
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        yield from _csv_chunks(path, dim, chunk_rows)
+    elif suffix == ".npy":
+        try:
+            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError, EOFError) as err:
+            raise DataError(f"could not read {path} as .npy: {err}") from None
+        if arr.dtype.kind not in "biuf":
+            raise DataError(f"{path}: dtype {arr.dtype}; store real numbers only")
+        _check_array_shape(arr.shape, dim, path)
+        yield from _array_chunks(arr, dim, chunk_rows, path)
+    elif suffix == ".npz":
+        try:
+            yield from _npz_chunks(path, dim, chunk_rows)
+        except (zipfile.BadZipFile, ValueError, OSError, EOFError) as err:
+            if isinstance(err, DataError):
+                raise
+            raise DataError(f"could not read {path} as .npz: {err}") from None
+    else:
+        raise DataError(f"cannot score '{path}': the input must end in .csv, .npy or .npz")
+
+
+def _fmt(v: float) -> str:
+    return repr(float(v))
+
+
+def reblock(chunks: Iterator[np.ndarray], size: int) -> Iterator[np.ndarray]:
+    """Regroup a stream of row blocks into blocks of exactly ``size`` rows (the last may be
+    shorter), aligned to the start of the stream."""
+    parts: list[np.ndarray] = []
+    held = 0
+    for chunk in chunks:
+        while len(chunk):
+            take = chunk[: size - held]
+            chunk = chunk[len(take):]
+            parts.append(take)
+            held += len(take)
+            if held == size:
+                yield parts[0] if len(parts) == 1 else np.concatenate(parts)
+                parts, held = [], 0
+    if held:
+        yield parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def score_file(
+    model_dir: str | os.PathLike[str],
+    in_path: str | os.PathLike[str],
+    out_path: str | os.PathLike[str],
+    *,
+    chunk_rows: int = 65_536,
+    batch_rows: int = 4096,
+    per_dim: bool = False,
+    target_fpr: float | None = None,
+    runtime: Any = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Score every row of ``in_path`` with the artifact in ``model_dir``; write a CSV.
+
+    The output has the header ``score,percentile,is_anomaly`` and one line per input row, in
+    input order; it is written to a temporary file beside ``out_path`` and moved into place
+    only when every row is scored (a failure leaves no partial output and an existing
+    ``out_path`` untouched). The numbers are those of ``ModelRuntime.anomaly_score`` (what
+    ``POST /anomaly_score`` returns for the same rows), printed with ``repr`` so that they
+    parse back to the same floats.
+
+    Memory is bounded by ``max(chunk_rows, batch_rows)`` rows. The file is read in chunks of
+    ``chunk_rows`` and scored in graph calls of ``batch_rows`` rows aligned to the start of
+    the file, so the output does not depend on ``chunk_rows`` at all, bit for bit. (Float32
+    graphs round a row's result slightly differently in batches of other sizes, ~1e-7
+    relative: the service, which batches requests together, agrees to that rounding.)
+
+    Args:
+        chunk_rows: rows read from the file at a time.
+        batch_rows: rows per graph call.
+        per_dim: report ``score`` as NLL per column (nats/dim); flags and percentiles are
+            unchanged.
+        target_fpr: flag at this false-positive rate instead of the calibrated one.
+        runtime: an open ``service.runtime.ModelRuntime`` to reuse (else opened here).
+        progress: a progress bar (rows scored).
+    Returns:
+        ``{"rows", "flagged", "threshold", "seconds", "out", "per_dim"}``.
+    """
+    from service.runtime import InputError, ModelRuntime
+
+    if chunk_rows < 1 or batch_rows < 1:
+        raise ValueError(f"chunk_rows and batch_rows must be >= 1; got {chunk_rows}, "
+                         f"{batch_rows}")
+    rt = runtime if runtime is not None else ModelRuntime(model_dir)
+    if rt.manifest.calibration is None:
+        raise DataError(f"model '{rt.name}' has no anomaly calibration; export it with "
+                        "fit-anomaly or `genserve export` (which calibrates)")
+    threshold = (rt.manifest.calibration.threshold if target_fpr is None
+                 else rt.threshold_at(target_fpr))
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    dim = rt.dim
+    scale = 1.0 / dim if per_dim else 1.0
+    rows = flagged = 0
+    start = time.perf_counter()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(desc="score", unit="rows", dynamic_ncols=True)
+    fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="") as fh:
+            fh.write(",".join(HEADER) + "\n")
+            for block in reblock(iter_chunks(in_path, dim, chunk_rows), batch_rows):
+                try:
+                    res = rt.anomaly_score(block, target_fpr=target_fpr)
+                except InputError as err:
+                    raise DataError(f"{in_path}: {err}") from None
+                buf = io.StringIO()
+                for s, p, a in zip(res.scores * scale, res.percentile, res.is_anomaly,
+                                   strict=True):
+                    buf.write(f"{_fmt(s)},{_fmt(p)},{'true' if a else 'false'}\n")
+                fh.write(buf.getvalue())
+                rows += len(block)
+                flagged += int(res.is_anomaly.sum())
+                if bar is not None:
+                    bar.update(len(block))
+        if rows == 0:
+            raise DataError(f"{in_path} has no data rows; it needs at least one row")
+        os.replace(tmp, out_path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    return {"rows": rows, "flagged": flagged, "threshold": threshold * scale,
+            "seconds": round(time.perf_counter() - start, 3), "out": str(out_path),
+            "per_dim": per_dim}
+
+
+def read_scores(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
+    """Read a ``score_file`` output back: ``{"score", "percentile", "is_anomaly"}`` arrays."""
+    with open(path, newline="") as fh:
+        reader = csv.reader(fh)
+        header = next(reader)
+        if tuple(header) != HEADER:
+            raise DataError(f"{path}: header {header} is not {list(HEADER)}")
+        cols = list(zip(*reader, strict=True)) or [(), (), ()]
+    return {"score": np.array(cols[0], dtype=np.float64),
+            "percentile": np.array(cols[1], dtype=np.float64),
+            "is_anomaly": np.array([v == "true" for v in cols[2]], dtype=bool)}
+
