@@ -31,9 +31,13 @@ test: install
 models: install
 	$(BIN)/python -m training.default_models --out exported_models
 
-## bench: the benchmarks that write docs/BENCHMARKS.md
+## bench: the benchmarks that write docs/BENCHMARKS.md (long: run them one at a time)
 bench: install
 	$(BIN)/python -m bench.flows
+	$(BIN)/python -m bench.families
+	$(BIN)/python -m bench.runtimes --threads 1 2
+	$(BIN)/python -m bench.serving
+	$(BIN)/python -m bench.anomaly
 
 lint: install
 	$(BIN)/python -m ruff check training service tests bench
