@@ -357,11 +357,14 @@ def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
         teacher = cells.get("otcfm_100")
         extra = (f"; teacher's 100-step excess {teacher['excess']:+.4f} (1.5 × = "
                  f"{REFLOW_RATIO * max(teacher['excess'], 0):.4f})" if teacher else "")
+        diff = np.subtract(one["w2_seeds"], hundred["w2_seeds"])  # same noise per seed: paired
+        paired = (f"; paired 1-step − 100-step W2 {diff.mean():+.4f} ± "
+                  f"{diff.std(ddof=1) / math.sqrt(len(diff)):.4f}" if len(diff) > 1 else "")
         rows.append({"target": "after one reflow: 1-step excess ≤ 1.5 × 100-step excess "
                                "(Euler)", "goal": f"≤ {limit:.4f}", "value": one["excess"],
                      "met": bool(one["excess"] <= limit),
                      "miss": max(one["excess"] - limit, 0.0),
-                     "detail": f"1 step {fig(one)}; 100 steps {fig(hundred)}{extra}"})
+                     "detail": f"1 step {fig(one)}; 100 steps {fig(hundred)}{paired}{extra}"})
     ddpm, dpm = cells.get("ddpm_1000"), cells.get("dpm_20")
     if ddpm is not None and dpm is not None:
         rel = abs(dpm["w2"] - ddpm["w2"]) / ddpm["w2"]
@@ -486,8 +489,10 @@ def render(payload: dict[str, Any]) -> str:
         "best-validation-loss (EMA) weights. W2 = exact 2-Wasserstein distance (assignment) "
         f"between {payload['held_out']} generated points and {payload['held_out']} held-out "
         "test rows, in data units; floor = W2 between as many fresh true points and the same "
-        f"rows (mean of {FLOOR_DRAWS} draws); excess = W2 − floor (it can be slightly negative: "
-        "the floor is itself a random estimate). All samplers start from the same noise seed.",
+        f"rows (mean of {FLOOR_DRAWS} draws); excess = W2 − floor. Excess can be negative: the "
+        "floor is itself a random estimate, and in 16 dimensions the empirical W2 of 2000 "
+        "points is biased so that slightly under-dispersed samples score *below* the floor "
+        "(see the notes). All samplers start from the same noise seed.",
         "",
         "NFE = network evaluations per sample. Euler, DDPM ancestral, DDIM (η = 0) and "
         "DPM-Solver++(2M) (multistep, log-SNR grid): one per step. Heun: exactly 2 per step "
@@ -544,6 +549,27 @@ NOTES = """\
   (a 2000-point draw moves a mode's share by about ±1 point of percentage, and those points
   must travel between modes): so a single draw's excess carries roughly the floor's s.d. of
   noise, which is the size of the targets; the targets are read on 5-seed means.
+- **Missed target, gmm2 reflow**: the reflowed model's 100-step excess is only +0.012, so the
+  1.5× bound is 0.019, below one seed-mean's s.e. (0.022); but the gap is real, not noise:
+  with the same noise per seed the 1-step sample is worse than the 100-step one on all 5
+  seeds (paired difference in the target row). On validation the same settings gave +0.111
+  vs +0.087 (ratio 1.28, met); on test the teacher is better and the 1-step residual
+  (≈ +0.024 W2, presumably the path curvature one reflow leaves) stays. Missed by 0.018
+  W2 (ratio 2.9 instead of 1.5). On gmm6 (ratio 1.01) and gmm16 (0.69) it is met.
+- **Negative excess in 16 D** (DDPM/DDIM at 4-16 NFE, OT-CFM Euler at 1-8 steps, down to
+  −0.15): far below the floor's s.d. (0.008), so it is not noise. With 2000 points in 16 D
+  the empirical W2 is dominated by the finite-sample term, and a sample that is a little
+  contracted towards the modes (presumably what few-step ODE samples are) is closer to
+  2000 held-out points than fresh true points are. In 16 D a negative or small excess
+  therefore does not prove a good sampler; read it with the log-likelihoods and the
+  many-step columns.
+- NSF on gmm16 kept its step-500 weights (validation loss rose afterwards), hence its
+  0.67-nat gap; its tuning belongs to the flow benchmark.
+- Wall time: 61 min with `--jobs 3` (one set per process, one torch thread each) on the
+  2-core machine while other benchmarks ran (load average 6-9); NSF training dominated
+  (14-23 min a set under that load), then the ~90 exact assignments of 2000 × 2000 per set
+  (≈ 6-10 s each under load). `--from-json` re-renders this section from
+  `docs/bench/families.json` without training.
 """
 
 
@@ -568,8 +594,25 @@ def main(argv: list[str] | None = None) -> int:
                              "writes nothing)")
     parser.add_argument("--jobs", type=int, default=1, help="sets side by side")
     parser.add_argument("--no-write", action="store_true", help="print only; write nothing")
+    parser.add_argument("--from-json", action="store_true",
+                        help=f"re-render the section from {JSON_PATH.name} (no training)")
     args = parser.parse_args(argv)
     write = not args.no_write and args.split == "test"
+    if args.from_json:
+        from bench.report import write_section
+
+        payload = json.loads(JSON_PATH.read_text())
+        payload["notes"] = NOTES
+        for res in payload["results"]:
+            res["targets"] = targets(res)
+        markdown = render(payload)
+        print(markdown)
+        if not args.no_write:
+            tmp = JSON_PATH.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(payload, indent=1, default=float) + "\n")
+            os.replace(tmp, JSON_PATH)
+            write_section(SECTION, markdown)
+        return 0
 
     plans = quick_plans(PLANS) if args.quick else PLANS
     reflow_plan = (replace(REFLOW, n_pairs=2000, train=REFLOW.train | {
