@@ -35,6 +35,11 @@ class ModelConfig(_Strict):
     sigma_min: float = Field(0.0, ge=0, lt=1)
     gamma: float = Field(0.0, ge=0, description="stochastic interpolant noise level")
     time_embedding: int = Field(16, ge=2, le=256, description="Fourier features of t")
+    # image models (training/flows/image.py, training/unet.py)
+    image_shape: tuple[int, int, int] | None = Field(
+        None, description="image models: (C, H, W) of one row; dim = C*H*W (C-order)"
+    )
+    scales: int = Field(2, ge=1, le=6, description="image models: multi-scale levels")
 
 
 class PreprocessConfig(_Strict):

@@ -60,6 +60,7 @@ class Dataset:
         name: the set's name (a named set, or the file's stem).
         levels: integer data takes values ``0..levels-1``; ``None`` for continuous data.
         source: ``"named"`` or the file path.
+        shape: ``(C, H, W)`` of one row for image data (rows are flattened in C-order).
     """
 
     x: np.ndarray
@@ -67,6 +68,7 @@ class Dataset:
     name: str
     levels: int | None
     source: str
+    shape: tuple[int, int, int] | None = None
 
     @property
     def dim(self) -> int:
@@ -273,6 +275,7 @@ class DatasetSpec:
     sampler: Sampler
     levels: int | None = None
     generated: bool = True  # False: a fixed table; seed only picks a subsample
+    shape: tuple[int, int, int] | None = None  # image sets: (C, H, W) of a flattened row
 
     @property
     def integer(self) -> bool:
@@ -314,6 +317,15 @@ DATASETS: dict[str, DatasetSpec] = {
         levels=17,
         generated=False,
     ),
+    "digits_image": DatasetSpec(
+        "8x8 handwritten digits as 1x8x8 images, integers 0..16 (scikit-learn)",
+        64,
+        1797,
+        _bundled("load_digits"),
+        levels=17,
+        generated=False,
+        shape=(1, 8, 8),
+    ),
     "breast_cancer": DatasetSpec(
         "Wisconsin breast cancer features (scikit-learn)",
         30,
@@ -351,6 +363,7 @@ def load_data(
     seed: int = 0,
     *,
     levels: int | None = None,
+    images: bool = False,
 ) -> Dataset:
     """Load a named set or a ``.npy`` / ``.npz`` / ``.csv`` file.
 
@@ -361,6 +374,9 @@ def load_data(
         seed: seeds the ``numpy.random.Generator`` used for generation or subsampling.
         levels: declare the data integer-valued in ``0..levels-1`` (checked). Files are
             never assumed integer otherwise; named sets carry their own levels.
+        images: accept a ``.npy`` of images ``(rows, H, W)`` or ``(rows, C, H, W)``: rows are
+            flattened (C-order) and ``Dataset.shape`` records ``(C, H, W)``; ``uint8`` images
+            are integer data with 256 levels.
     Returns:
         a ``Dataset`` with ``x: (rows, dim)`` float64.
     """
@@ -375,13 +391,33 @@ def load_data(
                 f"'{key}' has {spec.default_size} rows; ask for n <= {spec.default_size}"
             )
         x, y = spec.sampler(n or spec.default_size, rng)
-        data = Dataset(np.asarray(x, np.float64), y, key, spec.levels, "named")
+        data = Dataset(np.asarray(x, np.float64), y, key, spec.levels, "named", spec.shape)
+    elif images and key.lower().endswith(".npy"):
+        data = _load_images(_resolve_path(key), n, rng)
     else:
         data = _load_file(_resolve_path(key), n, rng)
     if levels is not None:
         check_levels(data.x, levels, data.source if data.source != "named" else key)
-        data = Dataset(data.x, data.y, data.name, levels, data.source)
+        data = Dataset(data.x, data.y, data.name, levels, data.source, data.shape)
     return data
+
+
+def _load_images(path: Path, n: int | None, rng: np.random.Generator) -> Dataset:
+    """A ``.npy`` of images ``(rows, H, W)`` or ``(rows, C, H, W)``, flattened per row."""
+    array = _np_load(path)
+    if array.ndim not in (3, 4) or 0 in array.shape:
+        raise DataError(f"{path}: images have shape {array.shape}; expected (rows, H, W) or "
+                        f"(rows, C, H, W) with every axis non-empty")
+    images = array[:, None] if array.ndim == 3 else array
+    levels = 256 if array.dtype == np.uint8 else None
+    x = _as_table(images.reshape(len(images), -1), path, "the images")
+    _check_finite(x, path, None)
+    if n is not None:
+        if n > len(x):
+            raise DataError(f"{path} has {len(x)} images; ask for n <= {len(x)}")
+        x = x[np.sort(rng.choice(len(x), n, replace=False))]
+    shape = tuple(int(v) for v in images.shape[1:])
+    return Dataset(x, None, path.stem, levels, str(path), shape)  # type: ignore[arg-type]
 
 
 def _resolve_path(key: str) -> Path:

@@ -20,7 +20,8 @@ def checkpoint_splits(ckpt: Checkpoint) -> Any:
 
     d = ckpt.config.data
     source = d.name if d.source == "named" else d.source
-    dataset = load_data(source, n=d.rows if d.source == "named" else None, seed=d.data_seed)
+    dataset = load_data(source, n=d.rows if d.source == "named" else None, seed=d.data_seed,
+                        images=ckpt.config.model.image_shape is not None)
     return split(dataset.x, seed=d.split_seed, fractions=d.split_fractions)
 
 
@@ -48,7 +49,8 @@ def data_log_prob(
         if ckpt.config.family == "flow":
             lp, se = model.log_prob(u), None
         else:
-            options = {"method": method or "exact", "seed": seed}
+            image = ckpt.config.model.image_shape is not None  # D trace passes are costly
+            options = {"method": method or ("hutchinson" if image else "exact"), "seed": seed}
             if steps is not None:
                 options["steps"] = steps
             if solver is not None:

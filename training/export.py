@@ -197,6 +197,13 @@ def _defaults(ckpt: Checkpoint) -> Defaults:
     family = ckpt.config.family
     if family == "flow":
         return Defaults()
+    if ckpt.config.model.image_shape is not None:  # D exact-trace passes are costly on images
+        base = _vector_defaults(family, ckpt)
+        return base.model_copy(update={"method": "hutchinson"})
+    return _vector_defaults(family, ckpt)
+
+
+def _vector_defaults(family: str, ckpt: Checkpoint) -> Defaults:
     if family == "diffusion":
         return Defaults(solver="dpmpp2m", steps=20)
     if "reflow" in ckpt.config.summary:  # straight paths: two Euler steps suffice
@@ -271,7 +278,7 @@ def export_checkpoint(
             family=cfg.family,
             model_type=cfg.model_type,
             dim=cfg.dim,
-            event_shape=[cfg.dim],
+            event_shape=list(cfg.model.image_shape or [cfg.dim]),
             preprocessing=_describe(ckpt.preprocessor),
             graphs=graphs,
             time=_time_spec(ckpt),

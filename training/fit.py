@@ -12,15 +12,25 @@ import torch
 
 from training.checkpoint import Checkpoint, CheckpointConfig, DataSummary, save_checkpoint
 from training.config import ModelConfig, PreprocessConfig, TrainConfig
-from training.registry import build_model, family_of
+from training.registry import build_model, family_of, is_image_model
 
 __all__ = ["default_preprocess", "fit", "fit_arrays"]
 
 
-def default_preprocess(levels: int | None) -> PreprocessConfig:
-    """Integer data is dequantized; everything is standardized."""
+IMAGE_LOGIT_ALPHA = 0.05
+
+
+def default_preprocess(levels: int | None, image: bool = False) -> PreprocessConfig:
+    """Integer data is dequantized; everything is standardized.
+
+    Integer images are dequantized then logit-transformed instead (RealNVP, Sec. 4.1): not
+    standardized per pixel, because border pixels that are always 0 would be constant columns.
+    """
     if levels is None:
         return PreprocessConfig()
+    if image:
+        return PreprocessConfig(dequantize=True, levels=levels, standardize=False,
+                                logit_alpha=IMAGE_LOGIT_ALPHA)
     return PreprocessConfig(dequantize=True, levels=levels, standardize=True)
 
 
@@ -40,7 +50,7 @@ def fit_arrays(
 
     model_cfg = model_cfg or ModelConfig()
     train_cfg = train_cfg or TrainConfig()
-    pre_cfg = pre_cfg or default_preprocess(data.levels)
+    pre_cfg = pre_cfg or default_preprocess(data.levels, model_cfg.image_shape is not None)
     dim = x_train.shape[1]
     torch.manual_seed(train_cfg.seed)  # parameter initialisation
     model = build_model(model_type, dim, model_cfg)
@@ -74,7 +84,8 @@ def fit(
     """Train ``model_type`` on a named set or a file; save to ``out`` when given."""
     from training.data import load_data, split
 
-    dataset = load_data(data, n=rows, seed=data_seed)
+    dataset = load_data(data, n=rows, seed=data_seed, images=is_image_model(model_type))
+    model_cfg = _with_image_shape(model_type, model_cfg or ModelConfig(), dataset.shape, data)
     splits = split(dataset.x, seed=split_seed)
     summary = DataSummary(
         name=dataset.name,
@@ -103,3 +114,14 @@ def fit(
             save_checkpoint(ckpt, out)
         barrier()
     return ckpt
+
+
+def _with_image_shape(kind: str, cfg: ModelConfig, shape: tuple[int, int, int] | None,
+                      data: str) -> ModelConfig:
+    """Image models take ``image_shape`` from the data set unless the config sets it."""
+    if not is_image_model(kind) or cfg.image_shape is not None:
+        return cfg
+    if shape is None:
+        raise ValueError(f"{kind!r} is an image model but {data!r} holds no images; use "
+                         "'digits_image' or a .npy of shape (rows, H, W) or (rows, C, H, W)")
+    return cfg.model_copy(update={"image_shape": shape})

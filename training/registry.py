@@ -24,7 +24,8 @@ from torch import nn
 
 from training.config import ModelConfig
 
-__all__ = ["MODEL_TYPES", "ModelSpec", "build_model", "family_of"]
+__all__ = ["ALL_MODEL_TYPES", "IMAGE_MODEL_TYPES", "MODEL_TYPES", "ModelSpec", "build_model",
+           "family_of", "is_image_model"]
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,35 @@ MODEL_TYPES: dict[str, ModelSpec] = {
 }
 
 
+def _image(kind: str, dim: int, cfg: ModelConfig) -> nn.Module:
+    from training.flows.image import IMAGE_FLOW_BUILDERS, build_image_flow
+
+    if kind in IMAGE_FLOW_BUILDERS:
+        return build_image_flow(kind, dim, cfg)
+    from training.unet import build_image_velocity_model
+
+    return build_image_velocity_model(kind, dim, cfg)
+
+
+# Image models need ModelConfig.image_shape (C, H, W); kept apart from MODEL_TYPES, whose
+# every entry trains on any (rows, dim) table.
+IMAGE_MODEL_TYPES: dict[str, ModelSpec] = {
+    "glow_image": ModelSpec("flow", "multi-scale Glow: squeeze, ActNorm, 1x1 conv, coupling",
+                            _image),
+    "realnvp_image": ModelSpec("flow", "multi-scale RealNVP: checkerboard/channel couplings",
+                               _image),
+    "ddpm_image": ModelSpec("diffusion", "VP-SDE diffusion with a small U-Net", _image),
+    "cfm_image": ModelSpec("flow_matching", "conditional flow matching with a small U-Net",
+                           _image),
+    "otcfm_image": ModelSpec("flow_matching", "OT-CFM with a small U-Net", _image),
+}
+ALL_MODEL_TYPES: dict[str, ModelSpec] = MODEL_TYPES | IMAGE_MODEL_TYPES
+
+
+def is_image_model(kind: str) -> bool:
+    return kind in IMAGE_MODEL_TYPES
+
+
 def family_of(kind: str) -> str:
     return _spec(kind).family
 
@@ -78,7 +108,7 @@ def build_model(kind: str, dim: int, cfg: ModelConfig | None = None) -> nn.Modul
 
 def _spec(kind: str) -> ModelSpec:
     try:
-        return MODEL_TYPES[kind]
+        return ALL_MODEL_TYPES[kind]
     except KeyError:
-        choices = ", ".join(sorted(MODEL_TYPES))
+        choices = ", ".join(sorted(ALL_MODEL_TYPES))
         raise ValueError(f"unknown model type {kind!r}; choose one of: {choices}") from None
