@@ -15,6 +15,7 @@ from typing import Any
 
 import bentoml
 
+from service.auth import security_config
 from service.batching import Answers, Parts, error_answer, register_containers, rows_of
 from service.boundary import BoundaryMiddleware
 from service.metrics import ANOMALIES, BATCH_ROWS, GRAPH_SECONDS, MODELS_LOADED, REQUESTS, ROWS
@@ -53,7 +54,8 @@ def _traffic() -> dict[str, Any]:
     return traffic
 
 
-@bentoml.service(name="genserve", workers=SETTINGS.workers, traffic=_traffic())
+@bentoml.service(name="genserve", workers=SETTINGS.workers, traffic=_traffic(),
+                  **security_config(SETTINGS))
 class GenServe:
     """Every model of ``GENSERVE_MODELS_DIR`` behind three verbs."""
 

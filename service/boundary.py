@@ -1,22 +1,39 @@
 """The HTTP boundary: an ASGI middleware that checks every verb request before BentoML sees it.
 
-Content type, body size, JSON syntax and the request itself (``service.validation``) are
-checked here and answered with ``{"error": ...}`` and a 4xx status, so a bad request never
-joins a batch. Valid requests pass through untouched (the body is replayed).
+In order: the bearer token when access control is on (401, ``service.auth``), the key's
+request rate (429 with ``Retry-After``), then content type, body size, JSON syntax and the
+request itself (``service.validation``), each answered with ``{"error": ...}`` and a 4xx
+status, so a bad request never joins a batch. Valid requests pass through untouched (the body
+is replayed). Every verb request leaves one access log line (``service.access_log``).
+``/livez``, ``/readyz`` and ``/models`` stay open; ``/metrics`` asks for its own token when
+``GENSERVE_METRICS_TOKEN_FILE`` is set.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import time
 from pathlib import Path
 from typing import Any
 
+import bentoml
+
+from service.access_log import access_logger, log_access, rows_in
+from service.auth import TOKEN_REQUIRED, ApiKey, KeyStore, RateLimiter
 from service.manifest import ManifestError, read_manifest
 from service.metrics import REQUESTS
 from service.settings import Settings, load_settings
 from service.validation import ModelCard, RequestError, validate_verb
 
-__all__ = ["BoundaryMiddleware", "load_cards"]
+__all__ = ["KEY_REQUESTS", "BoundaryMiddleware", "load_cards"]
+
+# Key names are operator-configured (bounded); "none" = no valid token, "anonymous" = auth off.
+KEY_REQUESTS = bentoml.metrics.Counter(
+    name="genserve_key_requests_total",
+    documentation="Verb requests by API key name, verb and HTTP status",
+    labelnames=["key", "verb", "status"],
+)
 
 VERB_PATHS = {"/sample": "sample", "/log_likelihood": "log_likelihood",
               "/anomaly_score": "anomaly_score"}
@@ -33,16 +50,31 @@ def load_cards(models_dir: Path) -> dict[str, ModelCard]:
         except ManifestError:
             continue
         cards[m.name] = ModelCard(name=m.name, family=m.family, dim=m.dim,
-                                  calibrated=m.calibration is not None)
+                                  calibrated=m.calibration is not None,
+                                  shape=tuple(m.event_shape))
     return cards
 
 
-async def _send_json(send: Any, status: int, payload: dict) -> None:
+async def _send_json(send: Any, status: int, payload: dict,
+                     headers: list[tuple[bytes, bytes]] | None = None) -> None:
     body = json.dumps(payload).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode())]})
+                            (b"content-length", str(len(body)).encode()), *(headers or [])]})
     await send({"type": "http.response.body", "body": body})
+
+
+class Refused(RequestError):
+    """A request turned away before its body is read: 401 or 429, with response headers."""
+
+    def __init__(self, status: int, message: str, headers: list[tuple[bytes, bytes]],
+                 **extra: Any) -> None:
+        super().__init__(status, message)
+        self.headers, self.extra = headers, extra
+
+
+def _unauthorized() -> Refused:
+    return Refused(401, TOKEN_REQUIRED, [(b"www-authenticate", b'Bearer realm="genserve"')])
 
 
 class BoundaryMiddleware:
@@ -50,6 +82,11 @@ class BoundaryMiddleware:
         self.app = app
         self.settings = settings or load_settings()
         self._cards: dict[str, ModelCard] | None = None
+        self.keys = KeyStore.from_settings(self.settings)
+        self.metrics_keys = KeyStore.for_metrics(self.settings)
+        self.limiter = RateLimiter(self.settings.rate_limit_rps, self.settings.rate_limit_burst,
+                                   workers=self.settings.workers)
+        self.access = access_logger(self.settings.access_log)
 
     @property
     def cards(self) -> dict[str, ModelCard]:
@@ -61,19 +98,61 @@ class BoundaryMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
+        if path == "/metrics" and self.metrics_keys.enabled:
+            if self.metrics_keys.authenticate(_header(scope, b"authorization")) is None:
+                err = _unauthorized()
+                return await _send_json(send, 401, {"error": err.message}, err.headers)
         if path == "/models" and scope.get("method") == "GET":
             return await self._get_models(scope, receive, send)
         verb = VERB_PATHS.get(path)
         if verb is None:
             return await self.app(scope, receive, send)
-        try:
-            body = await self._checked_body(scope, receive, verb)
-        except RequestError as err:
-            REQUESTS.labels(model="unknown", verb=verb, status=str(err.status)).inc()
-            return await _send_json(send, err.status, {"error": err.message})
-        return await self.app(scope, _replay(body, receive), send)
+        return await self._verb(verb, scope, receive, send)
 
-    async def _checked_body(self, scope: dict, receive: Any, verb: str) -> bytes:
+    async def _verb(self, verb: str, scope: dict, receive: Any, send: Any) -> None:
+        started = time.perf_counter()
+        seen: dict[str, Any] = {"key": None, "model": "unknown", "rows": None, "status": 500}
+        try:
+            key = self._authenticate(scope)
+            seen["key"] = key.name if key else None
+            self._limit(key)
+            body, payload = await self._checked_body(scope, receive, verb)
+            if isinstance(payload, dict) and payload.get("model") in self.cards:
+                seen["model"] = payload["model"]
+            seen["rows"] = rows_in(verb, payload)
+            await self.app(scope, _replay(body, receive), _watch(send, seen))
+        except RequestError as err:
+            seen["status"] = err.status
+            REQUESTS.labels(model="unknown", verb=verb, status=str(err.status)).inc()
+            extra = getattr(err, "extra", {})
+            await _send_json(send, err.status, {"error": err.message, **extra},
+                             getattr(err, "headers", []))
+        finally:
+            label = seen["key"] or ("none" if self.keys.enabled else "anonymous")
+            KEY_REQUESTS.labels(key=label, verb=verb, status=str(seen["status"])).inc()
+            log_access(self.access, protocol="http", key=seen["key"], verb=verb,
+                       model=seen["model"], rows=seen["rows"], status=seen["status"],
+                       latency_s=time.perf_counter() - started)
+
+    def _authenticate(self, scope: dict) -> ApiKey | None:
+        """The caller's key (None with access control off), or 401."""
+        if not self.keys.enabled:
+            return None
+        key = self.keys.authenticate(_header(scope, b"authorization"))
+        if key is None:
+            raise _unauthorized()
+        return key
+
+    def _limit(self, key: ApiKey | None) -> None:
+        """Take one request from the key's token bucket, or 429 with a retry hint."""
+        wait = self.limiter.acquire(key.name if key else "anonymous", key)
+        if wait > 0:
+            retry = max(1, math.ceil(wait))
+            raise Refused(429, f"the request rate limit of this API key is reached; retry "
+                          f"after {retry} s", [(b"retry-after", str(retry).encode())],
+                          retry_after_s=retry)
+
+    async def _checked_body(self, scope: dict, receive: Any, verb: str) -> tuple[bytes, Any]:
         if scope.get("method") != "POST":
             raise RequestError(405, f"use POST for /{verb}")
         headers = dict(scope.get("headers") or [])
@@ -92,13 +171,31 @@ class BoundaryMiddleware:
             reason = getattr(err, "msg", "not UTF-8")
             raise RequestError(400, f"the body is not valid JSON ({reason})") from None
         validate_verb(verb, payload, self.cards, self.settings)
-        return body
+        return body, payload
 
     async def _get_models(self, scope: dict, receive: Any, send: Any) -> None:
         # GET /models is answered by the POST API (BentoML's APIs are POST).
         scope = dict(scope, method="POST",
                      headers=[(b"content-type", b"application/json")])
         await self.app(scope, _replay(b"{}", receive), send)
+
+
+def _header(scope: dict, name: bytes) -> bytes | None:
+    for key, value in scope.get("headers") or []:
+        if key.lower() == name:
+            return value
+    return None
+
+
+def _watch(send: Any, seen: dict[str, Any]) -> Any:
+    """A ``send`` that notes the response status in ``seen`` for the access log."""
+
+    async def watched(message: dict) -> None:
+        if message["type"] == "http.response.start":
+            seen["status"] = message["status"]
+        await send(message)
+
+    return watched
 
 
 async def _read_body(receive: Any, limit: int) -> bytes:

@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -31,23 +32,38 @@ def free_port() -> int:
 
 
 class Server:
-    """Handle on a running service: ``url``, ``post``, ``get``, the process and its log."""
+    """Handle on a running service: ``url``, ``post``, ``get``, the process and its log.
 
-    def __init__(self, url: str, proc: subprocess.Popen, log: Path) -> None:
-        self.url, self.proc, self.log = url, proc, log
+    ``ssl_context`` (https servers) verifies the server's certificate.
+    """
+
+    def __init__(self, url: str, proc: subprocess.Popen, log: Path,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
+        self.url, self.proc, self.log, self.ssl_context = url, proc, log, ssl_context
+
+    def exchange(self, method: str, path: str, body: bytes | None = None,
+                 headers: dict[str, str] | None = None,
+                 timeout: float = 60) -> tuple[int, dict[str, str], bytes]:
+        """``(status, response headers with lower-case names, body)``."""
+        req = urllib.request.Request(self.url + path, data=body, method=method,
+                                     headers={"Content-Type": "application/json",
+                                              **(headers or {})})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout, context=self.ssl_context) as resp:
+                return resp.status, {k.lower(): v for k, v in resp.headers.items()}, resp.read()
+        except urllib.error.HTTPError as err:
+            return err.code, {k.lower(): v for k, v in err.headers.items()}, err.read()
 
     def request(self, method: str, path: str, body: bytes | None = None,
                 content_type: str = "application/json", timeout: float = 60) -> tuple[int, bytes]:
-        req = urllib.request.Request(self.url + path, data=body, method=method,
-                                     headers={"Content-Type": content_type})
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
-                return resp.status, resp.read()
-        except urllib.error.HTTPError as err:
-            return err.code, err.read()
+        status, _, raw = self.exchange(method, path, body, {"Content-Type": content_type},
+                                       timeout)
+        return status, raw
 
-    def post(self, path: str, payload: object, timeout: float = 60) -> tuple[int, object]:
-        status, raw = self.request("POST", path, json.dumps(payload).encode(), timeout=timeout)
+    def post(self, path: str, payload: object, timeout: float = 60,
+             headers: dict[str, str] | None = None) -> tuple[int, object]:
+        status, _, raw = self.exchange("POST", path, json.dumps(payload).encode(), headers,
+                                       timeout)
         return status, json.loads(raw)
 
     def get(self, path: str) -> tuple[int, bytes]:
@@ -57,7 +73,11 @@ class Server:
 @contextlib.contextmanager
 def running_server(models_dir: Path, log: Path, env: dict[str, str] | None = None,
                    startup_s: float = 180) -> Iterator[Server]:
-    """Start the service on a free loopback port, wait for ``/readyz``, stop it on exit."""
+    """Start the service on a free loopback port, wait for ``/readyz``, stop it on exit.
+
+    With ``GENSERVE_TLS_CERTFILE`` in ``env`` the server speaks https, and the handle trusts
+    that (self-signed) certificate.
+    """
     port = free_port()
     full_env = dict(os.environ, GENSERVE_MODELS_DIR=str(models_dir),
                     BENTOML_DO_NOT_TRACK="True", **(env or {}))
@@ -68,7 +88,10 @@ def running_server(models_dir: Path, log: Path, env: dict[str, str] | None = Non
             stdout=fh, stderr=subprocess.STDOUT, env=full_env, cwd=ROOT,
             start_new_session=True,
         )
-    server = Server(f"http://127.0.0.1:{port}", proc, log)
+    cert = full_env.get("GENSERVE_TLS_CERTFILE")
+    context = ssl.create_default_context(cafile=cert) if cert else None
+    scheme = "https" if cert else "http"
+    server = Server(f"{scheme}://127.0.0.1:{port}", proc, log, context)
     try:
         _wait_ready(server, startup_s)
         yield server

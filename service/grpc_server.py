@@ -8,9 +8,17 @@ workers: batching, limits, metrics and calibration exist once, on the HTTP side.
 model appears as one OIP model per verb, ``NAME.sample``, ``NAME.log_likelihood`` and
 ``NAME.anomaly_score`` (docs/GRPC.md). Tensors are checked here before they are forwarded;
 the HTTP side's answers map to gRPC status codes (400 INVALID_ARGUMENT, 404 NOT_FOUND, 413 and
-429 RESOURCE_EXHAUSTED, 503 or unreachable UNAVAILABLE) with the HTTP message as details.
+429 RESOURCE_EXHAUSTED, 503 or unreachable UNAVAILABLE) with the HTTP message as details;
+an HTTP ``Retry-After`` travels on as trailing metadata ``retry-after``.
 Also served: grpc.health.v1 (SERVING while the HTTP side's /readyz answers 200) and server
 reflection.
+
+Access control (docs/SECURITY.md): with API keys configured (the same ``GENSERVE_API_KEYS*``
+settings as the HTTP side) ``ModelInfer`` needs metadata ``authorization: Bearer <token>``;
+a missing or wrong token is answered UNAUTHENTICATED here, without forwarding. A valid one is
+forwarded, and the HTTP side applies the key's rate limit, so each call counts once. With
+``GENSERVE_TLS_CERTFILE``/``KEYFILE`` the port speaks TLS; ``--health-port`` then serves
+grpc.health.v1 alone in plaintext for the kubelet, whose gRPC probes cannot speak TLS.
 """
 
 from __future__ import annotations
@@ -22,8 +30,10 @@ import json
 import logging
 import os
 import signal
+import ssl
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -31,7 +41,10 @@ import httpx
 from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
+from pydantic import ValidationError
 
+from service.access_log import access_logger, log_access, rows_in
+from service.auth import KeyFileError, KeyStore
 from service.oip import grpc_predict_v2_pb2 as pb
 from service.oip import grpc_predict_v2_pb2_grpc as pb_grpc
 from service.oip.convert import (
@@ -43,8 +56,9 @@ from service.oip.convert import (
     signature,
     split_name,
 )
+from service.settings import Settings, load_settings
 
-__all__ = ["InferenceServicer", "Upstream", "main", "serve"]
+__all__ = ["InferenceServicer", "Upstream", "UpstreamError", "main", "serve"]
 
 log = logging.getLogger("genserve.grpc")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
@@ -53,12 +67,15 @@ DEFAULT_HTTP_URL = "http://127.0.0.1:3000"
 VERSION = "1"  # every OIP model has one version
 MODELS_TTL_S = 5.0
 Code = grpc.StatusCode
-HTTP_CODES = {400: Code.INVALID_ARGUMENT, 404: Code.NOT_FOUND, 405: Code.UNIMPLEMENTED,
+HTTP_CODES = {400: Code.INVALID_ARGUMENT, 401: Code.UNAUTHENTICATED,
+              403: Code.PERMISSION_DENIED, 404: Code.NOT_FOUND, 405: Code.UNIMPLEMENTED,
               408: Code.DEADLINE_EXCEEDED, 413: Code.RESOURCE_EXHAUSTED,
               415: Code.INVALID_ARGUMENT, 422: Code.INVALID_ARGUMENT,
               429: Code.RESOURCE_EXHAUSTED, 500: Code.INTERNAL, 502: Code.UNAVAILABLE,
               503: Code.UNAVAILABLE, 504: Code.DEADLINE_EXCEEDED}
 MAX_MESSAGE_BYTES = 64 << 20
+TOKEN_REQUIRED = ("a valid API token is required: send the metadata "
+                  "'authorization: Bearer <token>'")
 
 
 def _version() -> str:
@@ -70,14 +87,36 @@ def _version() -> str:
         return "0.0.0+checkout"
 
 
-class Upstream:
-    """The HTTP side on loopback: a pooled client, the model list (cached) and readiness."""
+class UpstreamError(OipError):
+    """An HTTP answer mapped to a gRPC status, with trailing metadata (``retry-after``)."""
 
-    def __init__(self, url: str, timeout_s: float = 120.0) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str,
+                 trailers: tuple[tuple[str, str], ...] = ()) -> None:
+        super().__init__(code, message)
+        self.trailers = trailers
+
+
+def pinned_context(certfile: Path) -> ssl.SSLContext:
+    """Trust exactly the certificate the HTTP side serves (loopback: no host name check)."""
+    context = ssl.create_default_context(cafile=str(certfile))
+    context.check_hostname = False
+    context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN  # a CA-issued leaf pins too
+    return context
+
+
+class Upstream:
+    """The HTTP side on loopback: a pooled client, the model list (cached) and readiness.
+
+    ``verify``: for an https URL, an SSL context or CA bundle path (httpx's ``verify``).
+    """
+
+    def __init__(self, url: str, timeout_s: float = 120.0,
+                 verify: ssl.SSLContext | str | bool = True) -> None:
         self.url = url.rstrip("/")
         self.timeout_s = timeout_s
         self.client = httpx.AsyncClient(
-            base_url=self.url, trust_env=False, timeout=httpx.Timeout(timeout_s, connect=5.0),
+            base_url=self.url, trust_env=False, verify=verify,
+            timeout=httpx.Timeout(timeout_s, connect=5.0),
             limits=httpx.Limits(max_connections=128, max_keepalive_connections=32))
         self._models: dict[str, dict] | None = None
         self._models_at = 0.0
@@ -111,12 +150,16 @@ class Upstream:
                 self._models_at = time.monotonic()
             return self._models
 
-    async def call(self, verb: str, body: dict, timeout_s: float | None) -> dict:
+    async def call(self, verb: str, body: dict, timeout_s: float | None,
+                   authorization: str | None = None) -> dict:
         """POST the verb; its JSON answer, or OipError carrying the mapped status."""
         timeout = self.timeout_s if timeout_s is None else max(0.001, timeout_s)
+        headers = {"content-type": "application/json"}
+        if authorization is not None:
+            headers["authorization"] = authorization
         try:
             resp = await self.client.post(f"/{verb}", content=json.dumps(body).encode(),
-                                          headers={"content-type": "application/json"},
+                                          headers=headers,
                                           timeout=httpx.Timeout(timeout, connect=5.0))
         except httpx.TimeoutException:
             raise OipError(Code.DEADLINE_EXCEEDED, f"/{verb} did not answer within "
@@ -130,25 +173,45 @@ class Upstream:
         return resp.json()
 
 
-def _http_error(resp: httpx.Response) -> OipError:
+def _http_error(resp: httpx.Response) -> UpstreamError:
     try:
         message = str(resp.json()["error"])
     except (ValueError, KeyError, TypeError):
         message = resp.text.strip()[:500] or f"HTTP {resp.status_code}"
     code = HTTP_CODES.get(resp.status_code,
                           Code.INVALID_ARGUMENT if resp.status_code < 500 else Code.INTERNAL)
-    return OipError(code, message)
+    retry_after = resp.headers.get("retry-after", "").strip()
+    trailers = (("retry-after", retry_after[:64]),) if retry_after else ()
+    return UpstreamError(code, message, trailers)
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    """inference.GRPCInferenceService over the HTTP side."""
+    """inference.GRPCInferenceService over the HTTP side.
 
-    def __init__(self, upstream: Upstream, health_servicer: Any = None) -> None:
+    ``keys``: the API keys ``ModelInfer`` asks for (None, or a disabled store: open).
+    """
+
+    def __init__(self, upstream: Upstream, health_servicer: Any = None,
+                 keys: KeyStore | None = None, access: Any = None) -> None:
         self.up = upstream
         self.health = health_servicer
+        self.keys = keys
+        self.access = access if access is not None else access_logger(False)
 
     async def _abort(self, context: grpc.aio.ServicerContext, err: OipError) -> None:
-        await context.abort(err.code, err.message)
+        await context.abort(err.code, err.message, getattr(err, "trailers", ()))
+
+    def _authenticate(self, context: Any) -> tuple[str | None, str | None]:
+        """``(key name, authorization value to forward)``; UNAUTHENTICATED if required."""
+        header = dict(context.invocation_metadata() or ()).get("authorization")
+        if isinstance(header, bytes):
+            header = header.decode("latin-1")
+        if self.keys is None or not self.keys.enabled:
+            return None, header
+        key = self.keys.authenticate(header)
+        if key is None:
+            raise OipError(Code.UNAUTHENTICATED, TOKEN_REQUIRED)
+        return key.name, header
 
     async def set_health(self, ready: bool) -> None:
         if self.health is None:
@@ -210,16 +273,28 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             outputs=[meta(name=n, datatype=d, shape=s) for n, d, s in outputs])
 
     async def ModelInfer(self, request: Any, context: Any) -> pb.ModelInferResponse:
+        started = time.perf_counter()
+        parts = split_name(request.model_name)
+        seen: dict[str, Any] = {"key": None, "model": "unknown", "rows": None, "status": "OK"}
         try:
+            seen["key"], authorization = self._authenticate(context)
             model, verb, info = await self._resolve(request.model_name, request.model_version)
+            seen["model"] = model
             body, raw = request_body(model, verb, info, request)
-            answer = await self.up.call(verb, body, context.time_remaining())
+            seen["rows"] = rows_in(verb, body)
+            answer = await self.up.call(verb, body, context.time_remaining(), authorization)
             tensors, params = response_tensors(verb, answer)
             resp = pb.ModelInferResponse(model_name=request.model_name, model_version=VERSION,
                                          id=request.id)
             encode_outputs(resp, tensors, params, [o.name for o in request.outputs], raw)
         except OipError as err:
+            seen["status"] = err.code.name
             return await self._abort(context, err)  # type: ignore[return-value]
+        finally:
+            log_access(self.access, protocol="grpc", key=seen["key"],
+                       verb=parts[1] if parts else "unknown", model=seen["model"],
+                       rows=seen["rows"], status=seen["status"],
+                       latency_s=time.perf_counter() - started)
         return resp
 
 
@@ -243,29 +318,69 @@ async def _watch_ready(servicer: InferenceServicer, period_s: float) -> None:
         await asyncio.sleep(period_s)
 
 
+def _listen(server: grpc.aio.Server, host: str, port: int,
+            credentials: grpc.ServerCredentials | None = None) -> int:
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        bound = (server.add_secure_port(address, credentials) if credentials
+                 else server.add_insecure_port(address))
+    except RuntimeError as err:
+        raise SystemExit(f"genserve grpc: cannot listen on {address}: {err}") from None
+    if not bound:
+        raise SystemExit(f"genserve grpc: cannot listen on {address} (port in use?)")
+    return bound
+
+
+def server_credentials(certfile: Path, keyfile: Path) -> grpc.ServerCredentials:
+    """TLS credentials from PEM files; an unreadable file is a one-line start-up error."""
+    try:
+        pair = (keyfile.read_bytes(), certfile.read_bytes())
+    except OSError as err:
+        raise SystemExit(f"genserve grpc: cannot read TLS file {err.filename}: "
+                         f"{err.strerror}") from None
+    return grpc.ssl_server_credentials([pair])
+
+
 async def serve(host: str, port: int, http_url: str, grace_s: float = 5.0,
-                ready_period_s: float = 2.0) -> None:
-    """Run until SIGTERM/SIGINT, then drain in-flight calls for ``grace_s`` seconds."""
+                ready_period_s: float = 2.0, settings: Settings | None = None,
+                health_port: int | None = None) -> None:
+    """Run until SIGTERM/SIGINT, then drain in-flight calls for ``grace_s`` seconds.
+
+    ``settings``: API keys, TLS and the access log (``GENSERVE_*``; default: the environment).
+    """
+    settings = settings or load_settings()
+    try:
+        keys = KeyStore.from_settings(settings)
+    except KeyFileError as err:
+        raise SystemExit(f"genserve grpc: {err}") from None
+    tls = (server_credentials(settings.tls_certfile, settings.tls_keyfile)
+           if settings.tls_certfile and settings.tls_keyfile else None)
+    verify: ssl.SSLContext | bool = True
+    if http_url.startswith("https://") and settings.tls_certfile:
+        verify = pinned_context(settings.tls_certfile)
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                                       ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                                       ("grpc.so_reuseport", 0)])
-    upstream = Upstream(http_url)
+    upstream = Upstream(http_url, verify=verify)
     health_servicer = health.aio.HealthServicer()
-    servicer = InferenceServicer(upstream, health_servicer)
+    servicer = InferenceServicer(upstream, health_servicer, keys,
+                                 access_logger(settings.access_log))
     await servicer.set_health(False)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(names, server, pool=_reflection_pool())
-    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    try:
-        bound = server.add_insecure_port(address)
-    except RuntimeError as err:
-        raise SystemExit(f"genserve grpc: cannot listen on {address}: {err}") from None
-    if not bound:
-        raise SystemExit(f"genserve grpc: cannot listen on {address} (port in use?)")
-    await server.start()
-    print(f"genserve gRPC (Open Inference Protocol v2) on {host}:{bound} -> {upstream.url}",
+    bound = _listen(server, host, port, tls)
+    servers = [server]
+    if health_port is not None:  # plaintext, grpc.health.v1 only (kubelet probes)
+        servers.append(grpc.aio.server(options=[("grpc.so_reuseport", 0)]))
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, servers[1])
+        _listen(servers[1], host, health_port)
+    for each in servers:
+        await each.start()
+    scheme = "TLS" if tls else "plaintext"
+    print(f"genserve gRPC (Open Inference Protocol v2) on {host}:{bound} ({scheme}, API keys "
+          f"{'required' if keys.enabled else 'off'}) -> {upstream.url}",
           file=sys.stderr, flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -277,7 +392,7 @@ async def serve(host: str, port: int, http_url: str, grace_s: float = 5.0,
     finally:
         watcher.cancel()
         await health_servicer.enter_graceful_shutdown()
-        await server.stop(grace_s)
+        await asyncio.gather(*(each.stop(grace_s) for each in servers))
         await upstream.close()
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
@@ -306,12 +421,22 @@ def main(argv: list[str] | None = None) -> int:
                              "env GENSERVE_HTTP_URL)")
     parser.add_argument("--grace", type=float, default=5.0,
                         help="seconds to finish in-flight calls on SIGTERM (default 5)")
+    parser.add_argument("--health-port", type=_port, default=None,
+                        help="also serve grpc.health.v1 alone, in plaintext, on this port "
+                             "(for kubelet gRPC probes when the main port speaks TLS)")
     args = parser.parse_args(argv)
     if not args.http_url.startswith(("http://", "https://")):
         parser.error(f"--http-url {args.http_url!r} must start with http:// or https://")
+    try:
+        settings = load_settings()
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}"
+                             for e in err.errors())
+        raise SystemExit(f"genserve grpc: invalid GENSERVE_* settings: {problems}") from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not one line per forwarded call
-    asyncio.run(serve(args.host, _port(str(args.port)), args.http_url, args.grace))
+    asyncio.run(serve(args.host, _port(str(args.port)), args.http_url, args.grace,
+                      settings=settings, health_port=args.health_port))
     return 0
 
 

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 __all__ = ["Settings", "load_settings"]
 
@@ -33,6 +33,22 @@ class Settings(BaseModel):
     max_body_bytes: int = Field(8 << 20, ge=1024, description="request body size limit")
     timeout_s: int = Field(60, ge=1, description="request timeout (BentoML traffic.timeout)")
     max_concurrency: int | None = Field(None, ge=1, description="requests in flight per service")
+    # access control and transport security (docs/SECURITY.md)
+    api_keys: SecretStr | None = Field(None, description="inline API keys, name:token,...")
+    api_keys_file: Path | None = Field(None, description="API key file (JSON or name:token lines)")
+    api_keys_reload_s: float = Field(5.0, gt=0, description="seconds between key file checks")
+    metrics_token_file: Path | None = Field(None, description="bearer token for /metrics")
+    rate_limit_rps: float | None = Field(None, gt=0, description="requests/s per key")
+    rate_limit_burst: int | None = Field(None, ge=1, description="token bucket size per key")
+    access_log: bool = Field(True, description="JSON access log lines on stderr")
+    tls_certfile: Path | None = Field(None, description="TLS certificate (PEM) for HTTP and gRPC")
+    tls_keyfile: Path | None = Field(None, description="TLS private key (PEM) for HTTP and gRPC")
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Settings:
+        if (self.tls_certfile is None) != (self.tls_keyfile is None):
+            raise ValueError("set both GENSERVE_TLS_CERTFILE and GENSERVE_TLS_KEYFILE, or neither")
+        return self
 
 
 def load_settings(environ: dict[str, str] | None = None) -> Settings:

@@ -41,6 +41,11 @@ BENTO_UID = 1034  # BentoML's generated Dockerfile: user bentoml (checked below,
 
 # CRDs: the fields genserve uses, with additionalProperties false so a typo still fails.
 _LABELS = {"type": "object", "additionalProperties": {"type": "string"}}
+_SECRET_KEY = {"type": "object", "required": ["name", "key"], "additionalProperties": False,
+               "properties": {"name": {"type": "string"}, "key": {"type": "string"}}}
+_SECRET_OR_CONFIGMAP = {"type": "object", "additionalProperties": False, "minProperties": 1,
+                        "maxProperties": 1,
+                        "properties": {"secret": _SECRET_KEY, "configMap": _SECRET_KEY}}
 CRD_SCHEMAS = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"): {
         "type": "object",
@@ -75,6 +80,18 @@ CRD_SCHEMAS = {
                                              "pattern": "^[0-9]+(ms|s|m|h)$"},
                                 "scrapeTimeout": {"type": "string",
                                                   "pattern": "^[0-9]+(ms|s|m|h)$"},
+                                "tlsConfig": {
+                                    "type": "object", "additionalProperties": False,
+                                    "properties": {"serverName": {"type": "string"},
+                                                   "ca": _SECRET_OR_CONFIGMAP,
+                                                   "insecureSkipVerify": {"type": "boolean"}},
+                                },
+                                "authorization": {
+                                    "type": "object", "additionalProperties": False,
+                                    "required": ["credentials"],
+                                    "properties": {"type": {"type": "string"},
+                                                   "credentials": _SECRET_KEY},
+                                },
                             },
                         },
                     },
@@ -281,11 +298,67 @@ def test_configmap_holds_valid_service_settings(rendered, name: str) -> None:
         assert not image.endswith("-gpu")
     if name == "overlays/models-volume":
         (init,) = pod["initContainers"]
-        (mount,) = [m for m in http["volumeMounts"] if m["name"] != "tmp"]
-        assert mount["readOnly"] and str(settings.models_dir) == mount["mountPath"]
+        (mount,) = [m for m in http["volumeMounts"] if m["mountPath"] == str(settings.models_dir)]
+        assert mount["readOnly"] and "emptyDir" in {
+            v["name"]: v for v in pod["volumes"]}[mount["name"]]
         assert any(m["name"] == mount["name"] for m in init["volumeMounts"])
     else:
         assert "initContainers" not in pod
+
+
+# --- access control and TLS (docs/SECURITY.md) ------------------------------------------------
+
+
+def _mount_of(c: dict, file: Path) -> dict:
+    (mount,) = [m for m in c.get("volumeMounts", []) if Path(m["mountPath"]) == file.parent]
+    return mount
+
+
+@pytest.mark.parametrize("name", SERVING)
+def test_keys_and_certificate_come_from_mounted_secrets(rendered, name: str) -> None:
+    objs = rendered[name]
+    settings = load_settings(one(objs, "ConfigMap")["data"])
+    assert settings.api_keys is None  # tokens never sit in a ConfigMap
+    assert settings.api_keys_file and settings.metrics_token_file and settings.rate_limit_rps
+    assert settings.tls_certfile and settings.tls_keyfile
+    pod = one(objs, "Deployment")["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    http, side = container(pod, "genserve"), container(pod, "grpc")
+    both = [settings.api_keys_file, settings.tls_certfile, settings.tls_keyfile]
+    secrets: set[tuple[str, str]] = set()
+    for c, files in ((http, [*both, settings.metrics_token_file]), (side, both)):
+        for file in files:
+            mount = _mount_of(c, Path(file))
+            # a subPath mount would not follow the Secret's updates (no key rotation)
+            assert mount.get("readOnly") is True and "subPath" not in mount, (c["name"], file)
+            secret = volumes[mount["name"]]["secret"]
+            assert secret["defaultMode"] & 0o007 == 0  # not world-readable
+            secrets.add((secret["secretName"], Path(file).name))
+    # the gRPC container reads the same settings: keys, TLS, access log
+    (ref,) = [e["configMapRef"]["name"] for e in side["envFrom"]]
+    assert one(objs, "ConfigMap", ref)
+    # Prometheus scrapes over TLS with the metrics token, from the same Secrets
+    (endpoint,) = one(objs, "ServiceMonitor")["spec"]["endpoints"]
+    assert endpoint["scheme"] == "https"
+    cred = endpoint["authorization"]["credentials"]
+    assert (cred["name"], cred["key"]) in secrets
+    assert cred["key"] == Path(settings.metrics_token_file).name
+    ca = endpoint["tlsConfig"]["ca"]["secret"]
+    assert (ca["name"], ca["key"]) in secrets
+    # the plaintext health port is for the kubelet only: not in the Service, not admitted
+    service_ports = {p["targetPort"] for p in one(objs, "Service")["spec"]["ports"]}
+    policy = one(objs, "NetworkPolicy")
+    admitted = {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
+    assert "grpc-health" not in service_ports | admitted
+    assert all("from" not in rule for rule in policy["spec"]["ingress"])  # ports decide
+    # every Secret is documented with the command that creates it, with the right keys
+    guide = (ROOT / "docs" / "DEPLOY.md").read_text()
+    for secret_name, key in sorted(secrets):
+        if key in ("tls.crt", "tls.key"):
+            assert f"kubectl create secret tls {secret_name} " in guide, secret_name
+        else:
+            assert re.search(rf"kubectl create secret generic {secret_name} [^\n]*"
+                             rf"--from-file={re.escape(key)}=", guide), (secret_name, key)
 
 
 # --- the manifests agree with the running service ---------------------------------------------
@@ -308,8 +381,10 @@ def test_probe_and_metrics_paths_answer_on_the_real_service(rendered, server) ->
     assert probes["startupProbe"]["path"] == "/readyz"
     startup = http["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 120
+    tls = load_settings(one(objs, "ConfigMap")["data"]).tls_certfile is not None
     for kind, probe in probes.items():
         assert probe["port"] == "http"
+        assert probe.get("scheme", "HTTP") == ("HTTPS" if tls else "HTTP"), kind
         status, _ = server.get(probe["path"])
         assert status == 200, f"{kind} {probe['path']} answered {status}"
 
@@ -351,16 +426,23 @@ def test_grpc_sidecar_command_serves_health_against_the_real_service(rendered, s
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    pod = one(rendered["overlays/cpu"], "Deployment")["spec"]["template"]["spec"]
+    objs = rendered["overlays/cpu"]
+    pod = one(objs, "Deployment")["spec"]["template"]["spec"]
     side = container(pod, "grpc")
     args = list(side["args"])
     port = int(arg_value(args, "--port"))
-    assert port == port_named(side, "grpc") == side["readinessProbe"]["grpc"]["port"] == 8001
+    assert port == port_named(side, "grpc") == 8001
+    # TLS on 8001: the kubelet's gRPC probe (no TLS) asks the plaintext health-only port
+    health_port = int(arg_value(args, "--health-port"))
+    assert health_port == port_named(side, "grpc-health") == side["readinessProbe"]["grpc"][
+        "port"] != port
+    assert load_settings(one(objs, "ConfigMap")["data"]).tls_certfile is not None
     http_url = arg_value(args, "--http-url")
-    assert http_url == f"http://127.0.0.1:{port_named(container(pod, 'genserve'), 'http')}"
-    # the same command, on a free port, forwarding to the test's server
-    local = free_port()
+    assert http_url == f"https://127.0.0.1:{port_named(container(pod, 'genserve'), 'http')}"
+    # the same command, on free ports, forwarding to the test's (plaintext) server
+    local, local_health = free_port(), free_port()
     args[args.index("--port") + 1] = str(local)
+    args[args.index("--health-port") + 1] = str(local_health)
     args[args.index("--http-url") + 1] = server.url
     cmd = [sys.executable if side["command"][0] == "python" else side["command"][0],
            *side["command"][1:], *args]
@@ -369,7 +451,7 @@ def test_grpc_sidecar_command_serves_health_against_the_real_service(rendered, s
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{local}") as channel:
+        with grpc.insecure_channel(f"127.0.0.1:{local_health}") as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             deadline = time.monotonic() + 60
             status = None

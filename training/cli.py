@@ -261,15 +261,16 @@ def _serve(ns: argparse.Namespace) -> int:
     if not models.is_dir():
         raise FileNotFoundError(f"models directory {models} does not exist; run `make models` "
                                 "or set GENSERVE_MODELS_DIR")
+    scheme = _check_security_settings(env)
     cmds = [[sys.executable, "-m", "bentoml", "serve", "service.api:GenServe",
              "--host", ns.host, "--port", str(ns.port)]]
-    where = f"http://{ns.host}:{ns.port}"
+    where = f"{scheme}://{ns.host}:{ns.port}"
     if not ns.no_grpc:
         grpc_port = ns.grpc_port or int(env.get("GENSERVE_GRPC_PORT") or 8001)
         local = "127.0.0.1" if ns.host in ("0.0.0.0", "::", "") else ns.host
         local = f"[{local}]" if ":" in local else local
         cmds.append([sys.executable, "-m", "service.grpc_server", "--host", ns.host,
-                     "--port", str(grpc_port), "--http-url", f"http://{local}:{ns.port}"])
+                     "--port", str(grpc_port), "--http-url", f"{scheme}://{local}:{ns.port}"])
         where += f" and grpc://{ns.host}:{grpc_port} (Open Inference Protocol v2)"
     print(f"serving {models} on {where}", file=sys.stderr)
     procs = [subprocess.Popen(cmd, env=env) for cmd in cmds]
@@ -293,6 +294,19 @@ def _serve(ns: argparse.Namespace) -> int:
                 proc.kill()
                 proc.wait()
     return max(proc.returncode or 0 for proc in procs)
+
+
+def _check_security_settings(env: dict[str, str]) -> str:
+    """Fail before anything starts on unreadable keys or TLS files; the HTTP scheme."""
+    from service.auth import security_config
+    from service.settings import load_settings
+
+    settings = load_settings(env)
+    try:
+        security_config(settings)
+    except SystemExit as err:  # one line, exit 2, like every other bad input
+        raise ValueError(str(err).removeprefix("genserve: ")) from None
+    return "https" if settings.tls_certfile else "http"
 
 
 @command("fit-anomaly")

@@ -1,0 +1,52 @@
+"""The access log: one JSON line per verb request on stderr, logger ``genserve.access``.
+
+Fields: ``ts`` (UTC, ISO 8601), ``protocol`` (``http`` | ``grpc``), ``key`` (the API key's
+name, or null), ``verb``, ``model`` (a loaded model's name, or ``"unknown"``), ``rows`` (rows
+of ``x`` or samples asked for, or null), ``status`` (HTTP code or gRPC status name) and
+``latency_ms``. Never payload values, never tokens. ``GENSERVE_ACCESS_LOG=false`` turns it off.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import UTC, datetime
+
+__all__ = ["ACCESS_LOGGER", "access_logger", "log_access", "rows_in"]
+
+ACCESS_LOGGER = "genserve.access"
+
+
+def access_logger(enabled: bool) -> logging.Logger:
+    """The ``genserve.access`` logger, writing bare JSON lines to stderr (or disabled)."""
+    logger = logging.getLogger(ACCESS_LOGGER)
+    logger.propagate = False  # not through BentoML's or the root's formatters
+    logger.setLevel(logging.INFO)
+    if not any(getattr(h, "_genserve", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler._genserve = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+    logger.disabled = not enabled  # also undoes a logging.config that disabled it
+    return logger
+
+
+def log_access(logger: logging.Logger, *, protocol: str, key: str | None, verb: str,
+               model: str, rows: int | None, status: int | str, latency_s: float) -> None:
+    if logger.disabled:
+        return
+    line = {"ts": datetime.now(UTC).isoformat(timespec="milliseconds"), "protocol": protocol,
+            "key": key, "verb": verb, "model": model, "rows": rows, "status": status,
+            "latency_ms": round(latency_s * 1000, 3)}
+    logger.info(json.dumps(line, separators=(",", ":")))
+
+
+def rows_in(verb: str, payload: object) -> int | None:
+    """How many rows a (validated) request asks for: ``n`` for sample, ``len(x)`` otherwise."""
+    if not isinstance(payload, dict):
+        return None
+    value = payload.get("n") if verb == "sample" else payload.get("x")
+    if isinstance(value, list):
+        return len(value)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None

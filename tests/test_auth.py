@@ -1,0 +1,447 @@
+"""Access control and transport security (docs/SECURITY.md), against real processes.
+
+One ``bentoml serve`` and one ``python -m service.grpc_server``, both with TLS (a self-signed
+certificate made here with the ``openssl`` CLI), API keys from a file (reloaded every 0.3 s)
+and a per-key rate limit, serve every server test of this file. Keys, token buckets and the
+access log are also checked as plain objects, fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import signal
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from service.auth import KeyFileError, KeyStore, RateLimiter, parse_keys, security_config
+from service.devserver import free_port, running_server
+from service.grpc_server import _http_error
+from service.oip import grpc_predict_v2_pb2 as pb
+from service.oip import grpc_predict_v2_pb2_grpc as pb_grpc
+from service.settings import load_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "moons-nsf"
+TOKENS = {"alice": "alice-0123456789abcdef-token",
+          "bob": "bob-0123456789abcdef-token",
+          "tight-http": "tight-http-0123456789abcdef",
+          "tight-grpc": "tight-grpc-0123456789abcdef"}
+CAROL = "carol-0123456789abcdef-token"
+METRICS_TOKEN = "metrics-0123456789abcdef-token"
+# A value that appears in request payloads only: it must never reach a log.
+MARKER = 0.7071067811865
+X = np.array([[MARKER, 0.25], [1.0, -0.375]], dtype=np.float32)
+
+
+def bearer(name_or_token: str) -> str:
+    return f"Bearer {TOKENS.get(name_or_token, name_or_token)}"
+
+
+def write_keys(path: Path, keys: dict) -> None:
+    """Replace the key file at once, as Kubernetes updates a mounted Secret."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(keys))
+    os.replace(tmp, path)
+
+
+def key_file_content(names: list[str], extra: dict | None = None) -> dict:
+    content: dict = {name: TOKENS[name] for name in names}
+    for name in ("tight-http", "tight-grpc"):  # 2 at once, then one every 2 s
+        content[name] = {"token": TOKENS[name], "rps": 0.5, "burst": 2}
+    return {**content, **(extra or {})}
+
+
+# --- keys, buckets and logs as plain objects -------------------------------------------------
+
+
+def test_key_formats_parse_and_bad_keys_say_what_is_wrong() -> None:
+    as_json = parse_keys(json.dumps({"alice": TOKENS["alice"],
+                                     "bob": {"token": TOKENS["bob"], "rps": 2, "burst": 4}}),
+                         "f")
+    as_lines = parse_keys(f"# comment\nalice:{TOKENS['alice']}\n\nbob: {TOKENS['bob']}\n", "f")
+    inline = parse_keys(f"alice:{TOKENS['alice']},bob:{TOKENS['bob']}", "env")
+    for keys in (as_json, as_lines, inline):
+        assert [k.name for k in keys] == ["alice", "bob"]
+        assert keys[0].digest == hashlib.sha256(TOKENS["alice"].encode()).digest()
+    assert (as_json[1].rps, as_json[1].burst) == (2.0, 4)
+    bad = {"short": "alice:tooshort", "name": f"al ice:{TOKENS['alice']}",
+           "twice": f"alice:{TOKENS['alice']}\nalice:{TOKENS['bob']}",
+           "shared": f"alice:{TOKENS['alice']}\nbob:{TOKENS['alice']}",
+           "json": '{"alice": ', "field": json.dumps({"alice": {"token": TOKENS["alice"],
+                                                               "rate": 1}}),
+           "line": TOKENS["alice"]}
+    for what, text in bad.items():
+        with pytest.raises(KeyFileError) as info:
+            parse_keys(text, "keys.txt")
+        assert "keys.txt" in str(info.value), what
+        assert TOKENS["alice"] not in str(info.value) and "tooshort" not in str(info.value)
+
+
+def test_only_a_bearer_header_with_a_known_token_authenticates() -> None:
+    store = KeyStore(f"alice:{TOKENS['alice']},bob:{TOKENS['bob']}", None)
+    assert store.enabled
+    assert store.authenticate(bearer("alice")).name == "alice"
+    assert store.authenticate(f"bearer  {TOKENS['bob']} ".encode()).name == "bob"
+    for header in (None, "", "Bearer", "Bearer ", f"Basic {TOKENS['alice']}",
+                   TOKENS["alice"], bearer("wrong-0123456789abcdef"), bearer("alice") + "x"):
+        assert store.authenticate(header) is None, header
+    assert not KeyStore(None, None).enabled  # no key source: access control off
+
+
+def test_access_control_and_tls_are_off_by_default() -> None:
+    settings = load_settings({})
+    assert not KeyStore.from_settings(settings).enabled
+    assert not KeyStore.for_metrics(settings).enabled
+    assert security_config(settings) == {}
+    assert RateLimiter(settings.rate_limit_rps, settings.rate_limit_burst).acquire("x") == 0.0
+
+
+def test_key_file_reloads_when_it_changes_and_keeps_keys_when_it_breaks(tmp_path: Path) -> None:
+    now = [0.0]
+    path = tmp_path / "keys"
+    path.write_text(f"alice:{TOKENS['alice']}\n")
+    store = KeyStore(None, path, reload_s=1.0, clock=lambda: now[0])
+    write_keys(path, {"bob": TOKENS["bob"]})
+    assert store.authenticate(bearer("alice")) is not None  # not checked again yet
+    now[0] = 1.5
+    assert store.authenticate(bearer("alice")) is None
+    assert store.authenticate(bearer("bob")).name == "bob"
+    path.write_text("{ half written")
+    now[0] = 3.0
+    assert store.authenticate(bearer("bob")).name == "bob"  # the previous keys stay
+    with pytest.raises(KeyFileError, match="cannot read the API key file"):
+        KeyStore(None, tmp_path / "missing")
+
+
+def test_token_bucket_limits_bursts_and_refills() -> None:
+    now = [0.0]
+    limiter = RateLimiter(rps=2.0, burst=3, clock=lambda: now[0])
+    assert [limiter.acquire("a") for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert limiter.acquire("a") == pytest.approx(0.5)
+    assert limiter.acquire("b") == 0.0  # one bucket per key
+    now[0] = 0.5
+    assert limiter.acquire("a") == 0.0 and limiter.acquire("a") > 0
+    key = parse_keys(json.dumps({"k": {"token": TOKENS["alice"], "rps": 0.5, "burst": 1}}),
+                     "f")[0]
+    assert limiter.acquire("k", key) == 0.0 and limiter.acquire("k", key) == pytest.approx(2.0)
+    # two workers: each holds half the rate and half the burst
+    per_worker = RateLimiter(rps=4.0, burst=4, workers=2, clock=lambda: now[0])
+    assert [per_worker.acquire("a") > 0 for _ in range(3)] == [False, False, True]
+
+
+def test_any_retry_after_from_http_becomes_grpc_trailing_metadata() -> None:
+    for status, code in ((429, grpc.StatusCode.RESOURCE_EXHAUSTED),
+                         (503, grpc.StatusCode.UNAVAILABLE)):
+        resp = httpx.Response(status, json={"error": "later"}, headers={"Retry-After": "3"})
+        err = _http_error(resp)
+        assert (err.code, err.message, err.trailers) == (code, "later", (("retry-after", "3"),))
+    assert _http_error(httpx.Response(401, json={"error": "x"})).code == (
+        grpc.StatusCode.UNAUTHENTICATED)
+    assert _http_error(httpx.Response(400, json={"error": "x"})).trailers == ()
+
+
+# --- real processes: HTTP and gRPC with TLS, keys and rate limits ----------------------------
+
+
+@pytest.fixture(scope="module")
+def secrets_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl CLI to make a self-signed certificate")
+    d = tmp_path_factory.mktemp("secrets")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1",
+                    "-keyout", str(d / "tls.key"), "-out", str(d / "tls.crt"),
+                    "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                   check=True, capture_output=True, timeout=60)
+    write_keys(d / "keys.json", key_file_content(["alice", "bob"]))
+    (d / "metrics-token").write_text(METRICS_TOKEN + "\n")
+    return d
+
+
+@pytest.fixture(scope="module")
+def secure_env(secrets_dir: Path) -> dict[str, str]:
+    return {"GENSERVE_API_KEYS_FILE": str(secrets_dir / "keys.json"),
+            "GENSERVE_API_KEYS_RELOAD_S": "0.3",
+            "GENSERVE_METRICS_TOKEN_FILE": str(secrets_dir / "metrics-token"),
+            "GENSERVE_RATE_LIMIT_RPS": "100",
+            "GENSERVE_TLS_CERTFILE": str(secrets_dir / "tls.crt"),
+            "GENSERVE_TLS_KEYFILE": str(secrets_dir / "tls.key")}
+
+
+@pytest.fixture(scope="module")
+def model_dir(request: pytest.FixtureRequest) -> Path:
+    """A flow model folder: the committed default one when it verifies (exporting to ONNX
+    takes minutes on a busy 2-core machine), else the session's tiny exported model."""
+    from service.manifest import ManifestError, read_manifest
+
+    committed = ROOT / "exported_models" / MODEL
+    try:
+        read_manifest(committed, verify=True)
+        return committed
+    except ManifestError:
+        return request.getfixturevalue("artifact_factory")("nsf")
+
+
+@pytest.fixture(scope="module")
+def secure_server(model_dir: Path, secure_env: dict[str, str],
+                  tmp_path_factory: pytest.TempPathFactory):
+    models = tmp_path_factory.mktemp("secure-models")
+    shutil.copytree(model_dir, models / MODEL)
+    log = tmp_path_factory.mktemp("secure-logs") / "http.log"
+    with running_server(models, log, env=secure_env) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def grpc_process(http_url: str, env: dict[str, str], log: Path):
+    """The gRPC server with TLS on a free port and plaintext health on another."""
+    port, health_port = free_port(), free_port()
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "service.grpc_server", "--port", str(port), "--http-url",
+             http_url, "--health-port", str(health_port), "--grace", "1"],
+            stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT, env=dict(os.environ, **env),
+            start_new_session=True)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{health_port}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            deadline = time.monotonic() + 30
+            while True:  # the kubelet's probe: plaintext grpc.health.v1 on the health port
+                assert proc.poll() is None, log.read_text()[-2000:]
+                with contextlib.suppress(grpc.RpcError):
+                    if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == (
+                            health_pb2.HealthCheckResponse.SERVING):
+                        break
+                assert time.monotonic() < deadline, log.read_text()[-2000:]
+                time.sleep(0.2)
+        yield f"127.0.0.1:{port}", proc
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def secure_grpc(secure_server, secure_env: dict[str, str], secrets_dir: Path,
+                tmp_path_factory: pytest.TempPathFactory):
+    log = tmp_path_factory.mktemp("secure-grpc") / "grpc.log"
+    with grpc_process(secure_server.url, secure_env, log) as (address, _):
+        credentials = grpc.ssl_channel_credentials((secrets_dir / "tls.crt").read_bytes())
+        with grpc.secure_channel(address, credentials) as channel:
+            yield pb_grpc.GRPCInferenceServiceStub(channel), address, log
+
+
+def ll_request(x: np.ndarray = X) -> pb.ModelInferRequest:
+    req = pb.ModelInferRequest(model_name=f"{MODEL}.log_likelihood")
+    t = req.inputs.add(name="x", datatype="FP32", shape=list(x.shape))
+    t.contents.fp32_contents.extend(x.reshape(-1).tolist())
+    return req
+
+
+def infer(stub, token: str | None) -> tuple[grpc.StatusCode, str, dict, object]:
+    """``(code, details, trailing metadata, response or None)`` of one ModelInfer call."""
+    metadata = [("authorization", bearer(token))] if token else []
+    try:
+        resp, call = stub.ModelInfer.with_call(ll_request(), metadata=metadata, timeout=30)
+    except grpc.RpcError as err:
+        return err.code(), err.details(), dict(err.trailing_metadata() or ()), None
+    return call.code(), "", dict(call.trailing_metadata() or ()), resp
+
+
+def http_ll(server, token: str | None, x: np.ndarray = X) -> tuple[int, dict, dict]:
+    headers = {"Authorization": bearer(token)} if token else {}
+    body = json.dumps({"model": MODEL, "x": x.tolist()}).encode()
+    status, resp_headers, raw = server.exchange("POST", "/log_likelihood", body, headers)
+    return status, resp_headers, json.loads(raw)
+
+
+def test_http_answers_401_without_a_valid_token_and_200_with_one(secure_server) -> None:
+    answers = []
+    for headers in ({}, {"Authorization": "Basic YWxpY2U6eA=="}, {"Authorization": "Bearer"},
+                    {"Authorization": bearer("wrong-0123456789abcdef")},
+                    {"Authorization": TOKENS["alice"]}):
+        body = json.dumps({"model": MODEL, "x": X.tolist()}).encode()
+        status, resp_headers, raw = secure_server.exchange("POST", "/log_likelihood", body,
+                                                           headers)
+        assert status == 401 and resp_headers["www-authenticate"].startswith("Bearer")
+        answers.append(raw)
+    assert len(set(answers)) == 1  # the same words whatever was wrong
+    message = json.loads(answers[0])["error"]
+    assert "token is required" in message and "alice" not in message and "bob" not in message
+    for verb, payload in (("sample", {"model": MODEL, "n": 3, "seed": 1}),
+                          ("anomaly_score", {"model": MODEL, "x": X.tolist()})):
+        assert secure_server.post(f"/{verb}", payload)[0] == 401
+        status, answer = secure_server.post(f"/{verb}", payload,
+                                            headers={"Authorization": bearer("bob")})
+        assert status == 200, answer
+    status, _, answer = http_ll(secure_server, "alice")
+    assert status == 200 and len(answer["log_likelihood"]) == len(X)
+    # probes and the model list stay open
+    for path in ("/livez", "/readyz", "/models"):
+        assert secure_server.get(path)[0] == 200, path
+
+
+def test_metrics_ask_for_their_own_token(secure_server) -> None:
+    assert secure_server.get("/metrics")[0] == 401
+    assert secure_server.exchange("GET", "/metrics",
+                                  headers={"Authorization": bearer("alice")})[0] == 401
+    status, _, raw = secure_server.exchange("GET", "/metrics",
+                                            headers={"Authorization": bearer(METRICS_TOKEN)})
+    assert status == 200
+    text = raw.decode()
+    assert 'genserve_key_requests_total{key="alice",status="200",verb="log_likelihood"}' in text
+    assert 'key="none",status="401"' in text
+    assert not any(token in text for token in (*TOKENS.values(), METRICS_TOKEN))
+
+
+def test_tls_round_trip_with_the_self_signed_certificate(secure_server, secrets_dir) -> None:
+    assert secure_server.url.startswith("https://127.0.0.1:")
+    port = int(secure_server.url.rsplit(":", 1)[1])
+    served = ssl.get_server_certificate(("127.0.0.1", port))
+    expected = (secrets_dir / "tls.crt").read_text()
+    assert ssl.PEM_cert_to_DER_cert(served) == ssl.PEM_cert_to_DER_cert(expected)
+    # plaintext HTTP to the TLS port gets no answer from the service
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5)
+    # an https client that does not trust the certificate refuses it
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{secure_server.url}/readyz", timeout=5)
+
+
+def test_grpc_answers_unauthenticated_without_a_valid_token(secure_grpc, secure_server) -> None:
+    stub, _, _ = secure_grpc
+    details = set()
+    for token in (None, "wrong-0123456789abcdef"):
+        code, detail, _, _ = infer(stub, token)
+        assert code == grpc.StatusCode.UNAUTHENTICATED
+        details.add(detail)
+    (detail,) = details
+    assert "token is required" in detail and "alice" not in detail
+    code, _, _, resp = infer(stub, "alice")
+    assert code == grpc.StatusCode.OK
+    got = list(resp.outputs[0].contents.fp64_contents)
+    assert got == http_ll(secure_server, "alice")[2]["log_likelihood"]
+
+
+def test_grpc_speaks_tls_only(secure_grpc, secrets_dir) -> None:
+    _, address, _ = secure_grpc
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ServerLive(pb.ServerLiveRequest(), timeout=5)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_http_rate_limit_is_reached_then_recovers(secure_server) -> None:
+    assert [http_ll(secure_server, "tight-http")[0] for _ in range(2)] == [200, 200]
+    status, headers, answer = http_ll(secure_server, "tight-http")
+    assert status == 429
+    retry = int(headers["retry-after"])
+    assert 1 <= retry <= 2 and answer["retry_after_s"] == retry and "retry" in answer["error"]
+    assert http_ll(secure_server, "alice")[0] == 200  # other keys are not limited by it
+    time.sleep(retry)
+    assert http_ll(secure_server, "tight-http")[0] == 200
+
+
+def test_grpc_rate_limit_counts_each_call_once(secure_grpc) -> None:
+    stub, _, _ = secure_grpc
+    # burst 2: exactly two calls pass, so a call is counted once, not at both processes
+    assert [infer(stub, "tight-grpc")[0] for _ in range(2)] == [grpc.StatusCode.OK] * 2
+    code, detail, trailers, _ = infer(stub, "tight-grpc")
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "rate limit" in detail
+    retry = int(trailers["retry-after"])
+    assert 1 <= retry <= 2
+    time.sleep(retry)
+    assert infer(stub, "tight-grpc")[0] == grpc.StatusCode.OK
+
+
+def test_keys_rotate_by_rewriting_the_file(secure_server, secure_grpc, secrets_dir) -> None:
+    stub, _, _ = secure_grpc
+    path = secrets_dir / "keys.json"
+    assert http_ll(secure_server, "bob")[0] == 200
+    write_keys(path, key_file_content(["alice"], {"carol": CAROL}))
+    try:
+        deadline = time.monotonic() + 15
+        while True:  # both processes re-read the file within a few reload periods
+            state = (http_ll(secure_server, "bob")[0], http_ll(secure_server, CAROL)[0],
+                     infer(stub, "bob")[0], infer(stub, CAROL)[0])
+            if state == (401, 200, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.OK):
+                break
+            assert time.monotonic() < deadline, state
+            time.sleep(0.3)
+        assert http_ll(secure_server, "alice")[0] == 200  # unchanged keys keep working
+    finally:
+        write_keys(path, key_file_content(["alice", "bob"]))
+
+
+def access_lines(log: Path) -> list[dict]:
+    return [json.loads(line) for line in log.read_text().splitlines()
+            if line.startswith('{"ts":')]
+
+
+def test_access_log_is_json_without_payloads_or_tokens(secure_server, secure_grpc) -> None:
+    stub, _, grpc_log = secure_grpc
+    infer(stub, "alice")  # also leaves a line at the HTTP side it forwards to
+    infer(stub, None)
+    http_ll(secure_server, "alice")
+    http_ll(secure_server, None)
+    time.sleep(0.5)  # stderr of the worker reaches the file
+    fields = {"ts", "protocol", "key", "verb", "model", "rows", "status", "latency_ms"}
+    http_lines, grpc_lines = access_lines(secure_server.log), access_lines(grpc_log)
+    for line in http_lines + grpc_lines:
+        assert set(line) == fields and line["latency_ms"] >= 0
+    assert {"protocol": "http", "key": "alice", "verb": "log_likelihood", "model": MODEL,
+            "rows": len(X), "status": 200}.items() <= http_lines[-2].items()
+    assert (http_lines[-1]["key"], http_lines[-1]["status"]) == (None, 401)
+    assert {"protocol": "grpc", "key": "alice", "verb": "log_likelihood", "model": MODEL,
+            "rows": len(X), "status": "OK"}.items() <= grpc_lines[-2].items()
+    assert (grpc_lines[-1]["key"], grpc_lines[-1]["status"]) == (None, "UNAUTHENTICATED")
+    for log in (secure_server.log, grpc_log):
+        text = log.read_text()
+        assert not any(t in text for t in (*TOKENS.values(), CAROL, METRICS_TOKEN)), log
+        assert str(MARKER)[:8] not in text, f"{log} holds payload data"
+
+
+def test_unreadable_key_file_is_a_one_line_startup_error(tmp_path: Path) -> None:
+    env = dict(os.environ, GENSERVE_API_KEYS_FILE=str(tmp_path / "missing-keys"),
+               GENSERVE_MODELS_DIR=str(tmp_path),
+               BENTOML_DO_NOT_TRACK="True")
+    commands = {
+        "genserve serve": [sys.executable, "-m", "training.cli", "serve", "--port",
+                           str(free_port()), "--grpc-port", str(free_port())],
+        "grpc server": [sys.executable, "-m", "service.grpc_server", "--port",
+                        str(free_port())],
+        "bentoml serve": [sys.executable, "-m", "bentoml", "serve", "service.api:GenServe",
+                          "--port", str(free_port())],
+    }
+    procs = {name: subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True, start_new_session=True)
+             for name, cmd in commands.items()}
+    for name, proc in procs.items():
+        try:
+            out, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert proc.returncode != 0, (name, err)
+        assert "Traceback" not in err and len(lines) == 1, (name, err)
+        assert "cannot read the API key file" in lines[0] and "missing-keys" in lines[0], name
