@@ -9,6 +9,7 @@ file, and the versions that produced it.
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from pathlib import Path
 from typing import Literal
@@ -145,6 +146,8 @@ class Manifest(_Model):
                     raise ValueError(f"graph file {spec.file} has no sha256 in 'files'")
         if self.family != "flow" and self.time is None:
             raise ValueError(f"a {self.family} model needs a 'time' section")
+        if math.prod(self.event_shape) != self.dim:  # images: [C, H, W], rows flattened
+            raise ValueError(f"event_shape {self.event_shape} does not hold dim={self.dim} values")
         return self
 
     def formats(self) -> set[str]:

@@ -23,7 +23,8 @@ log = logging.getLogger("genserve")
 
 def model_card(rt: ModelRuntime) -> ModelCard:
     m = rt.manifest
-    return ModelCard(name=m.name, family=m.family, dim=m.dim, calibrated=m.calibration is not None)
+    return ModelCard(name=m.name, family=m.family, dim=m.dim, calibrated=m.calibration is not None,
+                     shape=tuple(m.event_shape))
 
 
 @dataclass
@@ -69,6 +70,7 @@ class ModelSet:
             out.append(ModelInfo(
                 name=m.name, family=m.family, model_type=m.model_type, dim=m.dim,
                 graphs=sorted(m.graphs), runtime=rt.format, solvers=list(rt.solvers()),
+                shape=list(m.event_shape),
                 defaults=m.defaults.model_dump(),
                 calibration=None if m.calibration is None else {
                     "target_fpr": m.calibration.target_fpr,

@@ -11,6 +11,7 @@ import secrets
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -23,6 +24,7 @@ __all__ = [
     "AnomalyScoreRequest",
     "AnomalyScoreResponse",
     "ErrorResponse",
+    "flatten_image_rows",
     "LogLikelihoodRequest",
     "LogLikelihoodResponse",
     "ModelInfo",
@@ -36,9 +38,35 @@ ROWS_SCHEMA = {
     "type": "array",
     "minItems": 1,
     "items": {"type": "array", "minItems": 1, "items": {"type": "number"}},
-    "description": "rows of numbers, (rows, dim), in the units of the training data",
+    "description": "rows of numbers, (rows, dim), in the units of the training data; image "
+    "models also take each row as a nested C x H x W list (see the model's 'shape')",
 }
-Rows = Annotated[Any, WithJsonSchema(ROWS_SCHEMA)]
+
+
+def flatten_image_rows(x: Any) -> Any:
+    """Nested ``C x H x W`` rows (image models) flattened in C-order; other rows untouched.
+
+    ``service.validation`` has already checked the shapes at the boundary; a row that does
+    not flatten cleanly is left for it (or the runtime) to refuse.
+    """
+    if not isinstance(x, list) or not any(
+        isinstance(row, list) and row and isinstance(row[0], list) for row in x
+    ):
+        return x
+    import numpy as np
+
+    out = []
+    for row in x:
+        if isinstance(row, list) and row and isinstance(row[0], list):
+            try:
+                row = np.asarray(row, dtype=np.float64).reshape(-1).tolist()
+            except (TypeError, ValueError):
+                pass
+        out.append(row)
+    return out
+
+
+Rows = Annotated[Any, AfterValidator(flatten_image_rows), WithJsonSchema(ROWS_SCHEMA)]
 MAX_SEED = 2**63 - 1
 
 
@@ -119,6 +147,8 @@ class ModelInfo(BaseModel):
     family: str
     model_type: str
     dim: int
+    shape: list[int] = Field(default_factory=list,
+                             description="one row's shape: [dim], or [C, H, W] for images")
     graphs: list[str]
     runtime: str
     solvers: list[str]

@@ -46,6 +46,18 @@ class ModelCard:
     family: str
     dim: int
     calibrated: bool
+    shape: tuple[int, ...] | None = None  # one row's shape, e.g. (1, 8, 8) for images
+
+    @property
+    def is_image(self) -> bool:
+        return self.shape is not None and len(self.shape) > 1
+
+    def row_form(self) -> str:
+        """How a row is written, for error messages."""
+        flat = f"a list of {self.dim} numbers"
+        if not self.is_image:
+            return flat
+        return f"{flat} or a nested list of shape {list(self.shape)} (C x H x W)"
 
     @property
     def sample_solvers(self) -> tuple[str, ...]:
@@ -94,17 +106,19 @@ def _limit(value: int | None, field: str, maximum: int) -> None:
 def check_rows(x: Any, card: ModelCard, max_rows: int) -> np.ndarray:
     """``x`` as finite float64 ``(rows, dim)``; the message names the problem and the fix."""
     if not isinstance(x, list):
-        raise RequestError(400, f"'x' must be a list of rows, each a list of {card.dim} numbers")
+        raise RequestError(400, f"'x' must be a list of rows, each {card.row_form()}")
     if len(x) == 0:
         raise RequestError(400, "'x' is empty; send at least one row")
     _limit(len(x), "x", max_rows)
+    if card.is_image:
+        x = [_flat_image(row, i, card) for i, row in enumerate(x)]
     for i, row in enumerate(x):
         if not isinstance(row, list):
-            raise RequestError(400, f"'x' row {i} is not a list; each row is a list of "
-                               f"{card.dim} numbers")
+            raise RequestError(400, f"'x' row {i} is not a list; each row is {card.row_form()}")
         if len(row) != card.dim:
+            shape = f" (images of shape {list(card.shape)})" if card.is_image else ""
             raise RequestError(400, f"'x' row {i} has {len(row)} values but model "
-                               f"'{card.name}' expects {card.dim}")
+                               f"'{card.name}' expects {card.dim}{shape}")
     try:
         arr = np.array(x)
     except (ValueError, TypeError):
@@ -118,6 +132,24 @@ def check_rows(x: Any, card: ModelCard, max_rows: int) -> np.ndarray:
         raise RequestError(400, f"'x' has a non-finite value at row {r}, column {c}; "
                            "every value must be a finite number")
     return arr
+
+
+def _flat_image(row: Any, i: int, card: ModelCard) -> Any:
+    """A nested C x H x W row flattened in C-order; any other row is returned as it is."""
+    if not (isinstance(row, list) and row and isinstance(row[0], list)):
+        return row
+    try:
+        arr = np.array(row)
+    except (ValueError, TypeError):
+        arr = None
+    if arr is None or arr.dtype == object or arr.shape != tuple(card.shape):
+        found = "ragged" if arr is None or arr.dtype == object else f"shape {list(arr.shape)}"
+        raise RequestError(400, f"'x' row {i} is a nested list of {found}, but model "
+                           f"'{card.name}' expects images of shape {list(card.shape)} "
+                           f"(C x H x W) or flat rows of {card.dim} numbers")
+    if arr.dtype.kind not in "iuf" or arr.dtype == bool:
+        raise RequestError(400, "'x' must contain only numbers (no strings, booleans or nulls)")
+    return arr.reshape(-1).tolist()
 
 
 def validate_sample(body: Any, cards: dict[str, ModelCard], s: Settings) -> SampleRequest:
@@ -135,7 +167,7 @@ def validate_log_likelihood(body: Any, cards: dict[str, ModelCard],
                             s: Settings) -> LogLikelihoodRequest:
     req = _parse(LogLikelihoodRequest, body)
     card = _card(cards, req.model)
-    req.x = check_rows(req.x, card, s.max_rows)
+    req.x = check_rows(body["x"], card, s.max_rows)  # as sent: the schema flattens images
     _limit(req.steps, "steps", s.max_steps)
     _limit(req.probes, "probes", s.max_probes)
     if card.family == "flow":
@@ -157,7 +189,7 @@ def validate_anomaly_score(body: Any, cards: dict[str, ModelCard],
     card = _card(cards, req.model)
     if not card.calibrated:
         raise RequestError(400, f"model '{card.name}' has no anomaly calibration; re-export it")
-    req.x = check_rows(req.x, card, s.max_rows)
+    req.x = check_rows(body["x"], card, s.max_rows)  # as sent: the schema flattens images
     return req
 
 

@@ -4,6 +4,7 @@ brief training, ONNX parity, and image rows served end to end by a real server."
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -205,3 +206,120 @@ def test_digits_image_and_user_image_files(tmp_path: Path) -> None:
     assert load_data(tmp_path / "gray.npy", images=True).shape == (1, 4, 6)
     with pytest.raises(DataError, match="expected a 2D array"):
         load_data(tmp_path / "pics.npy")  # without images=True the table rules stand
+
+
+# -- brief training on digits, ONNX parity, served end to end --------------------------------
+
+BITS_PER_DIM_BOUND = 3.0
+"""After brief training a tiny Glow must beat 3.0 bits/dim on the digits test split: uniform
+noise over 17 levels scores log2 17 = 4.09, an independent Gaussian per pixel 2.89
+(docs/BENCHMARKS.md, "images")."""
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def glow_digits(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny Glow trained briefly on digits_image, and its ONNX export."""
+    from training.config import TrainConfig
+    from training.export import export_checkpoint
+    from training.fit import fit
+
+    root = tmp_path_factory.mktemp("images")
+    cfg = TINY.model_copy(update={"transforms": 2, "scales": 2})
+    ckpt = fit("glow_image", "digits_image", out=root / "ckpt", model_cfg=cfg,
+               train_cfg=TrainConfig(steps=120, batch_size=64, eval_every=120, lr=3e-3,
+                                     warmup_steps=10, progress=False))
+    export_checkpoint(ckpt, root / "models" / "digits-glow", formats=("onnx",))
+    return root / "ckpt", root / "models" / "digits-glow"
+
+
+def test_glow_bits_per_dim_on_digits_after_brief_training(glow_digits) -> None:
+    from training.checkpoint import load_checkpoint
+    from training.evaluate import evaluate
+
+    ckpt = load_checkpoint(glow_digits[0])
+    assert ckpt.config.model.image_shape == (1, 8, 8)
+    assert ckpt.config.preprocess.logit_alpha is not None and ckpt.config.preprocess.dequantize
+    report = evaluate(ckpt, samples=0)
+    assert report["bits_per_dim"] < BITS_PER_DIM_BOUND, report
+
+
+def test_glow_onnx_parity_and_image_manifest(glow_digits) -> None:
+    from service.manifest import read_manifest
+    from service.runtime import ModelRuntime
+    from training.checkpoint import load_checkpoint
+    from training.evaluate import checkpoint_splits
+
+    ckpt = load_checkpoint(glow_digits[0])
+    manifest = read_manifest(glow_digits[1])
+    assert manifest.event_shape == [1, 8, 8] and manifest.dim == 64
+    rt = ModelRuntime(glow_digits[1], runtime="onnx")
+    x = checkpoint_splits(ckpt).test[:9]
+    with torch.no_grad():  # eval mode: midpoint dequantization, as in the exported graph
+        u, ladj = ckpt.preprocessor(torch.as_tensor(x, dtype=torch.float32))
+        eager = (ckpt.model.log_prob(u) + ladj).double().numpy()
+        z = torch.randn(5, 64, generator=torch.Generator().manual_seed(4))
+        eager_x = ckpt.preprocessor.inverse(ckpt.model.inverse(z)).numpy()
+    assert np.abs(rt.log_likelihood(x).log_prob - eager).max() < TOL
+    (u_served,) = rt.call("sample", z.numpy())
+    (x_served,) = rt.call("postprocess", u_served)
+    assert np.abs(x_served - eager_x).max() < TOL
+
+
+def test_unet_forward_mode_jvp_exports_to_onnx(tmp_path: Path) -> None:
+    """The Hutchinson graph (the image default); the exact-divergence graph runs the same
+    tangent arithmetic with D tangents and is checked against autograd above."""
+    import onnxruntime as ort
+
+    from service.manifest import TensorSpec
+    from training.export import VelocityJvpGraph, _export_onnx
+
+    cfg = TINY.model_copy(update={"image_shape": (1, 4, 4), "scales": 1})
+    model = build_model("cfm_image", 16, cfg).eval()
+    perturb(model, 0.1)
+    x, e = images(4, (16,), torch.float32), images(4, (16,), torch.float32).sign()
+    t = torch.linspace(0.1, 0.9, 4)
+    inputs = [TensorSpec(name="x", shape=["batch", 16]), TensorSpec(name="time", shape=["batch"]),
+              TensorSpec(name="probe", shape=["batch", 16])]
+    outputs = [TensorSpec(name="velocity", shape=["batch", 16]),
+               TensorSpec(name="jvp", shape=["batch", 16])]
+    module, path = VelocityJvpGraph(model), tmp_path / "velocity_jvp.onnx"
+    _export_onnx(module, inputs, outputs, path)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    served = session.run(None, {"x": x.numpy(), "time": t.numpy(), "probe": e.numpy()})
+    with torch.no_grad():
+        eager = module(x, t, e)
+    for got, want in zip(served, eager, strict=True):
+        assert np.abs(got - want.numpy()).max() < TOL
+
+
+def test_image_rows_served_end_to_end(glow_digits, tmp_path: Path) -> None:
+    import shutil
+
+    from service.devserver import running_server
+    from service.runtime import ModelRuntime
+    from training.data import load_data
+
+    models = tmp_path / "served"
+    shutil.copytree(glow_digits[1], models / "digits-glow")
+    images_ = load_data("digits_image").x[:3]
+    nested = images_.reshape(3, 1, 8, 8).tolist()
+    expected = ModelRuntime(glow_digits[1], runtime="onnx").log_likelihood(images_).log_prob
+    with running_server(models, tmp_path / "server.log") as server:
+        status, raw = server.get("/models")
+        assert status == 200 and json.loads(raw)["models"][0]["shape"] == [1, 8, 8]
+        status, flat = server.post("/log_likelihood", {"model": "digits-glow",
+                                                       "x": images_.tolist()})
+        assert status == 200, flat
+        status, out = server.post("/log_likelihood", {"model": "digits-glow", "x": nested})
+        assert status == 200, out
+        np.testing.assert_allclose(out["log_likelihood"], flat["log_likelihood"])
+        np.testing.assert_allclose(out["log_likelihood"], expected, atol=1e-3)
+        mixed = [nested[0], images_[1].tolist()]  # both forms in one request
+        status, out = server.post("/anomaly_score", {"model": "digits-glow", "x": mixed})
+        assert status == 200 and len(out["scores"]) == 2, out
+        status, out = server.post("/log_likelihood", {"model": "digits-glow",
+                                                      "x": [nested[0][0]]})
+        assert status == 400 and "[1, 8, 8]" in out["error"], out
+        status, out = server.post("/sample", {"model": "digits-glow", "n": 4, "seed": 1})
+        assert status == 200 and np.asarray(out["samples"]).shape == (4, 64)
