@@ -190,7 +190,8 @@ class KeyStore:
             text = self.path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as err:
             reason = getattr(err, "strerror", None) or type(err).__name__
-            raise KeyFileError(f"cannot read the API key file {self.path}: {reason}") from None
+            what = "the /metrics token file" if self.bare_token_name else "the API key file"
+            raise KeyFileError(f"cannot read {what} {self.path}: {reason}") from None
         if self.bare_token_name is not None:
             keys = [_key(self.bare_token_name, text.strip(), str(self.path))]
         else:

@@ -9,11 +9,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -76,11 +78,14 @@ def running_server(models_dir: Path, log: Path, env: dict[str, str] | None = Non
     """Start the service on a free loopback port, wait for ``/readyz``, stop it on exit.
 
     With ``GENSERVE_TLS_CERTFILE`` in ``env`` the server speaks https, and the handle trusts
-    that (self-signed) certificate.
+    that (self-signed) certificate. Each server gets its own ``BENTOML_HOME`` (unless ``env``
+    names one): BentoML empties its Prometheus directory there at every start, which would
+    reset the ``/metrics`` of any other server sharing it.
     """
     port = free_port()
+    home = tempfile.mkdtemp(prefix="genserve-bentoml-")
     full_env = dict(os.environ, GENSERVE_MODELS_DIR=str(models_dir),
-                    BENTOML_DO_NOT_TRACK="True", **(env or {}))
+                    BENTOML_DO_NOT_TRACK="True", BENTOML_HOME=home, **(env or {}))
     with open(log, "w") as fh:
         proc = subprocess.Popen(
             [sys.executable, "-m", "bentoml", "serve", "service.api:GenServe", "--host",
@@ -97,6 +102,7 @@ def running_server(models_dir: Path, log: Path, env: dict[str, str] | None = Non
         yield server
     finally:
         stop(proc)
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def _wait_ready(server: Server, startup_s: float) -> None:
