@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from service.access_log import access_logger, log_access
 from service.auth import KeyFileError, KeyStore, RateLimiter, parse_keys, security_config
 from service.devserver import free_port, running_server
 from service.grpc_server import _http_error
@@ -151,6 +152,21 @@ def test_any_retry_after_from_http_becomes_grpc_trailing_metadata() -> None:
     assert _http_error(httpx.Response(401, json={"error": "x"})).code == (
         grpc.StatusCode.UNAUTHENTICATED)
     assert _http_error(httpx.Response(400, json={"error": "x"})).trailers == ()
+
+
+def test_access_log_lines_are_json_and_can_be_turned_off(monkeypatch) -> None:
+    lines: list[str] = []
+    fields = {"protocol": "http", "key": "alice", "verb": "sample", "model": MODEL,
+              "rows": 3, "status": 200, "latency_s": 0.0125}
+    logger = access_logger(False)
+    monkeypatch.setattr(logger, "info", lines.append)
+    log_access(logger, **fields)
+    assert lines == []
+    logger = access_logger(True)
+    log_access(logger, **fields)
+    (line,) = lines
+    assert json.loads(line) == {**{k: v for k, v in fields.items() if k != "latency_s"},
+                                "ts": json.loads(line)["ts"], "latency_ms": 12.5}
 
 
 # --- real processes: HTTP and gRPC with TLS, keys and rate limits ----------------------------
