@@ -92,7 +92,8 @@ def test_registry_wires_the_config() -> None:
     assert isinstance(model, DiffusionModel)
     assert (model.family, model.dim, model.t_min, model.prediction) == ("diffusion", 3, 0.01, "v")
     assert type(model.schedule).__name__ == "CosineSchedule"
-    linear = build_model("ddpm", 3, CFG.model_copy(update={"beta_max": 12.0}))
+    linear = build_model("ddpm", 3, CFG.model_copy(update={"schedule": "linear",
+                                                           "beta_max": 12.0}))
     assert linear.schedule.beta_max == 12.0
     with pytest.raises(ValueError, match="unknown diffusion solver"):
         linear.sample(2, solver="ancestral")

@@ -26,8 +26,10 @@ class ModelConfig(_Strict):
     bins: int = Field(8, ge=2, le=128, description="spline flows: bins per dimension")
     tail_bound: float = Field(5.0, gt=0, description="spline flows: [-B, B] spline interval")
     # diffusion
-    schedule: Literal["linear", "cosine"] = "linear"
-    prediction: Literal["epsilon", "v"] = "epsilon"
+    # cosine + v: with linear + epsilon the probability-flow ODE samplers land far off the
+    # data on small MLPs (docs/BENCHMARKS.md, "Diffusion and flow matching"); DDPM is unhurt.
+    schedule: Literal["linear", "cosine"] = "cosine"
+    prediction: Literal["epsilon", "v"] = "v"
     beta_min: float = Field(0.1, gt=0)
     beta_max: float = Field(20.0, gt=0)
     t_min: float = Field(1e-3, ge=0, lt=0.5, description="diffusion: smallest time integrated")

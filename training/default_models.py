@@ -28,12 +28,14 @@ class DefaultModel:
     steps: int
     model: dict = field(default_factory=dict)
     rows: int | None = 20000
+    train: dict = field(default_factory=dict)
 
 
 DEFAULT_MODELS = (
     DefaultModel("moons-nsf", "nsf", "moons", 3000, {"hidden_features": 64, "transforms": 4}),
     DefaultModel("moons-ddpm", "ddpm", "moons", 4000, {"hidden_features": 128,
-                                                        "hidden_layers": 3}),
+                                                        "hidden_layers": 3},
+                 train={"lr": 3e-3, "ema_decay": 0.999}),
     DefaultModel("moons-otcfm", "otcfm", "moons", 4000, {"hidden_features": 128,
                                                           "hidden_layers": 3}),
 )
@@ -47,7 +49,7 @@ def _fit_named(spec: DefaultModel, out: Path) -> None:
 
     ckpt_dir = out / ".checkpoints" / spec.name
     fit(spec.model_type, spec.data, out=ckpt_dir, rows=spec.rows,
-        model_cfg=ModelConfig(**spec.model), train_cfg=TrainConfig(steps=spec.steps))
+        model_cfg=ModelConfig(**spec.model), train_cfg=TrainConfig(steps=spec.steps, **spec.train))
     export_checkpoint(load_checkpoint(ckpt_dir), out / spec.name)
 
 
