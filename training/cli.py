@@ -159,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", help="model types to train, e.g. flow=nsf,diffusion=ddpm,"
                    "flow_matching=otcfm (the default)")
     p.add_argument("--checkpoints", nargs="+", metavar="DIR", help="load these checkpoints "
-                   "instead of training")
+                   "instead of training (their own data set is used)")
     p.add_argument("--reflow", action="store_true", help="add a reflowed copy of the "
                    "flow-matching model (straighter paths)")
     p.add_argument("--reflow-pairs", type=int, default=4000, help="pairs for --reflow (4000)")

@@ -121,7 +121,8 @@ def vector_fields_figure(fields: Sequence[tuple[Generation, list[tuple[float, np
                          points: np.ndarray, real: np.ndarray, limits: Limits,
                          path: Path) -> None:
     """Quiver of the generation direction ``-dx/dt``: ``fields = [(gen, [(t, (m, 2)), ...])]``
-    at ``points: (m, 2)``; one row per model, one column per time."""
+    at ``points: (m, 2)``; one row per model, one column per time. Arrow length is
+    proportional to the square root of the speed, so slow regions still show a direction."""
     if not fields:
         fig, axes = _figure(1, 1)
         _message(axes[0, 0], "no diffusion or flow-matching model in this report")
@@ -133,10 +134,12 @@ def vector_fields_figure(fields: Sequence[tuple[Generation, list[tuple[float, np
         for col, (t, v) in enumerate(per_time):
             ax = axes[row, col]
             ax.scatter(real[:, 0], real[:, 1], s=1, c=REAL, alpha=0.25, linewidths=0)
-            ax.quiver(points[:, 0], points[:, 1], v[:, 0], v[:, 1], color=_color(gen.color),
-                      angles="xy", width=0.006)
-            speed = float(np.linalg.norm(v, axis=1).max())
-            _frame(ax, limits, f"{gen.label}: -dx/dt at t = {t:.2f}\n(max speed {speed:.2g})")
+            speed = np.linalg.norm(v, axis=1, keepdims=True)
+            shown = v / np.sqrt(np.maximum(speed, 1e-12))  # slow arrows stay visible
+            ax.quiver(points[:, 0], points[:, 1], shown[:, 0], shown[:, 1],
+                      color=_color(gen.color), angles="xy", width=0.006)
+            _frame(ax, limits, f"{gen.label}\n-dx/dt at t = {t:.2f} (max speed "
+                               f"{float(speed.max()):.2g})")
     _save(fig, path)
 
 
