@@ -18,7 +18,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
@@ -387,11 +386,6 @@ class ImageFlow(Flow):
     def _last_shape(self) -> tuple[int, ...]:
         c, *rest = self._out_shapes[-1]
         return (c - self.factor_out[-1], *rest)
-
-    def frozen(self) -> ImageFlow:
-        frozen = copy.deepcopy(self)
-        frozen.transforms = nn.ModuleList(level.frozen() for level in frozen.transforms)
-        return frozen.eval()
 
 
 def _shape_only(t: Transform, x: Tensor) -> Tensor:
