@@ -20,6 +20,7 @@ from service.batching import Answers, Parts, error_answer, register_containers, 
 from service.boundary import BoundaryMiddleware
 from service.metrics import ANOMALIES, BATCH_ROWS, GRAPH_SECONDS, MODELS_LOADED, REQUESTS, ROWS
 from service.models import ModelSet
+from service.overload import OverloadMiddleware
 from service.runtime import InputError
 from service.schemas import (
     AnomalyScoreRequest,
@@ -30,13 +31,16 @@ from service.schemas import (
     SampleRequest,
     SampleResponse,
 )
-from service.settings import load_settings
+from service.settings import SettingsError, load_settings
 from service.verbs import GROUP_KEYS, RUNNERS
 
 __all__ = ["GenServe"]
 
 log = logging.getLogger("genserve")
-SETTINGS = load_settings()
+try:
+    SETTINGS = load_settings()
+except SettingsError as err:  # one line at start-up, not a traceback
+    raise SystemExit(f"genserve: {err}") from None
 register_containers()
 
 
@@ -85,7 +89,7 @@ class GenServe:
         return self._serve("anomaly_score", request)  # type: ignore[arg-type,return-value]
 
     @bentoml.api(route="/models")
-    def list_models(self) -> ModelsResponse:
+    async def list_models(self) -> ModelsResponse:
         """The served models (also ``GET /models``) and the folders refused at start."""
         return ModelsResponse(models=self.model_set.info(), failed=self.model_set.failed)
 
@@ -141,4 +145,6 @@ def _graph_observer(model: str) -> Any:
     return observe
 
 
+# Added first, so outermost of the two: an overloaded worker answers 503 before reading bodies.
+GenServe.add_asgi_middleware(OverloadMiddleware, settings=SETTINGS)
 GenServe.add_asgi_middleware(BoundaryMiddleware, settings=SETTINGS)

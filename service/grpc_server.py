@@ -56,6 +56,7 @@ from service.oip.convert import (
     signature,
     split_name,
 )
+from service.oip.decode import DecodeErrorInterceptor
 from service.settings import Settings, load_settings
 
 __all__ = ["InferenceServicer", "Upstream", "UpstreamError", "main", "serve"]
@@ -360,7 +361,8 @@ async def serve(host: str, port: int, http_url: str, grace_s: float = 5.0,
         verify = pinned_context(settings.tls_certfile)
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                                       ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                                      ("grpc.so_reuseport", 0)])
+                                      ("grpc.so_reuseport", 0)],
+                             interceptors=[DecodeErrorInterceptor()])
     upstream = Upstream(http_url, verify=verify)
     health_servicer = health.aio.HealthServicer()
     servicer = InferenceServicer(upstream, health_servicer, keys,

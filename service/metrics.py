@@ -15,6 +15,7 @@ __all__ = [
     "BATCH_ROWS",
     "GRAPH_SECONDS",
     "MODELS_LOADED",
+    "OVERLOAD",
     "REQUESTS",
     "ROWS",
 ]
@@ -54,4 +55,9 @@ MODELS_LOADED = bentoml.metrics.Gauge(
     documentation="Models loaded by this worker (state=ok) or refused (state=failed)",
     labelnames=["state"],
     multiprocess_mode="livemax",
+)
+OVERLOAD = bentoml.metrics.Counter(
+    name="genserve_overload_rejections_total",
+    documentation="Verb requests answered 503 at once because the worker's queue was full",
+    labelnames=["verb"],
 )

@@ -21,6 +21,7 @@ from service.manifest import Manifest, ManifestError, read_manifest
 __all__ = [
     "AnomalyResult",
     "InputError",
+    "LOG_LIKELIHOOD_FLOOR",
     "LikelihoodOutput",
     "ModelRuntime",
     "SeededRows",
@@ -30,6 +31,12 @@ __all__ = [
 ODE_SOLVERS = ("euler", "heun", "midpoint", "rk4", "dopri5")
 DIFFUSION_SAMPLERS = ("ddpm", "ddim", "dpmpp2m")
 LOG2 = math.log(2.0)
+# log_likelihood's floor (nats per row), reported for rows the model cannot score: outside the
+# training support by more than SUPPORT_BOUND standard deviations (after the manifest's
+# preprocessing), outside the logit's domain, or whose result is not a finite number. Such rows
+# score as anomalies (NLL 1e30 beats every calibrated threshold). docs/API.md documents both.
+LOG_LIKELIHOOD_FLOOR = -1e30
+SUPPORT_BOUND = 1e6
 
 
 class InputError(ValueError):
@@ -174,6 +181,11 @@ class ModelRuntime:
             r, c = np.argwhere(bad)[0]
             raise InputError(f"'{field}' has a non-finite value (NaN or Inf) at row {r}, "
                              f"column {c}; all values must be finite")
+        huge = np.abs(arr) > np.finfo(np.float32).max
+        if huge.any():
+            r, c = np.argwhere(huge)[0]
+            raise InputError(f"'{field}' has a value beyond float32 range at row {r}, column "
+                             f"{c}; values must lie within ±3.403e+38")
         return arr
 
     def resolve_solver(self, solver: str | None, steps: int | None) -> tuple[str, int | None]:
@@ -243,17 +255,36 @@ class ModelRuntime:
         x = np.asarray(x, dtype=np.float64)
         u, ladj = self.call("preprocess", x)
         u, ladj = u.astype(np.float64), ladj.astype(np.float64)
-        se, nfe = None, 1
-        if self.family == "flow":
-            if method not in (None, "exact"):
-                raise InputError(f"model '{self.name}' is a flow: its likelihood is exact; "
-                                 "method must be 'exact'")
+        if self.family == "flow" and method not in (None, "exact"):
+            raise InputError(f"model '{self.name}' is a flow: its likelihood is exact; "
+                             "method must be 'exact'")
+        # Rows far outside the training support (or outside the logit's domain) never reach
+        # the graphs: they would overflow float32 or stall an adaptive solver for the whole
+        # batch. They, and any row whose result is not finite, get the documented floor.
+        inside = np.isfinite(u).all(1) & np.isfinite(ladj) & (np.abs(u).max(1) <= SUPPORT_BOUND)
+        lp = np.full(len(x), LOG_LIKELIHOOD_FLOOR)
+        se = np.zeros(len(x)) if method == "hutchinson" else None
+        nfe = 0
+        if inside.any():
+            if self.family == "flow":
+                method = "exact"
+                (got,) = self.call("log_prob", u[inside])
+                got, got_se, nfe = got.astype(np.float64), None, 1
+            else:
+                got, got_se, nfe, method = self._ode_log_prob(u[inside], method, steps, solver,
+                                                              probes, seed)
+            lp[inside] = got + ladj[inside]
+            if got_se is not None:
+                se = np.zeros(len(x))
+                se[inside] = got_se
+        elif self.family == "flow":
             method = "exact"
-            (lp,) = self.call("log_prob", u)
-            lp = lp.astype(np.float64)
         else:
-            lp, se, nfe, method = self._ode_log_prob(u, method, steps, solver, probes, seed)
-        log_prob = lp + ladj
+            method = method or self.manifest.defaults.method
+        if method == "hutchinson" and se is None:
+            se = np.zeros(len(x))
+        log_prob = np.where(np.isfinite(lp), np.maximum(lp, LOG_LIKELIHOOD_FLOOR),
+                            LOG_LIKELIHOOD_FLOOR)
         return LikelihoodOutput(log_prob=log_prob, bits_per_dim=-log_prob / (self.dim * LOG2),
                                 std_error=se, method=method, nfe=nfe)
 

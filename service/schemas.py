@@ -125,10 +125,21 @@ class LogLikelihoodResponse(BaseModel):
     nfe: int = Field(description="graph evaluations used")
 
 
+def _openapi30_open_interval(schema: dict[str, Any]) -> None:
+    """BentoML publishes OpenAPI 3.0, where ``exclusiveMinimum``/``exclusiveMaximum`` are
+    booleans beside ``minimum``/``maximum`` (JSON Schema 2020's numeric form is invalid there)."""
+    targets = schema.get("anyOf", [schema])
+    for part in targets:
+        for bound, flag in (("minimum", "exclusiveMinimum"), ("maximum", "exclusiveMaximum")):
+            if isinstance(part.get(flag), (int, float)) and not isinstance(part[flag], bool):
+                part[bound], part[flag] = part[flag], True
+
+
 class AnomalyScoreRequest(_Request):
     x: Rows
     target_fpr: float | None = Field(
-        None, gt=0, lt=1, description="override the model's calibrated false-positive rate"
+        None, gt=0, lt=1, description="override the model's calibrated false-positive rate",
+        json_schema_extra=_openapi30_open_interval,
     )
 
 

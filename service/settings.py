@@ -6,9 +6,9 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
-__all__ = ["Settings", "load_settings"]
+__all__ = ["Settings", "SettingsError", "load_settings"]
 
 ENV_PREFIX = "GENSERVE_"
 
@@ -33,6 +33,9 @@ class Settings(BaseModel):
     max_body_bytes: int = Field(8 << 20, ge=1024, description="request body size limit")
     timeout_s: int = Field(60, ge=1, description="request timeout (BentoML traffic.timeout)")
     max_concurrency: int | None = Field(None, ge=1, description="requests in flight per service")
+    max_queue: int = Field(512, ge=1, description="verb requests queued or running per worker; "
+                           "beyond it a fast 503 with Retry-After")
+    retry_after_s: int = Field(1, ge=1, le=3600, description="Retry-After of overload answers")
     # access control and transport security (docs/SECURITY.md)
     api_keys: SecretStr | None = Field(None, description="inline API keys, name:token,...")
     api_keys_file: Path | None = Field(None, description="API key file (JSON or name:token lines)")
@@ -59,4 +62,15 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
         raw = environ.get(ENV_PREFIX + name.upper())
         if raw is not None and raw != "":
             values[name] = raw
-    return Settings.model_validate(values)
+    try:
+        return Settings.model_validate(values)
+    except ValidationError as err:
+        problems = []
+        for e in err.errors():
+            loc = ENV_PREFIX + str(e["loc"][0]).upper() if e["loc"] else "GENSERVE_*"
+            problems.append(f"{loc}: {e['msg']}")
+        raise SettingsError("invalid settings: " + "; ".join(problems)) from None
+
+
+class SettingsError(ValueError):
+    """A ``GENSERVE_*`` variable holds a value the service cannot use (one line, no secrets)."""

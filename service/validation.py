@@ -27,6 +27,7 @@ __all__ = [
 
 ODE_SOLVERS = ("euler", "heun", "midpoint", "rk4", "dopri5")
 DIFFUSION_SAMPLERS = ("ddpm", "ddim", "dpmpp2m")
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 class RequestError(Exception):
@@ -131,6 +132,11 @@ def check_rows(x: Any, card: ModelCard, max_rows: int) -> np.ndarray:
         r, c = np.argwhere(bad)[0]
         raise RequestError(400, f"'x' has a non-finite value at row {r}, column {c}; "
                            "every value must be a finite number")
+    huge = np.abs(arr) > FLOAT32_MAX
+    if huge.any():
+        r, c = np.argwhere(huge)[0]
+        raise RequestError(400, f"'x' has a value beyond float32 range at row {r}, column {c}; "
+                           f"values must lie within ±{FLOAT32_MAX:.4g}")
     return arr
 
 

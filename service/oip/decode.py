@@ -1,0 +1,63 @@
+"""A request that is not valid protobuf is the caller's error: INVALID_ARGUMENT, not UNKNOWN.
+
+grpcio answers a message its deserializer cannot parse with UNKNOWN ("Unexpected
+DecodeError"), the status of a server fault. This interceptor wraps every unary-unary
+handler's deserializer: a message that does not parse becomes a marker, and the handler then
+aborts with INVALID_ARGUMENT and a message naming the expected type.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError
+
+__all__ = ["DecodeErrorInterceptor"]
+
+
+class _Undecodable:
+    def __init__(self, type_name: str) -> None:
+        self.type_name = type_name
+
+
+def _safe(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+    type_name = getattr(getattr(deserializer, "__self__", None), "DESCRIPTOR", None)
+    type_name = type_name.full_name if type_name is not None else "the request message"
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except (DecodeError, ValueError, TypeError):
+            return _Undecodable(type_name)
+
+    return parse
+
+
+def _guarded(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if isinstance(request, _Undecodable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"the request is not a valid {request.type_name} message "
+                                "(protobuf wire format)")
+        return await behavior(request, context)
+
+    return call
+
+
+class DecodeErrorInterceptor(grpc.aio.ServerInterceptor):
+    async def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Any:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        return grpc.unary_unary_rpc_method_handler(
+            _guarded(handler.unary_unary),
+            request_deserializer=_safe(handler.request_deserializer),
+            response_serializer=handler.response_serializer,
+        )

@@ -1,0 +1,192 @@
+"""Overload, timeouts and faults against real `bentoml serve` processes: a full queue answers a
+fast 503 with Retry-After (UNAVAILABLE over gRPC), a request past its timeout answers 504 and
+the service goes on, a killed worker is replaced without anyone's help, and SIGTERM lets the
+requests in flight finish before the process exits."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import psutil
+import pytest
+from test_grpc import grpc_process
+
+from service.devserver import Server, running_server
+from service.oip import grpc_predict_v2_pb2 as pb
+from service.oip import grpc_predict_v2_pb2_grpc as pb_grpc
+
+QUEUE, TIMEOUT_S = 2, 8
+SMALL = {"model": "moons-nsf", "x": [[0.1, 0.2]]}
+
+
+@pytest.fixture(scope="module")
+def busy(served_models: Path, tmp_path_factory: pytest.TempPathFactory):
+    log = tmp_path_factory.mktemp("busy") / "server.log"
+    env = {"GENSERVE_MAX_QUEUE": str(QUEUE), "GENSERVE_TIMEOUT_S": str(TIMEOUT_S),
+           "GENSERVE_MAX_STEPS": "1000000", "GENSERVE_MAX_SAMPLES": "20000",
+           "GENSERVE_RETRY_AFTER_S": "2"}
+    with running_server(served_models, log, env=env) as s:
+        yield s
+
+
+def _slow_body(server: Server, seconds: float) -> dict:
+    """A /sample request that keeps a worker busy for about ``seconds`` (measured here)."""
+    body = {"model": "moons-cfm", "n": 2000, "solver": "euler", "steps": 200}
+    start = time.perf_counter()
+    status, out = server.post("/sample", body)
+    assert status == 200, out
+    per_step = (time.perf_counter() - start) / 200
+    return dict(body, steps=int(min(1_000_000, max(200, seconds / per_step))))
+
+
+def _post_with_headers(server: Server, path: str, body: bytes) -> tuple[int, dict, float]:
+    req = urllib.request.Request(server.url + path, data=body, method="POST",
+                                 headers={"Content-Type": "application/json"})
+    start = time.perf_counter()
+    try:
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            resp.read()
+            return resp.status, _lower(resp.headers), time.perf_counter() - start
+    except urllib.error.HTTPError as err:
+        err.read()
+        return err.code, _lower(err.headers), time.perf_counter() - start
+
+
+def _lower(headers) -> dict:
+    return {k.lower(): v for k, v in headers.items()}
+
+
+def test_a_full_queue_answers_503_at_once_with_a_retry_hint(busy: Server) -> None:
+    import json
+
+    slow = json.dumps(_slow_body(busy, 2.5)).encode()
+    with ThreadPoolExecutor(12) as pool:
+        results = list(pool.map(lambda _: _post_with_headers(busy, "/sample", slow), range(12)))
+    ok = [r for r in results if r[0] == 200]
+    rejected = [r for r in results if r[0] == 503]
+    assert len(ok) + len(rejected) == 12, [r[0] for r in results]
+    assert 1 <= len(ok) <= QUEUE and len(rejected) >= 12 - QUEUE
+    for _, headers, seconds in rejected:
+        assert headers.get("retry-after") == "2"
+        assert seconds < 1.0, f"a rejection took {seconds:.2f} s"
+    status, out = busy.post("/log_likelihood", SMALL)  # and it serves again at once
+    assert status == 200, out
+
+
+def test_overload_reaches_grpc_as_unavailable(busy: Server, tmp_path: Path) -> None:
+    import json
+
+    slow = json.dumps(_slow_body(busy, 4.0)).encode()
+    with grpc_process(busy.url, tmp_path / "grpc.log") as (address, _):
+        with grpc.insecure_channel(address) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            req = pb.ModelInferRequest(model_name="moons-nsf.log_likelihood")
+            t = req.inputs.add(name="x", datatype="FP32", shape=[1, 2])
+            t.contents.fp32_contents.extend([0.1, 0.2])
+
+            def grpc_call() -> tuple[str, str, dict]:
+                try:
+                    stub.ModelInfer(req, timeout=30)
+                    return "OK", "", {}
+                except grpc.RpcError as err:
+                    return err.code().name, err.details(), dict(err.trailing_metadata() or ())
+
+            assert grpc_call()[0] == "OK"  # warms the gRPC side's model list
+            # more holders than the queue admits, all at once: the queue fills, the rest 503
+            hold = [threading.Thread(target=_post_with_headers, args=(busy, "/sample", slow))
+                    for _ in range(QUEUE + 2)]
+            for th in hold:
+                th.start()
+            time.sleep(0.5)
+            deadline = time.monotonic() + 30  # until the queue is seen full over HTTP
+            while busy.post("/log_likelihood", SMALL)[0] != 503:
+                assert time.monotonic() < deadline, "the queue never filled"
+                time.sleep(0.05)
+            code, details, metadata = grpc_call()
+            for th in hold:
+                th.join()
+            assert code == "UNAVAILABLE" and "at capacity" in details, (code, details)
+            assert metadata.get("retry-after") == "2", metadata
+            assert grpc_call()[0] == "OK"
+
+
+def test_request_timeout_is_enforced_and_the_service_goes_on(busy: Server) -> None:
+    import json
+
+    slow = json.dumps(_slow_body(busy, TIMEOUT_S * 3)).encode()
+    status, _, seconds = _post_with_headers(busy, "/sample", slow)
+    assert status == 504 and TIMEOUT_S - 0.5 < seconds < TIMEOUT_S + 2.0, (status, seconds)
+    deadline = time.monotonic() + 60  # the abandoned batch may still hold the worker a while
+    while True:
+        status, out = busy.post("/log_likelihood", SMALL)
+        if status == 200 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert status == 200, out
+
+
+def _workers(server: Server) -> list[psutil.Process]:
+    return [p for p in psutil.Process(server.proc.pid).children(recursive=True)
+            if "_bentoml_impl.worker" in " ".join(p.cmdline())]
+
+
+def test_a_killed_worker_is_replaced_and_service_recovers(busy: Server) -> None:
+    (worker,) = _workers(busy)
+    results: list[tuple[float, object]] = []
+    stop = time.monotonic() + 600
+
+    def load() -> None:
+        while time.monotonic() < stop:
+            try:
+                status, _ = busy.post("/log_likelihood", SMALL, timeout=10)
+            except OSError as err:
+                status = type(err).__name__
+            results.append((time.monotonic(), status))
+            time.sleep(0.02)
+
+    threads = [threading.Thread(target=load) for _ in range(QUEUE)]
+    for th in threads:
+        th.start()
+    time.sleep(1.0)
+    killed_at = time.monotonic()
+    os.kill(worker.pid, signal.SIGKILL)
+    recovered = None
+    while time.monotonic() < killed_at + 90:
+        time.sleep(0.5)
+        late = [s for t, s in results if t > time.monotonic() - 2]
+        if len(late) >= 8 and all(s in (200, 503) for s in late) and 200 in late:
+            recovered = time.monotonic() - killed_at
+            break
+    stop = 0
+    for th in threads:
+        th.join()
+    assert recovered is not None, sorted({str(s) for _, s in results})
+    (replacement,) = _workers(busy)
+    assert replacement.pid != worker.pid
+    assert busy.get("/readyz")[0] == 200
+    assert sum(s == 200 for t, s in results if t < killed_at) > 0
+
+
+def test_sigterm_drains_requests_in_flight(served_models: Path, tmp_path: Path) -> None:
+    import json
+
+    env = {"GENSERVE_MAX_STEPS": "1000000", "GENSERVE_MAX_SAMPLES": "20000"}
+    with running_server(served_models, tmp_path / "drain.log", env=env) as s:
+        slow = json.dumps(_slow_body(s, 3.0)).encode()
+        answer: dict = {}
+        th = threading.Thread(target=lambda: answer.update(
+            r=_post_with_headers(s, "/sample", slow)))
+        th.start()
+        time.sleep(1.0)
+        os.killpg(s.proc.pid, signal.SIGTERM)
+        th.join(timeout=120)
+        assert answer["r"][0] == 200, answer
+        assert s.proc.wait(timeout=60) == 0
