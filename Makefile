@@ -38,6 +38,8 @@ bench: install
 	$(BIN)/python -m bench.runtimes --threads 1 2
 	$(BIN)/python -m bench.serving
 	$(BIN)/python -m bench.anomaly
+	$(BIN)/python -m bench.images
+	$(BIN)/python -m bench.soak
 
 lint: install
 	$(BIN)/python -m ruff check training service tests bench
