@@ -23,9 +23,10 @@ def command(name: str) -> Callable[[Callable[[argparse.Namespace], int]], Any]:
 
 
 def _model_types_help() -> str:
-    from training.registry import MODEL_TYPES
+    from training.registry import ALL_MODEL_TYPES, IMAGE_MODEL_TYPES
 
-    return "; ".join(f"{k} ({v.family})" for k, v in MODEL_TYPES.items())
+    return "; ".join(f"{k} ({v.family}{', images' if k in IMAGE_MODEL_TYPES else ''})"
+                     for k, v in ALL_MODEL_TYPES.items())
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
