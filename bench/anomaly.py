@@ -46,7 +46,6 @@ import shlex  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-from concurrent.futures import ProcessPoolExecutor, as_completed  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -403,6 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke test: 60 training steps")
     parser.add_argument("--no-write", action="store_true", help="print only; write nothing")
     args = parser.parse_args(argv)
+    from bench.jobs import run_jobs
     from bench.report import machine_line, write_section
 
     sets = args.sets or ALL_SETS
@@ -420,14 +420,7 @@ def main(argv: list[str] | None = None) -> int:
               f" {line}", flush=True)
         results.extend(rows)
 
-    if args.jobs <= 1:
-        for s, seed in units:
-            report(run_unit(s, seed, args.quick))
-    else:
-        with ProcessPoolExecutor(args.jobs) as pool:
-            futures = [pool.submit(run_unit, s, seed, args.quick) for s, seed in units]
-            for fut in as_completed(futures):
-                report(fut.result())
+    run_jobs(run_unit, [(s, seed, args.quick) for s, seed in units], args.jobs, report)
     wall = time.perf_counter() - start
     payload: dict[str, Any] = {"command": command.strip(), "machine": machine_line(),
                                "quick": args.quick, "jobs": args.jobs, "wall_seconds": wall,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import platform
 import re
@@ -40,12 +41,19 @@ def write_section(name: str, markdown: str, path: Path = BENCHMARKS) -> None:
     """Replace (or append) the block between ``<!-- BEGIN name -->`` and ``<!-- END name -->``."""
     begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
     block = f"{begin}\n{markdown.strip()}\n{end}"
-    text = path.read_text() if path.exists() else HEADER
-    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
-    text = pattern.sub(lambda _: block, text) if pattern.search(text) else (
-        text.rstrip() + "\n\n" + block + "\n")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".BENCHMARKS.")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+    # Benchmarks write their sections from separate processes: hold an exclusive lock on the
+    # folder from reading the file to replacing it, so no writer drops another's section.
+    lock = os.open(path.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        text = path.read_text() if path.exists() else HEADER
+        pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
+        text = pattern.sub(lambda _: block, text) if pattern.search(text) else (
+            text.rstrip() + "\n\n" + block + "\n")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".BENCHMARKS.")
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    finally:
+        os.close(lock)
