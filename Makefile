@@ -6,6 +6,8 @@ STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 HOST   ?= 127.0.0.1
 PORT   ?= 3000
 GRPC_PORT ?= 8001
+# test processes (pytest-xdist): CI has 2 cores; each worker builds the fixtures it needs
+TEST_WORKERS ?= 2
 
 .PHONY: install serve test models bench lint clean
 
@@ -23,9 +25,9 @@ install: $(STAMP)
 serve: install
 	$(BIN)/genserve serve --host $(HOST) --port $(PORT) --grpc-port $(GRPC_PORT)
 
-## test: the executable specification (pytest's exit 5, no tests collected, is a failure)
+## test: the executable specification, 2 processes (pytest's exit 5, no tests, is a failure)
 test: install
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist load --durations=15
 
 ## models: rebuild the committed default artifacts in exported_models/ (seeded)
 models: install
