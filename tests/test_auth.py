@@ -28,7 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.access_log import access_logger, log_access
 from service.auth import KeyFileError, KeyStore, RateLimiter, parse_keys, security_config
-from service.devserver import free_port, running_server
+from service.devserver import free_port, running_server, stop
 from service.grpc_server import _http_error
 from service.oip import grpc_predict_v2_pb2 as pb
 from service.oip import grpc_predict_v2_pb2_grpc as pb_grpc
@@ -246,13 +246,7 @@ def grpc_process(http_url: str, env: dict[str, str], log: Path):
                 time.sleep(0.2)
         yield f"127.0.0.1:{port}", proc
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop(proc, grace_s=15)
 
 
 @pytest.fixture(scope="module")

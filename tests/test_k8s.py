@@ -16,7 +16,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -26,7 +25,7 @@ import jsonschema
 import pytest
 import yaml
 
-from service.devserver import free_port
+from service.devserver import free_port, stop
 from service.settings import ENV_PREFIX, Settings, load_settings
 
 kv = pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate")
@@ -463,13 +462,7 @@ def test_grpc_sidecar_command_serves_health_against_the_real_service(rendered, s
                     status = stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status
                 time.sleep(0.2)
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop(proc, grace_s=15)
 
 
 # --- the image: BentoML's generated Dockerfile, from a real offline build --------------------
