@@ -26,7 +26,7 @@ from service.metrics import REQUESTS
 from service.settings import Settings, load_settings
 from service.validation import ModelCard, RequestError, validate_verb
 
-__all__ = ["KEY_REQUESTS", "BoundaryMiddleware", "load_cards"]
+__all__ = ["KEY_REQUESTS", "VERB_PATHS", "BoundaryMiddleware", "load_cards", "send_json"]
 
 # Key names are operator-configured (bounded); "none" = no valid token, "anonymous" = auth off.
 KEY_REQUESTS = bentoml.metrics.Counter(
@@ -55,7 +55,7 @@ def load_cards(models_dir: Path) -> dict[str, ModelCard]:
     return cards
 
 
-async def _send_json(send: Any, status: int, payload: dict,
+async def send_json(send: Any, status: int, payload: dict,
                      headers: list[tuple[bytes, bytes]] | None = None) -> None:
     body = json.dumps(payload).encode()
     await send({"type": "http.response.start", "status": status,
@@ -101,7 +101,7 @@ class BoundaryMiddleware:
         if path == "/metrics" and self.metrics_keys.enabled:
             if self.metrics_keys.authenticate(_header(scope, b"authorization")) is None:
                 err = _unauthorized()
-                return await _send_json(send, 401, {"error": err.message}, err.headers)
+                return await send_json(send, 401, {"error": err.message}, err.headers)
         if path == "/models" and scope.get("method") == "GET":
             return await self._get_models(scope, receive, send)
         verb = VERB_PATHS.get(path)
@@ -125,7 +125,7 @@ class BoundaryMiddleware:
             seen["status"] = err.status
             REQUESTS.labels(model="unknown", verb=verb, status=str(err.status)).inc()
             extra = getattr(err, "extra", {})
-            await _send_json(send, err.status, {"error": err.message, **extra},
+            await send_json(send, err.status, {"error": err.message, **extra},
                              getattr(err, "headers", []))
         finally:
             label = seen["key"] or ("none" if self.keys.enabled else "anonymous")

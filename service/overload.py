@@ -16,15 +16,14 @@ the hint on as ``retry-after`` trailing metadata (docs/GRPC.md).
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
+from service.boundary import VERB_PATHS, send_json
 from service.metrics import OVERLOAD
 from service.settings import Settings, load_settings
 
 __all__ = ["OverloadMiddleware"]
 
-VERB_PATHS = frozenset({"/sample", "/log_likelihood", "/anomaly_score"})
 RETRY_STATUSES = frozenset({503})
 
 
@@ -39,20 +38,15 @@ class OverloadMiddleware:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope.get("path") not in VERB_PATHS:
             return await self.app(scope, receive, send)
-        verb = scope["path"].lstrip("/")
+        verb = VERB_PATHS[scope["path"]]
         limit = self.settings.max_queue
         retry = str(self.settings.retry_after_s).encode()
         if self.in_flight >= limit:
             OVERLOAD.labels(verb=verb).inc()
-            body = json.dumps({"error": f"the server is at capacity: {limit} requests are "
-                               f"already queued on this worker (GENSERVE_MAX_QUEUE); retry "
-                               f"after {self.settings.retry_after_s} s"}).encode()
-            await send({"type": "http.response.start", "status": 503,
-                        "headers": [(b"content-type", b"application/json"),
-                                    (b"content-length", str(len(body)).encode()),
-                                    (b"retry-after", retry)]})
-            await send({"type": "http.response.body", "body": body})
-            return None
+            return await send_json(send, 503, {
+                "error": f"the server is at capacity: {limit} requests are already queued on "
+                         f"this worker (GENSERVE_MAX_QUEUE); retry after "
+                         f"{self.settings.retry_after_s} s"}, [(b"retry-after", retry)])
 
         async def send_with_hint(message: dict) -> None:
             if message["type"] == "http.response.start" and message["status"] in RETRY_STATUSES:
