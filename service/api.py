@@ -17,7 +17,7 @@ import bentoml
 
 from service.auth import security_config
 from service.batching import Answers, Parts, error_answer, register_containers, rows_of
-from service.boundary import BoundaryMiddleware
+from service.boundary import VERB_PATHS, BoundaryMiddleware
 from service.metrics import ANOMALIES, BATCH_ROWS, GRAPH_SECONDS, MODELS_LOADED, REQUESTS, ROWS
 from service.models import ModelSet
 from service.overload import OverloadMiddleware
@@ -58,8 +58,18 @@ def _traffic() -> dict[str, Any]:
     return traffic
 
 
+def _observability() -> dict[str, Any]:
+    """BentoML's own access log is off: ``genserve.access`` is the access log, and a second
+    line per request cost about a third of the server's time per request. Tracing spans of
+    the verbs are opt-in (``GENSERVE_TRACING``): with no exporter they are pure overhead."""
+    config: dict[str, Any] = {"logging": {"access": {"enabled": False}}}
+    if not SETTINGS.tracing:
+        config["tracing"] = {"excluded_urls": list(VERB_PATHS)}
+    return config
+
+
 @bentoml.service(name="genserve", workers=SETTINGS.workers, traffic=_traffic(),
-                  **security_config(SETTINGS))
+                  **_observability(), **security_config(SETTINGS))
 class GenServe:
     """Every model of ``GENSERVE_MODELS_DIR`` behind three verbs."""
 

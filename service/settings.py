@@ -44,6 +44,8 @@ class Settings(BaseModel):
     rate_limit_rps: float | None = Field(None, gt=0, description="requests/s per key")
     rate_limit_burst: int | None = Field(None, ge=1, description="token bucket size per key")
     access_log: bool = Field(True, description="JSON access log lines on stderr")
+    tracing: bool = Field(False, description="OpenTelemetry spans for the verb requests "
+                          "(BentoML's tracing config picks the exporter)")
     tls_certfile: Path | None = Field(None, description="TLS certificate (PEM) for HTTP and gRPC")
     tls_keyfile: Path | None = Field(None, description="TLS private key (PEM) for HTTP and gRPC")
 
