@@ -16,7 +16,14 @@ from typing import Any
 import bentoml
 
 from service.auth import security_config
-from service.batching import Answers, Parts, error_answer, register_containers, rows_of
+from service.batching import (
+    Answers,
+    Parts,
+    cap_batch_wait,
+    error_answer,
+    register_containers,
+    rows_of,
+)
 from service.boundary import VERB_PATHS, BoundaryMiddleware
 from service.metrics import ANOMALIES, BATCH_ROWS, GRAPH_SECONDS, MODELS_LOADED, REQUESTS, ROWS
 from service.models import ModelSet
@@ -42,6 +49,7 @@ try:
 except SettingsError as err:  # one line at start-up, not a traceback
     raise SystemExit(f"genserve: {err}") from None
 register_containers()
+cap_batch_wait(SETTINGS.max_batch_wait_ms / 1000)
 
 
 def _batching() -> dict[str, Any]:

@@ -26,6 +26,8 @@ class Settings(BaseModel):
     batching: bool = Field(True, description="adaptive batching on (off: one request per call)")
     max_batch_rows: int = Field(4096, ge=2, description="adaptive batching: rows per batch")
     max_latency_ms: int = Field(10000, ge=1, description="adaptive batching: queueing bound")
+    max_batch_wait_ms: float = Field(5.0, ge=0, description="adaptive batching: longest a "
+                                     "request is held back to wait for others")
     max_rows: int = Field(10000, ge=1, description="rows of x per request")
     max_samples: int = Field(10000, ge=1, description="n per /sample request")
     max_steps: int = Field(1000, ge=1, description="solver steps per request")

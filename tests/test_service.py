@@ -11,6 +11,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.runtime import ModelRuntime
+from service.settings import Settings
 
 FAMILY_MODELS = {"flow": "moons-nsf", "diffusion": "moons-ddpm", "flow_matching": "moons-cfm"}
 X = [[0.1, 0.2], [1.0, -0.3], [-0.7, 0.4]]
@@ -242,3 +243,27 @@ def test_metrics_add_up_across_two_workers(served_models, tmp_path) -> None:
             assert _sum(after, "genserve_rows_total", model="moons-nsf",
                         verb="log_likelihood") == 3 * n
         assert _sum(after, "genserve_models_loaded", state="ok") == 3
+
+
+def test_batch_wait_learned_under_load_is_capped() -> None:
+    """BentoML's dispatcher learns its hold-back wait from the first request's queueing time;
+    after a burst behind slow batches that is ~0.3 s, and lone requests were then held that
+    long. ``cap_batch_wait`` bounds it (the real BentoML optimizer, fed a burst's statistics)."""
+    from bentoml._internal.marshal.dispatcher import Optimizer
+
+    from service.batching import cap_batch_wait
+
+    def after_burst() -> float:
+        opt = Optimizer(max_latency=10.0)
+        for _ in range(60):  # (rows in batch, duration s, wait of its first request s)
+            opt.log_outbound(n=32, wait=0.3, duration=0.1)
+        opt.trigger_refresh()
+        return opt.wait
+
+    try:
+        cap_batch_wait(10.0)  # a cap above the burst's wait changes nothing
+        assert after_burst() == pytest.approx(0.3)
+        cap_batch_wait(0.005)  # the service's default (GENSERVE_MAX_BATCH_WAIT_MS=5)
+        assert after_burst() == pytest.approx(0.005)
+    finally:
+        cap_batch_wait(Settings().max_batch_wait_ms / 1000)
