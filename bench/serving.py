@@ -172,6 +172,49 @@ def run_grpc(models: Path, duration: int, concurrency: list[int]) -> list[dict]:
     return rows
 
 
+def lone_latency_ms(url: str, body: dict, requests: int = 40) -> float:
+    """Median latency of back-to-back requests from one keep-alive client (after 5 warm-ups)."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+    payload, headers = json.dumps(body), {"Content-Type": "application/json"}
+    times = []
+    try:
+        for i in range(requests + 5):
+            start = time.perf_counter()
+            conn.request("POST", "/log_likelihood", body=payload, headers=headers)
+            response = conn.getresponse()
+            response.read()
+            if response.status != 200:
+                raise RuntimeError(f"lone request answered {response.status}")
+            if i >= 5:
+                times.append(time.perf_counter() - start)
+    finally:
+        conn.close()
+    return 1000 * statistics.median(times)
+
+
+def run_after_burst(models: Path, burst_s: int = 8) -> list[dict]:
+    """A lone 1-row flow request on a fresh server, then after a burst of PF-ODE requests at
+    concurrency 64 on the same verb, with the batch hold-back capped (the default) and not."""
+    fast, slow = scenarios(models)[1]["body"], scenarios(models)[0]["body"]
+    rows = []
+    for label, cap in (("capped (GENSERVE_MAX_BATCH_WAIT_MS=5, default)", "5"),
+                       ("uncapped (BentoML's learned wait)", "1e9")):
+        log = Path(tempfile.mkdtemp()) / "server.log"
+        env = {"GENSERVE_MAX_LATENCY_MS": "30000", "GENSERVE_MAX_BATCH_WAIT_MS": cap}
+        with running_server(models, log, env=env) as server:
+            fresh = lone_latency_ms(server.url, fast)
+            wrk(server.url + "/log_likelihood", slow, 64, burst_s)
+            time.sleep(2)
+            after = lone_latency_ms(server.url, fast)
+        rows.append({"hold_back": label, "fresh_ms": fresh, "after_burst_ms": after})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def run(models: Path, duration: int, concurrency: list[int]) -> dict:
     """Each (request kind, batching) pair gets a fresh server: BentoML's adaptive dispatcher
     learns its queueing wait from history, and one scenario's load must not set the next's."""
@@ -196,6 +239,7 @@ def run(models: Path, duration: int, concurrency: list[int]) -> dict:
                           "concurrency": c, "rows_per_s": r["rps"] * s["rows"]}
                     results["served"].append(r)
                     print(json.dumps(r), flush=True)
+    results["after_burst"] = run_after_burst(models)
     results["load_after"] = os.getloadavg()[0]
     return results
 
@@ -233,7 +277,27 @@ runtime would get per call.
 
 Targets: batching gives at least 5x the rows/s of no batching at concurrency 64 (1-row
 requests); served rows/s at least 50 % of the in-process ceiling for 64-row requests.
-{grpc_section(results)}"""
+{burst_section(results)}{grpc_section(results)}"""
+
+
+def burst_section(results: dict) -> str:
+    if not results.get("after_burst"):
+        return ""
+    table = markdown_table(
+        ["batch hold-back", "lone 1-row nsf, fresh server (median ms)",
+         "the same after 8 s of PF-ODE load at c=64 (median ms)"],
+        [[r["hold_back"], f"{r['fresh_ms']:.1f}", f"{r['after_burst_ms']:.1f}"]
+         for r in results["after_burst"]])
+    return f"""
+### A lone request after a burst
+
+BentoML's dispatcher (one per verb, shared by every model) learns how long to hold a request
+back for company from the queueing time of recent batches; behind a burst of slow batches
+that is hundreds of ms, and afterwards a lone request is held that long. genserve caps the
+learned wait (`GENSERVE_MAX_BATCH_WAIT_MS`, `service.batching.cap_batch_wait`):
+
+{table}
+"""
 
 
 def grpc_section(results: dict) -> str:
