@@ -213,6 +213,19 @@ def test_preprocessor_ladj_matches_jacobian(
     np.testing.assert_allclose(ladj.numpy(), rows, atol=1e-9)
 
 
+def test_frozen_preprocessor_is_the_same_map(
+    fitted: tuple[PreprocessConfig, Preprocessor, torch.Tensor],
+) -> None:
+    """The export form (standardize as an inference batch norm) changes no value."""
+    _, pre, x = fitted
+    frozen = pre.frozen()
+    (u, ladj), (uf, ladjf) = pre(x), frozen(x)
+    torch.testing.assert_close(uf, u, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(ladjf, ladj, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(frozen.inverse(u), pre.inverse(u), atol=1e-12, rtol=1e-12)
+    assert frozen.describe() == pre.describe() and not frozen.training
+
+
 def test_preprocessor_state_dict_round_trip(
     fitted: tuple[PreprocessConfig, Preprocessor, torch.Tensor],
 ) -> None:

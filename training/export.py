@@ -117,7 +117,7 @@ Graph = tuple[nn.Module, list[TensorSpec], list[TensorSpec]]
 def graph_modules(ckpt: Checkpoint) -> dict[str, Graph]:
     """Every graph of the checkpoint's family: name -> (module, inputs, outputs)."""
     d = ckpt.config.dim
-    model, pre = ckpt.model.eval(), ckpt.preprocessor.eval()
+    model, pre = ckpt.model.eval(), ckpt.preprocessor.eval().frozen()
     if hasattr(model, "frozen"):  # flows: precomputed inverses instead of triangular solves
         model = model.frozen()
     # I/O names must not collide with the exporter's internal value names (e.g. "div", "t").

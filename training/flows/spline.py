@@ -45,20 +45,32 @@ def _knots(raw: Tensor, bound: float, min_size: float) -> Tensor:
     sizes = min_size + (1 - min_size * bins) * raw.softmax(-1)
     interior = 2 * bound * sizes.cumsum(-1)[..., :-1] - bound
     # Pinning the end knots exactly keeps the spline continuous with the identity tails.
-    return F.pad(F.pad(interior, (1, 0), value=-bound), (0, 1), value=bound)
+    return _with_ends(interior, -bound, bound)
+
+
+# The forms below are chosen for the exported graphs, with the same values as the obvious
+# ones: ONNX Runtime's CPU kernels run Pad, Pow and small-axis GatherElements as slow loops.
+def _with_ends(t: Tensor, first: float, last: float) -> Tensor:
+    """``t: (..., n)`` -> ``(..., n + 2)`` with constant ends (``F.pad`` by concatenation)."""
+    zero = t[..., :1] * 0
+    return torch.cat([zero + first, t, zero + last], -1)
 
 
 def _gather(t: Tensor, index: Tensor) -> Tensor:
     return t.gather(-1, index).squeeze(-1)
 
 
+def _sq(t: Tensor) -> Tensor:
+    return t * t  # exactly torch.square; exports as Mul instead of Pow
+
+
 def _derivative(bin_: _Bin, theta: Tensor) -> Tensor:
     """``dy/dx`` inside the bin at relative position ``theta`` (Durkan et al. 2019, eq. 5)."""
     s, one_minus = bin_.slope, 1 - theta
-    numerator = s.square() * (
-        bin_.d1 * theta.square() + 2 * s * theta * one_minus + bin_.d0 * one_minus.square()
+    numerator = _sq(s) * (
+        bin_.d1 * _sq(theta) + 2 * s * theta * one_minus + bin_.d0 * _sq(one_minus)
     )
-    return numerator / _denominator(bin_, theta).square()
+    return numerator / _sq(_denominator(bin_, theta))
 
 
 def _denominator(bin_: _Bin, theta: Tensor) -> Tensor:
@@ -114,7 +126,7 @@ class RationalQuadraticSpline(Univariate):
         ys = _knots(params[..., k : 2 * k], self.bound, self.min_bin_size)
         raw = params[..., 2 * k :]
         interior = self.min_derivative + F.softplus(raw + self._derivative_offset)
-        return xs, ys, F.pad(interior, (1, 1), value=1.0)
+        return xs, ys, _with_ends(interior, 1.0, 1.0)
 
     def _locate(self, value: Tensor, params: Tensor, by_output: bool) -> _Bin:
         xs, ys, ds = self._spline(params)
@@ -140,7 +152,7 @@ class RationalQuadraticSpline(Univariate):
         theta = (x_in - bin_.x0) / bin_.width
         s = bin_.slope
         y = bin_.y0 + bin_.height * (
-            s * theta.square() + bin_.d0 * theta * (1 - theta)
+            s * _sq(theta) + bin_.d0 * theta * (1 - theta)
         ) / _denominator(bin_, theta)
         ladj = _derivative(bin_, theta).log()
         return torch.where(inside, y, x), torch.where(inside, ladj, torch.zeros_like(ladj))
@@ -155,7 +167,7 @@ class RationalQuadraticSpline(Univariate):
         a = bin_.height * (s - bin_.d0) + dy * curvature
         b = bin_.height * bin_.d0 - dy * curvature
         c = -s * dy
-        discriminant = (b.square() - 4 * a * c).clamp_min(0)
+        discriminant = (_sq(b) - 4 * a * c).clamp_min(0)
         theta = 2 * c / (-b - discriminant.sqrt())
         x = bin_.x0 + theta * bin_.width
         ladj = -_derivative(bin_, theta).log()
