@@ -82,6 +82,7 @@ class ReflowPlan:
     n_pairs: int = 20_000
     pair_steps: int | None = 64
     pair_solver: str = "rk4"
+    u_shape: float = 0.0  # U-shaped training times (ReflowMatcher); 0 = uniform
     # TrainConfig of the fine-tuning (the project's one loop, through ``reflow``)
     train: dict[str, Any] = field(default_factory=lambda: {
         "steps": 3000, "batch_size": 256, "lr": 3e-3, "ema_decay": 0.999})
@@ -182,7 +183,7 @@ def reflow_one(teacher: Any, plan: ReflowPlan, seed: int = SEED) -> tuple[Any, f
     start = time.perf_counter()
     cfg = TrainConfig(**({"seed": seed, "progress": False} | plan.train))
     student = reflow(teacher.model, plan.n_pairs, cfg, pair_steps=plan.pair_steps,
-                     pair_solver=plan.pair_solver)
+                     pair_solver=plan.pair_solver, u_shape=plan.u_shape)
     ckpt = Checkpoint(model=student, preprocessor=teacher.preprocessor, config=teacher.config)
     return ckpt, time.perf_counter() - start
 

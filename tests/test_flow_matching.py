@@ -150,6 +150,22 @@ def test_reflow_matcher_draws_only_bank_pairs() -> None:
     assert {tuple(p) for p in torch.cat([xp, zp], 1).tolist()} <= bank
 
 
+@pytest.mark.parametrize("a", [0.0, 2.0, 4.0])
+def test_reflow_time_law_matches_its_cdf(a: float) -> None:
+    """U-shaped reflow times: empirical CDF = (sinh(a(2t-1)) + sinh a) / (2 sinh a)."""
+    matcher = ReflowMatcher(torch.zeros(4, 2), torch.zeros(4, 2), u_shape=a)
+    t = matcher.sample_time(200_000, torch.Generator().manual_seed(0), torch.zeros(1))
+    assert t.dtype == torch.float32 and 0 <= t.min() and t.max() <= 1
+    grid = torch.linspace(0.05, 0.95, 19, dtype=torch.float64)
+    want = grid if a == 0 else (torch.sinh(a * (2 * grid - 1)) + math.sinh(a)) / (2 * math.sinh(a))
+    got = (t.double()[:, None] <= grid).double().mean(0)
+    torch.testing.assert_close(got, want, atol=4e-3, rtol=0)  # ~3.5 s.e. of a 200k-point CDF
+    ends = ((t < 0.1) | (t > 0.9)).double().mean()
+    assert (ends > 0.3) == (a > 0)  # uniform: 20 % near the ends; a = 2: 35 %, a = 4: 55 %
+    with pytest.raises(ValueError, match="u_shape"):
+        ReflowMatcher(torch.zeros(4, 2), torch.zeros(4, 2), u_shape=-1.0)
+
+
 @pytest.mark.parametrize("kind", ["cfm", "otcfm", "si"])
 def test_registry_builds_flow_matching(kind: str) -> None:
     model = build_model(kind, 3, CFG)

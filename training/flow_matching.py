@@ -77,9 +77,13 @@ class ConditionalFlowMatcher:
     ) -> tuple[Tensor, Tensor, Tensor]:
         """``t ~ U(0, 1)``: ``(batch,)``; ``x_t`` and target ``u_t``: ``(batch, dim)``."""
         x, z = self.pair(x, z, generator)
-        t = torch.rand(len(x), generator=generator, dtype=x.dtype, device=x.device)
+        t = self.sample_time(len(x), generator, x)
         x_t, u_t = self.interpolate(x, z, t, generator)
         return t, x_t, u_t
+
+    def sample_time(self, n: int, generator: torch.Generator | None, like: Tensor) -> Tensor:
+        """Training times ``(n,)``: uniform on ``[0, 1]``."""
+        return torch.rand(n, generator=generator, dtype=like.dtype, device=like.device)
 
 
 def exact_ot_permutation(x: Tensor, z: Tensor) -> Tensor:
@@ -158,13 +162,32 @@ class ReflowMatcher(ConditionalFlowMatcher):
     ``z, x: (pairs, dim)`` come from :func:`make_reflow_pairs`. ``pair`` ignores the batch
     it is given except for its size, and draws that many bank entries by index (with
     replacement) from ``generator``; so the one training loop can keep passing data batches.
+
+    With ``u_shape > 0`` the training times follow the U-shaped density
+    ``p(t) ∝ cosh(u_shape (2 t - 1))`` instead of ``U(0, 1)`` (Lee, Lin & Fanti, "Improving
+    the training of rectified flows", 2024): more weight at the ends, where one- and two-step
+    Euler samplers read the field (at ``t = 1`` the target ``z - x(z)`` is exactly the
+    one-step map). The minimiser at each ``t`` is unchanged; only the emphasis moves.
     """
 
-    def __init__(self, z: Tensor, x: Tensor) -> None:
+    def __init__(self, z: Tensor, x: Tensor, u_shape: float = 0.0) -> None:
         super().__init__(sigma_min=0.0)
         if z.shape != x.shape:
             raise ValueError(f"reflow pairs need equal shapes, got {z.shape} and {x.shape}")
+        if not u_shape >= 0:
+            raise ValueError(f"u_shape must be >= 0 (0 = uniform times), got {u_shape}")
         self.z, self.x = z.detach(), x.detach()
+        self.u_shape = float(u_shape)
+
+    def sample_time(self, n: int, generator: torch.Generator | None, like: Tensor) -> Tensor:
+        """Uniform, or U-shaped by inverting the CDF ``(sinh(a (2t-1)) + sinh a) / 2 sinh a``."""
+        a = self.u_shape
+        if a == 0:
+            return super().sample_time(n, generator, like)
+        u = torch.rand(n, generator=generator, dtype=torch.float64)
+        sinh_a = torch.sinh(torch.tensor(a, dtype=torch.float64))
+        t = (torch.asinh((2 * u - 1) * sinh_a) / a + 1) / 2
+        return t.to(dtype=like.dtype, device=like.device)
 
     def pair(
         self, x: Tensor, z: Tensor, generator: torch.Generator | None = None
@@ -257,6 +280,7 @@ def reflow(
     *,
     pair_steps: int | None = 32,
     pair_solver: str = "rk4",
+    u_shape: float = 0.0,
 ) -> FlowMatchingModel:
     """One round of rectified-flow reflow (Liu et al. 2023): a copy of ``model`` fine-tuned on
     ``n_pairs`` noise/sample pairs drawn from ``model`` itself; ``model`` is left untouched.
@@ -271,7 +295,7 @@ def reflow(
     with torch.no_grad():
         z, x = make_reflow_pairs(model, n_pairs, generator, steps=pair_steps, solver=pair_solver)
     student = copy.deepcopy(model)
-    student.matcher = ReflowMatcher(z, x)
+    student.matcher = ReflowMatcher(z, x, u_shape=u_shape)
     held_out = max(1, n_pairs // 10)
     data = x.detach().double().numpy()
     train_model(student, _Identity(), data[held_out:], data[:held_out], cfg)
