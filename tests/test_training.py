@@ -158,3 +158,18 @@ def test_cli_bad_input_messages(tmp_path: Path, capsys: pytest.CaptureFixture) -
     np.save(three, np.zeros((5, 3)))
     assert main(["evaluate", str(ckpt), "--data", str(three)]) == 2
     assert "3 columns" in capsys.readouterr().err
+
+
+def test_cli_reflow_records_its_time_law(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    teacher = tmp_path / "teacher"
+    tiny_checkpoint("otcfm", teacher, steps=10)
+    out = tmp_path / "reflowed"
+    args = ["reflow", str(teacher), "--pairs", "256", "--pair-steps", "4", "--steps", "5",
+            "--no-progress"]
+    assert main([*args, "--out", str(out), "--u-shape", "4"]) == 0
+    summary = load_checkpoint(out).config.summary["reflow"]
+    assert (summary["u_shape"], summary["pairs"], summary["rounds"]) == (4.0, 256, 1)
+    assert main([*args, "--out", str(tmp_path / "bad"), "--u-shape", "-1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == "genserve reflow: error: u_shape must be >= 0 (0 = uniform times), got -1.0"
+    assert not (tmp_path / "bad").exists()

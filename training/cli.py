@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="checkpoint directory to write")
     p.add_argument("--pairs", type=int, default=20000, help="noise/sample pairs (20000)")
     p.add_argument("--pair-steps", type=int, default=32, help="RK4 steps per pair (32)")
+    p.add_argument("--u-shape", type=float, default=0.0,
+                   help="U-shaped training times p(t) ~ cosh(a(2t-1)), more weight where 1-2 "
+                        "step samplers read the field (0 = uniform; docs/BENCHMARKS.md uses 4)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_train_args(p)
 
@@ -250,11 +253,12 @@ def _reflow(ns: argparse.Namespace) -> int:
         raise ValueError(f"reflow needs a flow-matching checkpoint; {ns.checkpoint} is a "
                          f"{teacher.config.family} model")
     cfg = TrainConfig(**_pick(ns, TrainConfig.model_fields), progress=not ns.no_progress)
-    student = reflow(teacher.model, ns.pairs, cfg, pair_steps=ns.pair_steps)
+    student = reflow(teacher.model, ns.pairs, cfg, pair_steps=ns.pair_steps, u_shape=ns.u_shape)
     config = teacher.config.model_copy(deep=True)
     config.train = cfg
     config.summary = {"reflow": {"teacher": str(ns.checkpoint), "pairs": ns.pairs,
-                                 "pair_steps": ns.pair_steps, "rounds": 1}}
+                                 "pair_steps": ns.pair_steps, "u_shape": ns.u_shape,
+                                 "rounds": 1}}
     save_checkpoint(Checkpoint(student, teacher.preprocessor, config), ns.out)
     print(f"saved {ns.out}: reflowed {config.model_type} ({ns.pairs} pairs)", file=sys.stderr)
     return 0
