@@ -58,6 +58,7 @@ LAYERS: dict[str, Callable[[int], Transform]] = {
     "lu_linear": LULinear,
     "frozen_lu_linear": LULinear,  # frozen after perturbation, see make_layer
     "reverse": Permutation.reverse,
+    "frozen_reverse": Permutation.reverse,  # the export form: a product with a 0/1 matrix
 }
 
 

@@ -197,3 +197,31 @@ class Permutation(Transform):
 
     def inverse(self, y: Tensor) -> Tensor:
         return y.index_select(-1, self.inverse_order)
+
+    def frozen(self) -> Transform:
+        """The same permutation as a product with a 0/1 matrix, for export.
+
+        ONNX Runtime's CPU Gather along the feature axis loops per row: at 4096 x 30 it took
+        2.7 ms against 0.19 ms for the MatMul. The product is exact for finite inputs (one
+        term is ``x * 1``, the rest add ``+0``); a non-finite input gives NaN instead of
+        passing through, which the runtime's floor treats alike.
+        """
+        return _MatrixPermutation(self.order)
+
+
+class _MatrixPermutation(Permutation):
+    """:class:`Permutation` as ``x @ P`` with ``P[order[j], j] = 1``."""
+
+    def __init__(self, order: Tensor) -> None:
+        super().__init__(order)
+        eye = torch.eye(len(self.order))
+        self.register_buffer("matrix", eye[:, self.order])  # x @ matrix == x[:, order]
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return x @ self.matrix.to(x.dtype), x.new_zeros(x.shape[0])
+
+    def inverse(self, y: Tensor) -> Tensor:
+        return y @ self.matrix.to(y.dtype).T
+
+    def frozen(self) -> Transform:
+        return self
