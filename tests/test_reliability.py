@@ -388,9 +388,11 @@ def test_logit_models_floor_rows_outside_the_unit_interval(tmp_path: Path) -> No
 
 # --- security basics ----------------------------------------------------------------------------
 
+# (?<![.\w]) before eval/exec/marshal: the builtins and the stdlib module, not attributes or
+# packages of the same name (e.g. bentoml._internal.marshal, the batching dispatcher).
 UNSAFE = re.compile(r"\bimport pickle\b|\bpickle\.|\bcloudpickle\b|allow_pickle\s*=\s*True|"
                     r"weights_only\s*=\s*False|(?<![.\w])eval\(|(?<![.\w])exec\(|"
-                    r"yaml\.load\(|marshal\.")
+                    r"yaml\.load\(|(?<![.\w])marshal\.")
 
 
 def test_no_unsafe_deserialisation_where_user_bytes_arrive() -> None:
