@@ -44,7 +44,11 @@ def fit_arrays(
     pre_cfg: PreprocessConfig | None = None,
     train_cfg: TrainConfig | None = None,
 ) -> Checkpoint:
-    """Train ``model_type`` on ``x_train`` (rows, dim) with early stopping on ``x_val``."""
+    """Train ``model_type`` on ``x_train`` (rows, dim), validating on ``x_val``.
+
+    The best-validation weights are kept; training stops early only when
+    ``train_cfg.patience`` is set (by default it runs ``train_cfg.steps``).
+    """
     from training.preprocess import Preprocessor
     from training.train import train_model
 
