@@ -403,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-write", action="store_true", help="print only; write nothing")
     args = parser.parse_args(argv)
     from bench.jobs import run_jobs
-    from bench.report import machine_line, write_section
+    from bench.report import machine_line, write_results
 
     sets = args.sets or ALL_SETS
     command = "python -m bench.anomaly " + " ".join(
@@ -439,11 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     markdown = render(payload)
     print(markdown)
     if not args.no_write:
-        JSON_PATH.parent.mkdir(parents=True, exist_ok=True)
-        tmp = JSON_PATH.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(payload, indent=1, default=float) + "\n")
-        os.replace(tmp, JSON_PATH)
-        write_section(SECTION, markdown)
+        write_results(SECTION, markdown, JSON_PATH, payload)
         print(f"[anomaly] wrote {JSON_PATH} and the '{SECTION}' section", flush=True)
     return 0
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shlex
 import sys
 import time
@@ -202,6 +201,25 @@ def _w2(ckpt: Any, ref: np.ndarray, solver: str | None, steps: int | None,
     return {"w2": wasserstein2(x, ref), "sample_seconds": seconds}
 
 
+def floor_draws(name: str, ref: np.ndarray) -> list[float]:
+    """W2 between fresh true draws of mixture ``name`` (as many points as ``ref``) and ``ref``."""
+    from training.data import gaussian_mixture
+    from training.metrics import wasserstein2
+
+    mixture = gaussian_mixture(name)
+    return [wasserstein2(mixture.sample(len(ref), np.random.default_rng(FLOOR_SEED + k))[0], ref)
+            for k in range(FLOOR_DRAWS)]
+
+
+def seeded_w2(ckpt: Any, ref: np.ndarray, solver: str | None, steps: int | None,
+              seeds: int) -> dict[str, Any]:
+    """W2 of ``seeds`` noise draws (from SAMPLE_SEED on): the draws, their mean and s.e."""
+    w2s = [_w2(ckpt, ref, solver, steps, seed)["w2"]
+           for seed in range(SAMPLE_SEED, SAMPLE_SEED + seeds)]
+    return {"w2_seeds": w2s, "w2": float(np.mean(w2s)),
+            "w2_se": float(np.std(w2s, ddof=1) / math.sqrt(len(w2s))) if len(w2s) > 1 else 0.0}
+
+
 def _loglik(ckpts: dict[str, Any], x: np.ndarray, truth: Any) -> dict[str, Any]:
     from training.evaluate import data_log_prob
     from training.metrics import likelihood_summary
@@ -250,8 +268,7 @@ def run_set(
     import torch
 
     torch.set_num_threads(1)
-    from training.data import gaussian_mixture, true_log_density
-    from training.metrics import wasserstein2
+    from training.data import true_log_density
 
     t0 = time.perf_counter()
     _, splits = load_splits(name, seed=seed)
@@ -259,9 +276,7 @@ def run_set(
     ref = rows[:held_out]
     if len(ref) < held_out:
         raise ValueError(f"{name}: {split} split has {len(ref)} rows, need {held_out}")
-    mixture = gaussian_mixture(name)
-    floors = [wasserstein2(mixture.sample(held_out, np.random.default_rng(FLOOR_SEED + k))[0],
-                           ref) for k in range(FLOOR_DRAWS)]
+    floors = floor_draws(name, ref)
     floor = float(np.mean(floors))
     out: dict[str, Any] = {
         "set": name, "dim": int(rows.shape[1]), "split": split, "held_out": held_out,
@@ -309,14 +324,10 @@ def run_set(
         m = METHODS[index]
         if m.model not in ckpts:
             continue
-        w2s = [_w2(ckpts[m.model], ref, m.solver, m.steps(nfe), seed)["w2"]
-               for seed in range(SAMPLE_SEED, SAMPLE_SEED + target_seeds)]
-        out["target_cells"][key] = {
-            "label": label, "nfe": nfe, "w2_seeds": w2s, "w2": float(np.mean(w2s)),
-            "w2_se": float(np.std(w2s, ddof=1) / math.sqrt(len(w2s))) if len(w2s) > 1 else 0.0,
-            "excess": float(np.mean(w2s)) - floor,
-        }
-        c = out["target_cells"][key]
+        c = {"label": label, "nfe": nfe} | seeded_w2(ckpts[m.model], ref, m.solver,
+                                                      m.steps(nfe), target_seeds)
+        c["excess"] = c["w2"] - floor
+        out["target_cells"][key] = c
         log(f"[families] {name}: {label}: W2 {c['w2']:.4f} ± {c['w2_se']:.4f} "
             f"(excess {c['excess']:+.4f}; {target_seeds} seeds)")
 
@@ -621,7 +632,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     write = not args.no_write and args.split == "test"
     if args.from_json:
-        from bench.report import write_section
+        from bench.report import write_results
 
         payload = json.loads(JSON_PATH.read_text())
         payload["notes"] = NOTES
@@ -630,10 +641,7 @@ def main(argv: list[str] | None = None) -> int:
         markdown = render(payload)
         print(markdown)
         if not args.no_write:
-            tmp = JSON_PATH.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(payload, indent=1, default=float) + "\n")
-            os.replace(tmp, JSON_PATH)
-            write_section(SECTION, markdown)
+            write_results(SECTION, markdown, JSON_PATH, payload)
         return 0
 
     plans = quick_plans(PLANS) if args.quick else PLANS
@@ -666,7 +674,7 @@ def main(argv: list[str] | None = None) -> int:
             merged_from = {"command": old["command"], "sets": [r["set"] for r in kept]}
     results.sort(key=lambda r: SETS.index(r["set"]))
 
-    from bench.report import machine_line, write_section
+    from bench.report import machine_line, write_results
 
     payload: dict[str, Any] = {
         "command": command, "machine": machine_line(), "quick": args.quick, "jobs": args.jobs,
@@ -678,11 +686,7 @@ def main(argv: list[str] | None = None) -> int:
     markdown = render(payload)
     print(markdown)
     if write:
-        JSON_PATH.parent.mkdir(parents=True, exist_ok=True)
-        tmp = JSON_PATH.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(payload, indent=1, default=float) + "\n")
-        os.replace(tmp, JSON_PATH)
-        write_section(SECTION, markdown)
+        write_results(SECTION, markdown, JSON_PATH, payload)
         print(f"[families] wrote {JSON_PATH} and the '{SECTION}' section", flush=True)
     return 0
 

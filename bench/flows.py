@@ -466,7 +466,7 @@ def publish(results: list[dict[str, Any]], *, command: str, quick: bool, jobs: i
     the configurations tried (``set``, ``kind``, ``overrides``, ``val_gap``, ...), kept across
     runs per (set, kind, overrides).
     """
-    from bench.report import machine_line, write_section
+    from bench.report import machine_line, write_results
 
     payload: dict[str, Any] = {
         "command": command,
@@ -505,11 +505,7 @@ def publish(results: list[dict[str, Any]], *, command: str, quick: bool, jobs: i
     payload["targets"] = targets(payload["results"], kinds_all)
     markdown = render(payload)
     if write:
-        JSON_PATH.parent.mkdir(parents=True, exist_ok=True)
-        tmp = JSON_PATH.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(payload, indent=1, default=float) + "\n")
-        os.replace(tmp, JSON_PATH)
-        write_section(SECTION, markdown)
+        write_results(SECTION, markdown, JSON_PATH, payload)
         print(f"[flows] wrote {JSON_PATH} and the '{SECTION}' section", flush=True)
     else:
         print(markdown)

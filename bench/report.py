@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import platform
 import re
@@ -57,3 +58,12 @@ def write_section(name: str, markdown: str, path: Path = BENCHMARKS) -> None:
         os.replace(tmp, path)
     finally:
         os.close(lock)
+
+
+def write_results(section: str, markdown: str, json_path: Path, payload: object) -> None:
+    """Write ``payload`` to ``json_path`` atomically, then the ``section`` of BENCHMARKS.md."""
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = json_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=1, default=float) + "\n")
+    os.replace(tmp, json_path)
+    write_section(section, markdown)

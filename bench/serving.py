@@ -199,7 +199,7 @@ def lone_latency_ms(url: str, body: dict, requests: int = 40) -> float:
 def run_after_burst(models: Path, burst_s: int = 8) -> list[dict]:
     """A lone 1-row flow request on a fresh server, then after a burst of PF-ODE requests at
     concurrency 64 on the same verb, with the batch hold-back capped (the default) and not."""
-    fast, slow = scenarios(models)[1]["body"], scenarios(models)[0]["body"]
+    slow, fast = (s["body"] for s in scenarios(models)[:2])
     rows = []
     for label, cap in (("capped (GENSERVE_MAX_BATCH_WAIT_MS=5, default)", "5"),
                        ("uncapped (BentoML's learned wait)", "1e9")):
