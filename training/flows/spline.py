@@ -49,7 +49,7 @@ def _knots(raw: Tensor, bound: float, min_size: float) -> Tensor:
 
 
 # The forms below are chosen for the exported graphs, with the same values as the obvious
-# ones: ONNX Runtime's CPU kernels run Pad, Pow and small-axis GatherElements as slow loops.
+# ones: ONNX Runtime's CPU kernels run Pad and Pow as slow loops.
 def _with_ends(t: Tensor, first: float, last: float) -> Tensor:
     """``t: (..., n)`` -> ``(..., n + 2)`` with constant ends (``F.pad`` by concatenation)."""
     zero = t[..., :1] * 0
