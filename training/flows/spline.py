@@ -12,7 +12,6 @@ import math
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from training.config import ModelConfig
@@ -39,29 +38,43 @@ class _Bin(NamedTuple):
         return self.height / self.width
 
 
+# Layout: the spline works on values flattened to ``(N,)`` (N = batch x features) and on
+# parameters, knots and derivatives laid out bins-first, ``(K, N)``. Every per-value
+# broadcast is then a ``(K, N)`` against ``(N,)`` one, and no tensor has a size-1 axis:
+# ONNX Runtime's CPU kernels run a broadcast over a size-1 axis (``(N, 1, K)`` against
+# ``(N, 1, 1)``, or even ``(N, 1)`` plus a scalar) element by element, about ten times
+# slower than the same op on ``(K, N)`` (docs/BENCHMARKS.md, graph runtimes). The values are
+# the same as in any other layout.
 def _knots(raw: Tensor, bound: float, min_size: float) -> Tensor:
-    """Unnormalised bin sizes ``(..., K)`` -> knots ``(..., K + 1)`` from ``-B`` to ``B``."""
-    bins = raw.shape[-1]
-    sizes = min_size + (1 - min_size * bins) * raw.softmax(-1)
-    interior = 2 * bound * sizes.cumsum(-1)[..., :-1] - bound
+    """Unnormalised bin sizes ``(K, N)`` -> knots ``(K + 1, N)`` from ``-B`` to ``B``."""
+    bins = raw.shape[0]
+    sizes = min_size + (1 - min_size * bins) * raw.softmax(0)
+    interior = 2 * bound * sizes.cumsum(0)[:-1] - bound
     # Pinning the end knots exactly keeps the spline continuous with the identity tails.
     return _with_ends(interior, -bound, bound)
 
 
 # The forms below are chosen for the exported graphs, with the same values as the obvious
-# ones: ONNX Runtime's CPU kernels run Pad and Pow as slow loops.
+# ones: ONNX Runtime's CPU kernels run Pad, Pow and Softplus as slow loops.
 def _with_ends(t: Tensor, first: float, last: float) -> Tensor:
-    """``t: (..., n)`` -> ``(..., n + 2)`` with constant ends (``F.pad`` by concatenation)."""
-    zero = t[..., :1] * 0
-    return torch.cat([zero + first, t, zero + last], -1)
+    """``t: (n, N)`` -> ``(n + 2, N)`` with constant first and last rows (``F.pad`` by
+    concatenation)."""
+    zero = t[:1] * 0
+    return torch.cat([zero + first, t, zero + last], 0)
 
 
 def _gather(t: Tensor, index: Tensor) -> Tensor:
-    return t.gather(-1, index).squeeze(-1)
+    """``t[index[n], n]`` for ``t: (K, N)``, ``index: (1, N)`` -> ``(N,)``."""
+    return t.gather(0, index).squeeze(0)
 
 
 def _sq(t: Tensor) -> Tensor:
     return t * t  # exactly torch.square; exports as Mul instead of Pow
+
+
+def _softplus(t: Tensor) -> Tensor:
+    """``log(1 + exp(t))`` in its overflow-free form (``F.softplus`` to float rounding)."""
+    return t.clamp_min(0) + (-t.abs()).exp().log1p()
 
 
 def _derivative(bin_: _Bin, theta: Tensor) -> Tensor:
@@ -120,46 +133,52 @@ class RationalQuadraticSpline(Univariate):
         self._derivative_offset = math.log(math.expm1(1 - min_derivative))
 
     def _spline(self, params: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``params`` -> x knots, y knots, derivatives, each ``(batch, n, K + 1)``."""
+        """``params: (3K - 1, N)`` -> x knots, y knots, derivatives, each ``(K + 1, N)``."""
         k = self.bins
-        xs = _knots(params[..., :k], self.bound, self.min_bin_size)
-        ys = _knots(params[..., k : 2 * k], self.bound, self.min_bin_size)
-        raw = params[..., 2 * k :]
-        interior = self.min_derivative + F.softplus(raw + self._derivative_offset)
+        xs = _knots(params[:k], self.bound, self.min_bin_size)
+        ys = _knots(params[k : 2 * k], self.bound, self.min_bin_size)
+        interior = self.min_derivative + _softplus(params[2 * k :] + self._derivative_offset)
         return xs, ys, _with_ends(interior, 1.0, 1.0)
 
     def _locate(self, value: Tensor, params: Tensor, by_output: bool) -> _Bin:
+        """The bin of each ``value: (N,)`` under ``params: (3K - 1, N)``."""
         xs, ys, ds = self._spline(params)
         knots = ys if by_output else xs
-        index = (value[..., None] >= knots[..., 1:-1]).sum(-1, keepdim=True)
+        index = (value >= knots[1:-1]).sum(0, keepdim=True)  # (1, N)
         x0, y0 = _gather(xs, index), _gather(ys, index)
         return _Bin(
             x0=x0,
             y0=y0,
-            width=_gather(xs[..., 1:], index) - x0,
-            height=_gather(ys[..., 1:], index) - y0,
+            width=_gather(xs[1:], index) - x0,
+            height=_gather(ys[1:], index) - y0,
             d0=_gather(ds, index),
-            d1=_gather(ds[..., 1:], index),
+            d1=_gather(ds[1:], index),
         )
 
-    def _inside(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def _flat(self, x: Tensor, params: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``x: (batch, n)``, ``params: (batch, n, 3K - 1)`` -> clamped values ``(N,)``, the
+        inside mask, the raw values and bins-first parameters ``(3K - 1, N)``."""
+        v = x.reshape(-1)
+        p = params.reshape(-1, self.params_per_dim).transpose(0, 1)
         # Clamping first keeps the unused spline branch finite, so torch.where has clean grads.
-        return (x >= -self.bound) & (x <= self.bound), x.clamp(-self.bound, self.bound)
+        inside = (v >= -self.bound) & (v <= self.bound)
+        return v.clamp(-self.bound, self.bound), inside, v, p
 
     def forward(self, x: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
-        inside, x_in = self._inside(x)
-        bin_ = self._locate(x_in, params, by_output=False)
+        x_in, inside, v, p = self._flat(x, params)
+        bin_ = self._locate(x_in, p, by_output=False)
         theta = (x_in - bin_.x0) / bin_.width
         s = bin_.slope
         y = bin_.y0 + bin_.height * (
             s * _sq(theta) + bin_.d0 * theta * (1 - theta)
         ) / _denominator(bin_, theta)
         ladj = _derivative(bin_, theta).log()
-        return torch.where(inside, y, x), torch.where(inside, ladj, torch.zeros_like(ladj))
+        return (torch.where(inside, y, v).reshape(x.shape),
+                torch.where(inside, ladj, torch.zeros_like(ladj)).reshape(x.shape))
 
     def inverse(self, y: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
-        inside, y_in = self._inside(y)
-        bin_ = self._locate(y_in, params, by_output=True)
+        y_in, inside, v, p = self._flat(y, params)
+        bin_ = self._locate(y_in, p, by_output=True)
         # Solve the quadratic a theta^2 + b theta + c = 0 in its cancellation-free form
         # (Durkan et al. 2019, eqs. 6-8).
         s, dy = bin_.slope, y_in - bin_.y0
@@ -171,7 +190,8 @@ class RationalQuadraticSpline(Univariate):
         theta = 2 * c / (-b - discriminant.sqrt())
         x = bin_.x0 + theta * bin_.width
         ladj = -_derivative(bin_, theta).log()
-        return torch.where(inside, x, y), torch.where(inside, ladj, torch.zeros_like(ladj))
+        return (torch.where(inside, x, v).reshape(y.shape),
+                torch.where(inside, ladj, torch.zeros_like(ladj)).reshape(y.shape))
 
     def extra_repr(self) -> str:
         return f"bins={self.bins}, bound={self.bound}"
