@@ -290,8 +290,10 @@ def broadcast_probe(
     threads: int, repeats: int, block_s: float, warmup_s: float
 ) -> list[dict[str, Any]]:
     """One ONNX ``Sub`` node vs torch: a ``(dim,)`` constant broadcast over ``(4096, dim)`` rows
-    against the same op on equal shapes. Explains where elementwise-heavy graphs lose at large
-    batch (ONNX Runtime's CPU broadcast loops over the rows, one short span at a time)."""
+    against the same op on equal shapes, and a scalar taken from ``(4096, 1)`` against the same
+    from ``(4096,)``. Explains where elementwise-heavy graphs lose at large batch (ONNX
+    Runtime's CPU broadcast loops over the rows, one short span at a time, and treats a size-1
+    axis as such a span: why the spline keeps no size-1 axes, ``training/flows/spline.py``)."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
@@ -319,6 +321,8 @@ def broadcast_probe(
         ((4096, 2), (4096, 2)),
         ((4096, 30), (30,)),
         ((4096, 30), (4096, 30)),
+        ((4096, 1), ()),
+        ((4096,), ()),
     ):
         session = ort.InferenceSession(
             sub_model(xshape, cshape), options, providers=["CPUExecutionProvider"]
@@ -454,17 +458,23 @@ def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         lines.append(
             markdown_table(["threads", "graph", "batch", "nodes", "kernel time by op"], table)
         )
-    if losers and meta.get("probe"):
+    if meta.get("probe"):
         lines += [
             "",
-            "One elementwise node on its own, broadcasting a per-feature constant over 4096 "
-            "rows against the same op on equal shapes (median µs, same run):",
+            "One elementwise node on its own (median µs, same run): a per-feature constant "
+            "broadcast over 4096 rows against the same op on equal shapes, and a scalar "
+            "subtracted from a `(4096, 1)` column against the same on `(4096,)`. ONNX "
+            "Runtime's CPU broadcast walks the rows one short span at a time and treats a "
+            "size-1 axis as such a span, so the spline (`training/flows/spline.py`) works on "
+            "values flattened to `(N,)` and bins-first `(K, N)` tensors, never `(N, 1, K)`: "
+            "that layout took moons-nsf's log_prob at 4096 rows and T = 1 from 0.77x eager "
+            "(the previous run of this command) to the figure above.",
             "",
         ]
         table = [
             [
                 f"T = {p['threads']}",
-                f"({p['x'][0]}, {p['x'][1]}) - ({', '.join(map(str, p['const']))})",
+                f"{_shape(p['x'])} - {_shape(p['const']) if p['const'] else 'scalar'}",
                 f"{p['eager']['median_s'] * 1e6:.1f}",
                 f"{p['onnx']['median_s'] * 1e6:.1f}",
                 f"{p['eager']['median_s'] / p['onnx']['median_s']:.2f}x",
@@ -475,6 +485,10 @@ def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             markdown_table(["threads", "op", "torch µs", "ONNX Runtime µs", "ONNX/eager"], table)
         )
     return "\n".join(lines)
+
+
+def _shape(shape: list[int]) -> str:
+    return f"({', '.join(map(str, shape))}{',' if len(shape) == 1 else ''})"
 
 
 def _thread_scaling(rows: list[dict[str, Any]], base: int, threads: int) -> str:
