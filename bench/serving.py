@@ -278,12 +278,22 @@ runtime would get per call.
 Targets: batching gives at least 5x the rows/s of no batching at concurrency 64 (1-row
 requests); served rows/s at least 50 % of the in-process ceiling for 64-row requests.
 {verdicts(results)}
-Where a target is missed it is the exact flow: its graph call is well under a millisecond in
-process, so served rows/s are set by the HTTP stack's own cost per request (parsing,
-BentoML's middlewares, the event loop, with wrk on the same two cores), which batching does
-not remove: it saves graph calls. With the PF-ODE likelihood a request is 64 graph calls and
-batching pays. Per-request overhead was cut this round (BentoML's duplicate access log off,
-verb spans opt-in: a 1-row request 6.8 → 4.4 ms on one keep-alive connection).
+Where a target is missed it is the exact flow's 1-row gain: its graph call is well under a
+millisecond in process, so served rows/s are set by the HTTP stack's own cost per request,
+which batching does not remove (it saves graph calls). A py-spy profile of the worker under
+this load (1-row nsf, batching on, c = 64; `py-spy record -r 200 -d 12` on the worker) shows
+its event loop saturated, one core under the GIL at about 1.8 ms of Python per request:
+BentoML's ASGI stack and IO descriptors take most of it (including an `inspect.signature`
+per request when the API method is bound, ~6 %), h11 parsing and sending ~17 %, genserve's
+validation before batching ~7 %, the access log ~5 %, and the batched graph calls ~6 %.
+Without batching the worker threads spend ~1 ms per request in the graph call and the event
+loop is not saturated. With the PF-ODE likelihood a request is 64 graph calls and batching
+pays. The 64-row flow figure rose from 43 % (previous run) to the one above when the spline
+graphs lost their size-1 axes (section "Graph runtimes"): merged 64-row requests make
+batches of thousands of rows, exactly where ONNX Runtime's broadcast over a size-1 axis was
+slowest. uvloop and httptools (uvicorn's fast loop and parser) were tried and moved the
+1-row c = 64 figure by less than the run-to-run noise on this shared machine, so they are
+not dependencies.
 {burst_section(results)}{grpc_section(results)}"""
 
 
