@@ -6,7 +6,8 @@ request itself (``service.validation``), each answered with ``{"error": ...}`` a
 status, so a bad request never joins a batch. Valid requests pass through untouched (the body
 is replayed). Every verb request leaves one access log line (``service.access_log``).
 ``/livez``, ``/readyz`` and ``/models`` stay open; ``/metrics`` asks for its own token when
-``GENSERVE_METRICS_TOKEN_FILE`` is set.
+``GENSERVE_METRICS_TOKEN_FILE`` is set. ``/docs.json`` is BentoML's OpenAPI document completed
+with these answers (``service.openapi``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from service.access_log import access_logger, log_access, rows_in
 from service.auth import TOKEN_REQUIRED, ApiKey, KeyStore, RateLimiter
 from service.manifest import ManifestError, read_manifest
 from service.metrics import REQUESTS
+from service.openapi import complete
 from service.settings import Settings, load_settings
 from service.validation import ModelCard, RequestError, validate_verb
 
@@ -82,6 +84,7 @@ class BoundaryMiddleware:
         self.app = app
         self.settings = settings or load_settings()
         self._cards: dict[str, ModelCard] | None = None
+        self._docs_body: dict[str, Any] | None = None
         self.keys = KeyStore.from_settings(self.settings)
         self.metrics_keys = KeyStore.for_metrics(self.settings)
         self.limiter = RateLimiter(self.settings.rate_limit_rps, self.settings.rate_limit_burst,
@@ -104,6 +107,8 @@ class BoundaryMiddleware:
                 return await send_json(send, 401, {"error": err.message}, err.headers)
         if path == "/models" and scope.get("method") == "GET":
             return await self._get_models(scope, receive, send)
+        if path == "/docs.json" and scope.get("method") == "GET":
+            return await self._docs(scope, receive, send)
         verb = VERB_PATHS.get(path)
         if verb is None:
             return await self.app(scope, receive, send)
@@ -172,6 +177,26 @@ class BoundaryMiddleware:
             raise RequestError(400, f"the body is not valid JSON ({reason})") from None
         validate_verb(verb, payload, self.cards, self.settings)
         return body, payload
+
+    async def _docs(self, scope: dict, receive: Any, send: Any) -> None:
+        """BentoML's OpenAPI document, completed with our own answers (``service.openapi``)."""
+        if self._docs_body is None:
+            start: dict[str, Any] = {}
+            chunks: list[bytes] = []
+
+            async def capture(message: dict) -> None:
+                if message["type"] == "http.response.start":
+                    start.update(message)
+                elif message["type"] == "http.response.body":
+                    chunks.append(message.get("body", b""))
+
+            await self.app(scope, receive, capture)
+            body = b"".join(chunks)
+            if start.get("status") != 200:  # pass BentoML's answer through untouched
+                await send(start)
+                return await send({"type": "http.response.body", "body": body})
+            self._docs_body = complete(json.loads(body))
+        await send_json(send, 200, self._docs_body)
 
     async def _get_models(self, scope: dict, receive: Any, send: Any) -> None:
         # GET /models is answered by the POST API (BentoML's APIs are POST).

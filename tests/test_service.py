@@ -171,6 +171,43 @@ def test_non_finite_values_and_bad_bodies(server) -> None:
     assert status == 400 and b"JSON object" in raw
 
 
+def test_openapi_document_lists_every_answer_the_boundary_gives(server) -> None:
+    """/docs.json documents each verb's error answers with the body they really carry, and
+    docs/API.md's status table lists the same statuses."""
+    import re
+    from pathlib import Path
+
+    import jsonschema
+
+    from service.openapi import ERRORS
+
+    status, raw = server.get("/docs.json")
+    assert status == 200
+    doc = json.loads(raw)
+    error_schema = doc["components"]["schemas"]["Error"]
+    for path in ("/sample", "/log_likelihood", "/anomaly_score"):
+        responses = doc["paths"][path]["post"]["responses"]
+        for code in ERRORS:
+            assert responses[str(code)]["content"]["application/json"]["schema"] == {
+                "$ref": "#/components/schemas/Error"}, (path, code)
+        assert "Retry-After" in responses["429"]["headers"]
+        assert "Retry-After" in responses["503"]["headers"]
+        assert "WWW-Authenticate" in responses["401"]["headers"]
+    assert "200" in doc["paths"]["/models"]["get"]["responses"]
+    status, raw = server.get("/models")
+    assert status == 200 and "models" in json.loads(raw)
+    for method, body, ctype, code in (("POST", b"x=1", "text/plain", 415),
+                                      ("GET", None, "application/json", 405),
+                                      ("POST", b'{"model": "nope", "x": [[0, 0]]}',
+                                       "application/json", 404)):
+        status, raw = server.request(method, "/log_likelihood", body, ctype)
+        assert status == code
+        jsonschema.validate(json.loads(raw), error_schema)
+    api_md = (Path(__file__).resolve().parents[1] / "docs" / "API.md").read_text()
+    table = {int(m) for m in re.findall(r"^\| (\d{3}) \|", api_md, flags=re.M)}
+    assert table == set(ERRORS), "docs/API.md's status table and service.openapi.ERRORS differ"
+
+
 @pytest.mark.parametrize(
     ("body", "status", "message"),
     [
