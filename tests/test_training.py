@@ -173,3 +173,22 @@ def test_cli_reflow_records_its_time_law(tmp_path: Path, capsys: pytest.CaptureF
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err == "genserve reflow: error: u_shape must be >= 0 (0 = uniform times), got -1.0"
     assert not (tmp_path / "bad").exists()
+
+
+def test_tqdm_disable_turns_off_bars_that_progress_turned_on(monkeypatch, capsys) -> None:
+    """tqdm ignores TQDM_DISABLE when ``disable`` is passed; genserve's bars honour it."""
+    from training.config import ModelConfig
+    from training.fit import fit
+    from training.progress import progress_bar
+
+    def train() -> str:
+        fit("realnvp", "moons", rows=300, model_cfg=ModelConfig(hidden_features=8, transforms=2),
+            train_cfg=TrainConfig(steps=5, batch_size=64, eval_every=5, progress=True,
+                                  warmup_steps=1))
+        return capsys.readouterr().err
+
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    assert progress_bar(total=3).disable
+    assert "train:" not in train()
+    monkeypatch.setenv("TQDM_DISABLE", "0")
+    assert "train:" in train()

@@ -718,9 +718,9 @@ def score_file(
     start = time.perf_counter()
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from training.progress import progress_bar
 
-        bar = tqdm(desc="score", unit="rows", dynamic_ncols=True)
+        bar = progress_bar(desc="score", unit="rows")
     fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", newline="") as fh:

@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows", type=int, help="rows to generate for named toy sets")
     p.add_argument("--data-seed", type=int, default=0, help="seed of generated data sets")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the train/val/test split")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (or set TQDM_DISABLE=1)")
     p.add_argument("--distributed", type=int, metavar="N", help="data-parallel training on N "
                    "local processes (torchrun; gloo on CPU, nccl on GPU); --batch-size is global")
     _add_model_args(p)
@@ -105,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--u-shape", type=float, default=0.0,
                    help="U-shaped training times p(t) ~ cosh(a(2t-1)), more weight where 1-2 "
                         "step samplers read the field (0 = uniform; docs/BENCHMARKS.md uses 4)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (or set TQDM_DISABLE=1)")
     _add_train_args(p)
 
     p = sub.add_parser("export", help="write a served artifact (manifest + graphs)")
@@ -137,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="cap on optimizer steps per candidate")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--format", choices=["onnx", "torchscript", "both"], default="onnx")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (or set TQDM_DISABLE=1)")
 
     p = sub.add_parser("score", help="score a file in chunks: CSV of score, percentile, "
                        "is_anomaly per row (the numbers /anomaly_score returns)")
@@ -175,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--solver", default="rk4", help="ODE solver for trajectories and GIFs (rk4)")
     p.add_argument("--ode-steps", type=int, default=32, help="ODE steps noise -> data (32)")
     p.add_argument("--grid", type=int, default=80, help="density grid points per axis (80)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (or set TQDM_DISABLE=1)")
     g = p.add_argument_group("anomaly sub-mode (instead of the comparison)")
     g.add_argument("--anomaly-model", metavar="DIR", help="artifact from fit-anomaly/export")
     g.add_argument("--normal", metavar="FILE", help="rows known to be normal")

@@ -380,12 +380,12 @@ def _check_input(cfg: ReportConfig) -> None:
 
 def report(cfg: ReportConfig) -> dict[str, Any]:
     """Train or load the models, write every figure, GIF and table; returns the metrics."""
-    from tqdm.auto import tqdm
+    from training.progress import progress_bar
 
     _check_input(cfg)
     cfg.out.mkdir(parents=True, exist_ok=True)
     total = (0 if cfg.checkpoints else len(cfg.models)) + int(cfg.reflow) + 3
-    with tqdm(total=total, desc="report", disable=not cfg.progress, dynamic_ncols=True) as bar:
+    with progress_bar(total=total, desc="report", disable=not cfg.progress) as bar:
         models = _models(cfg, bar)
         bar.total = bar.n + 2 * len(models) + 3
         gens, samples, metrics = {}, {}, {}

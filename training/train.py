@@ -166,7 +166,7 @@ def train_model(
     batch, split evenly across ranks. On return every rank holds the same (best) weights, on
     the CPU.
     """
-    from tqdm.auto import tqdm
+    from training.progress import progress_bar
 
     ctx = dist_ctx if dist_ctx is not None else setup()
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -196,8 +196,8 @@ def train_model(
     best_state, best_val, best_step, bad_evals = None, math.inf, 0, 0
     history: list[dict[str, float]] = []
     start, step = time.perf_counter(), 0
-    bar = tqdm(total=cfg.steps, disable=not cfg.progress or not ctx.is_main, desc="train",
-               dynamic_ncols=True)
+    bar = progress_bar(total=cfg.steps, disable=not cfg.progress or not ctx.is_main,
+                       desc="train")
     stopped_early = False
     preprocess.train()
     for step in range(1, cfg.steps + 1):
