@@ -19,6 +19,7 @@ from service.auth import security_config
 from service.batching import (
     Answers,
     Parts,
+    bind_api_once,
     cap_batch_wait,
     error_answer,
     register_containers,
@@ -50,6 +51,7 @@ except SettingsError as err:  # one line at start-up, not a traceback
     raise SystemExit(f"genserve: {err}") from None
 register_containers()
 cap_batch_wait(SETTINGS.max_batch_wait_ms / 1000)
+bind_api_once()
 
 
 def _batching() -> dict[str, Any]:

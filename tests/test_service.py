@@ -6,6 +6,7 @@ import json
 import math
 from concurrent.futures import ThreadPoolExecutor
 
+import bentoml
 import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -280,6 +281,29 @@ def test_metrics_add_up_across_two_workers(served_models, tmp_path) -> None:
             assert _sum(after, "genserve_rows_total", model="moons-nsf",
                         verb="log_likelihood") == 3 * n
         assert _sum(after, "genserve_models_loaded", state="ok") == 3
+
+
+def test_api_methods_are_bound_once_per_instance() -> None:
+    """BentoML rebuilt an API's bound wrapper (with ``inspect.signature``) on every request;
+    ``bind_api_once`` keeps the first per instance, and calls still get Field defaults."""
+    from _bentoml_sdk.method import APIMethod
+    from pydantic import Field
+
+    from service.batching import bind_api_once
+
+    @bentoml.service
+    class Echo:
+        @bentoml.api
+        def echo(self, text: str = Field("a")) -> str:
+            return text
+
+    bind_api_once()
+    patched = APIMethod._local_call
+    bind_api_once()  # idempotent: no second wrapper
+    assert APIMethod._local_call is patched
+    first, second = Echo.inner(), Echo.inner()
+    assert first.echo is first.echo and first.echo is not second.echo
+    assert first.echo() == "a" and first.echo(text="b") == "b" and second.echo() == "a"
 
 
 def test_batch_wait_learned_under_load_is_capped() -> None:
