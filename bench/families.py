@@ -681,7 +681,12 @@ def main(argv: list[str] | None = None) -> int:
         if not old.get("quick"):
             kept = [r for r in old["results"] if r["set"] not in args.sets]
             results += kept
-            merged_from = {"command": old["command"], "sets": [r["set"] for r in kept]}
+            # A kept set may itself have been kept by the old run: name the run that made it.
+            earlier = old.get("merged_from") or {"sets": []}
+            origins = dict.fromkeys(earlier["command"] if r["set"] in earlier["sets"]
+                                    else old["command"] for r in kept)
+            merged_from = {"command": "`, `".join(origins),
+                           "sets": list(dict.fromkeys(r["set"] for r in kept))}
     results.sort(key=lambda r: SETS.index(r["set"]))
 
     from bench.report import machine_line, write_results
