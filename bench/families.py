@@ -175,15 +175,13 @@ def train_one(kind: str, name: str, plan: ModelPlan, steps: int, seed: int = SEE
 
 def reflow_one(teacher: Any, plan: ReflowPlan, seed: int = SEED) -> tuple[Any, float]:
     """The teacher's checkpoint with its model replaced by one reflow round of it."""
-    from training.checkpoint import Checkpoint
     from training.config import TrainConfig
-    from training.flow_matching import reflow
+    from training.flow_matching import reflow_checkpoint
 
     start = time.perf_counter()
     cfg = TrainConfig(**({"seed": seed, "progress": False} | plan.train))
-    student = reflow(teacher.model, plan.n_pairs, cfg, pair_steps=plan.pair_steps,
-                     pair_solver=plan.pair_solver, u_shape=plan.u_shape)
-    ckpt = Checkpoint(model=student, preprocessor=teacher.preprocessor, config=teacher.config)
+    ckpt = reflow_checkpoint(teacher, plan.n_pairs, cfg, pair_steps=plan.pair_steps,
+                             pair_solver=plan.pair_solver, u_shape=plan.u_shape)
     return ckpt, time.perf_counter() - start
 
 

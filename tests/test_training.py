@@ -175,6 +175,20 @@ def test_cli_reflow_records_its_time_law(tmp_path: Path, capsys: pytest.CaptureF
     assert not (tmp_path / "bad").exists()
 
 
+def test_cli_reflow_refuses_a_model_that_is_not_flow_matching(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    flow = tmp_path / "flow"
+    tiny_checkpoint("realnvp", flow, steps=5)
+    out = tmp_path / "reflowed"
+    assert main(["reflow", str(flow), "--out", str(out), "--pairs", "64", "--steps", "2",
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (f"genserve reflow: error: reflow needs a flow-matching checkpoint; {flow} is "
+                   "a flow model")
+    assert not out.exists()
+
+
 def test_tqdm_disable_turns_off_bars_that_progress_turned_on(monkeypatch, capsys) -> None:
     """tqdm ignores TQDM_DISABLE when ``disable`` is passed; genserve's bars honour it."""
     from training.config import ModelConfig

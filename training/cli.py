@@ -248,23 +248,17 @@ def _evaluate(ns: argparse.Namespace) -> int:
 
 @command("reflow")
 def _reflow(ns: argparse.Namespace) -> int:
-    from training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+    from training.checkpoint import load_checkpoint, save_checkpoint
     from training.config import TrainConfig
-    from training.flow_matching import reflow
+    from training.flow_matching import reflow_checkpoint
 
-    teacher = load_checkpoint(ns.checkpoint)
-    if teacher.config.family != "flow_matching":
-        raise ValueError(f"reflow needs a flow-matching checkpoint; {ns.checkpoint} is a "
-                         f"{teacher.config.family} model")
     cfg = TrainConfig(**_pick(ns, TrainConfig.model_fields), progress=not ns.no_progress)
-    student = reflow(teacher.model, ns.pairs, cfg, pair_steps=ns.pair_steps, u_shape=ns.u_shape)
-    config = teacher.config.model_copy(deep=True)
-    config.train = cfg
-    config.summary = {"reflow": {"teacher": str(ns.checkpoint), "pairs": ns.pairs,
-                                 "pair_steps": ns.pair_steps, "u_shape": ns.u_shape,
-                                 "rounds": 1}}
-    save_checkpoint(Checkpoint(student, teacher.preprocessor, config), ns.out)
-    print(f"saved {ns.out}: reflowed {config.model_type} ({ns.pairs} pairs)", file=sys.stderr)
+    student = reflow_checkpoint(load_checkpoint(ns.checkpoint), ns.pairs, cfg,
+                                pair_steps=ns.pair_steps, u_shape=ns.u_shape,
+                                teacher_name=str(ns.checkpoint))
+    save_checkpoint(student, ns.out)
+    print(f"saved {ns.out}: reflowed {student.config.model_type} ({ns.pairs} pairs)",
+          file=sys.stderr)
     return 0
 
 

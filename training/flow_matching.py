@@ -25,6 +25,7 @@ Variants are composition plus one override:
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -42,6 +43,7 @@ __all__ = [
     "exact_ot_permutation",
     "make_reflow_pairs",
     "reflow",
+    "reflow_checkpoint",
 ]
 
 
@@ -300,6 +302,35 @@ def reflow(
     data = x.detach().double().numpy()
     train_model(student, _Identity(), data[held_out:], data[:held_out], cfg)
     return student.eval()
+
+
+def reflow_checkpoint(
+    teacher: Any,
+    n_pairs: int,
+    cfg: TrainConfig,
+    *,
+    pair_steps: int | None = 32,
+    pair_solver: str = "rk4",
+    u_shape: float = 0.0,
+    teacher_name: str | None = None,
+) -> Any:
+    """One reflow round of a flow-matching ``training.checkpoint.Checkpoint``, as a checkpoint:
+    the student, the teacher's preprocessing, and a config whose summary records the round
+    (teacher, pairs, pair solver and steps, time law). ``genserve reflow``, the report and the
+    families benchmark all reflow through here."""
+    from training.checkpoint import Checkpoint
+
+    if teacher.config.family != "flow_matching":
+        raise ValueError(f"reflow needs a flow-matching checkpoint; "
+                         f"{teacher_name or 'this'} is a {teacher.config.family} model")
+    student = reflow(teacher.model, n_pairs, cfg, pair_steps=pair_steps,
+                     pair_solver=pair_solver, u_shape=u_shape)
+    config = teacher.config.model_copy(deep=True)
+    config.train = cfg
+    config.summary = {"reflow": {"teacher": teacher_name or teacher.config.model_type,
+                                 "rounds": 1, "pairs": n_pairs, "pair_steps": pair_steps,
+                                 "pair_solver": pair_solver, "u_shape": u_shape}}
+    return Checkpoint(student, teacher.preprocessor, config)
 
 
 class _Identity(nn.Module):

@@ -214,14 +214,10 @@ def _load_all(paths: dict[str, Path] | tuple[Path, ...]) -> dict[str, tuple[Path
 
 def _reflow(teacher: Checkpoint, cfg: ReportConfig, out: Path) -> Path:
     from training.checkpoint import save_checkpoint
-    from training.flow_matching import reflow
+    from training.flow_matching import reflow_checkpoint
 
-    student = reflow(teacher.model, cfg.reflow_pairs, cfg.train, pair_steps=REFLOW_PAIR_STEPS)
-    config = teacher.config.model_copy(deep=True)
-    config.train = cfg.train
-    config.summary = {"reflow": {"teacher": teacher.config.model_type, "rounds": 1,
-                                 "pairs": cfg.reflow_pairs, "pair_steps": REFLOW_PAIR_STEPS}}
-    save_checkpoint(Checkpoint(student, teacher.preprocessor, config), out)
+    save_checkpoint(reflow_checkpoint(teacher, cfg.reflow_pairs, cfg.train,
+                                      pair_steps=REFLOW_PAIR_STEPS), out)
     return out
 
 
