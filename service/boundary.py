@@ -195,7 +195,7 @@ class BoundaryMiddleware:
             if start.get("status") != 200:  # pass BentoML's answer through untouched
                 await send(start)
                 return await send({"type": "http.response.body", "body": body})
-            self._docs_body = complete(json.loads(body))
+            self._docs_body = complete(json.loads(body), VERB_PATHS)
         await send_json(send, 200, self._docs_body)
 
     async def _get_models(self, scope: dict, receive: Any, send: Any) -> None:

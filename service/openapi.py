@@ -11,11 +11,10 @@ statuses: docs/API.md's status table is checked against it (tests/test_service.p
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 from typing import Any
 
 __all__ = ["ERRORS", "ERROR_SCHEMA", "complete"]
-
-VERBS = ("/sample", "/log_likelihood", "/anomaly_score")
 
 ERRORS: dict[int, str] = {
     400: "malformed JSON or an invalid request (the message names the field and what is "
@@ -51,12 +50,13 @@ _HEADERS = {
 }
 
 
-def complete(doc: dict[str, Any]) -> dict[str, Any]:
-    """A copy of BentoML's document with genserve's error answers and ``GET /models``."""
+def complete(doc: dict[str, Any], verb_paths: Iterable[str]) -> dict[str, Any]:
+    """A copy of BentoML's document with genserve's error answers on ``verb_paths`` (the
+    boundary's ``VERB_PATHS``) and ``GET /models``."""
     doc = copy.deepcopy(doc)
     doc.setdefault("components", {}).setdefault("schemas", {})["Error"] = ERROR_SCHEMA
     paths = doc.setdefault("paths", {})
-    for path in VERBS:
+    for path in verb_paths:
         op = paths.get(path, {}).get("post")
         if op is None:
             continue
