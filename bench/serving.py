@@ -138,9 +138,10 @@ def measure_ceilings(models: Path, into: dict[str, list[float]]) -> None:
     taken before and after the served runs, interleaved across scenarios, see the same
     drift as the served figures, and their median is the ceiling the targets read."""
     runtimes = [(s, ModelRuntime(models / s["body"]["model"])) for s in scenarios(models)]
+    options = [{k: s["body"][k] for k in ("steps", "solver") if k in s["body"]}
+               for s, _ in runtimes]
     for _ in range(CEILING_BLOCKS):
-        for s, rt in runtimes:
-            opts = {k: s["body"][k] for k in ("steps", "solver") if k in s["body"]}
+        for (s, rt), opts in zip(runtimes, options, strict=True):
             into.setdefault(s["name"], []).append(ceiling(rt, s["rows"], opts))
 
 
@@ -276,6 +277,18 @@ def run(models: Path, duration: int, concurrency: list[int]) -> dict:
     return results
 
 
+def _scenario_names(served: list[dict]) -> list[str]:
+    """The scenarios in ``served``, 1-row ones first."""
+    return sorted({r["scenario"] for r in served}, key=lambda n: ("64" in n, n))
+
+
+def _on_off(served: list[dict], scenario: str, concurrency: int) -> tuple[dict, dict]:
+    """The batching-on and batching-off results of ``scenario`` at ``concurrency``."""
+    on, off = (next(r for r in served if r["scenario"] == scenario and r["batching"] is b
+                    and r["concurrency"] == concurrency) for b in (True, False))
+    return on, off
+
+
 def _ceiling_cell(results: dict, name: str) -> str:
     blocks = results.get("ceiling_blocks", {}).get(name)
     if not blocks:  # runs before the ceiling was taken in blocks
@@ -286,13 +299,10 @@ def _ceiling_cell(results: dict, name: str) -> str:
 def markdown(results: dict, command: str) -> str:
     nan = float("nan")
     rows = []
-    for s in sorted({r["scenario"] for r in results["served"]}, key=lambda n: ("64" in n, n)):
+    for s in _scenario_names(results["served"]):
         ceil = results["ceiling"][s]
         for c in sorted({r["concurrency"] for r in results["served"]}):
-            on = next(r for r in results["served"] if r["scenario"] == s and r["batching"]
-                      and r["concurrency"] == c)
-            off = next(r for r in results["served"] if r["scenario"] == s and not r["batching"]
-                       and r["concurrency"] == c)
+            on, off = _on_off(results["served"], s, c)
             rows.append([s, c, round(on["rows_per_s"]), round(off["rows_per_s"]),
                          f"{on['rows_per_s'] / off['rows_per_s']:.1f}x",
                          f"{on['p50_ms']:.1f} / {on['p99_ms']:.1f}",
@@ -348,9 +358,8 @@ def verdicts(results: dict, key: str = "served") -> str:
     """One line per scenario, read at the highest concurrency measured."""
     top = max(r["concurrency"] for r in results[key])
     lines = []
-    for s in sorted({r["scenario"] for r in results[key]}, key=lambda n: ("64" in n, n)):
-        on, off = (next(r for r in results[key] if r["scenario"] == s
-                        and r["batching"] is b and r["concurrency"] == top) for b in (True, False))
+    for s in _scenario_names(results[key]):
+        on, off = _on_off(results[key], s, top)
         if "64-row" in s:
             value, goal = on["rows_per_s"] / results["ceiling"][s], 0.5
             text = f"{value:.0%} of the in-process ceiling (target 50 %)"
@@ -369,11 +378,9 @@ def workers_section(results: dict) -> str:
         return ""
     workers = results["workers"]
     rows = []
-    for s in sorted({r["scenario"] for r in served}, key=lambda n: ("64" in n, n)):
-        on, off = (next(r for r in served if r["scenario"] == s and r["batching"] is b)
-                   for b in (True, False))
-        one = next(r for r in results["served"] if r["scenario"] == s and r["batching"]
-                   and r["concurrency"] == on["concurrency"])
+    for s in _scenario_names(served):
+        on, off = _on_off(served, s, max(r["concurrency"] for r in served))
+        one, _ = _on_off(results["served"], s, on["concurrency"])
         rows.append([s, on["concurrency"], round(on["rows_per_s"]), round(off["rows_per_s"]),
                      f"{on['rows_per_s'] / off['rows_per_s']:.1f}x",
                      f"{on['p50_ms']:.1f} / {on['p99_ms']:.1f}",
