@@ -45,6 +45,9 @@ from service.verbs import GROUP_KEYS, RUNNERS
 __all__ = ["GenServe"]
 
 log = logging.getLogger("genserve")
+# BentoML leaves the root logger at WARNING: without this, models loaded, key reloads and the
+# request path chosen at the first verb request never reach the server log.
+log.setLevel(logging.INFO)
 try:
     SETTINGS = load_settings()
 except SettingsError as err:  # one line at start-up, not a traceback

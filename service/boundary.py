@@ -3,8 +3,10 @@
 In order: the bearer token when access control is on (401, ``service.auth``), the key's
 request rate (429 with ``Retry-After``), then content type, body size, JSON syntax and the
 request itself (``service.validation``), each answered with ``{"error": ...}`` and a 4xx
-status, so a bad request never joins a batch. Valid requests pass through untouched (the body
-is replayed). Every verb request leaves one access log line (``service.access_log``).
+status, so a bad request never joins a batch. A valid request goes, already parsed, straight
+to BentoML's batcher (``service.dispatch``), or with ``GENSERVE_FAST_PATH=false`` through
+BentoML's own route (the body is replayed). Every verb request leaves one access log line
+(``service.access_log``).
 ``/livez``, ``/readyz`` and ``/models`` stay open; ``/metrics`` asks for its own token when
 ``GENSERVE_METRICS_TOKEN_FILE`` is set. ``/docs.json`` is BentoML's OpenAPI document completed
 with these answers (``service.openapi``).
@@ -13,6 +15,7 @@ with these answers (``service.openapi``).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -22,6 +25,7 @@ import bentoml
 
 from service.access_log import access_logger, log_access, rows_in
 from service.auth import TOKEN_REQUIRED, ApiKey, KeyStore, RateLimiter
+from service.dispatch import Dispatch
 from service.manifest import ManifestError, read_manifest
 from service.metrics import REQUESTS
 from service.openapi import complete
@@ -36,6 +40,8 @@ KEY_REQUESTS = bentoml.metrics.Counter(
     documentation="Verb requests by API key name, verb and HTTP status",
     labelnames=["key", "verb", "status"],
 )
+
+log = logging.getLogger("genserve")
 
 VERB_PATHS = {"/sample": "sample", "/log_likelihood": "log_likelihood",
               "/anomaly_score": "anomaly_score"}
@@ -59,10 +65,14 @@ def load_cards(models_dir: Path) -> dict[str, ModelCard]:
 
 async def send_json(send: Any, status: int, payload: dict,
                      headers: list[tuple[bytes, bytes]] | None = None) -> None:
-    body = json.dumps(payload).encode()
+    await _send_body(send, status, [(b"content-type", b"application/json"), *(headers or [])],
+                     json.dumps(payload).encode())
+
+
+async def _send_body(send: Any, status: int, headers: list[tuple[bytes, bytes]],
+                     body: bytes) -> None:
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode()), *(headers or [])]})
+                "headers": [*headers, (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -85,6 +95,7 @@ class BoundaryMiddleware:
         self.settings = settings or load_settings()
         self._cards: dict[str, ModelCard] | None = None
         self._docs_body: dict[str, Any] | None = None
+        self._fast: tuple[Dispatch | None] | None = None
         self.keys = KeyStore.from_settings(self.settings)
         self.metrics_keys = KeyStore.for_metrics(self.settings)
         self.limiter = RateLimiter(self.settings.rate_limit_rps, self.settings.rate_limit_burst,
@@ -125,7 +136,12 @@ class BoundaryMiddleware:
             if isinstance(payload, dict) and payload.get("model") in self.cards:
                 seen["model"] = payload["model"]
             seen["rows"] = rows_in(verb, payload)
-            await self.app(scope, _replay(body, receive), _watch(send, seen))
+            dispatch = self._dispatch()
+            if dispatch is None:
+                await self.app(scope, _replay(body, receive), _watch(send, seen))
+            else:
+                seen["status"], headers, answer = await dispatch(verb, payload)
+                await _send_body(send, seen["status"], headers, answer)
         except RequestError as err:
             seen["status"] = err.status
             REQUESTS.labels(model="unknown", verb=verb, status=str(err.status)).inc()
@@ -138,6 +154,16 @@ class BoundaryMiddleware:
             log_access(self.access, protocol="http", key=seen["key"], verb=verb,
                        model=seen["model"], rows=seen["rows"], status=seen["status"],
                        latency_s=time.perf_counter() - started)
+
+    def _dispatch(self) -> Dispatch | None:
+        """``service.dispatch`` when on and BentoML's app has the shape it knows (looked up
+        once, at the first verb request: BentoML builds its app after the middleware)."""
+        if self._fast is None:
+            found = Dispatch.find(self.app, VERB_PATHS) if self.settings.fast_path else None
+            self._fast = (found,)
+            log.info("verb requests go %s", "straight to BentoML's batcher (fast path)"
+                     if found else "through BentoML's HTTP route")
+        return self._fast[0]
 
     def _authenticate(self, scope: dict) -> ApiKey | None:
         """The caller's key (None with access control off), or 401."""

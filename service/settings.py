@@ -24,6 +24,8 @@ class Settings(BaseModel):
     threads: int | None = Field(None, ge=1, description="intra-op threads per graph session")
     workers: int = Field(1, ge=1, le=64, description="BentoML worker processes")
     batching: bool = Field(True, description="adaptive batching on (off: one request per call)")
+    fast_path: bool = Field(True, description="the boundary hands validated verb requests to "
+                            "BentoML's batcher directly (false: through BentoML's HTTP route)")
     max_batch_rows: int = Field(4096, ge=2, description="adaptive batching: rows per batch")
     max_latency_ms: int = Field(10000, ge=1, description="adaptive batching: queueing bound")
     max_batch_wait_ms: float = Field(5.0, ge=0, description="adaptive batching: longest a "

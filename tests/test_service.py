@@ -328,3 +328,39 @@ def test_batch_wait_learned_under_load_is_capped() -> None:
         assert after_burst() == pytest.approx(0.005)
     finally:
         cap_batch_wait(Settings().max_batch_wait_ms / 1000)
+
+
+def test_fast_path_answers_like_bentomls_route(server, served_models, tmp_path) -> None:
+    """Verb requests go from the boundary straight to BentoML's batcher (``service.dispatch``);
+    through BentoML's own HTTP route (``GENSERVE_FAST_PATH=false``) and with batching off
+    the answers, statuses and content types are the same."""
+    from conftest import running_server
+
+    requests = [
+        ("/sample", {"model": "moons-nsf", "n": 4, "seed": 3}),
+        ("/sample", {"model": "moons-ddpm", "n": 3, "seed": 5, "steps": 6, "solver": "heun"}),
+        ("/log_likelihood", {"model": "moons-nsf", "x": X}),
+        ("/log_likelihood", {"model": "moons-cfm", "x": X, "steps": 8, "solver": "rk4"}),
+        ("/anomaly_score", {"model": "moons-nsf", "x": X + [[30.0, -30.0]]}),
+        ("/anomaly_score", {"model": "moons-nsf", "x": X, "target_fpr": 0.2}),
+        ("/log_likelihood", {"model": "moons-nsf", "x": [[0.1]]}),  # refused at the boundary
+    ]
+
+    def answers(srv) -> list[tuple[int, str, object]]:
+        out = []
+        for path, body in requests:
+            status, headers, raw = srv.exchange("POST", path, json.dumps(body).encode())
+            out.append((status, headers.get("content-type"), json.loads(raw)))
+        return out
+
+    fast = answers(server)
+    assert [a[0] for a in fast] == [200] * 6 + [400], fast
+    assert "straight to BentoML's batcher" in server.log.read_text()
+    env = {"GENSERVE_MAX_LATENCY_MS": "30000"}
+    with running_server(served_models, tmp_path / "route.log",
+                        env=env | {"GENSERVE_FAST_PATH": "false"}) as route:
+        assert answers(route) == fast
+        assert "through BentoML's HTTP route" in route.log.read_text()
+    with running_server(served_models, tmp_path / "unbatched.log",
+                        env=env | {"GENSERVE_BATCHING": "false"}) as unbatched:
+        assert answers(unbatched) == fast

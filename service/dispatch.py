@@ -1,0 +1,105 @@
+"""Validated verb requests from the boundary straight to BentoML's batcher.
+
+BentoML's HTTP route for an API reads the body again, parses and validates it again (the
+boundary has just done both), passes it through Starlette's router, BentoML's request context
+and IO descriptors, and streams the answer back in chunks. Under 1-row load that route was
+about half of a worker's Python time per request (py-spy, nsf at concurrency 64), and the
+worker is one event loop under one GIL, so it set the served rows/s.
+
+:class:`Dispatch` hands the request the boundary already holds to the place BentoML's route
+hands it: the API's adaptive batcher (BentoML's ``CorkDispatcher``, built from the API's
+``batchable`` / ``max_batch_size`` / ``max_latency_ms``) or, with batching off, the API
+method on BentoML's worker-thread limiter. The request object is BentoML's own input type
+for the API, built from the parsed body, and the answer is the same JSON with a
+content-length instead of chunks. Errors keep their statuses: a per-request error answer
+from ``GenServe`` as is, BentoML's exceptions (503 when ``max_latency_ms`` is overrun) with
+their status, anything else 500 with the reason in the server log.
+
+It relies on how BentoML 1.4 builds its app (the route's endpoint is a bound method of the
+app factory that owns the batchers). :meth:`Dispatch.find` checks that shape and returns
+None when it is not there, and the boundary then sends requests through BentoML's route, as
+it does with ``GENSERVE_FAST_PATH=false``. Re-check on a BentoML upgrade (the test suite
+runs every verb both ways and compares the answers).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from pydantic import ValidationError
+
+__all__ = ["Dispatch"]
+
+log = logging.getLogger("genserve")
+
+_FACTORY_ATTRS = ("batch_infer", "_to_thread", "_service_instance", "service")
+_UNEXPECTED = "An unexpected error has occurred, please check the server log."
+_OVERRUN = ("the request waited for a batch longer than GENSERVE_MAX_LATENCY_MS allows: the "
+            "server is overloaded; retry later")
+
+
+class Dispatch:
+    """Run one verb request through the API's batcher; returns ``(status, headers, body)``."""
+
+    def __init__(self, factory: Any) -> None:
+        self.factory = factory
+        self.server = f"BentoML Service/{factory.service.name}".encode()
+
+    @classmethod
+    def find(cls, app: Any, verbs: Any) -> Dispatch | None:
+        """The dispatch of the BentoML app behind ``app`` (the ASGI app inside our
+        middleware), or None when its shape is not the one this module knows."""
+        for _ in range(32):  # middleware chain down to Starlette's router
+            if app is None or hasattr(app, "routes"):
+                break
+            app = getattr(app, "app", None)
+        for route in getattr(app, "routes", None) or ():
+            if getattr(route, "path", None) not in verbs:
+                continue
+            factory = getattr(getattr(getattr(route, "endpoint", None), "func", None),
+                              "__self__", None)
+            if factory is None or not all(hasattr(factory, a) for a in _FACTORY_ATTRS):
+                return None
+            apis = factory.service.apis
+            if not all(v in apis for v in verbs.values()):
+                return None
+            return cls(factory)
+        return None
+
+    async def __call__(self, verb: str, payload: dict) -> tuple[int, list, bytes]:
+        factory = self.factory
+        method = factory.service.apis[verb]
+        try:
+            request = method.input_spec.model_validate(payload)
+            if method.batchable:
+                answer = await factory.batch_infer(verb, (request,), {})
+            else:
+                func = getattr(factory._service_instance, verb).local
+                answer = await factory._to_thread(func, request)
+        except ValidationError as exc:  # the boundary checks first; same answer as BentoML's
+            return self._json(400, {"error": f"{exc.error_count()} validation error for "
+                                             f"{exc.title}",
+                                    "detail": exc.errors(include_context=False,
+                                                         include_input=False)})
+        except Exception as exc:
+            from bentoml.exceptions import BentoMLException
+
+            if isinstance(exc, BentoMLException):
+                status = int(exc.error_code.value)
+                log.warning("/%s answered %d: %s", verb, status, exc)
+                message = {503: _OVERRUN}.get(status, str(exc) if status < 500 else _UNEXPECTED)
+                return self._json(status, {"error": message})
+            log.exception("/%s failed", verb)
+            return self._json(500, {"error": _UNEXPECTED})
+        if hasattr(answer, "model_dump_json"):
+            return 200, self._headers(), answer.model_dump_json().encode()
+        # a per-request error answer (a starlette JSONResponse) from GenServe
+        return answer.status_code, self._headers(), bytes(answer.body)
+
+    def _headers(self) -> list[tuple[bytes, bytes]]:
+        return [(b"content-type", b"application/json"), (b"server", self.server)]
+
+    def _json(self, status: int, payload: dict) -> tuple[int, list, bytes]:
+        return status, self._headers(), json.dumps(payload).encode()
