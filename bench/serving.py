@@ -258,6 +258,27 @@ def serve_all(models: Path, duration: int, concurrency: list[int],
     return served
 
 
+def serve_paths(models: Path, duration: int, concurrency: int) -> list[dict]:
+    """The exact flow's scenarios, batching on, through BentoML's HTTP route
+    (``GENSERVE_FAST_PATH=false``) and through the fast path, each pair back to back."""
+    served = []
+    for s in scenarios(models):
+        if not s["name"].startswith("nsf"):
+            continue
+        for fast in ("false", "true"):
+            log = Path(tempfile.mkdtemp()) / "server.log"
+            env = {"GENSERVE_FAST_PATH": fast, "GENSERVE_MAX_LATENCY_MS": "30000"}
+            with running_server(models, log, env=env) as server:
+                wrk(server.url + "/log_likelihood", s["body"], concurrency, 2)  # warm-up
+                time.sleep(2)
+                r = wrk(server.url + "/log_likelihood", s["body"], concurrency, duration)
+            r |= {"scenario": s["name"], "fast_path": fast == "true",
+                  "concurrency": concurrency, "rows_per_s": r["rps"] * s["rows"]}
+            served.append(r)
+            print(json.dumps(r), flush=True)
+    return served
+
+
 def run(models: Path, duration: int, concurrency: list[int]) -> dict:
     """One worker at each concurrency, then ``WORKERS`` workers at the highest; the ceiling
     blocks bracket both."""
@@ -270,6 +291,7 @@ def run(models: Path, duration: int, concurrency: list[int]) -> dict:
     results["served_workers"] = serve_all(models, duration, [max(concurrency)],
                                           {"GENSERVE_WORKERS": str(WORKERS)})
     results["workers"] = WORKERS
+    results["paths"] = serve_paths(models, duration, max(concurrency))
     measure_ceilings(models, results["ceiling_blocks"])
     results["ceiling"] = {k: statistics.median(v) for k, v in results["ceiling_blocks"].items()}
     results["after_burst"] = run_after_burst(models)
@@ -328,30 +350,35 @@ half before and half after the served runs, interleaved across the scenarios.
 Targets: batching gives at least 5x the rows/s of no batching at concurrency 64 (1-row
 requests); served rows/s at least 50 % of the in-process ceiling for 64-row requests.
 {verdicts(results)}
-Where a target is missed it is the exact flow's: its graph call is well under a millisecond
-in process, so served rows/s are set by the HTTP stack's own cost per request, which
-batching does not remove (it saves graph calls). A py-spy profile of the worker under 1-row load
-(nsf, batching on, c = 64; `py-spy record -r 200 -d 12` on the worker, before the two
-changes below) showed its event loop saturated, one core under the GIL at about 1.8 ms of
-Python per request: BentoML's ASGI stack and IO descriptors took most of it (including an
-`inspect.signature` each time the API method was bound, ~9 %), h11 parsing and sending
-~17 %, genserve's validation before batching ~7 %, the access log ~5 %, and the batched
-graph calls ~6 %. Without batching the worker threads spend ~1 ms per request in the graph
-call and the event loop is not saturated. A 64-row request adds the parsing, validation and
-serialisation of 128 numbers each way on that same loop. With the PF-ODE likelihood a
-request is 64 graph calls and batching pays.
+Where the exact flow's 1-row gain falls short, per-request cost is the reason: its graph call
+is well under a millisecond in process, so rows/s are set by the HTTP stack's cost per request,
+which batching does not remove (it saves graph calls). A py-spy profile of the worker under
+1-row load (nsf, batching on, c = 64; `py-spy record -r 200 -d 10 --nonblocking` on the worker)
+showed one event loop saturated under the GIL. BentoML's HTTP route took about half of it:
+Starlette's router, BentoML's request context and IO descriptors (parsing the body a second
+time, after genserve's boundary had parsed and validated it) and a chunked answer. The boundary
+now hands the request it holds straight to BentoML's batcher (`GENSERVE_FAST_PATH`, section
+below). What is left per request: BentoML's outer middlewares (metrics, timeout, tracing,
+error), uvicorn's parsing and writing, genserve's validation (~7 %), access log (~9 %) and
+building BentoML's input object (~6 %), plus the batcher's own bookkeeping (~7 %).
 
-Two changes from that profile are in this run, measured side by side first (1-row nsf,
-c = 64, three 8 s wrk runs per server, medians of requests/s): binding each API method
-once (`service.batching.bind_api_once`) 639 → 752 and 567 → 600 batched in two interleaved
-pairs (+18 %, +6 %); uvloop and httptools on top (uvicorn's C event loop and HTTP parser,
-now dependencies) 606 → 737 batched (+22 %) and 220 → 267 unbatched (+21 %). They speed
-both paths, so the gain ratio barely moves. Served 64-row nsf rows/s at c = 64
-went from 22 624 (before the spline layout change of section "Graph runtimes") to 32 000 -
-40 000 in the runs since; the ceiling, taken in one block of 30 calls before this run,
-read 52 270, 48 799 and 80 735 in three runs, which made the ratio swing between 43 % and
-67 %, so it is now the median of ten blocks spread over the run (its range is in the table).
-{workers_section(results)}{burst_section(results)}{grpc_section(results)}"""
+Without batching, the request's graph call runs on BentoML's one API thread and has to win the
+GIL back from the busy event loop after it: measured from `/proc` at c = 64, the event loop and
+that thread used 48 % and 49 % of a core, one core between them, about 2 ms of thread CPU per
+request for a call that takes about 0.6 ms in process. The fast path serves unbatched requests
+too (same boundary), so the unbatched rows/s rose with it and the gain rose less than the
+batched rows/s. With the PF-ODE likelihood a request is 64 graph calls and batching pays many
+times over.
+
+Earlier changes from the same kind of profile, measured side by side at the time (1-row nsf, c
+= 64, three 8 s wrk runs per server, medians of requests/s): binding each API method once
+(`service.batching.bind_api_once`; BentoML ran `inspect.signature` per request) +18 % and +6 %
+in two interleaved pairs; uvloop and httptools (uvicorn's C event loop and HTTP parser) +22 %
+batched and +21 % unbatched. The ceiling uses ONNX Runtime's default threads (intra-op = 2
+spinning threads here), which makes it sensitive to anything else on the 2 cores: its blocks
+have read from about 38 000 to 84 000 rows/s for 64 rows across runs, hence the median of ten
+blocks spread over the run, with the range in the table.
+{paths_section(results)}{workers_section(results)}{burst_section(results)}{grpc_section(results)}"""
 
 
 def verdicts(results: dict, key: str = "served") -> str:
@@ -404,6 +431,36 @@ in-process figure as above, which uses both cores through ONNX Runtime's threads
 A second worker adds a second event loop, but on this 2-core machine it also competes with
 the first, with ONNX Runtime's threads and with wrk; the unbatched server, whose event loop
 was not its limit, can gain more from it than the batched one, which lowers the 1-row gain.
+"""
+
+
+def paths_section(results: dict) -> str:
+    """Fast path vs BentoML's HTTP route, side by side in the same run."""
+    served = results.get("paths")
+    if not served:
+        return ""
+    rows = []
+    for s in _scenario_names(served):
+        fast, route = (next(r for r in served if r["scenario"] == s and r["fast_path"] is f)
+                       for f in (True, False))
+        rows.append([s, fast["concurrency"], round(route["rows_per_s"]),
+                     round(fast["rows_per_s"]), f"{fast['rows_per_s'] / route['rows_per_s']:.2f}x",
+                     f"{route['p50_ms']:.1f} / {route['p99_ms']:.1f}",
+                     f"{fast['p50_ms']:.1f} / {fast['p99_ms']:.1f}",
+                     f"{fast['errors'] + route['errors']} / "
+                     f"{fast['timeouts'] + route['timeouts']}"])
+    table = markdown_table(
+        ["request (batching on)", "conc.", "rows/s via BentoML's route", "rows/s fast path",
+         "fast / route", "p50/p99 ms route", "p50/p99 ms fast", "non-2xx / timeouts"], rows)
+    return f"""
+### Fast path vs BentoML's HTTP route, same run
+
+`GENSERVE_FAST_PATH` (default on, `service.dispatch`): the boundary, which has already parsed
+and validated a verb request, hands it to BentoML's batcher itself. `false` sends it through
+BentoML's route, which reads and parses the body again and answers through its router,
+request context and IO descriptors. One fresh server each, back to back:
+
+{table}
 """
 
 
