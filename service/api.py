@@ -26,7 +26,15 @@ from service.batching import (
     rows_of,
 )
 from service.boundary import VERB_PATHS, BoundaryMiddleware
-from service.metrics import ANOMALIES, BATCH_ROWS, GRAPH_SECONDS, MODELS_LOADED, REQUESTS, ROWS
+from service.metrics import (
+    ABANDONED,
+    ANOMALIES,
+    BATCH_ROWS,
+    GRAPH_SECONDS,
+    MODELS_LOADED,
+    REQUESTS,
+    ROWS,
+)
 from service.models import ModelSet
 from service.overload import OverloadMiddleware
 from service.runtime import InputError
@@ -125,9 +133,13 @@ class GenServe:
         if not isinstance(parts, Parts):
             return self._serve(verb, Parts([parts]))[0]
         groups: dict[tuple, list[int]] = defaultdict(list)
-        for i, part in enumerate(parts):
-            groups[tuple(getattr(part, k) for k in GROUP_KEYS[verb])].append(i)
         answers: list[Any] = [None] * len(parts)
+        for i, part in enumerate(parts):
+            if part._ticket.abandoned:  # timed out while queued: no one reads this answer
+                ABANDONED.labels(model=part.model, verb=verb).inc()
+                answers[i] = error_answer(504, "the request timed out before its batch ran")
+                continue
+            groups[tuple(getattr(part, k) for k in GROUP_KEYS[verb])].append(i)
         for idx in groups.values():
             group = [parts[i] for i in idx]
             for i, answer in zip(idx, self._run_group(verb, group), strict=True):

@@ -14,6 +14,7 @@ with these answers (``service.openapi``).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -149,6 +150,11 @@ class BoundaryMiddleware:
             await send_json(send, err.status, {"error": err.message, **extra},
                              getattr(err, "headers", []))
         finally:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # BentoML's timeout cancelled the request and answered 504 itself (whatever
+                # the batcher made of the cancellation): log and count what the client got
+                seen["status"] = 504
             label = seen["key"] or ("none" if self.keys.enabled else "anonymous")
             KEY_REQUESTS.labels(key=label, verb=verb, status=str(seen["status"])).inc()
             log_access(self.access, protocol="http", key=seen["key"], verb=verb,

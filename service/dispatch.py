@@ -11,9 +11,12 @@ hands it: the API's adaptive batcher (BentoML's ``CorkDispatcher``, built from t
 ``batchable`` / ``max_batch_size`` / ``max_latency_ms``) or, with batching off, the API
 method on BentoML's worker-thread limiter. The request object is BentoML's own input type
 for the API, built from the parsed body, and the answer is the same JSON with a
-content-length instead of chunks. Errors keep their statuses: a per-request error answer
-from ``GenServe`` as is, BentoML's exceptions (503 when ``max_latency_ms`` is overrun) with
-their status, anything else 500 with the reason in the server log.
+content-length instead of chunks. A request that times out (BentoML answers 504) while still
+queued is marked abandoned, and ``GenServe`` leaves it out of its batch instead of computing
+rows nobody will read (``genserve_abandoned_total``). Errors keep their statuses: a
+per-request error answer from ``GenServe`` as is, BentoML's exceptions (503 when
+``max_latency_ms`` is overrun) with their status, anything else 500 with the reason in the
+server log.
 
 It relies on how BentoML 1.4 builds its app (the route's endpoint is a bound method of the
 app factory that owns the batchers). :meth:`Dispatch.find` checks that shape and returns
@@ -24,6 +27,7 @@ runs every verb both ways and compares the answers).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from typing import Any
@@ -38,6 +42,12 @@ _FACTORY_ATTRS = ("batch_infer", "_to_thread", "_service_instance", "service")
 _UNEXPECTED = "An unexpected error has occurred, please check the server log."
 _OVERRUN = ("the request waited for a batch longer than GENSERVE_MAX_LATENCY_MS allows: the "
             "server is overloaded; retry later")
+
+
+def _cancelled() -> bool:
+    """Whether the running task is being cancelled (BentoML's timeout cancels it)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 class Dispatch:
@@ -71,6 +81,7 @@ class Dispatch:
     async def __call__(self, verb: str, payload: dict) -> tuple[int, list, bytes]:
         factory = self.factory
         method = factory.service.apis[verb]
+        request = None
         try:
             request = method.input_spec.model_validate(payload)
             if method.batchable:
@@ -83,20 +94,30 @@ class Dispatch:
                                              f"{exc.title}",
                                     "detail": exc.errors(include_context=False,
                                                          include_input=False)})
-        except Exception as exc:
-            from bentoml.exceptions import BentoMLException
-
-            if isinstance(exc, BentoMLException):
-                status = int(exc.error_code.value)
-                log.warning("/%s answered %d: %s", verb, status, exc)
-                message = {503: _OVERRUN}.get(status, str(exc) if status < 500 else _UNEXPECTED)
-                return self._json(status, {"error": message})
-            log.exception("/%s failed", verb)
-            return self._json(500, {"error": _UNEXPECTED})
+        except (Exception, asyncio.CancelledError) as exc:
+            # BentoML's timeout cancels this task and answers 504 itself; its batcher turns
+            # the cancellation into a 503 error, so look at the task, not at the exception.
+            # Marked abandoned, a request still queued is left out of its batch.
+            if isinstance(exc, asyncio.CancelledError) or _cancelled():
+                if request is not None:
+                    request._ticket.abandoned = True
+                raise asyncio.CancelledError from None
+            return self._error(verb, exc)
         if hasattr(answer, "model_dump_json"):
             return 200, self._headers(), answer.model_dump_json().encode()
         # a per-request error answer (a starlette JSONResponse) from GenServe
         return answer.status_code, self._headers(), bytes(answer.body)
+
+    def _error(self, verb: str, exc: Exception) -> tuple[int, list, bytes]:
+        from bentoml.exceptions import BentoMLException
+
+        if isinstance(exc, BentoMLException):
+            status = int(exc.error_code.value)
+            log.warning("/%s answered %d: %s", verb, status, exc)
+            message = {503: _OVERRUN}.get(status, str(exc) if status < 500 else _UNEXPECTED)
+            return self._json(status, {"error": message})
+        log.error("/%s failed", verb, exc_info=exc)
+        return self._json(500, {"error": _UNEXPECTED})
 
     def _headers(self) -> list[tuple[bytes, bytes]]:
         return [(b"content-type", b"application/json"), (b"server", self.server)]

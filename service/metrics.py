@@ -11,6 +11,7 @@ from __future__ import annotations
 import bentoml
 
 __all__ = [
+    "ABANDONED",
     "ANOMALIES",
     "BATCH_ROWS",
     "GRAPH_SECONDS",
@@ -55,6 +56,12 @@ MODELS_LOADED = bentoml.metrics.Gauge(
     documentation="Models loaded by this worker (state=ok) or refused (state=failed)",
     labelnames=["state"],
     multiprocess_mode="livemax",
+)
+ABANDONED = bentoml.metrics.Counter(
+    name="genserve_abandoned_total",
+    documentation="Verb requests (or parts of split ones) left out of their batch because "
+                  "they had already timed out (504) before it ran",
+    labelnames=["model", "verb"],
 )
 OVERLOAD = bentoml.metrics.Counter(
     name="genserve_overload_rejections_total",

@@ -70,6 +70,17 @@ Rows = Annotated[Any, AfterValidator(flatten_image_rows), WithJsonSchema(ROWS_SC
 MAX_SEED = 2**63 - 1
 
 
+class Ticket:
+    """Shared by a request and the parts the batcher splits it into (``model_copy`` keeps
+    the same object): ``abandoned`` is set once its client has stopped waiting (the request
+    timed out, 504), so a batch that has not started yet leaves it out."""
+
+    __slots__ = ("abandoned",)
+
+    def __init__(self) -> None:
+        self.abandoned = False
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
@@ -77,6 +88,7 @@ class _Request(BaseModel):
     # Row offset of this part inside the client's request: set when the batcher splits one
     # request across two batches, so seeded rows stay the same.
     _offset: int = PrivateAttr(default=0)
+    _ticket: Ticket = PrivateAttr(default_factory=Ticket)
 
 
 class SampleRequest(_Request):
