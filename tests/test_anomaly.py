@@ -253,6 +253,10 @@ def test_column_noise_classifies_columns() -> None:
     assert noisy.shape == (1200, 5)
     assert np.linalg.matrix_rank(np.cov(noisy.T)) == 5  # the duplicate no longer collapses
     assert np.abs(noisy[:, 1] - np.tile(x[:, 1], 3)).max() <= 0.5
+    smooth = column_noise(x, 0.05, smoothing=0.2)  # kernel smoothing on every column
+    np.testing.assert_array_equal(smooth.step, noise.step)  # dequantization unchanged
+    np.testing.assert_allclose(smooth.sigma, 0.2 * x.std(0))
+    assert smooth.sigma[2] == 0  # a constant column stays a unit-step grid, not a spike
 
 
 def test_fit_anomaly_rejects_bad_input(tmp_path: Path) -> None:
