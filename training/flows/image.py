@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from training.config import ModelConfig
 from training.flows.base import Flow, Transform
+from training.flows.linear import LULinear
 
 __all__ = [
     "IMAGE_FLOW_BUILDERS",
@@ -107,11 +108,12 @@ class ActNorm2d(Transform):
         return y * (-self.log_scale).exp() - self.bias
 
 
-class InvertibleConv1x1(Transform):
+class InvertibleConv1x1(LULinear):
     """Invertible 1x1 convolution ``y[:, :, i, j] = W x[:, :, i, j]`` with ``W = P L U``.
 
-    Glow, Sec. 3.2 (LU-decomposed form): ``log|det J| = H W sum(log|diag U|)``. ``W`` starts
-    as a random rotation. The eager inverse uses triangular solves; ``frozen`` returns a
+    Glow, Sec. 3.2: :class:`~training.flows.linear.LULinear`'s parametrisation (same
+    parameters, same random-rotation start, same triangular-solve inverse) applied at every
+    pixel, so ``log|det J| = H W sum(log|diag U|)``. ``frozen`` returns a
     :class:`FrozenConv1x1` whose inverse weight is a precomputed buffer (ONNX has no solver).
 
     Args:
@@ -121,36 +123,6 @@ class InvertibleConv1x1(Transform):
         >>> conv = InvertibleConv1x1(4)
         >>> y, ladj = conv(torch.randn(2, 4, 3, 3))
     """
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        rotation = torch.linalg.qr(torch.randn(channels, channels))[0]
-        permutation, lower, upper = torch.linalg.lu(rotation)
-        diagonal = upper.diagonal()
-        self.register_buffer("permutation", permutation)
-        self.register_buffer("sign", diagonal.sign())
-        self.lower = nn.Parameter(lower.tril(-1))
-        self.upper = nn.Parameter(upper.triu(1))
-        self.log_abs_diag = nn.Parameter(diagonal.abs().log())
-
-    def _eye(self) -> Tensor:
-        c = self.lower.shape[0]
-        return torch.eye(c, dtype=self.lower.dtype, device=self.lower.device)
-
-    def weight(self) -> Tensor:
-        """``W = P L U: (C, C)``."""
-        lower = self.lower.tril(-1) + self._eye()
-        upper = self.upper.triu(1) + torch.diag(self.sign * self.log_abs_diag.exp())
-        return self.permutation @ lower @ upper
-
-    def inverse_weight(self) -> Tensor:
-        """``W^{-1} = U^{-1} L^{-1} P^T`` by triangular solves."""
-        eye = self._eye()
-        lower = self.lower.tril(-1) + eye
-        upper = self.upper.triu(1) + torch.diag(self.sign * self.log_abs_diag.exp())
-        lower_inv = torch.linalg.solve_triangular(lower, eye, upper=False, unitriangular=True)
-        upper_inv = torch.linalg.solve_triangular(upper, eye, upper=True)
-        return upper_inv @ lower_inv @ self.permutation.T
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         pixels = x.shape[2] * x.shape[3]
