@@ -95,7 +95,7 @@ class BoundaryMiddleware:
         self.app = app
         self.settings = settings or load_settings()
         self._cards: dict[str, ModelCard] | None = None
-        self._docs_body: dict[str, Any] | None = None
+        self._docs_body: bytes | None = None  # the completed document, encoded once
         self._fast: tuple[Dispatch | None] | None = None
         self.keys = KeyStore.from_settings(self.settings)
         self.metrics_keys = KeyStore.for_metrics(self.settings)
@@ -227,8 +227,8 @@ class BoundaryMiddleware:
             if start.get("status") != 200:  # pass BentoML's answer through untouched
                 await send(start)
                 return await send({"type": "http.response.body", "body": body})
-            self._docs_body = complete(json.loads(body), VERB_PATHS)
-        await send_json(send, 200, self._docs_body)
+            self._docs_body = json.dumps(complete(json.loads(body), VERB_PATHS)).encode()
+        await _send_body(send, 200, [(b"content-type", b"application/json")], self._docs_body)
 
     async def _get_models(self, scope: dict, receive: Any, send: Any) -> None:
         # GET /models is answered by the POST API (BentoML's APIs are POST).
