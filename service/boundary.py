@@ -14,7 +14,6 @@ with these answers (``service.openapi``).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import math
@@ -26,7 +25,7 @@ import bentoml
 
 from service.access_log import access_logger, log_access, rows_in
 from service.auth import TOKEN_REQUIRED, ApiKey, KeyStore, RateLimiter
-from service.dispatch import Dispatch
+from service.dispatch import Dispatch, being_cancelled
 from service.manifest import ManifestError, read_manifest
 from service.metrics import REQUESTS
 from service.openapi import complete
@@ -150,8 +149,7 @@ class BoundaryMiddleware:
             await send_json(send, err.status, {"error": err.message, **extra},
                              getattr(err, "headers", []))
         finally:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
+            if being_cancelled():
                 # BentoML's timeout cancelled the request and answered 504 itself (whatever
                 # the batcher made of the cancellation): log and count what the client got
                 seen["status"] = 504

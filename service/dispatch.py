@@ -34,7 +34,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-__all__ = ["Dispatch"]
+__all__ = ["Dispatch", "being_cancelled"]
 
 log = logging.getLogger("genserve")
 
@@ -44,8 +44,9 @@ _OVERRUN = ("the request waited for a batch longer than GENSERVE_MAX_LATENCY_MS 
             "server is overloaded; retry later")
 
 
-def _cancelled() -> bool:
-    """Whether the running task is being cancelled (BentoML's timeout cancels it)."""
+def being_cancelled() -> bool:
+    """Whether the running task is being cancelled (BentoML's timeout cancels it), whatever
+    the code it was awaiting made of the ``CancelledError``."""
     task = asyncio.current_task()
     return task is not None and task.cancelling() > 0
 
@@ -98,7 +99,7 @@ class Dispatch:
             # BentoML's timeout cancels this task and answers 504 itself; its batcher turns
             # the cancellation into a 503 error, so look at the task, not at the exception.
             # Marked abandoned, a request still queued is left out of its batch.
-            if isinstance(exc, asyncio.CancelledError) or _cancelled():
+            if isinstance(exc, asyncio.CancelledError) or being_cancelled():
                 if request is not None:
                     request._ticket.abandoned = True
                 raise asyncio.CancelledError from None
