@@ -18,6 +18,7 @@ import grpc
 import psutil
 import pytest
 from test_grpc import grpc_process
+from test_service import _metrics, _sum
 
 from service.devserver import Server, running_server
 from service.oip import grpc_predict_v2_pb2 as pb
@@ -134,12 +135,7 @@ def test_request_timeout_is_enforced_and_the_service_goes_on(busy: Server) -> No
 
 
 def _counter(server: Server, name: str, **labels: str) -> float:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    status, raw = server.get("/metrics")
-    assert status == 200
-    return sum(s.value for f in text_string_to_metric_families(raw.decode()) for s in f.samples
-               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+    return _sum(_metrics(server), name, **labels)
 
 
 def test_a_request_that_timed_out_in_the_queue_is_not_computed(served_models: Path,
