@@ -235,48 +235,41 @@ def run_after_burst(models: Path, burst_s: int = 8) -> list[dict]:
 WORKERS = 2  # the second configuration: one worker process per core of this machine
 
 
+def _loads(models: Path, scenario: dict, env: dict[str, str], concurrency: list[int],
+           duration: int, tag: dict) -> list[dict]:
+    """One fresh server with ``env``; ``scenario`` under wrk at each concurrency (warm-up,
+    drain, measured run), each result tagged with ``tag``."""
+    out = []
+    log = Path(tempfile.mkdtemp()) / "server.log"
+    with running_server(models, log, env={"GENSERVE_MAX_LATENCY_MS": "30000", **env}) as server:
+        for c in concurrency:
+            wrk(server.url + "/log_likelihood", scenario["body"], c, 2)  # warm-up
+            time.sleep(2)  # let the warm-up's queue drain
+            r = wrk(server.url + "/log_likelihood", scenario["body"], c, duration)
+            r |= {"scenario": scenario["name"], **tag, "concurrency": c,
+                  "rows_per_s": r["rps"] * scenario["rows"]}
+            out.append(r)
+            print(json.dumps(r | env), flush=True)
+    return out
+
+
 def serve_all(models: Path, duration: int, concurrency: list[int],
               env: dict[str, str] | None = None) -> list[dict]:
     """Every scenario, batching on and off, at each concurrency; one fresh server per
     (scenario, batching) pair: BentoML's adaptive dispatcher learns its queueing wait from
     history, and one scenario's load must not set the next's."""
-    served = []
-    for s in scenarios(models):
-        for batching in ("true", "false"):
-            log = Path(tempfile.mkdtemp()) / "server.log"
-            full_env = {"GENSERVE_BATCHING": batching, "GENSERVE_MAX_LATENCY_MS": "30000",
-                        **(env or {})}
-            with running_server(models, log, env=full_env) as server:
-                for c in concurrency:
-                    wrk(server.url + "/log_likelihood", s["body"], c, 2)  # warm-up
-                    time.sleep(2)  # let the warm-up's queue drain
-                    r = wrk(server.url + "/log_likelihood", s["body"], c, duration)
-                    r |= {"scenario": s["name"], "batching": batching == "true",
-                          "concurrency": c, "rows_per_s": r["rps"] * s["rows"]}
-                    served.append(r)
-                    print(json.dumps(r | (env or {})), flush=True)
-    return served
+    return [r for s in scenarios(models) for batching in ("true", "false")
+            for r in _loads(models, s, {"GENSERVE_BATCHING": batching, **(env or {})},
+                            concurrency, duration, {"batching": batching == "true"})]
 
 
 def serve_paths(models: Path, duration: int, concurrency: int) -> list[dict]:
     """The exact flow's scenarios, batching on, through BentoML's HTTP route
     (``GENSERVE_FAST_PATH=false``) and through the fast path, each pair back to back."""
-    served = []
-    for s in scenarios(models):
-        if not s["name"].startswith("nsf"):
-            continue
-        for fast in ("false", "true"):
-            log = Path(tempfile.mkdtemp()) / "server.log"
-            env = {"GENSERVE_FAST_PATH": fast, "GENSERVE_MAX_LATENCY_MS": "30000"}
-            with running_server(models, log, env=env) as server:
-                wrk(server.url + "/log_likelihood", s["body"], concurrency, 2)  # warm-up
-                time.sleep(2)
-                r = wrk(server.url + "/log_likelihood", s["body"], concurrency, duration)
-            r |= {"scenario": s["name"], "fast_path": fast == "true",
-                  "concurrency": concurrency, "rows_per_s": r["rps"] * s["rows"]}
-            served.append(r)
-            print(json.dumps(r), flush=True)
-    return served
+    return [r for s in scenarios(models) if s["name"].startswith("nsf")
+            for fast in ("false", "true")
+            for r in _loads(models, s, {"GENSERVE_FAST_PATH": fast}, [concurrency], duration,
+                            {"fast_path": fast == "true"})]
 
 
 def run(models: Path, duration: int, concurrency: list[int]) -> dict:
