@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from datetime import UTC, datetime
+import time
+from functools import lru_cache
 
 __all__ = ["ACCESS_LOGGER", "access_logger", "log_access", "rows_in"]
 
@@ -34,12 +35,30 @@ def access_logger(enabled: bool) -> logging.Logger:
 
 def log_access(logger: logging.Logger, *, protocol: str, key: str | None, verb: str,
                model: str, rows: int | None, status: int | str, latency_s: float) -> None:
-    if logger.disabled:
+    """Write one line. The line is formatted by hand and handed to the logger's handlers as
+    one record without ``Logger.info``'s caller lookup: that and ``json.dumps`` of the whole
+    line were about a tenth of a worker's time per request under 1-row load."""
+    if logger.disabled or not logger.isEnabledFor(logging.INFO):
         return
-    line = {"ts": datetime.now(UTC).isoformat(timespec="milliseconds"), "protocol": protocol,
-            "key": key, "verb": verb, "model": model, "rows": rows, "status": status,
-            "latency_ms": round(latency_s * 1000, 3)}
-    logger.info(json.dumps(line, separators=(",", ":")))
+    now = time.time()
+    millis = int(now * 1000) % 1000
+    line = (f'{{"ts":"{_second(int(now))}.{millis:03d}+00:00","protocol":{_json(protocol)},'
+            f'"key":{_json(key)},"verb":{_json(verb)},"model":{_json(model)},'
+            f'"rows":{_json(rows)},"status":{_json(status)},'
+            f'"latency_ms":{round(latency_s * 1000, 3)!r}}}')  # a finite float's repr is JSON
+    logger.handle(logger.makeRecord(logger.name, logging.INFO, __file__, 0, line, None, None))
+
+
+@lru_cache(maxsize=4)
+def _second(second: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+
+
+@lru_cache(maxsize=1024)
+def _json(value: str | int | None) -> str:
+    """A field value as JSON (the values are bounded: names of loaded models, key names,
+    verbs, statuses and row counts)."""
+    return json.dumps(value)
 
 
 def rows_in(verb: str, payload: object) -> int | None:

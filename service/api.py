@@ -36,7 +36,6 @@ from service.metrics import (
     ROWS,
 )
 from service.models import ModelSet
-from service.overload import OverloadMiddleware
 from service.runtime import InputError
 from service.schemas import (
     AnomalyScoreRequest,
@@ -180,6 +179,4 @@ def _graph_observer(model: str) -> Any:
     return observe
 
 
-# Added first, so outermost of the two: an overloaded worker answers 503 before reading bodies.
-GenServe.add_asgi_middleware(OverloadMiddleware, settings=SETTINGS)
 GenServe.add_asgi_middleware(BoundaryMiddleware, settings=SETTINGS)

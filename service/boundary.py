@@ -1,12 +1,13 @@
 """The HTTP boundary: an ASGI middleware that checks every verb request before BentoML sees it.
 
 In order: the bearer token when access control is on (401, ``service.auth``), the key's
-request rate (429 with ``Retry-After``), then content type, body size, JSON syntax and the
-request itself (``service.validation``), each answered with ``{"error": ...}`` and a 4xx
-status, so a bad request never joins a batch. A valid request goes, already parsed, straight
-to BentoML's batcher (``service.dispatch``), or with ``GENSERVE_FAST_PATH=false`` through
+request rate (429 with ``Retry-After``), the worker's queue bound (503 with ``Retry-After``,
+``service.overload``), then content type, body size, JSON syntax and the request itself
+(``service.validation``), each answered with ``{"error": ...}``, so a bad request never joins
+a batch. A valid request goes, already validated into BentoML's input type, straight to
+BentoML's batcher (``service.dispatch``), or with ``GENSERVE_FAST_PATH=false`` through
 BentoML's own route (the body is replayed). Every verb request leaves one access log line
-(``service.access_log``).
+(``service.access_log``), refused ones too.
 ``/livez``, ``/readyz`` and ``/models`` stay open; ``/metrics`` asks for its own token when
 ``GENSERVE_METRICS_TOKEN_FILE`` is set. ``/docs.json`` is BentoML's OpenAPI document completed
 with these answers (``service.openapi``).
@@ -29,8 +30,9 @@ from service.dispatch import Dispatch, being_cancelled
 from service.manifest import ManifestError, read_manifest
 from service.metrics import REQUESTS
 from service.openapi import complete
+from service.overload import Admission
 from service.settings import Settings, load_settings
-from service.validation import ModelCard, RequestError, validate_verb
+from service.validation import ModelCard, Refused, RequestError, validate_verb
 
 __all__ = ["KEY_REQUESTS", "VERB_PATHS", "BoundaryMiddleware", "load_cards", "send_json"]
 
@@ -76,15 +78,6 @@ async def _send_body(send: Any, status: int, headers: list[tuple[bytes, bytes]],
     await send({"type": "http.response.body", "body": body})
 
 
-class Refused(RequestError):
-    """A request turned away before its body is read: 401 or 429, with response headers."""
-
-    def __init__(self, status: int, message: str, headers: list[tuple[bytes, bytes]],
-                 **extra: Any) -> None:
-        super().__init__(status, message)
-        self.headers, self.extra = headers, extra
-
-
 def _unauthorized() -> Refused:
     return Refused(401, TOKEN_REQUIRED, [(b"www-authenticate", b'Bearer realm="genserve"')])
 
@@ -101,6 +94,7 @@ class BoundaryMiddleware:
         self.limiter = RateLimiter(self.settings.rate_limit_rps, self.settings.rate_limit_burst,
                                    workers=self.settings.workers)
         self.access = access_logger(self.settings.access_log)
+        self.admission = Admission(self.settings)
 
     @property
     def cards(self) -> dict[str, ModelCard]:
@@ -128,20 +122,25 @@ class BoundaryMiddleware:
     async def _verb(self, verb: str, scope: dict, receive: Any, send: Any) -> None:
         started = time.perf_counter()
         seen: dict[str, Any] = {"key": None, "model": "unknown", "rows": None, "status": 500}
+        admitted = False
         try:
             key = self._authenticate(scope)
             seen["key"] = key.name if key else None
             self._limit(key)
-            body, payload = await self._checked_body(scope, receive, verb)
+            self.admission.admit(verb)
+            admitted = True
+            dispatch = self._dispatch()
+            body, payload, request = await self._checked_body(
+                scope, receive, verb, dispatch.types if dispatch else None)
             if isinstance(payload, dict) and payload.get("model") in self.cards:
                 seen["model"] = payload["model"]
             seen["rows"] = rows_in(verb, payload)
-            dispatch = self._dispatch()
             if dispatch is None:
-                await self.app(scope, _replay(body, receive), _watch(send, seen))
+                await self.app(scope, _replay(body, receive), self._watch(send, seen))
             else:
-                seen["status"], headers, answer = await dispatch(verb, payload)
-                await _send_body(send, seen["status"], headers, answer)
+                seen["status"], headers, answer = await dispatch(verb, request)
+                await _send_body(send, seen["status"],
+                                 self.admission.hinted(seen["status"], headers), answer)
         except RequestError as err:
             seen["status"] = err.status
             REQUESTS.labels(model="unknown", verb=verb, status=str(err.status)).inc()
@@ -149,6 +148,8 @@ class BoundaryMiddleware:
             await send_json(send, err.status, {"error": err.message, **extra},
                              getattr(err, "headers", []))
         finally:
+            if admitted:
+                self.admission.release()
             if being_cancelled():
                 # BentoML's timeout cancelled the request and answered 504 itself (whatever
                 # the batcher made of the cancellation): log and count what the client got
@@ -169,6 +170,21 @@ class BoundaryMiddleware:
                      if found else "through BentoML's HTTP route")
         return self._fast[0]
 
+    def _watch(self, send: Any, seen: dict[str, Any]) -> Any:
+        """BentoML's route's ``send``: notes the status for the access log and adds the
+        ``Retry-After`` hint to a 503."""
+
+        async def watched(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                seen["status"] = message["status"]
+                headers = list(message.get("headers") or [])
+                hinted = self.admission.hinted(seen["status"], headers)
+                if hinted is not headers:
+                    message = dict(message, headers=hinted)
+            await send(message)
+
+        return watched
+
     def _authenticate(self, scope: dict) -> ApiKey | None:
         """The caller's key (None with access control off), or 401."""
         if not self.keys.enabled:
@@ -187,7 +203,9 @@ class BoundaryMiddleware:
                           f"after {retry} s", [(b"retry-after", str(retry).encode())],
                           retry_after_s=retry)
 
-    async def _checked_body(self, scope: dict, receive: Any, verb: str) -> tuple[bytes, Any]:
+    async def _checked_body(self, scope: dict, receive: Any, verb: str,
+                            types: dict[str, type] | None) -> tuple[bytes, Any, Any]:
+        """The body, its JSON and the validated request (built as ``types[verb]``)."""
         if scope.get("method") != "POST":
             raise RequestError(405, f"use POST for /{verb}")
         headers = dict(scope.get("headers") or [])
@@ -205,8 +223,7 @@ class BoundaryMiddleware:
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             reason = getattr(err, "msg", "not UTF-8")
             raise RequestError(400, f"the body is not valid JSON ({reason})") from None
-        validate_verb(verb, payload, self.cards, self.settings)
-        return body, payload
+        return body, payload, validate_verb(verb, payload, self.cards, self.settings, types)
 
     async def _docs(self, scope: dict, receive: Any, send: Any) -> None:
         """BentoML's OpenAPI document, completed with our own answers (``service.openapi``)."""
@@ -240,17 +257,6 @@ def _header(scope: dict, name: bytes) -> bytes | None:
         if key.lower() == name:
             return value
     return None
-
-
-def _watch(send: Any, seen: dict[str, Any]) -> Any:
-    """A ``send`` that notes the response status in ``seen`` for the access log."""
-
-    async def watched(message: dict) -> None:
-        if message["type"] == "http.response.start":
-            seen["status"] = message["status"]
-        await send(message)
-
-    return watched
 
 
 async def _read_body(receive: Any, limit: int) -> bytes:

@@ -10,13 +10,13 @@ worker is one event loop under one GIL, so it set the served rows/s.
 hands it: the API's adaptive batcher (BentoML's ``CorkDispatcher``, built from the API's
 ``batchable`` / ``max_batch_size`` / ``max_latency_ms``) or, with batching off, the API
 method on BentoML's worker-thread limiter. The request object is BentoML's own input type
-for the API, built from the parsed body, and the answer is the same JSON with a
-content-length instead of chunks. A request that times out (BentoML answers 504) while still
-queued is marked abandoned, and ``GenServe`` leaves it out of its batch instead of computing
-rows nobody will read (``genserve_abandoned_total``). Errors keep their statuses: a
-per-request error answer from ``GenServe`` as is, BentoML's exceptions (503 when
-``max_latency_ms`` is overrun) with their status, anything else 500 with the reason in the
-server log.
+for the API (the boundary validates the body straight into it, so nothing is validated
+twice), and the answer is the same JSON with a content-length instead of chunks. A request
+that times out (BentoML answers 504) while still queued is marked abandoned, and
+``GenServe`` leaves it out of its batch instead of computing rows nobody will read
+(``genserve_abandoned_total``). Errors keep their statuses: a per-request error answer from
+``GenServe`` as is, BentoML's exceptions (503 when ``max_latency_ms`` is overrun) with their
+status, anything else 500 with the reason in the server log.
 
 It relies on how BentoML 1.4 builds its app (the route's endpoint is a bound method of the
 app factory that owns the batchers). :meth:`Dispatch.find` checks that shape and returns
@@ -54,9 +54,11 @@ def being_cancelled() -> bool:
 class Dispatch:
     """Run one verb request through the API's batcher; returns ``(status, headers, body)``."""
 
-    def __init__(self, factory: Any) -> None:
+    def __init__(self, factory: Any, verbs: Any) -> None:
         self.factory = factory
         self.server = f"BentoML Service/{factory.service.name}".encode()
+        # BentoML's input type per verb: the boundary validates straight into it
+        self.types = {v: factory.service.apis[v].input_spec for v in verbs}
 
     @classmethod
     def find(cls, app: Any, verbs: Any) -> Dispatch | None:
@@ -76,15 +78,17 @@ class Dispatch:
             apis = factory.service.apis
             if not all(v in apis for v in verbs.values()):
                 return None
-            return cls(factory)
+            return cls(factory, verbs.values())
         return None
 
-    async def __call__(self, verb: str, payload: dict) -> tuple[int, list, bytes]:
+    async def __call__(self, verb: str, request: Any) -> tuple[int, list, bytes]:
+        """``request``: validated, an instance of ``self.types[verb]`` (a dict is validated
+        here, into that type)."""
         factory = self.factory
         method = factory.service.apis[verb]
-        request = None
         try:
-            request = method.input_spec.model_validate(payload)
+            if not isinstance(request, method.input_spec):
+                request = method.input_spec.model_validate(request)
             if method.batchable:
                 answer = await factory.batch_infer(verb, (request,), {})
             else:
@@ -100,7 +104,7 @@ class Dispatch:
             # the cancellation into a 503 error, so look at the task, not at the exception.
             # Marked abandoned, a request still queued is left out of its batch.
             if isinstance(exc, asyncio.CancelledError) or being_cancelled():
-                if request is not None:
+                if isinstance(request, method.input_spec):
                     request._ticket.abandoned = True
                 raise asyncio.CancelledError from None
             return self._error(verb, exc)

@@ -8,6 +8,7 @@ Each error carries a status and a message that says what is wrong and what is al
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,7 @@ from service.settings import Settings
 
 __all__ = [
     "ModelCard",
+    "Refused",
     "RequestError",
     "validate_anomaly_score",
     "validate_log_likelihood",
@@ -37,6 +39,16 @@ class RequestError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+class Refused(RequestError):
+    """A request turned away before its body is read (401, 429, 503), with response headers
+    (``WWW-Authenticate``, ``Retry-After``) and extra fields for the error answer."""
+
+    def __init__(self, status: int, message: str, headers: list[tuple[bytes, bytes]],
+                 **extra: Any) -> None:
+        super().__init__(status, message)
+        self.headers, self.extra = headers, extra
 
 
 @dataclass(frozen=True)
@@ -124,17 +136,17 @@ def check_rows(x: Any, card: ModelCard, max_rows: int) -> np.ndarray:
         arr = np.array(x)
     except (ValueError, TypeError):
         raise RequestError(400, "'x' has rows of different lengths") from None
-    if arr.dtype.kind not in "iuf" or arr.dtype == bool:
+    # numpy turns true/false beside numbers into 1/0: look for them among the values
+    if arr.dtype.kind not in "iuf" or bool in set(map(type, chain.from_iterable(x))):
         raise RequestError(400, "'x' must contain only numbers (no strings, booleans or nulls)")
-    arr = arr.astype(np.float64)
-    bad = ~np.isfinite(arr)
-    if bad.any():
-        r, c = np.argwhere(bad)[0]
-        raise RequestError(400, f"'x' has a non-finite value at row {r}, column {c}; "
-                           "every value must be a finite number")
-    huge = np.abs(arr) > FLOAT32_MAX
-    if huge.any():
-        r, c = np.argwhere(huge)[0]
+    arr = arr.astype(np.float64, copy=False)
+    if not np.abs(arr).max() <= FLOAT32_MAX:  # one reduction; NaN, ±inf and huge all fail it
+        bad = ~np.isfinite(arr)
+        if bad.any():
+            r, c = np.argwhere(bad)[0]
+            raise RequestError(400, f"'x' has a non-finite value at row {r}, column {c}; "
+                               "every value must be a finite number")
+        r, c = np.argwhere(np.abs(arr) > FLOAT32_MAX)[0]
         raise RequestError(400, f"'x' has a value beyond float32 range at row {r}, column {c}; "
                            f"values must lie within ±{FLOAT32_MAX:.4g}")
     return arr
@@ -158,8 +170,9 @@ def _flat_image(row: Any, i: int, card: ModelCard) -> Any:
     return arr.reshape(-1).tolist()
 
 
-def validate_sample(body: Any, cards: dict[str, ModelCard], s: Settings) -> SampleRequest:
-    req = _parse(SampleRequest, body)
+def validate_sample(body: Any, cards: dict[str, ModelCard], s: Settings,
+                    cls: type[SampleRequest] = SampleRequest) -> SampleRequest:
+    req = _parse(cls, body)
     card = _card(cards, req.model)
     _limit(req.n, "n", s.max_samples)
     _limit(req.steps, "steps", s.max_steps)
@@ -169,9 +182,10 @@ def validate_sample(body: Any, cards: dict[str, ModelCard], s: Settings) -> Samp
     return req
 
 
-def validate_log_likelihood(body: Any, cards: dict[str, ModelCard],
-                            s: Settings) -> LogLikelihoodRequest:
-    req = _parse(LogLikelihoodRequest, body)
+def validate_log_likelihood(body: Any, cards: dict[str, ModelCard], s: Settings,
+                            cls: type[LogLikelihoodRequest] = LogLikelihoodRequest,
+                            ) -> LogLikelihoodRequest:
+    req = _parse(cls, body)
     card = _card(cards, req.model)
     req.x = check_rows(body["x"], card, s.max_rows)  # as sent: the schema flattens images
     _limit(req.steps, "steps", s.max_steps)
@@ -189,9 +203,10 @@ def validate_log_likelihood(body: Any, cards: dict[str, ModelCard],
     return req
 
 
-def validate_anomaly_score(body: Any, cards: dict[str, ModelCard],
-                           s: Settings) -> AnomalyScoreRequest:
-    req = _parse(AnomalyScoreRequest, body)
+def validate_anomaly_score(body: Any, cards: dict[str, ModelCard], s: Settings,
+                           cls: type[AnomalyScoreRequest] = AnomalyScoreRequest,
+                           ) -> AnomalyScoreRequest:
+    req = _parse(cls, body)
     card = _card(cards, req.model)
     if not card.calibrated:
         raise RequestError(400, f"model '{card.name}' has no anomaly calibration; re-export it")
@@ -206,5 +221,10 @@ VALIDATORS = {
 }
 
 
-def validate_verb(verb: str, body: Any, cards: dict[str, ModelCard], s: Settings) -> Any:
-    return VALIDATORS[verb](body, cards, s)
+def validate_verb(verb: str, body: Any, cards: dict[str, ModelCard], s: Settings,
+                  types: dict[str, type] | None = None) -> Any:
+    """The validated request of ``verb``, as ``types[verb]`` when given (a subclass of the
+    verb's schema: BentoML's input type, so the request can go to its batcher as it is)."""
+    if types is None:
+        return VALIDATORS[verb](body, cards, s)
+    return VALIDATORS[verb](body, cards, s, types[verb])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -18,6 +19,7 @@ import ssl
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
@@ -154,19 +156,37 @@ def test_any_retry_after_from_http_becomes_grpc_trailing_metadata() -> None:
     assert _http_error(httpx.Response(400, json={"error": "x"})).trailers == ()
 
 
-def test_access_log_lines_are_json_and_can_be_turned_off(monkeypatch) -> None:
+def test_access_log_lines_are_json_and_can_be_turned_off() -> None:
     lines: list[str] = []
-    fields = {"protocol": "http", "key": "alice", "verb": "sample", "model": MODEL,
+
+    class Capture(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    fields = {"protocol": "http", "key": 'al"ice', "verb": "sample", "model": MODEL,
               "rows": 3, "status": 200, "latency_s": 0.0125}
+    capture = Capture()
     logger = access_logger(False)
-    monkeypatch.setattr(logger, "info", lines.append)
-    log_access(logger, **fields)
-    assert lines == []
-    logger = access_logger(True)
-    log_access(logger, **fields)
-    (line,) = lines
-    assert json.loads(line) == {**{k: v for k, v in fields.items() if k != "latency_s"},
-                                "ts": json.loads(line)["ts"], "latency_ms": 12.5}
+    logger.addHandler(capture)
+    try:
+        log_access(logger, **fields)
+        assert lines == []
+        logger = access_logger(True)
+        before = datetime.now(UTC).replace(microsecond=0)
+        log_access(logger, **fields)
+        log_access(logger, **fields | {"protocol": "grpc", "key": None, "rows": None,
+                                       "status": "OK", "latency_s": 2.5e-8})
+    finally:
+        logger.removeHandler(capture)
+    first, second = (json.loads(line) for line in lines)
+    assert first == {**{k: v for k, v in fields.items() if k != "latency_s"},
+                     "ts": first["ts"], "latency_ms": 12.5}
+    assert second["key"] is None and second["rows"] is None and second["status"] == "OK"
+    assert second["latency_ms"] == 0.0
+    ts = datetime.fromisoformat(first["ts"])  # ISO 8601 in UTC, to the millisecond
+    assert ts.utcoffset() == timedelta(0)
+    assert len(first["ts"]) == len("2026-01-01T00:00:00.000+00:00")
+    assert before <= ts <= datetime.now(UTC)
 
 
 # --- real processes: HTTP and gRPC with TLS, keys and rate limits ----------------------------

@@ -11,6 +11,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -69,6 +70,8 @@ def test_a_full_queue_answers_503_at_once_with_a_retry_hint(busy: Server) -> Non
     import json
 
     slow = json.dumps(_slow_body(busy, 2.5)).encode()
+    time.sleep(0.5)  # the calibration request's own line reaches the file
+    logged = len(_access_lines(busy.log, "sample"))
     with ThreadPoolExecutor(12) as pool:
         results = list(pool.map(lambda _: _post_with_headers(busy, "/sample", slow), range(12)))
     ok = [r for r in results if r[0] == 200]
@@ -80,6 +83,17 @@ def test_a_full_queue_answers_503_at_once_with_a_retry_hint(busy: Server) -> Non
         assert seconds < 1.0, f"a rejection took {seconds:.2f} s"
     status, out = busy.post("/log_likelihood", SMALL)  # and it serves again at once
     assert status == 200, out
+    time.sleep(0.5)  # stderr of the worker reaches the file
+    lines = _access_lines(busy.log, "sample")[logged:]  # one per request, refused ones too
+    logged_statuses = Counter(line["status"] for line in lines)
+    assert logged_statuses >= Counter(r[0] for r in results), lines
+
+
+def _access_lines(log: Path, verb: str) -> list[dict]:
+    import json
+
+    lines = (json.loads(t) for t in log.read_text().splitlines() if t.startswith('{"ts":'))
+    return [line for line in lines if line["verb"] == verb]
 
 
 def test_overload_reaches_grpc_as_unavailable(busy: Server, tmp_path: Path) -> None:
@@ -155,16 +169,18 @@ def test_a_request_that_timed_out_in_the_queue_is_not_computed(served_models: Pa
     rows = {"model": "moons-cfm", "verb": "sample"}
     with running_server(served_models, tmp_path / "server.log", env=env) as busy:
         assert busy.post("/sample", dict(body, steps=5))[0] == 200  # warm-up
-        took = []  # two lengths, so that the fixed cost of a request drops out
-        for steps in (20, 120):
+        # the cost of a step from a request of at least 0.5 s: a hiccup only makes it look
+        # dearer (a difference of two short requests could make it look far cheaper)
+        steps, took = 25, 0.0
+        while took < 0.5 and steps < 1_000_000:
+            steps *= 2
             start = time.perf_counter()
             status, out = busy.post("/sample", dict(body, steps=steps))
-            took.append(time.perf_counter() - start)
+            took = time.perf_counter() - start
             assert status == 200, (steps, took, out)
-        per_step = max((took[1] - took[0]) / 100, 1e-6)
         # ~5 s: it must outlast the next request's timeout (0.3 s + 1 s) even if the
         # estimate is several times off on a loaded machine
-        slow = dict(body, steps=int(min(1_000_000, 5.0 / per_step)))
+        slow = dict(body, steps=int(min(1_000_000, 5.0 * steps / took)))
         before = (_counter(busy, "genserve_rows_total", **rows),
                   _counter(busy, "genserve_abandoned_total", **rows))
         answers: dict = {}

@@ -144,6 +144,7 @@ BAD = [
     ({"model": "moons-nsf", "x": []}, 400, "empty"),
     ({"model": "moons-nsf", "x": [[1.0, "a"]]}, 400, "only numbers"),
     ({"model": "moons-nsf", "x": [[1.0, None]]}, 400, "only numbers"),
+    ({"model": "moons-nsf", "x": [[1.0, 2.0], [True, 0.5]]}, 400, "only numbers"),
     ({"model": "moons-nsf", "x": [[1.0, 2.0]] * 501}, 413, "largest allowed is 500"),
     ({"model": "moons-nsf", "x": X, "extra": 1}, 400, "'extra': unknown field"),
     ({"model": "moons-nsf", "x": X, "method": "hutchinson"}, 400, "exact"),
