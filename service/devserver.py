@@ -74,8 +74,12 @@ class Server:
 
 @contextlib.contextmanager
 def running_server(models_dir: Path, log: Path, env: dict[str, str] | None = None,
-                   startup_s: float = 180) -> Iterator[Server]:
+                   startup_s: float = 180, service: str = "service.api:GenServe",
+                   ) -> Iterator[Server]:
     """Start the service on a free loopback port, wait for ``/readyz``, stop it on exit.
+
+    ``service``: the BentoML service to serve (``bench.noop_service:NoOp`` for the
+    framework's own request-rate ceiling in ``bench.serving``).
 
     With ``GENSERVE_TLS_CERTFILE`` in ``env`` the server speaks https, and the handle trusts
     that (self-signed) certificate. Each server gets its own ``BENTOML_HOME`` (unless ``env``
@@ -88,7 +92,7 @@ def running_server(models_dir: Path, log: Path, env: dict[str, str] | None = Non
                     BENTOML_DO_NOT_TRACK="True", BENTOML_HOME=home, **(env or {}))
     with open(log, "w") as fh:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "bentoml", "serve", "service.api:GenServe", "--host",
+            [sys.executable, "-m", "bentoml", "serve", service, "--host",
              "127.0.0.1", "--port", str(port)],
             stdout=fh, stderr=subprocess.STDOUT, env=full_env, cwd=ROOT,
             start_new_session=True,
