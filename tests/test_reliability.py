@@ -92,6 +92,8 @@ CASES = [
          GrpcCall(NSF_LL, (_x(np.array(X, int), "INT64"),)), "INVALID_ARGUMENT", "send FP32"),
     Case("wrong type: value in x", LL, {"model": "moons-nsf", "x": [[0.1, "a"]]}, 400,
          "only numbers", None, grpc_note="tensors are typed"),
+    Case("boolean among x's numbers", LL, {"model": "moons-nsf", "x": [[0.1, True]]}, 400,
+         "only numbers", None, grpc_note="tensors are typed"),
     Case("ragged rows", LL, {"model": "moons-nsf", "x": [[0.1, 0.2], [0.3]]}, 400,
          "row 1 has 1 values", GrpcCall(NSF_LL, (("x", "FP32", [2, 2], [0.1, 0.2, 0.3]),)),
          "INVALID_ARGUMENT", "shape"),
