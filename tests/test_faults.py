@@ -69,15 +69,18 @@ def _lower(headers) -> dict:
 def test_a_full_queue_answers_503_at_once_with_a_retry_hint(busy: Server) -> None:
     import json
 
-    slow = json.dumps(_slow_body(busy, 2.5)).encode()
+    # two admitted requests may run one after the other: 2 x 1.5 s stays inside the 8 s
+    # timeout on a machine 2.5x slower than when measured
+    slow = json.dumps(_slow_body(busy, 1.5)).encode()
     time.sleep(0.5)  # the calibration request's own line reaches the file
     logged = len(_access_lines(busy.log, "sample"))
     with ThreadPoolExecutor(12) as pool:
         results = list(pool.map(lambda _: _post_with_headers(busy, "/sample", slow), range(12)))
-    ok = [r for r in results if r[0] == 200]
+    # admitted: answered, or past the timeout on a machine far slower than measured
+    admitted = [r for r in results if r[0] in (200, 504)]
     rejected = [r for r in results if r[0] == 503]
-    assert len(ok) + len(rejected) == 12, [r[0] for r in results]
-    assert 1 <= len(ok) <= QUEUE and len(rejected) >= 12 - QUEUE
+    assert len(admitted) + len(rejected) == 12, [r[0] for r in results]
+    assert 1 <= len(admitted) <= QUEUE and len(rejected) >= 12 - QUEUE
     for _, headers, seconds in rejected:
         assert headers.get("retry-after") == "2"
         assert seconds < 1.0, f"a rejection took {seconds:.2f} s"
@@ -156,10 +159,10 @@ def test_a_request_that_timed_out_in_the_queue_is_not_computed(served_models: Pa
                                                                tmp_path: Path) -> None:
     """A request still queued when it times out (504) is left out of its batch: its rows are
     never computed (``genserve_abandoned_total`` counts it, ``genserve_rows_total`` does not).
-    Its own server, with a 1 s timeout, so the request ahead of it need only run a few s."""
+    Its own server, with a 2 s timeout, so the request ahead of it need only run a few s."""
     import json
 
-    timeout_s = 1
+    timeout_s = 2  # the probes below (< 1 s, plus BentoML's hold-back) must fit in it
     env = {"GENSERVE_TIMEOUT_S": str(timeout_s), "GENSERVE_MAX_STEPS": "1000000",
            "GENSERVE_MAX_SAMPLES": "20000",
            # above the timeout: BentoML's batcher drops requests queued longer than this
@@ -178,9 +181,9 @@ def test_a_request_that_timed_out_in_the_queue_is_not_computed(served_models: Pa
             status, out = busy.post("/sample", dict(body, steps=steps))
             took = time.perf_counter() - start
             assert status == 200, (steps, took, out)
-        # ~5 s: it must outlast the next request's timeout (0.3 s + 1 s) even if the
+        # ~8 s: it must outlast the next request's timeout (0.3 s + 2 s) even if the
         # estimate is several times off on a loaded machine
-        slow = dict(body, steps=int(min(1_000_000, 5.0 * steps / took)))
+        slow = dict(body, steps=int(min(1_000_000, 8.0 * steps / took)))
         before = (_counter(busy, "genserve_rows_total", **rows),
                   _counter(busy, "genserve_abandoned_total", **rows))
         answers: dict = {}
