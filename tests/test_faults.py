@@ -18,6 +18,7 @@ from pathlib import Path
 import grpc
 import psutil
 import pytest
+from test_auth import access_lines
 from test_grpc import grpc_process
 from test_service import _metrics, _sum
 
@@ -93,10 +94,7 @@ def test_a_full_queue_answers_503_at_once_with_a_retry_hint(busy: Server) -> Non
 
 
 def _access_lines(log: Path, verb: str) -> list[dict]:
-    import json
-
-    lines = (json.loads(t) for t in log.read_text().splitlines() if t.startswith('{"ts":'))
-    return [line for line in lines if line["verb"] == verb]
+    return [line for line in access_lines(log) if line["verb"] == verb]
 
 
 def test_overload_reaches_grpc_as_unavailable(busy: Server, tmp_path: Path) -> None:
