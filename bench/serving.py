@@ -241,6 +241,13 @@ def run_after_burst(models: Path, burst_s: int = 8) -> list[dict]:
 WORKERS = 2  # the second configuration: one worker process per core of this machine
 
 
+def _measured(url: str, body: dict, connections: int, duration: int) -> dict:
+    """wrk on a fresh server: a 2 s warm-up, 2 s for its queue to drain, the measured run."""
+    wrk(url, body, connections, 2)
+    time.sleep(2)
+    return wrk(url, body, connections, duration)
+
+
 def _loads(models: Path, scenario: dict, env: dict[str, str], concurrency: list[int],
            duration: int, tag: dict) -> list[dict]:
     """One fresh server with ``env``; ``scenario`` under wrk at each concurrency (warm-up,
@@ -249,9 +256,7 @@ def _loads(models: Path, scenario: dict, env: dict[str, str], concurrency: list[
     log = Path(tempfile.mkdtemp()) / "server.log"
     with running_server(models, log, env={"GENSERVE_MAX_LATENCY_MS": "30000", **env}) as server:
         for c in concurrency:
-            wrk(server.url + "/log_likelihood", scenario["body"], c, 2)  # warm-up
-            time.sleep(2)  # let the warm-up's queue drain
-            r = wrk(server.url + "/log_likelihood", scenario["body"], c, duration)
+            r = _measured(server.url + "/log_likelihood", scenario["body"], c, duration)
             r |= {"scenario": scenario["name"], **tag, "concurrency": c,
                   "rows_per_s": r["rps"] * scenario["rows"]}
             out.append(r)
@@ -300,22 +305,26 @@ def _contestants(models: Path, peer: bool = True) -> list[dict]:
         return running_server(models, log / "noop.log", service="bench.noop_service:NoOp")
 
     one_row = {"x": nsf["body"]["x"]}
-    return [
-        {"name": "genserve nsf exact, batched", "start": lambda: genserve("true"),
-         "path": "/log_likelihood", "body": nsf["body"]},
-        {"name": "genserve nsf exact, unbatched", "start": lambda: genserve("false"),
-         "path": "/log_likelihood", "body": nsf["body"]},
-        {"name": "genserve otcfm PF-ODE (rk4 x16), batched", "start": lambda: genserve("true"),
-         "path": "/log_likelihood", "body": ode["body"]},
-        {"name": "genserve otcfm PF-ODE (rk4 x16), unbatched",
-         "start": lambda: genserve("false"), "path": "/log_likelihood", "body": ode["body"]},
+    contestants = [
+        {"name": _genserve(s["name"], batching == "true"),
+         "start": lambda batching=batching: genserve(batching), "path": "/log_likelihood",
+         "body": s["body"]}
+        for s in (nsf, ode) for batching in ("true", "false")]
+    contestants += [
         {"name": "BentoML no-op, batchable", "start": noop, "path": ROUTES[0],
          "body": one_row},
         {"name": "BentoML no-op, not batchable", "start": noop, "path": ROUTES[1],
-         "body": one_row},
-        {"name": f"MLServer {MLSERVER} no-op (Open Inference Protocol REST)",
-         "start": running_peer, "path": "", "body": PEER_BODY},
-    ][:None if peer else -1]
+         "body": one_row}]
+    if peer:
+        contestants.append({"name": f"MLServer {MLSERVER} no-op (Open Inference Protocol REST)",
+                            "start": running_peer, "path": "", "body": PEER_BODY})
+    return contestants
+
+
+def _genserve(scenario: str, batched: bool) -> str:
+    """The contestant's name of a 1-row scenario of the main table, e.g. "genserve nsf exact,
+    batched"."""
+    return f"genserve {scenario.split(',')[0]}, {'batched' if batched else 'unbatched'}"
 
 
 def side_by_side(models: Path, duration: int, rounds: int = SIDE_ROUNDS) -> list[dict]:
@@ -336,9 +345,8 @@ def side_by_side(models: Path, duration: int, rounds: int = SIDE_ROUNDS) -> list
         for c in contestants:
             with c["start"]() as server:
                 url = (server if isinstance(server, str) else server.url) + c["path"]
-                wrk(url, c["body"], 64, 2)  # warm-up
-                time.sleep(2)
-                r = wrk(url, c["body"], 64, duration) | {"contestant": c["name"], "round": i}
+                r = _measured(url, c["body"], 64, duration) | {"contestant": c["name"],
+                                                               "round": i}
             out.append(r)
             print(json.dumps(r), flush=True)
     return out
@@ -490,8 +498,7 @@ def _ratio(side: list[dict], top: str, bottom: str) -> tuple[float, float, float
 
 def _side_gain(side: list[dict], scenario: str) -> float:
     """The batching gain of a 1-row scenario of the main table, from the side-by-side rounds."""
-    model = scenario.split(",")[0]
-    return _ratio(side, f"genserve {model}, batched", f"genserve {model}, unbatched")[0]
+    return _ratio(side, _genserve(scenario, True), _genserve(scenario, False))[0]
 
 
 def _side_reading(side: list[dict], nsf: str, peer: str) -> str:
