@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import statistics
@@ -164,9 +165,19 @@ def scenarios(models: Path) -> list[dict]:
     ]
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (from /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run_grpc(models: Path, duration: int, concurrency: list[int]) -> list[dict]:
-    """gRPC rows: the OIP server in front of the batched HTTP service, 1-row requests."""
-    import os
+    """gRPC rows: the OIP server in front of the batched HTTP service, 1-row requests.
+
+    Each cell measures HTTP (wrk, straight to the service) and gRPC (through the forwarder)
+    one after the other on the same server, so the two columns are side by side; the
+    forwarder's own CPU per call is read from /proc around the gRPC run.
+    """
     import sys
 
     from service.devserver import free_port, stop
@@ -184,10 +195,17 @@ def run_grpc(models: Path, duration: int, concurrency: list[int]) -> list[dict]:
             time.sleep(3)
             for s in scenarios(models)[:2]:
                 for c in concurrency:
+                    http = _measured(f"{server.url}/log_likelihood", s["body"], c, duration)
                     grpc_load(f"127.0.0.1:{port}", s["body"], c, 2)  # warm-up
+                    time.sleep(2)
+                    cpu0 = _cpu_seconds(grpc_proc.pid)
                     r = grpc_load(f"127.0.0.1:{port}", s["body"], c, duration)
+                    calls = r["rps"] * duration
                     r |= {"scenario": s["name"], "concurrency": c,
-                          "rows_per_s": r["rps"] * s["rows"]}
+                          "rows_per_s": r["rps"] * s["rows"],
+                          "forwarder_cpu_ms_per_call":
+                              1e3 * (_cpu_seconds(grpc_proc.pid) - cpu0) / max(calls, 1),
+                          "http": http | {"rows_per_s": http["rps"] * s["rows"]}}
                     rows.append(r)
                     print(json.dumps(r), flush=True)
         finally:
@@ -666,22 +684,34 @@ def grpc_section(results: dict) -> str:
         return ""
     rows = []
     for r in results["grpc"]:
-        http = next(h for h in results["served"] if h["scenario"] == r["scenario"]
-                    and h["batching"] and h["concurrency"] == r["concurrency"])
+        http = r.get("http") or next(  # runs before 2026-11-23 took HTTP from the main table
+            h for h in results["served"] if h["scenario"] == r["scenario"]
+            and h["batching"] and h["concurrency"] == r["concurrency"])
+        fwd = r.get("forwarder_cpu_ms_per_call")
         rows.append([r["scenario"], r["concurrency"], round(r["rows_per_s"]),
                      f"{r['p50_ms']:.1f} / {r['p99_ms']:.1f}", f"{r['client_cpu_share']:.0%}",
+                     "-" if fwd is None else f"{fwd:.2f}",
                      round(http["rows_per_s"]), f"{http['p50_ms']:.1f} / {http['p99_ms']:.1f}",
-                     r["errors"]])
+                     f"{r['rows_per_s'] / http['rows_per_s']:.2f}", r["errors"]])
     table = markdown_table(
         ["request", "conc.", "gRPC rows/s", "gRPC p50/p99 ms", "gRPC client CPU (of 1 core)",
-         "HTTP rows/s (wrk)", "HTTP p50/p99 ms", "gRPC errors"], rows)
+         "forwarder CPU ms/call", "HTTP rows/s (wrk)", "HTTP p50/p99 ms", "gRPC / HTTP",
+         "gRPC errors"], rows)
+    measured = ""
+    if results.get("grpc_command"):
+        measured = f"Reproduce: `{results['grpc_command']}` ({results['grpc_machine']}).\n\n"
     return f"""
 ### gRPC (Open Inference Protocol) next to HTTP, batching on
 
-The gRPC server forwards to the same batched HTTP workers (one extra loopback hop). Its load
-comes from a Python asyncio client (`bench.serving.grpc_load`, raw FP32 contents), whose own
-CPU use is shown: on 2 cores it competes with the server, so gRPC figures are a lower bound
-next to wrk's HTTP ones.
+{measured}The gRPC server forwards to the same batched HTTP workers (one extra loopback
+hop, aiohttp's pooled client). Each row measures HTTP (wrk, straight to the service), then
+gRPC, on the same server. The gRPC load comes from a Python asyncio client
+(`bench.serving.grpc_load`, raw FP32 contents), whose own CPU use is shown: on 2 cores it
+and the forwarder compete with the server, so gRPC figures are a lower bound next to wrk's
+HTTP ones. The forwarder's CPU per call is read from /proc around the gRPC run. The previous
+run (httpx as the forwarder's client, 2026-11-23) gave nsf 1-row gRPC 98 / 177 / 120 rows/s
+at concurrency 1 / 8 / 64 on a quieter machine; the next section compares the two clients
+side by side.
 
 {table}
 """
@@ -718,7 +748,12 @@ def main(argv: list[str] | None = None) -> int:
         results = run(ns.models, ns.duration, ns.concurrency)
     if not ns.no_grpc:
         results["grpc"] = run_grpc(ns.models, ns.duration, ns.concurrency)
-    command = ("python -m bench.serving " + " ".join(argv or [])).strip()
+    command = ("python -m bench.serving " + " ".join(
+        sys.argv[1:] if argv is None else argv)).strip()
+    if not ns.no_grpc:  # the gRPC rows name the run that measured them
+        results["grpc_command"], results["grpc_machine"] = command, machine_line()
+    if ns.grpc_only:
+        command = results.get("command", "python -m bench.serving")
     results["command"] = command
     (out / "serving.json").write_text(json.dumps(results, indent=2))
     write_section("serving", markdown(results, command.strip()))

@@ -33,11 +33,12 @@ import signal
 import ssl
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import grpc
-import httpx
 from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
@@ -59,7 +60,7 @@ from service.oip.convert import (
 from service.oip.decode import DecodeErrorInterceptor
 from service.settings import Settings, load_settings
 
-__all__ = ["InferenceServicer", "Upstream", "UpstreamError", "main", "serve"]
+__all__ = ["InferenceServicer", "Reply", "Upstream", "UpstreamError", "main", "serve"]
 
 log = logging.getLogger("genserve.grpc")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
@@ -105,35 +106,77 @@ def pinned_context(certfile: Path) -> ssl.SSLContext:
     return context
 
 
+class Reply:
+    """An HTTP answer read in full: status, headers (names lower-cased) and body."""
+
+    __slots__ = ("content", "headers", "status_code")
+
+    def __init__(self, status_code: int, content: bytes = b"",
+                 headers: Mapping[str, str] | None = None) -> None:
+        self.status_code = status_code
+        self.content = content
+        self.headers = {k.lower(): v for k, v in (headers or {}).items()}
+
+    def json(self) -> Any:
+        return json.loads(self.content)
+
+    @property
+    def text(self) -> str:
+        return self.content.decode("utf-8", "replace")
+
+
 class Upstream:
     """The HTTP side on loopback: a pooled client, the model list (cached) and readiness.
 
-    ``verify``: for an https URL, an SSL context or CA bundle path (httpx's ``verify``).
+    ``verify``: for an https URL, an SSL context, a CA bundle path, ``True`` (the system's
+    trust store) or ``False`` (no verification).
+
+    The client is aiohttp's. httpx's (httpcore's pool) checks every pooled connection on every
+    request: at 64 calls in flight it cost this process 9.3 ms of CPU per call against
+    aiohttp's 2.8 (``python -m bench.grpc_ab``, docs/BENCHMARKS.md).
     """
 
     def __init__(self, url: str, timeout_s: float = 120.0,
                  verify: ssl.SSLContext | str | bool = True) -> None:
         self.url = url.rstrip("/")
         self.timeout_s = timeout_s
-        self.client = httpx.AsyncClient(
-            base_url=self.url, trust_env=False, verify=verify,
-            timeout=httpx.Timeout(timeout_s, connect=5.0),
-            limits=httpx.Limits(max_connections=128, max_keepalive_connections=32))
+        if isinstance(verify, str):
+            verify = ssl.create_default_context(cafile=verify)
+        self._ssl: ssl.SSLContext | bool | None = None if verify is True else verify
+        self._session: aiohttp.ClientSession | None = None
         self._models: dict[str, dict] | None = None
         self._models_at = 0.0
         self._lock = asyncio.Lock()
 
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:  # made on the running loop, at first use
+            connector = aiohttp.TCPConnector(limit=128, limit_per_host=128, ssl=self._ssl,
+                                             keepalive_timeout=30.0)
+            self._session = aiohttp.ClientSession(self.url, connector=connector,
+                                                  trust_env=False)
+        return self._session
+
     async def close(self) -> None:
-        await self.client.aclose()
+        if self._session is not None:
+            await self._session.close()
 
     def _unreachable(self, err: Exception) -> OipError:
         return OipError(Code.UNAVAILABLE, f"the genserve HTTP service at {self.url} is not "
                         f"reachable ({type(err).__name__}); is it running and ready?")
 
+    async def _request(self, method: str, path: str, timeout_s: float,
+                       body: bytes | None = None, headers: dict[str, str] | None = None,
+                       ) -> Reply:
+        timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=5.0)
+        async with self.session.request(method, path, data=body, headers=headers,
+                                        timeout=timeout, allow_redirects=False) as resp:
+            return Reply(resp.status, await resp.read(), resp.headers)
+
     async def ready(self) -> bool:
         try:
-            return (await self.client.get("/readyz", timeout=2.0)).status_code == 200
-        except httpx.HTTPError:
+            return (await self._request("GET", "/readyz", 2.0)).status_code == 200
+        except (aiohttp.ClientError, TimeoutError):
             return False
 
     async def models(self, refresh: bool = False) -> dict[str, dict]:
@@ -142,8 +185,8 @@ class Upstream:
             fresh = time.monotonic() - self._models_at < (0.5 if refresh else MODELS_TTL_S)
             if self._models is None or not fresh:
                 try:
-                    resp = await self.client.get("/models", timeout=10.0)
-                except httpx.HTTPError as err:
+                    resp = await self._request("GET", "/models", 10.0)
+                except (aiohttp.ClientError, TimeoutError) as err:
                     raise self._unreachable(err) from None
                 if resp.status_code != 200:
                     raise _http_error(resp)
@@ -159,13 +202,12 @@ class Upstream:
         if authorization is not None:
             headers["authorization"] = authorization
         try:
-            resp = await self.client.post(f"/{verb}", content=json.dumps(body).encode(),
-                                          headers=headers,
-                                          timeout=httpx.Timeout(timeout, connect=5.0))
-        except httpx.TimeoutException:
+            resp = await self._request("POST", f"/{verb}", timeout, json.dumps(body).encode(),
+                                       headers)
+        except TimeoutError:
             raise OipError(Code.DEADLINE_EXCEEDED, f"/{verb} did not answer within "
                            f"{timeout:.1f} s") from None
-        except httpx.HTTPError as err:
+        except aiohttp.ClientError as err:
             raise self._unreachable(err) from None
         if resp.status_code != 200:
             if resp.status_code == 404:
@@ -174,7 +216,7 @@ class Upstream:
         return resp.json()
 
 
-def _http_error(resp: httpx.Response) -> UpstreamError:
+def _http_error(resp: Reply) -> UpstreamError:
     try:
         message = str(resp.json()["error"])
     except (ValueError, KeyError, TypeError):
@@ -436,7 +478,6 @@ def main(argv: list[str] | None = None) -> int:
                              for e in err.errors())
         raise SystemExit(f"genserve grpc: invalid GENSERVE_* settings: {problems}") from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # not one line per forwarded call
     asyncio.run(serve(args.host, _port(str(args.port)), args.http_url, args.grace,
                       settings=settings, health_port=args.health_port))
     return 0

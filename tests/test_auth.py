@@ -31,7 +31,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from service.access_log import access_logger, log_access
 from service.auth import KeyFileError, KeyStore, RateLimiter, parse_keys, security_config
 from service.devserver import free_port, running_server, stop
-from service.grpc_server import _http_error
+from service.grpc_server import Reply, _http_error
 from service.oip import grpc_predict_v2_pb2 as pb
 from service.oip import grpc_predict_v2_pb2_grpc as pb_grpc
 from service.settings import load_settings
@@ -148,12 +148,14 @@ def test_token_bucket_limits_bursts_and_refills() -> None:
 def test_any_retry_after_from_http_becomes_grpc_trailing_metadata() -> None:
     for status, code in ((429, grpc.StatusCode.RESOURCE_EXHAUSTED),
                          (503, grpc.StatusCode.UNAVAILABLE)):
-        resp = httpx.Response(status, json={"error": "later"}, headers={"Retry-After": "3"})
+        resp = Reply(status, b'{"error": "later"}', {"Retry-After": "3"})
         err = _http_error(resp)
         assert (err.code, err.message, err.trailers) == (code, "later", (("retry-after", "3"),))
-    assert _http_error(httpx.Response(401, json={"error": "x"})).code == (
-        grpc.StatusCode.UNAUTHENTICATED)
-    assert _http_error(httpx.Response(400, json={"error": "x"})).trailers == ()
+    assert _http_error(Reply(401, b'{"error": "x"}')).code == grpc.StatusCode.UNAUTHENTICATED
+    assert _http_error(Reply(400, b'{"error": "x"}')).trailers == ()
+    # a body that is not JSON travels as text; an empty one names the status
+    assert _http_error(Reply(502, b"Bad Gateway\n")).message == "Bad Gateway"
+    assert _http_error(Reply(500)).message == "HTTP 500"
 
 
 def test_access_log_lines_are_json_and_can_be_turned_off() -> None:

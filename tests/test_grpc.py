@@ -330,6 +330,21 @@ def test_resource_exhausted(client, server) -> None:
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+def test_a_call_past_its_deadline_is_deadline_exceeded_and_the_pool_recovers(client) -> None:
+    # the test server's limits: 500 rows, 200 steps; 800 network passes over 500 rows
+    rows = np.random.default_rng(0).normal(size=(500, 2)).astype(np.float32)
+    slow = {"steps": 200, "solver": "rk4"}
+    started = time.monotonic()
+    code, msg = _code(lambda: client.infer("moons-cfm.log_likelihood", [_x(rows)],
+                                         parameters=slow, client_timeout=0.05))
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED, msg
+    assert time.monotonic() - started < 5
+    # the forwarder dropped that upstream connection; the next calls get fresh ones
+    for _ in range(3):
+        result = client.infer("moons-nsf.log_likelihood", [_x()])
+        assert result.as_numpy("log_likelihood").shape == (len(X),)
+
+
 def test_http_side_down_is_unavailable(tmp_path: Path) -> None:
     closed = f"http://127.0.0.1:{free_port()}"
     with grpc_process(closed, tmp_path / "down.log", until_serving=False) as (address, proc):

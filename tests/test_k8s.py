@@ -515,7 +515,7 @@ def test_generated_dockerfile_runs_non_root_and_serves_what_the_manifests_expect
     assert list((bento / "src" / "exported_models").glob("*/manifest.json"))
     # the gRPC sidecar runs `python -m service.grpc_server` in this image: its packages
     requirements = (bento / "env" / "python" / "requirements.txt").read_text().lower()
-    needed = ("grpcio", "grpcio-health-checking", "grpcio-reflection")
+    needed = ("grpcio", "grpcio-health-checking", "grpcio-reflection", "aiohttp")
     listed = {re.split(r"[<>=!~\[; ]", line.strip())[0] for line in requirements.splitlines()}
     missing = [p for p in needed if p not in listed]
     assert not missing, f"bentofile.yaml python.packages lacks {missing} (gRPC sidecar)"
