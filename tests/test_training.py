@@ -130,10 +130,10 @@ def test_nsf_on_a_toy_reaches_the_exact_entropy_within_the_margin(tmp_path: Path
     assert report["gap_to_truth"] == pytest.approx(gap.mean(), abs=1e-9)
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
+def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ, TQDM_DISABLE="1")
     return subprocess.run([sys.executable, "-m", "training", *args], capture_output=True,
-                          text=True, env=env, timeout=300)
+                          text=True, env=env, timeout=300, cwd=cwd)
 
 
 def test_cli_train_evaluate_data(tmp_path: Path) -> None:
@@ -151,6 +151,27 @@ def test_cli_train_evaluate_data(tmp_path: Path) -> None:
     r = _cli("evaluate", str(out), "--data", str(tmp_path / "moons.csv"), "--samples", "0")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["rows"] == 50
+
+
+@pytest.mark.parametrize("stem", ["table", "8gaussians"])
+def test_cli_evaluates_a_model_trained_on_a_file(tmp_path: Path, stem: str) -> None:
+    # circles in a file: evaluate reloads the file for its test split, and a file named like a
+    # set with a known density ("8gaussians.csv") must not borrow that set's true density
+    data = tmp_path / f"{stem}.csv"
+    assert _cli("data", "circles", "--rows", "400", "--out", str(data)).returncode == 0
+    out = tmp_path / "f"
+    r = _cli("train", "--model", "nsf", "--data", data.name, "--steps", "20", "--hidden", "16",
+             "--transforms", "2", "--out", str(out), "--no-progress", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = _cli("evaluate", str(out), "--samples", "50", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["rows"] == 40 and np.isfinite(report["log_likelihood"])
+    assert "true_log_likelihood" not in report and "gap_to_truth" not in report
+    # elsewhere, the relative path the checkpoint holds is missing: say so, and the way out
+    r = _cli("evaluate", str(out), cwd=tmp_path / "f")
+    assert r.returncode == 2 and f"trained on the file '{data.name}'" in r.stderr
+    assert "--data FILE" in r.stderr.strip().splitlines()[-1]
 
 
 @pytest.mark.parametrize(

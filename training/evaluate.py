@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -16,12 +17,19 @@ __all__ = ["checkpoint_splits", "data_log_prob", "evaluate", "sample_data"]
 
 def checkpoint_splits(ckpt: Checkpoint) -> Any:
     """Rebuild the train/validation/test splits the checkpoint was trained on."""
-    from training.data import load_data, split
+    from training.data import DataError, load_data, split
 
     d = ckpt.config.data
     source = d.name if d.source == "named" else d.source
-    dataset = load_data(source, n=d.rows if d.source == "named" else None, seed=d.data_seed,
-                        images=ckpt.config.model.image_shape is not None)
+    try:
+        dataset = load_data(source, n=d.rows if d.source == "named" else None,
+                            seed=d.data_seed, images=ckpt.config.model.image_shape is not None)
+    except DataError as err:
+        if d.source == "named" or os.path.exists(source):
+            raise
+        raise DataError(f"{err}; the checkpoint was trained on the file '{source}' (a path "
+                        "as given at training time): run from that directory, or pass the "
+                        "test rows with --data FILE") from None
     return split(dataset.x, seed=d.split_seed, fractions=d.split_fractions)
 
 
@@ -108,7 +116,8 @@ def evaluate(
     }
     if lp["std_error"] is not None:
         report["hutchinson_se_mean"] = float(np.mean(lp["std_error"]))
-    truth = true_log_density(cfg.data.name) if x is None else None
+    named = x is None and cfg.data.source == "named"  # a file's name is not a set's name
+    truth = true_log_density(cfg.data.name) if named else None
     if truth is not None:
         true_ll = float(np.mean(truth(x_test)))
         report["true_log_likelihood"] = true_ll
