@@ -115,7 +115,7 @@ def gaussian_baselines(seed: int = SEED) -> dict[str, float]:
     from training.preprocess import Preprocessor
 
     splits = split(load_data(DATA).x, seed=SEED)
-    pre = Preprocessor.fit(default_preprocess(LEVELS, image=True), splits.train, LEVELS)
+    pre = Preprocessor.fit(default_preprocess(LEVELS), splits.train, LEVELS)
     pre = pre.double().eval()
     generator = torch.Generator().manual_seed(seed)
 
