@@ -156,13 +156,21 @@ def _classical(name: str, x_train: np.ndarray, x_test: np.ndarray, seed: int
     return score, fit_s, time.perf_counter() - t1
 
 
-def run_unit(set_name: str, seed: int, quick: bool = False) -> list[dict[str, Any]]:
-    """Every detector on one (set, seed) split."""
+def run_unit(set_name: str, seed: int, quick: bool = False, ensemble: int = 1,
+             ) -> list[dict[str, Any]]:
+    """Every detector on one (set, seed) split; with ``ensemble`` > 1 also fit-anomaly's
+    ``--ensemble`` (the default's candidates, ``ensemble`` seeds each, served as a mixture)."""
     import torch
 
     torch.set_num_threads(1)
     from service.runtime import ModelRuntime
-    from training.anomaly import export_candidate, prepare, select, train_candidate
+    from training.anomaly import (
+        ensemble_candidates,
+        export_candidate,
+        prepare,
+        select,
+        train_candidate,
+    )
     from training.evaluate import data_log_prob
 
     x, y = load_set(set_name)
@@ -209,7 +217,23 @@ def run_unit(set_name: str, seed: int, quick: bool = False) -> list[dict[str, An
         "plan": summary["plan"],
         "columns_discrete": len(summary["columns"]["discrete_columns"]),
     } | _metrics(y_test, res.scores))
+    if ensemble > 1:  # the same seed-`seed` members, plus ensemble - 1 more seeds of each
+        members = [c for k in prep.plan.candidates for c in
+                   [trained[k], *(train_candidate(prep, k, seed + 1000 * j)
+                                  for j in range(1, ensemble))]]
+        mixed = select(ensemble_candidates(prep, members))
+        t1 = time.perf_counter()
+        nll = -data_log_prob(mixed.ckpt, x_test)["log_prob"]
+        out.append(base | {"detector": ensemble_name(ensemble),
+                           "fit_seconds": mixed.entry["seconds"],
+                           "score_seconds": time.perf_counter() - t1,
+                           "chosen": mixed.entry["model_type"],
+                           "val_nll": mixed.entry["val_nll"]} | _metrics(y_test, nll))
     return out
+
+
+def ensemble_name(k: int) -> str:
+    return f"fit-anomaly --ensemble {k}"
 
 
 # --------------------------------------------------------------------------- report
@@ -360,9 +384,46 @@ def render(payload: dict[str, Any]) -> str:
         "score time goes through `ModelRuntime.anomaly_score` (the served path). Timings "
         "are from a shared, loaded machine: compare within this table only.", "",
     ]
+    parts += _ensemble_section(results)
     if payload.get("notes"):
         parts += ["### Notes", "", payload["notes"]]
     return "\n".join(parts).rstrip() + "\n"
+
+
+def _ensemble_section(results: list[dict[str, Any]]) -> list[str]:
+    """fit-anomaly --ensemble K next to the default on the (set, seed) units that ran it."""
+    from bench.report import markdown_table
+
+    names = sorted({r["detector"] for r in results if r["detector"].startswith(
+        "fit-anomaly --ensemble")})
+    if not names:
+        return []
+    rows = []
+    for name in names:
+        for s in _sets(results):
+            ens = [r for r in results if r["set"] == s and r["detector"] == name]
+            if not ens:
+                continue
+            seeds = {r["seed"] for r in ens}
+            base = [r for r in results if r["set"] == s and r["detector"] == DEFAULT
+                    and r["seed"] in seeds]
+            gain = [e["auroc"] - next(b["auroc"] for b in base if b["seed"] == e["seed"])
+                    for e in ens]
+            rows.append([name, s, len(ens), f"{np.mean([b['auroc'] for b in base]):.3f}",
+                         f"{np.mean([e['auroc'] for e in ens]):.3f}",
+                         f"{np.mean(gain):+.3f} ({min(gain):+.3f} to {max(gain):+.3f})",
+                         ", ".join(e["chosen"] for e in sorted(ens, key=lambda r: r["seed"])),
+                         f"{np.mean([e['fit_seconds'] for e in ens]):.0f}"])
+    table = markdown_table(["detector", "set", "seeds", "default AUROC", "ensemble AUROC",
+                            "ensemble minus default (per seed: min to max)",
+                            "mixture chosen by validation NLL (per seed)",
+                            "members' fit s (mean)"], rows)
+    return ["### fit-anomaly --ensemble (opt-in), next to the default on the same splits", "",
+            "Not part of the targets or of the tables above: the default is `--ensemble 1`. "
+            "The ensemble's members are the default's candidates at the unit's seed plus K - 1 "
+            "more seeds each; the mixture (per type, or of all members) with the lowest "
+            "validation NLL is scored, the same way the service would score it.", "",
+            table, ""]
 
 
 NOTES = """\
@@ -415,6 +476,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
     parser.add_argument("--jobs", type=int, default=1, help="(set, seed) units side by side")
     parser.add_argument("--quick", action="store_true", help="smoke test: 60 training steps")
+    parser.add_argument("--ensemble", type=int, default=1, metavar="K",
+                        help="also fit-anomaly --ensemble K (K seeds per candidate, a mixture)")
     parser.add_argument("--no-write", action="store_true", help="print only; write nothing")
     args = parser.parse_args(argv)
     from bench.jobs import run_jobs
@@ -435,7 +498,8 @@ def main(argv: list[str] | None = None) -> int:
               f" {line}", flush=True)
         results.extend(rows)
 
-    run_jobs(run_unit, [(s, seed, args.quick) for s, seed in units], args.jobs, report)
+    run_jobs(run_unit, [(s, seed, args.quick, args.ensemble) for s, seed in units], args.jobs,
+             report)
     wall = time.perf_counter() - start
     payload: dict[str, Any] = {"command": command.strip(), "machine": machine_line(),
                                "quick": args.quick, "jobs": args.jobs, "wall_seconds": wall,

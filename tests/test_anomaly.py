@@ -18,6 +18,7 @@ from training.anomaly import (
     HEADER,
     choose_plan,
     column_noise,
+    export_candidate,
     fit_anomaly,
     format_summary,
     read_scores,
@@ -298,3 +299,38 @@ def test_unseen_categories_are_left_out_of_model_selection() -> None:
     assert prep.noise.step[1] == 1.0  # constant in training: unit step
     assert prep.rows["val"] == 80 and prep.rows["val_for_selection"] == 78
     assert len(prep.x_cal) == 80 and (prep.x_cal[:, 1] == 13).sum() == 2  # calibration keeps them
+
+
+def test_ensemble_serves_an_exact_mixture_chosen_by_validation(tmp_path: Path) -> None:
+    """ensemble=k: the served model is an equal-weight mixture of the trained flows, whose
+    served log-likelihood is the log of the members' mean density (exact, normalised)."""
+    from scipy.special import logsumexp
+
+    from service.runtime import ModelRuntime
+    from training.anomaly import mix_candidates, prepare, train_candidate
+    from training.evaluate import data_log_prob
+
+    x = normal_rows(600, 21)
+    s = fit_anomaly(x, tmp_path / "e", ensemble=2, model="maf", steps=40, progress=False,
+                    target_fpr=TARGET_FPR, formats=("torchscript",))
+    tried = {c["model_type"] + "/" + str(c["seed"]): c["val_nll"] for c in s["candidates"]}
+    assert list(tried) == ["maf/0", "maf/1000", "mixture(maf+maf)/0+1000"]
+    assert s["model_type"] == "mixture(maf+maf)" and s["val_nll"] > 0
+    # the mixture's NLL is never worse than its worse member's, row by row and so on average
+    assert tried["mixture(maf+maf)/0+1000"] <= max(tried["maf/0"], tried["maf/1000"])
+
+    prep = prepare(x, seed=0, model=["maf", "nsf"], steps=30)
+    members = [train_candidate(prep, "maf", 0), train_candidate(prep, "nsf", 0)]
+    mix = mix_candidates(prep, members)
+    export_candidate(prep, mix, tmp_path / "m", target_fpr=TARGET_FPR)
+    rt = ModelRuntime(tmp_path / "m")
+    assert rt.manifest.model_type == "mixture(maf+nsf)" and rt.family == "flow"
+    rows = np.concatenate([normal_rows(20, 5), planted_outliers(5, 6)])
+    by_members = logsumexp([data_log_prob(m.ckpt, rows)["log_prob"] for m in members], 0)
+    np.testing.assert_allclose(rt.log_likelihood(rows).log_prob, by_members - math.log(2),
+                               rtol=1e-4, atol=1e-4)
+    drawn = rt.sample(300, seed=3)
+    assert drawn.shape == (300, DIM) and np.isfinite(drawn).all()
+    assert np.array_equal(drawn, rt.sample(300, seed=3))
+    with pytest.raises(ValueError, match="at least 2 columns"):
+        fit_anomaly(x[:, :1], tmp_path / "one", ensemble=2, steps=5, progress=False)

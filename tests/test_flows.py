@@ -34,6 +34,7 @@ from training.flows import (
 )
 from training.flows.base import standard_normal_log_prob
 from training.flows.coupling import alternating_mask
+from training.flows.mixture import FlowMixture
 
 KINDS = ["nice", "realnvp", "glow", "maf", "iaf", "nsf", "nsf_ar"]
 COUPLING_KINDS = ["nice", "realnvp", "glow", "nsf"]
@@ -340,3 +341,65 @@ def test_spline_tails_are_the_identity() -> None:
     assert not torch.allclose(y[3], x[3])
     edges = torch.tensor([[-TAIL_BOUND, TAIL_BOUND]]).expand(4, 2)
     torch.testing.assert_close(spline(edges, params)[0], edges)  # continuous at the bounds
+
+
+# -- mixtures of flows (fit-anomaly's ensembles) ---------------------------------------------
+
+
+class _Gaussian(Transform):
+    """``z = (x - mean) / scale``: a flow of one step is then N(mean, diag(scale^2))."""
+
+    def __init__(self, mean: list[float], scale: list[float]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean))
+        self.register_buffer("scale", torch.tensor(scale))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return (x - self.mean) / self.scale, -self.scale.log().sum().expand(x.shape[0])
+
+    def inverse(self, y: Tensor) -> Tensor:
+        return y * self.scale + self.mean
+
+
+def _two_gaussian_mixture() -> FlowMixture:
+    return FlowMixture([Flow(2, [_Gaussian([-4.0, 0.0], [0.5, 1.0])]),
+                        Flow(2, [_Gaussian([4.0, 1.0], [1.0, 0.5])])]).eval()
+
+
+def test_mixture_density_is_the_mean_of_its_members_and_integrates_to_one() -> None:
+    mix = _two_gaussian_mixture()
+    x = torch.randn(64, 2) * 2
+    dists = [torch.distributions.Normal(torch.tensor([-4.0, 0.0]), torch.tensor([0.5, 1.0])),
+             torch.distributions.Normal(torch.tensor([4.0, 1.0]), torch.tensor([1.0, 0.5]))]
+    by_hand = torch.stack([d.log_prob(x).sum(-1).exp() for d in dists]).mean(0).log()
+    torch.testing.assert_close(mix.log_prob(x), by_hand, atol=1e-5, rtol=1e-5)
+    axis = torch.linspace(-10, 10, 500)
+    grid = torch.stack(torch.meshgrid(axis, axis, indexing="ij"), -1).reshape(-1, 2)
+    density = mix.log_prob(grid).exp().reshape(500, 500)
+    mass = torch.trapezoid(torch.trapezoid(density, axis, dim=1), axis)
+    assert mass.item() == pytest.approx(1.0, abs=0.005)
+
+
+def test_mixture_samples_each_member_with_its_weight_from_fresh_noise() -> None:
+    mix = _two_gaussian_mixture()
+    x = mix.sample(40_000, generator=torch.Generator().manual_seed(0))
+    left = x[:, 0] < 0
+    assert left.float().mean().item() == pytest.approx(0.5, abs=0.01)  # members 8 sd apart
+    for part, mean, scale in ((x[left], [-4.0, 0.0], [0.5, 1.0]),
+                              (x[~left], [4.0, 1.0], [1.0, 0.5])):
+        torch.testing.assert_close(part.mean(0), torch.tensor(mean), atol=0.03, rtol=0)
+        torch.testing.assert_close(part.std(0), torch.tensor(scale), atol=0.03, rtol=0)
+    # the member choice and the noise handed to it are independent
+    index, noise = mix.choose(torch.randn(40_000, 3, generator=torch.Generator().manual_seed(1)))
+    for column in (noise[:, 0], noise[:, 1], noise[:, :2].square().sum(1)):
+        assert abs(torch.corrcoef(torch.stack([index, column]))[0, 1].item()) < 0.02
+    torch.testing.assert_close(noise.std(0), torch.ones(3), atol=0.02, rtol=0)
+
+
+def test_mixture_needs_two_members_of_one_dimension_and_two_columns() -> None:
+    with pytest.raises(ValueError, match="at least 2 members"):
+        FlowMixture([build_flow("maf", 2, CFG)])
+    with pytest.raises(ValueError, match="differ in dimension"):
+        FlowMixture([build_flow("maf", 2, CFG), build_flow("maf", 3, CFG)])
+    with pytest.raises(ValueError, match="at least 2 columns"):
+        FlowMixture([build_flow("maf", 1, CFG), build_flow("maf", 1, CFG)])

@@ -63,10 +63,15 @@ validation rows, never from anomalies)
   stopping on the validation NLL with the best weights kept.
 * **Model type.** Candidates are ``maf`` (masked autoregressive affine) and ``nsf`` (spline
   coupling; ``maf`` alone for one column), each trained with the tier's settings; the one with
-  the lowest validation NLL is exported. ``ensemble=k`` trains ``k`` seeds of each candidate
-  and keeps the best by validation NLL: the service serves exactly one artifact per model, so
-  an ensemble whose scores were averaged could not be served as the same numbers; a choice on
-  validation data can.
+  the lowest validation NLL is exported.
+* **Ensembles.** ``ensemble=k`` (k >= 2; at least 2 columns) trains ``k`` seeds of each
+  candidate and serves an equal-weight mixture of flows, ``p = (1/K) sum_k p_k``, its members'
+  log-likelihoods averaged in log space (``logsumexp - log K``,
+  ``training.flows.mixture``). Unlike an average of scores, it is a normalised density: the
+  service's log-likelihoods, anomaly scores, thresholds and samples stay exact and mean the
+  same as a single flow's. The mixtures tried are each type's ``k`` seeds and, with several
+  types, all members together; the lowest validation NLL is exported. One artifact, one
+  graph per verb: a mixture of ``K`` members costs about ``K`` single models per row.
 
 Example:
     >>> summary = fit_anomaly("normal.csv", "exported_models/my-detector", target_fpr=0.01)
@@ -99,10 +104,12 @@ __all__ = [
     "Prepared",
     "choose_plan",
     "column_noise",
+    "ensemble_candidates",
     "export_candidate",
     "fit_anomaly",
     "format_summary",
     "iter_chunks",
+    "mix_candidates",
     "prepare",
     "read_scores",
     "reblock",
@@ -399,6 +406,50 @@ def select(candidates: Sequence[Candidate]) -> Candidate:
     return min(finite, key=lambda c: c.entry["val_nll"])
 
 
+def mix_candidates(prep: Prepared, members: Sequence[Candidate]) -> Candidate:
+    """An equal-weight mixture of trained candidates (``training.flows.mixture``), scored on
+    the same validation rows. The members share their preprocessing: each was fitted on the
+    same training copies, and a mismatch is an error rather than a silent approximation."""
+    import torch
+
+    from training.checkpoint import Checkpoint
+    from training.evaluate import data_log_prob
+    from training.flows.mixture import FlowMixture
+
+    first = members[0].ckpt
+    reference = first.preprocessor.state_dict()
+    for c in members[1:]:
+        other = c.ckpt.preprocessor.state_dict()
+        if reference.keys() != other.keys() or not all(
+                torch.equal(reference[k], other[k]) for k in reference):
+            raise ValueError("mixture members must share their preprocessing")
+    kinds = [c.entry["model_type"] for c in members]
+    name = "mixture(" + "+".join(kinds) + ")"
+    config = first.config.model_copy(deep=True)
+    config.model_type = name
+    config.summary = {"members": [c.entry for c in members]}
+    ckpt = Checkpoint(model=FlowMixture([c.ckpt.model for c in members]).eval(),
+                      preprocessor=first.preprocessor, config=config)
+    val_nll = float(-np.mean(data_log_prob(ckpt, prep.xv)["log_prob"]))
+    entry = {"model_type": name, "seed": "+".join(str(c.entry["seed"]) for c in members),
+             "val_nll": val_nll, "steps": sum(c.entry["steps"] for c in members),
+             "best_step": max(c.entry["best_step"] for c in members),
+             "seconds": round(sum(c.entry["seconds"] for c in members), 3)}
+    return Candidate(ckpt, entry)
+
+
+def ensemble_candidates(prep: Prepared, trained: Sequence[Candidate]) -> list[Candidate]:
+    """The mixtures an ensemble chooses among: each model type's seeds mixed, and, with more
+    than one type, every trained member mixed."""
+    by_kind: dict[str, list[Candidate]] = {}
+    for c in trained:
+        by_kind.setdefault(c.entry["model_type"], []).append(c)
+    groups = [group for group in by_kind.values() if len(group) >= 2]
+    if len(by_kind) > 1:
+        groups.append(list(trained))
+    return [mix_candidates(prep, group) for group in groups]
+
+
 def export_candidate(
     prep: Prepared,
     chosen: Candidate,
@@ -475,8 +526,9 @@ def fit_anomaly(
             unless ``name`` is given.
         target_fpr: share of normal rows the calibrated threshold should flag, in (0, 1).
         seed: split, noise, initialisation and minibatch seed.
-        ensemble: seeds trained per candidate model type; the best by validation NLL is kept
-            (one served artifact per model: see the module docstring).
+        ensemble: seeds trained per candidate model type. Above 1, the served model is an
+            equal-weight mixture (see the module docstring): each type's seeds mixed, or all
+            members mixed, whichever has the lowest validation NLL.
         model: a model type (or several candidates) instead of the default candidates.
         plan: a full ``Plan`` instead of ``choose_plan``'s (``model`` and ``steps`` still apply).
         steps: cap on optimizer steps per candidate (default: the plan's).
@@ -492,10 +544,15 @@ def fit_anomaly(
     if ensemble < 1:
         raise ValueError(f"ensemble must be >= 1; got {ensemble}")
     prep = prepare(data, seed=seed, model=model, plan=plan, steps=steps)
+    if ensemble > 1 and prep.x_train.shape[1] < 2:
+        raise ValueError("ensemble > 1 needs at least 2 columns (a mixture samples its member "
+                         "from two noise columns); use ensemble=1")
     trained = [train_candidate(prep, kind, seed + 1000 * k, progress=progress)
                for kind in prep.plan.candidates for k in range(ensemble)]
-    return export_candidate(prep, select(trained), out_dir, target_fpr=target_fpr,
-                            formats=formats, name=name, tried=[c.entry for c in trained])
+    candidates = ensemble_candidates(prep, trained) if ensemble > 1 else trained
+    tried = [c.entry for c in trained] + ([c.entry for c in candidates] if ensemble > 1 else [])
+    return export_candidate(prep, select(candidates), out_dir, target_fpr=target_fpr,
+                            formats=formats, name=name, tried=tried)
 
 
 def format_summary(s: dict[str, Any]) -> str:

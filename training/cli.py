@@ -135,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of normal rows the threshold flags (0.01)")
     p.add_argument("--model", nargs="+", help="model type(s) to try instead of the defaults")
     p.add_argument("--ensemble", type=int, default=1,
-                   help="seeds per candidate; the best by validation NLL is kept (1)")
+                   help="seeds per candidate; above 1 the served model is an equal-weight "
+                        "mixture of them (exact density), chosen by validation NLL (1)")
     p.add_argument("--steps", type=int, help="cap on optimizer steps per candidate")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--format", choices=["onnx", "torchscript", "both"], default="onnx")
