@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import statistics
 import subprocess
 import sys
@@ -79,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=int, default=8, help="seconds per load (8)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 64])
     ns = p.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so `finally` stops the servers and removes the copied file
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     old = subprocess.run(["git", "show", f"{ns.before}:service/grpc_server.py"], cwd=ROOT,
                          capture_output=True, text=True, check=True).stdout
     old_path = ROOT / "service" / "_grpc_server_before.py"  # removed in `finally`
