@@ -180,15 +180,19 @@ def test_npz_round_trip_with_labels(tmp_path: Path, table: np.ndarray) -> None:
     np.testing.assert_array_equal(data.y, np.arange(7))
 
 
+@pytest.mark.parametrize("delimiter", [",", ";", "\t"])
 @pytest.mark.parametrize("header", [True, False])
-def test_csv_round_trip(tmp_path: Path, table: np.ndarray, header: bool) -> None:
+def test_csv_round_trip(tmp_path: Path, table: np.ndarray, header: bool, delimiter: str) -> None:
     path = tmp_path / "a.csv"
-    np.savetxt(
-        path, table, fmt="%.17g", delimiter=",", header="a,b,c" if header else "", comments=""
-    )
+    np.savetxt(path, table, fmt="%.17g", delimiter=delimiter,
+               header=delimiter.join("abc") if header else "", comments="")
     if not header:
         path.write_text(path.read_text().lstrip("\n"))
     np.testing.assert_array_equal(load_data(str(path)).x, table)
+    # fit-anomaly's streaming reader takes the same files
+    from training.anomaly import iter_chunks
+
+    np.testing.assert_array_equal(np.concatenate(list(iter_chunks(path, 3, 2))), table)
 
 
 @pytest.mark.parametrize("suffix", [".npy", ".csv"])

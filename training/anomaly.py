@@ -587,8 +587,10 @@ def format_summary(s: dict[str, Any]) -> str:
 def _csv_chunks(path: Path, dim: int, chunk_rows: int) -> Iterator[np.ndarray]:
     header_seen = False
     block: list[list[float]] = []
+    from training.data import csv_delimiter
+
     with open(path, newline="", encoding="utf-8-sig") as fh:
-        reader = csv.reader(fh)
+        reader = csv.reader(fh, delimiter=csv_delimiter(path))
         for cells in reader:
             if not cells or (len(cells) == 1 and not cells[0].strip()):
                 continue

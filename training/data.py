@@ -490,6 +490,20 @@ def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None, None]:
     return x, y, None
 
 
+CSV_DELIMITERS = ",;\t"
+
+
+def csv_delimiter(path: str | os.PathLike[str]) -> str:
+    """The file's delimiter among comma, semicolon and tab, sniffed from its first 8 KiB
+    (``csv.Sniffer``); a comma when nothing decides (one column, or too little text)."""
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        sample = fh.read(8192)
+    try:
+        return csv.Sniffer().sniff(sample, delimiters=CSV_DELIMITERS).delimiter
+    except csv.Error:
+        return ","
+
+
 def _read_csv(path: Path) -> tuple[np.ndarray, None, list[int]]:
     """Returns the table and, per data row, its 1-based line number in the file."""
     rows: list[list[float]] = []
@@ -497,7 +511,7 @@ def _read_csv(path: Path) -> tuple[np.ndarray, None, list[int]]:
     header: list[str] | None = None
     width, width_line = 0, 0
     with open(path, newline="", encoding="utf-8-sig") as fh:
-        reader = csv.reader(fh)
+        reader = csv.reader(fh, delimiter=csv_delimiter(path))
         for cells in reader:
             if not cells or (len(cells) == 1 and not cells[0].strip()):
                 continue  # blank line
