@@ -82,13 +82,10 @@ class Dispatch:
         return None
 
     async def __call__(self, verb: str, request: Any) -> tuple[int, list, bytes]:
-        """``request``: validated, an instance of ``self.types[verb]`` (a dict is validated
-        here, into that type)."""
+        """``request``: validated by the boundary, an instance of ``self.types[verb]``."""
         factory = self.factory
         method = factory.service.apis[verb]
         try:
-            if not isinstance(request, method.input_spec):
-                request = method.input_spec.model_validate(request)
             if method.batchable:
                 answer = await factory.batch_infer(verb, (request,), {})
             else:
@@ -104,8 +101,7 @@ class Dispatch:
             # the cancellation into a 503 error, so look at the task, not at the exception.
             # Marked abandoned, a request still queued is left out of its batch.
             if isinstance(exc, asyncio.CancelledError) or being_cancelled():
-                if isinstance(request, method.input_spec):
-                    request._ticket.abandoned = True
+                request._ticket.abandoned = True
                 raise asyncio.CancelledError from None
             return self._error(verb, exc)
         if hasattr(answer, "model_dump_json"):
