@@ -590,7 +590,7 @@ def _csv_chunks(path: Path, dim: int, chunk_rows: int) -> Iterator[np.ndarray]:
     from training.data import csv_delimiter
 
     with open(path, newline="", encoding="utf-8-sig") as fh:
-        reader = csv.reader(fh, delimiter=csv_delimiter(path))
+        reader = csv.reader(fh, delimiter=csv_delimiter(fh))
         for cells in reader:
             if not cells or (len(cells) == 1 and not cells[0].strip()):
                 continue

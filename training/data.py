@@ -21,6 +21,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 
@@ -493,11 +494,12 @@ def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None, None]:
 CSV_DELIMITERS = ",;\t"
 
 
-def csv_delimiter(path: str | os.PathLike[str]) -> str:
-    """The file's delimiter among comma, semicolon and tab, sniffed from its first 8 KiB
-    (``csv.Sniffer``); a comma when nothing decides (one column, or too little text)."""
-    with open(path, newline="", encoding="utf-8-sig") as fh:
-        sample = fh.read(8192)
+def csv_delimiter(fh: TextIO) -> str:
+    """The delimiter of the open text file ``fh`` among comma, semicolon and tab, sniffed
+    from its first 8 KiB (``csv.Sniffer``; ``fh`` is rewound); a comma when nothing decides
+    (one column, or too little text)."""
+    sample = fh.read(8192)
+    fh.seek(0)
     try:
         return csv.Sniffer().sniff(sample, delimiters=CSV_DELIMITERS).delimiter
     except csv.Error:
@@ -511,7 +513,7 @@ def _read_csv(path: Path) -> tuple[np.ndarray, None, list[int]]:
     header: list[str] | None = None
     width, width_line = 0, 0
     with open(path, newline="", encoding="utf-8-sig") as fh:
-        reader = csv.reader(fh, delimiter=csv_delimiter(path))
+        reader = csv.reader(fh, delimiter=csv_delimiter(fh))
         for cells in reader:
             if not cells or (len(cells) == 1 and not cells[0].strip()):
                 continue  # blank line
