@@ -422,7 +422,8 @@ def _ensemble_section(results: list[dict[str, Any]]) -> list[str]:
             "Not part of the targets or of the tables above: the default is `--ensemble 1`. "
             "The ensemble's members are the default's candidates at the unit's seed plus K - 1 "
             "more seeds each; the mixture (per type, or of all members) with the lowest "
-            "validation NLL is scored, the same way the service would score it.", "",
+            "validation NLL scores the raw test rows in data units (in torch: the served "
+            "numbers up to float32 export rounding).", "",
             table, ""]
 
 

@@ -24,21 +24,13 @@ import time
 from pathlib import Path
 
 from bench.report import machine_line, markdown_table, write_results
-from bench.serving import _cpu_seconds, grpc_load
-from service.devserver import free_port, running_server, stop
+from bench.serving import forwarder_load, start_forwarder
+from service.devserver import running_server, stop
 
 ROOT = Path(__file__).resolve().parents[1]
 BODY = {"model": "moons-nsf", "x": [[0.125, 0.25]]}
 JSON_PATH = ROOT / "docs" / "bench" / "grpc_ab.json"
 SECTION = "grpc-ab"
-
-
-def _forwarder(module: str, http_url: str) -> tuple[subprocess.Popen, int]:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", module, "--port", str(port), "--http-url",
-                             http_url], cwd=ROOT, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    return proc, port
 
 
 def render(payload: dict) -> str:
@@ -57,8 +49,8 @@ def render(payload: dict) -> str:
                       f"**{statistics.median(ratios):.2f}x** "
                       f"({min(ratios):.2f}-{max(ratios):.2f})",
                       f"{med('before', 'p50_ms'):.1f} / {med('after', 'p50_ms'):.1f}",
-                      f"{med('before', 'fwd_ms_per_call'):.2f} / "
-                      f"{med('after', 'fwd_ms_per_call'):.2f}"])
+                      f"{med('before', 'forwarder_cpu_ms_per_call'):.2f} / "
+                      f"{med('after', 'forwarder_cpu_ms_per_call'):.2f}"])
     head = ["concurrency", "calls/s before", "calls/s after",
             f"after / before (median of {rounds} rounds, min-max)", "p50 ms before / after",
             "forwarder CPU ms per call, before / after"]
@@ -92,17 +84,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with running_server(ROOT / "exported_models", log,
                             env={"GENSERVE_MAX_LATENCY_MS": "30000"}) as server:
-            procs = {k: _forwarder(m, server.url) for k, m in sides.items()}
+            procs = {k: start_forwarder(server.url, m) for k, m in sides.items()}
             time.sleep(4)
             try:
                 for rnd in range(ns.rounds):
                     for c in ns.concurrency:
                         for side, (proc, port) in procs.items():
-                            grpc_load(f"127.0.0.1:{port}", BODY, c, 2)  # warm-up
-                            cpu0 = _cpu_seconds(proc.pid)
-                            r = grpc_load(f"127.0.0.1:{port}", BODY, c, ns.duration)
-                            r["fwd_ms_per_call"] = 1e3 * (_cpu_seconds(proc.pid) - cpu0) / max(
-                                r["rps"] * ns.duration, 1)
+                            r = forwarder_load(proc, port, BODY, c, ns.duration)
                             r |= {"round": rnd, "side": side, "concurrency": c}
                             rows.append(r)
                             print(json.dumps(r), flush=True)

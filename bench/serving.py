@@ -171,6 +171,33 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def start_forwarder(http_url: str, module: str = "service.grpc_server",
+                    ) -> tuple[subprocess.Popen, int]:
+    """The gRPC forwarder ``module`` (``python -m``) on a free port in front of ``http_url``."""
+    import sys
+
+    from service.devserver import free_port
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", module, "--port", str(port), "--http-url", http_url],
+        cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    return proc, port
+
+
+def forwarder_load(proc: subprocess.Popen, port: int, body: dict, concurrency: int,
+                   duration: int, drain_s: float = 0.0) -> dict:
+    """``grpc_load`` through the forwarder ``proc`` after a 2 s warm-up (and ``drain_s`` for
+    its queue to empty), plus the forwarder's CPU per call, read from /proc around the run."""
+    grpc_load(f"127.0.0.1:{port}", body, concurrency, 2)  # warm-up
+    time.sleep(drain_s)
+    cpu0 = _cpu_seconds(proc.pid)
+    r = grpc_load(f"127.0.0.1:{port}", body, concurrency, duration)
+    calls = r["rps"] * duration
+    r["forwarder_cpu_ms_per_call"] = 1e3 * (_cpu_seconds(proc.pid) - cpu0) / max(calls, 1)
+    return r
+
+
 def run_grpc(models: Path, duration: int, concurrency: list[int]) -> list[dict]:
     """gRPC rows: the OIP server in front of the batched HTTP service, 1-row requests.
 
@@ -178,33 +205,21 @@ def run_grpc(models: Path, duration: int, concurrency: list[int]) -> list[dict]:
     one after the other on the same server, so the two columns are side by side; the
     forwarder's own CPU per call is read from /proc around the gRPC run.
     """
-    import sys
-
-    from service.devserver import free_port, stop
+    from service.devserver import stop
 
     rows = []
     log = Path(tempfile.mkdtemp()) / "server.log"
     env = {"GENSERVE_MAX_LATENCY_MS": "30000"}
     with running_server(models, log, env=env) as server:
-        port = free_port()
-        grpc_proc = subprocess.Popen(
-            [sys.executable, "-m", "service.grpc_server", "--port", str(port), "--http-url",
-             server.url], cwd=ROOT, start_new_session=True, env=dict(os.environ),
-            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        grpc_proc, port = start_forwarder(server.url)
         try:
             time.sleep(3)
             for s in scenarios(models)[:2]:
                 for c in concurrency:
                     http = _measured(f"{server.url}/log_likelihood", s["body"], c, duration)
-                    grpc_load(f"127.0.0.1:{port}", s["body"], c, 2)  # warm-up
-                    time.sleep(2)
-                    cpu0 = _cpu_seconds(grpc_proc.pid)
-                    r = grpc_load(f"127.0.0.1:{port}", s["body"], c, duration)
-                    calls = r["rps"] * duration
+                    r = forwarder_load(grpc_proc, port, s["body"], c, duration, drain_s=2)
                     r |= {"scenario": s["name"], "concurrency": c,
                           "rows_per_s": r["rps"] * s["rows"],
-                          "forwarder_cpu_ms_per_call":
-                              1e3 * (_cpu_seconds(grpc_proc.pid) - cpu0) / max(calls, 1),
                           "http": http | {"rows_per_s": http["rps"] * s["rows"]}}
                     rows.append(r)
                     print(json.dumps(r), flush=True)
