@@ -30,12 +30,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from service.devserver import free_port, stop
+from service.devserver import free_port, stop, wait_until_ready
 
 __all__ = ["MLSERVER_VERSION", "PEER_BODY", "PEER_VENV", "ensure_mlserver", "running_peer"]
 
@@ -136,27 +135,15 @@ def running_peer(batching: bool = False, startup_s: float = 120,
                                 stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}/v2"
     try:
-        _wait_ready(proc, [f"{base}/health/ready", f"{base}/models/{MODEL}/ready"], log,
-                    startup_s)
+        urls = (f"{base}/health/ready", f"{base}/models/{MODEL}/ready")
+        wait_until_ready(proc, log, lambda: all(_answers_200(u) for u in urls), startup_s,
+                         what="peer")
         yield f"{base}/models/{MODEL}/infer"
     finally:
         stop(proc, grace_s=5)
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _wait_ready(proc: subprocess.Popen, urls: list[str], log: Path, startup_s: float) -> None:
-    """Until every URL in ``urls`` answers 200; RuntimeError with the log's tail if the server
-    exits or ``startup_s`` passes first."""
-    deadline = time.monotonic() + startup_s
-    while urls:
-        if proc.poll() is not None:
-            raise RuntimeError(f"peer exited early ({proc.returncode}):\n"
-                               f"{log.read_text()[-3000:]}")
-        with contextlib.suppress(OSError):  # refused, or not 200 yet
-            with urllib.request.urlopen(urls[0], timeout=5) as resp:
-                if resp.status == 200:
-                    urls = urls[1:]
-                    continue
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"peer not ready in {startup_s} s:\n{log.read_text()[-3000:]}")
-        time.sleep(0.5)
+def _answers_200(url: str) -> bool:
+    with urllib.request.urlopen(url, timeout=5) as resp:  # a refusal or 4xx/5xx: OSError
+        return resp.status == 200

@@ -19,10 +19,10 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-__all__ = ["Server", "free_port", "running_server"]
+__all__ = ["Server", "free_port", "running_server", "wait_until_ready"]
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -110,16 +110,24 @@ def running_server(models_dir: Path, log: Path, env: dict[str, str] | None = Non
 
 
 def _wait_ready(server: Server, startup_s: float) -> None:
+    wait_until_ready(server.proc, server.log, lambda: server.get("/readyz")[0] == 200,
+                     startup_s)
+
+
+def wait_until_ready(proc: subprocess.Popen, log: Path, ready: Callable[[], bool],
+                     startup_s: float, what: str = "server") -> None:
+    """Poll ``ready()`` every 0.5 s (an ``OSError`` counts as not yet) until it is true;
+    RuntimeError with the log's tail if ``proc`` exits or ``startup_s`` passes first."""
     deadline = time.monotonic() + startup_s
     while True:
-        if server.proc.poll() is not None:
-            raise RuntimeError(f"server exited early:\n{server.log.read_text()[-3000:]}")
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited early ({proc.returncode}):\n"
+                               f"{log.read_text()[-3000:]}")
         with contextlib.suppress(OSError):
-            if server.get("/readyz")[0] == 200:
+            if ready():
                 return
         if time.monotonic() > deadline:
-            tail = server.log.read_text()[-3000:]
-            raise RuntimeError(f"server not ready in {startup_s} s:\n{tail}")
+            raise RuntimeError(f"{what} not ready in {startup_s} s:\n{log.read_text()[-3000:]}")
         time.sleep(0.5)
 
 
