@@ -157,9 +157,11 @@ def _classical(name: str, x_train: np.ndarray, x_test: np.ndarray, seed: int
 
 
 def run_unit(set_name: str, seed: int, quick: bool = False, ensemble: int = 1,
-             ) -> list[dict[str, Any]]:
+             smoothing: tuple[float, ...] = ()) -> list[dict[str, Any]]:
     """Every detector on one (set, seed) split; with ``ensemble`` > 1 also fit-anomaly's
-    ``--ensemble`` (the default's candidates, ``ensemble`` seeds each, served as a mixture)."""
+    ``--ensemble`` (the default's candidates, ``ensemble`` seeds each, served as a mixture);
+    with ``smoothing`` also fit-anomaly's ``--smoothing-search`` (the default's choice trained
+    again at each scale, the lowest validation NLL kept)."""
     import torch
 
     torch.set_num_threads(1)
@@ -169,6 +171,7 @@ def run_unit(set_name: str, seed: int, quick: bool = False, ensemble: int = 1,
         export_candidate,
         prepare,
         select,
+        smoothing_candidates,
         train_candidate,
     )
     from training.evaluate import data_log_prob
@@ -229,11 +232,31 @@ def run_unit(set_name: str, seed: int, quick: bool = False, ensemble: int = 1,
                            "score_seconds": time.perf_counter() - t1,
                            "chosen": mixed.entry["model_type"],
                            "val_nll": mixed.entry["val_nll"]} | _metrics(y_test, nll))
+    if smoothing:  # the default's choice, trained again at each scale on the same rows
+        extra = [c for _, c in smoothing_candidates(prep, chosen, smoothing, seed)]
+        best = select([chosen, *extra])
+        t1 = time.perf_counter()
+        nll = -data_log_prob(best.ckpt, x_test)["log_prob"]
+        out.append(base | {"detector": smoothing_name(smoothing),
+                           "fit_seconds": sum(c.entry["seconds"] for c in [*pool, *extra]),
+                           "score_seconds": time.perf_counter() - t1,
+                           "chosen": f"{best.entry['model_type']} {best.entry['smoothing']:g}",
+                           "val_nll": best.entry["val_nll"],
+                           "val_nll_by_smoothing": {f"{c.entry['smoothing']:g}": c.entry["val_nll"]
+                                                    for c in [chosen, *extra]}}
+                   | _metrics(y_test, nll))
     return out
 
 
 def ensemble_name(k: int) -> str:
     return f"fit-anomaly --ensemble {k}"
+
+
+def smoothing_name(scales: tuple[float, ...]) -> str:
+    return "fit-anomaly --smoothing-search " + " ".join(f"{v:g}" for v in scales)
+
+
+OPT_IN = "fit-anomaly --"  # the prefix of every opt-in variant's detector name
 
 
 # --------------------------------------------------------------------------- report
@@ -384,46 +407,53 @@ def render(payload: dict[str, Any]) -> str:
         "score time goes through `ModelRuntime.anomaly_score` (the served path). Timings "
         "are from a shared, loaded machine: compare within this table only.", "",
     ]
-    parts += _ensemble_section(results)
+    parts += _opt_in_section(results)
     if payload.get("notes"):
         parts += ["### Notes", "", payload["notes"]]
     return "\n".join(parts).rstrip() + "\n"
 
 
-def _ensemble_section(results: list[dict[str, Any]]) -> list[str]:
-    """fit-anomaly --ensemble K next to the default on the (set, seed) units that ran it."""
+def _opt_in_section(results: list[dict[str, Any]]) -> list[str]:
+    """Opt-in fit-anomaly variants (``--ensemble K``, ``--smoothing-search``) next to the
+    default on the (set, seed) units that ran them."""
     from bench.report import markdown_table
 
-    names = sorted({r["detector"] for r in results if r["detector"].startswith(
-        "fit-anomaly --ensemble")})
+    names = sorted({r["detector"] for r in results if r["detector"].startswith(OPT_IN)})
     if not names:
         return []
     rows = []
     for name in names:
         for s in _sets(results):
-            ens = [r for r in results if r["set"] == s and r["detector"] == name]
-            if not ens:
+            var = [r for r in results if r["set"] == s and r["detector"] == name]
+            if not var:
                 continue
-            seeds = {r["seed"] for r in ens}
+            seeds = {r["seed"] for r in var}
             base = [r for r in results if r["set"] == s and r["detector"] == DEFAULT
                     and r["seed"] in seeds]
             gain = [e["auroc"] - next(b["auroc"] for b in base if b["seed"] == e["seed"])
-                    for e in ens]
-            rows.append([name, s, len(ens), f"{np.mean([b['auroc'] for b in base]):.3f}",
-                         f"{np.mean([e['auroc'] for e in ens]):.3f}",
+                    for e in var]
+            rows.append([name, s, len(var), f"{np.mean([b['auroc'] for b in base]):.3f}",
+                         f"{np.mean([e['auroc'] for e in var]):.3f}",
                          f"{np.mean(gain):+.3f} ({min(gain):+.3f} to {max(gain):+.3f})",
-                         ", ".join(e["chosen"] for e in sorted(ens, key=lambda r: r["seed"])),
-                         f"{np.mean([e['fit_seconds'] for e in ens]):.0f}"])
-    table = markdown_table(["detector", "set", "seeds", "default AUROC", "ensemble AUROC",
-                            "ensemble minus default (per seed: min to max)",
-                            "mixture chosen by validation NLL (per seed)",
-                            "members' fit s (mean)"], rows)
-    return ["### fit-anomaly --ensemble (opt-in), next to the default on the same splits", "",
-            "Not part of the targets or of the tables above: the default is `--ensemble 1`. "
-            "The ensemble's members are the default's candidates at the unit's seed plus K - 1 "
-            "more seeds each; the mixture (per type, or of all members) with the lowest "
-            "validation NLL scores the raw test rows in data units (in torch: the served "
-            "numbers up to float32 export rounding).", "",
+                         ", ".join(e["chosen"] for e in sorted(var, key=lambda r: r["seed"])),
+                         f"{np.mean([e['fit_seconds'] for e in var]):.0f}"])
+        var = [r for r in results if r["detector"] == name]
+        sets = [s for s in _sets(results) if any(r["set"] == s for r in var)]
+        mean_var = np.mean([_agg(var, name, s, "auroc")[0] for s in sets])
+        mean_def = np.mean([_agg(results, DEFAULT, s, "auroc")[0] for s in sets])
+        rows.append([name, "**mean**", "", f"{mean_def:.3f}", f"{mean_var:.3f}",
+                     f"{mean_var - mean_def:+.3f}", "", ""])
+    table = markdown_table(["detector", "set", "seeds", "default AUROC", "variant AUROC",
+                            "variant minus default (per seed: min to max)",
+                            "chosen by validation NLL (per seed)", "fit s (mean)"], rows)
+    return ["### Opt-in fit-anomaly variants, next to the default on the same splits", "",
+            "Not part of the targets or of the tables above. `--ensemble K`: the default's "
+            "candidates at the unit's seed plus K - 1 more seeds each; the mixture (per type, "
+            "or of all members) with the lowest validation NLL. `--smoothing-search S...`: the "
+            "default's chosen model type trained again with Gaussian smoothing of S standard "
+            "deviations on every column, the lowest validation NLL kept (chosen: type and "
+            "scale; fit s counts every candidate). Both score the raw test rows in data units "
+            "with the torch model (the served numbers up to float32 export rounding).", "",
             table, ""]
 
 
@@ -484,6 +514,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke test: 60 training steps")
     parser.add_argument("--ensemble", type=int, default=1, metavar="K",
                         help="also fit-anomaly --ensemble K (K seeds per candidate, a mixture)")
+    parser.add_argument("--smoothing-search", nargs="+", type=float, default=[], metavar="S",
+                        help="also fit-anomaly --smoothing-search S ... (opt-in section)")
     parser.add_argument("--no-write", action="store_true", help="print only; write nothing")
     args = parser.parse_args(argv)
     from bench.jobs import run_jobs
@@ -504,8 +536,14 @@ def main(argv: list[str] | None = None) -> int:
               f" {line}", flush=True)
         results.extend(rows)
 
-    run_jobs(run_unit, [(s, seed, args.quick, args.ensemble) for s, seed in units], args.jobs,
-             report)
+    from training.anomaly import check_smoothing_scales
+
+    try:
+        scales = check_smoothing_scales(args.smoothing_search)
+    except ValueError as err:
+        parser.error(str(err))
+    run_jobs(run_unit, [(s, seed, args.quick, args.ensemble, scales) for s, seed in units],
+             args.jobs, report)
     wall = time.perf_counter() - start
     payload: dict[str, Any] = {"command": command.strip(), "machine": machine_line(),
                                "quick": args.quick, "jobs": args.jobs, "wall_seconds": wall,
