@@ -334,3 +334,43 @@ def test_ensemble_serves_an_exact_mixture_chosen_by_validation(tmp_path: Path) -
     assert np.array_equal(drawn, rt.sample(300, seed=3))
     with pytest.raises(ValueError, match="at least 2 columns"):
         fit_anomaly(x[:, :1], tmp_path / "one", ensemble=2, steps=5, progress=False)
+
+
+def test_smoothing_search_keeps_the_validation_rows_and_the_lowest_nll(tmp_path: Path) -> None:
+    """smoothing_search: the winning type is trained again with Gaussian smoothing on every
+    column; the same validation rows judge every scale, and the export is the lowest NLL."""
+    from training.anomaly import prepare, resmooth
+    from training.cli import main
+
+    x = normal_rows(400, 31)
+    x[:, 0] = np.round(x[:, 0])  # one discrete column (unit grid), dequantized as before
+    prep = prepare(x, seed=4, model="maf", steps=10)
+    smooth = resmooth(prep, 0.3, seed=4)
+    np.testing.assert_array_equal(smooth.xv, prep.xv)  # same validation rows, same noise
+    assert smooth.plan.smoothing == 0.3 and prep.plan.smoothing == 0.0
+    np.testing.assert_array_equal(smooth.noise.step, prep.noise.step)
+    # the same draws, scaled: the added noise is Gaussian of the new std on every column
+    extra = (smooth.xt - prep.xt) / (smooth.noise.sigma - prep.noise.sigma)
+    assert extra.shape == prep.xt.shape
+    np.testing.assert_allclose(extra.std(0), 1.0, atol=0.03)
+    np.testing.assert_allclose(smooth.noise.sigma, 0.3 * prep.x_train.std(0))
+
+    s = fit_anomaly(x, tmp_path / "m", model="maf", steps=40, smoothing_search=(0.2, 0.5),
+                    seed=4, formats=("torchscript",), progress=False)
+    tried = {c["smoothing"]: c["val_nll"] for c in s["candidates"]}
+    assert list(tried) == [0.0, 0.2, 0.5] and all(map(math.isfinite, tried.values()))
+    best = min(tried, key=tried.get)
+    assert s["plan"]["smoothing"] == best  # the export records the scale it was trained at
+    assert "smoothing 0.2" in format_summary(s)
+    manifest = json.loads((tmp_path / "m" / "manifest.json").read_text())
+    assert manifest["model_type"] == "maf"
+
+    for bad in (0.0, -0.1, float("nan"), 2.5):
+        with pytest.raises(ValueError, match=r"smoothing scales must be in \(0, 2\]"):
+            fit_anomaly(x, tmp_path / "bad", smoothing_search=(bad,), progress=False)
+    with pytest.raises(ValueError, match="cannot be combined"):
+        fit_anomaly(x, tmp_path / "bad", ensemble=2, smoothing_search=(0.2,), progress=False)
+    np.save(tmp_path / "x.npy", x)
+    assert main(["fit-anomaly", str(tmp_path / "x.npy"), "--out", str(tmp_path / "bad"),
+                 "--smoothing-search", "3"]) == 2
+    assert not (tmp_path / "bad").exists()

@@ -100,6 +100,21 @@ def test_evaluate_reports_likelihood_samples_and_truth(tmp_path: Path) -> None:
     assert report["rows"] == 100  # 10 % of 1000 rows
     assert report["bits_per_dim"] == pytest.approx(
         -report["log_likelihood"] / (2 * np.log(2)))
+    assert report["log_likelihood_min"] <= report["log_likelihood_median"]
+    assert 0 <= report["worst_row"] < report["rows"]
+
+
+def test_likelihood_summary_shows_a_dominating_row() -> None:
+    """One extreme row drags the mean far down; the median and the worst row show it."""
+    from training.metrics import likelihood_summary
+
+    lp = np.random.default_rng(0).normal(-2.0, 0.5, 19)
+    typical = likelihood_summary(lp, 2)
+    s = likelihood_summary(np.insert(lp, 7, -1e4), 2)
+    assert s["log_likelihood"] < -400 and s["log_likelihood_se"] > 400  # the mean is ruined
+    assert abs(s["log_likelihood_median"] - typical["log_likelihood_median"]) < 0.2
+    assert s["log_likelihood_min"] == -1e4 and s["worst_row"] == 7
+    assert s["rows"] == 20
 
 
 # The stated margin: 600 steps of a small NSF reach 0.049 ± 0.014 nats above 8gaussians' exact

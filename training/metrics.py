@@ -25,13 +25,22 @@ def wasserstein2(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def likelihood_summary(log_prob: np.ndarray, dim: int) -> dict[str, float]:
-    """Mean test log-likelihood in nats per sample with its standard error, and bits/dim."""
+    """Mean test log-likelihood in nats per sample with its standard error, and bits/dim.
+
+    Beside the mean: the median and the worst row (its value and index). On a small test
+    set one row the model finds very unlikely can dominate the mean (and its standard
+    error); the median says what a typical row gets, and the worst row which one to look at.
+    """
     lp = np.asarray(log_prob, dtype=np.float64)
     mean = float(lp.mean())
     se = float(lp.std(ddof=1) / math.sqrt(len(lp))) if len(lp) > 1 else float("nan")
+    worst = int(np.argmin(lp))
     return {
         "log_likelihood": mean,
         "log_likelihood_se": se,
+        "log_likelihood_median": float(np.median(lp)),
+        "log_likelihood_min": float(lp[worst]),
+        "worst_row": worst,
         "bits_per_dim": -mean / (dim * math.log(2)),
         "bits_per_dim_se": se / (dim * math.log(2)),
         "rows": int(len(lp)),
