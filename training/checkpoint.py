@@ -58,6 +58,16 @@ class DataSummary(BaseModel):
     mean: list[float] = Field(default_factory=list)
     std: list[float] = Field(default_factory=list)
 
+    def true_log_density(self) -> Any:
+        """The exact ``log p(x)`` of the data trained on (``training.data.LogDensity``), or
+        ``None``: only a named set that has one. A file's name is not a set's name, however
+        it is spelled (``8gaussians.csv`` may hold anything)."""
+        from training.data import DATASETS, true_log_density
+
+        if self.source != "named" or self.name not in DATASETS:
+            return None
+        return true_log_density(self.name)
+
 
 class CheckpointConfig(BaseModel):
     """``config.json`` of a checkpoint."""

@@ -97,8 +97,6 @@ def evaluate(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Test log-likelihood (nats/sample, bits/dim, s.e.), W2 of samples, and sampling speed."""
-    from training.data import true_log_density
-
     cfg = ckpt.config
     x_test = checkpoint_splits(ckpt).test if x is None else np.asarray(x, dtype=np.float64)
     start = time.perf_counter()
@@ -116,8 +114,7 @@ def evaluate(
     }
     if lp["std_error"] is not None:
         report["hutchinson_se_mean"] = float(np.mean(lp["std_error"]))
-    named = x is None and cfg.data.source == "named"  # a file's name is not a set's name
-    truth = true_log_density(cfg.data.name) if named else None
+    truth = cfg.data.true_log_density() if x is None else None
     if truth is not None:
         true_ll = float(np.mean(truth(x_test)))
         report["true_log_likelihood"] = true_ll

@@ -441,15 +441,13 @@ def _field_figure(models: dict[str, tuple[Path, Checkpoint]], gens: dict[str, Ge
 def _density_figure(models: dict[str, tuple[Path, Checkpoint]], limits: Any,
                     cfg: ReportConfig) -> None:
     from training import plots
-    from training.data import DATASETS, true_log_density
     from training.evaluate import data_log_prob
 
     xs, ys = np.linspace(*limits[0], cfg.grid), np.linspace(*limits[1], cfg.grid)
     points = np.stack(np.meshgrid(xs, ys), -1).reshape(-1, 2)
     panels: list[tuple[str, np.ndarray]] = []
     data = next(iter(models.values()))[1].config.data
-    truth = (true_log_density(data.name)
-             if data.source == "named" and data.name in DATASETS else None)
+    truth = data.true_log_density()
     if truth is not None:
         panels.append((f"true log p(x): {data.name}", truth(points)))
     for name, (_, ckpt) in models.items():
