@@ -282,8 +282,12 @@ def test_labelled_npz_trains_on_normal_rows_and_picks_by_validation(tmp_path: Pa
                     formats=("torchscript",), progress=False)
     assert s["rows"]["total"] == 200 and "200 rows with y == 0" in s["note"]
     assert s["rows"]["calibration_is_val"] and s["rows"]["val"] == 40
-    tried = {c["model_type"]: c["val_nll"] for c in s["candidates"]}
-    assert set(tried) == {"maf", "nsf"} and s["model_type"] == min(tried, key=tried.get)
+    tried = {(c["model_type"], c["smoothing"]): c["val_nll"] for c in s["candidates"]}
+    unsmoothed = {k: v for (k, sm), v in tried.items() if sm == 0}
+    assert set(unsmoothed) == {"maf", "nsf"}
+    winner = min(unsmoothed, key=unsmoothed.get)  # then its smoothing scales, by default
+    assert list(tried)[2:] == [(winner, 0.2), (winner, 0.5)]
+    assert (s["model_type"], s["plan"]["smoothing"]) == min(tried, key=tried.get)
 
 
 def test_unseen_categories_are_left_out_of_model_selection() -> None:
@@ -336,7 +340,8 @@ def test_ensemble_serves_an_exact_mixture_chosen_by_validation(tmp_path: Path) -
         fit_anomaly(x[:, :1], tmp_path / "one", ensemble=2, steps=5, progress=False)
 
 
-def test_smoothing_search_keeps_the_validation_rows_and_the_lowest_nll(tmp_path: Path) -> None:
+def test_smoothing_search_keeps_the_validation_rows_and_the_lowest_nll(tmp_path: Path,
+                                                                       capsys) -> None:
     """smoothing_search: the winning type is trained again with Gaussian smoothing on every
     column; the same validation rows judge every scale, and the export is the lowest NLL."""
     from training.anomaly import prepare, resmooth
@@ -355,13 +360,13 @@ def test_smoothing_search_keeps_the_validation_rows_and_the_lowest_nll(tmp_path:
     np.testing.assert_allclose(extra.std(0), 1.0, atol=0.03)
     np.testing.assert_allclose(smooth.noise.sigma, 0.3 * prep.x_train.std(0))
 
-    s = fit_anomaly(x, tmp_path / "m", model="maf", steps=40, smoothing_search=(0.2, 0.5),
+    s = fit_anomaly(x, tmp_path / "m", model="maf", steps=40, smoothing_search=(0.3, 0.7),
                     seed=4, formats=("torchscript",), progress=False)
     tried = {c["smoothing"]: c["val_nll"] for c in s["candidates"]}
-    assert list(tried) == [0.0, 0.2, 0.5] and all(map(math.isfinite, tried.values()))
+    assert list(tried) == [0.0, 0.3, 0.7] and all(map(math.isfinite, tried.values()))
     best = min(tried, key=tried.get)
     assert s["plan"]["smoothing"] == best  # the export records the scale it was trained at
-    assert "smoothing 0.2" in format_summary(s)
+    assert "smoothing 0.3" in format_summary(s)
     manifest = json.loads((tmp_path / "m" / "manifest.json").read_text())
     assert manifest["model_type"] == "maf"
 
@@ -373,4 +378,12 @@ def test_smoothing_search_keeps_the_validation_rows_and_the_lowest_nll(tmp_path:
     np.save(tmp_path / "x.npy", x)
     assert main(["fit-anomaly", str(tmp_path / "x.npy"), "--out", str(tmp_path / "bad"),
                  "--smoothing-search", "3"]) == 2
+    assert "smoothing scales must be in (0, 2]" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+    # --no-smoothing-search: the candidates at smoothing 0 only
+    assert main(["fit-anomaly", str(tmp_path / "x.npy"), "--out", str(tmp_path / "off"),
+                 "--model", "maf", "--steps", "10", "--no-smoothing-search", "--format",
+                 "torchscript", "--no-progress"]) == 0
+    line = next(t for t in capsys.readouterr().err.splitlines() if "candidates by" in t)
+    assert line.split("candidates by validation NLL: ")[1].startswith("maf/0 ")
+    assert line.count("maf/") == 1 and "smoothing" not in line

@@ -137,10 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ensemble", type=int, default=1,
                    help="seeds per candidate; above 1 the served model is an equal-weight "
                         "mixture of them (exact density), chosen by validation NLL (1)")
-    p.add_argument("--smoothing-search", nargs="+", type=float, default=[], metavar="S",
-                   help="also train the winning model type with Gaussian smoothing of S "
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--smoothing-search", nargs="+", type=float, metavar="S",
+                   help="train the winning model type again with Gaussian smoothing of S "
                         "standard deviations on every column (each in (0, 2]) and keep the "
-                        "lowest validation NLL (kernel scale by held-out likelihood)")
+                        "lowest validation NLL (default 0.2 0.5; none with --ensemble)")
+    g.add_argument("--no-smoothing-search", dest="smoothing_search", action="store_const",
+                   const=[], help="train the candidates unsmoothed only")
     p.add_argument("--steps", type=int, help="cap on optimizer steps per candidate")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--format", choices=["onnx", "torchscript", "both"], default="onnx")
