@@ -200,7 +200,8 @@ def run_unit(set_name: str, seed: int, quick: bool = False, ensemble: int = 1,
                            "best_step": cand.entry["best_step"]} | _metrics(y_test, nll))
     pool = [trained[k] for k in prep.plan.candidates]
     # fit-anomaly's defaults: the best type, then its smoothing scale, by validation NLL
-    best_prep, best, extra = search_smoothing(prep, select(pool), DEFAULT_SMOOTHING_SEARCH, seed)
+    chosen = select(pool)
+    best_prep, best, extra = search_smoothing(prep, chosen, DEFAULT_SMOOTHING_SEARCH, seed)
     with tempfile.TemporaryDirectory(prefix="bench-anomaly-") as tmp:
         summary = export_candidate(best_prep, best, Path(tmp) / "model",
                                    formats=("torchscript",),
@@ -218,7 +219,7 @@ def run_unit(set_name: str, seed: int, quick: bool = False, ensemble: int = 1,
                                            if best.entry["smoothing"] else ""),
         "val_nll": summary["val_nll"],
         "val_nll_by_smoothing": {f"{c.entry['smoothing']:g}": c.entry["val_nll"]
-                                 for c in [select(pool), *extra]},
+                                 for c in [chosen, *extra]},
         "threshold": summary["threshold"],
         "test_normal_flagged": float(res.is_anomaly[normal_test].mean()),
         "test_anomalies_flagged": float(res.is_anomaly[~normal_test].mean()),
@@ -262,10 +263,14 @@ def _detectors(results: list[dict[str, Any]]) -> list[str]:
     return [d for d in order if any(r["detector"] == d for r in results)]
 
 
+def _opt_in_detectors(results: list[dict[str, Any]]) -> list[str]:
+    """The opt-in fit-anomaly variants in ``results`` (``fit-anomaly --ensemble K``), sorted."""
+    return sorted({r["detector"] for r in results if r["detector"].startswith(OPT_IN)})
+
+
 def _all_detectors(results: list[dict[str, Any]]) -> list[str]:
     """Every detector in ``results``, opt-in variants included, in a stable order."""
-    return _detectors(results) + sorted({r["detector"] for r in results
-                                         if r["detector"].startswith(OPT_IN)})
+    return _detectors(results) + _opt_in_detectors(results)
 
 
 def _sets(results: list[dict[str, Any]]) -> list[str]:
@@ -344,8 +349,8 @@ def targets(results: list[dict[str, Any]]) -> dict[str, Any]:
     ours = [d for d in _all_detectors(results) if d not in CLASSICAL]
     oracle = {}
     for s in sets:  # an upper bound on any choice among our models, not a method
-        auroc, det = max((_agg(results, d, s, "auroc")[0], d) for d in ours
-                         if _agg(results, d, s, "auroc")[2])
+        ran = {d: _agg(results, d, s, "auroc") for d in ours}
+        auroc, det = max((m, d) for d, (m, _, n) in ran.items() if n)
         oracle[s] = {"detector": det, "auroc": auroc,
                      "gap": gaps[s]["best_classical_auroc"] - auroc}
     return {
@@ -430,7 +435,7 @@ def _opt_in_section(results: list[dict[str, Any]]) -> list[str]:
     units that ran them."""
     from bench.report import markdown_table
 
-    names = sorted({r["detector"] for r in results if r["detector"].startswith(OPT_IN)})
+    names = _opt_in_detectors(results)
     if not names:
         return []
     rows = []

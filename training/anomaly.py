@@ -253,6 +253,12 @@ def column_noise(x: np.ndarray, noise: float = 0.05, smoothing: float = 0.0) -> 
     return ColumnNoise(step=step, sigma=sigma)
 
 
+def _noise_rng(seed: int) -> np.random.Generator:
+    """The generator of the training noise (drawn first) and then the validation noise:
+    ``prepare`` and ``resmooth`` share it, so a new smoothing scale rescales the same draws."""
+    return np.random.default_rng([seed, 1])
+
+
 def _copies(rows: int, aim: int) -> int:
     return int(min(max(math.ceil(aim / max(rows, 1)), 1), MAX_COPIES))
 
@@ -364,7 +370,7 @@ def prepare(
         coupling = [k for k in plan.candidates if k in ("nice", "realnvp", "glow", "nsf")]
         if coupling:
             raise ValueError(f"{', '.join(coupling)} need at least 2 columns; use maf")
-    rng = np.random.default_rng([seed, 1])
+    rng = _noise_rng(seed)
     noise = column_noise(x_train, plan.noise, plan.smoothing)
     xt = noise.apply(x_train, _copies(len(x_train), TRAIN_COPIES_ROWS), rng)
     val_copies = _copies(len(x_val), VAL_COPIES_ROWS) if noise.discrete.any() else 1
@@ -429,7 +435,7 @@ def resmooth(prep: Prepared, smoothing: float, seed: int = 0) -> Prepared:
     plan = replace(prep.plan, smoothing=smoothing)
     noise = column_noise(prep.x_train, plan.noise, plan.smoothing)
     copies = len(prep.xt) // len(prep.x_train)
-    xt = noise.apply(prep.x_train, copies, np.random.default_rng([seed, 1]))
+    xt = noise.apply(prep.x_train, copies, _noise_rng(seed))  # prepare's first draws
     return replace(prep, plan=plan, noise=noise, xt=xt)
 
 
