@@ -29,6 +29,7 @@ from service.boundary import VERB_PATHS, BoundaryMiddleware
 from service.metrics import (
     ABANDONED,
     ANOMALIES,
+    BATCH_REQUESTS,
     BATCH_ROWS,
     GRAPH_SECONDS,
     MODELS_LOADED,
@@ -150,20 +151,30 @@ class GenServe:
         rt = self.model_set.runtimes.get(name)
         if rt is None:
             return self._fail(verb, "unknown", group, 404, f"model {name[:64]!r} is not loaded")
-        rows = sum(rows_of(p) for p in group)
-        BATCH_ROWS.labels(model=name, verb=verb).observe(rows)
+        BATCH_ROWS.labels(model=name, verb=verb).observe(sum(rows_of(p) for p in group))
+        BATCH_REQUESTS.labels(model=name, verb=verb).observe(len(group))
+        return self._answer(verb, rt, group)
+
+    def _answer(self, verb: str, rt: Any, group: list) -> list[Any]:
+        """One graph call for the group; if it raises, each request runs alone, so a
+        request that cannot be served fails by itself and the others are answered."""
         try:
             results = RUNNERS[verb](rt, group)
-        except InputError as err:
-            return self._fail(verb, name, group, 400, str(err))
-        except Exception:
-            log.exception("model %s failed on /%s", name, verb)
-            return self._fail(verb, name, group, 500,
-                              f"model '{name}' failed on this request; see the server log")
-        REQUESTS.labels(model=name, verb=verb, status="200").inc(len(group))
-        ROWS.labels(model=name, verb=verb).inc(rows)
+        except Exception as err:
+            if len(group) > 1:
+                log.warning("model %s failed on a batch of %d /%s requests (%s); each runs "
+                            "alone", rt.name, len(group), verb, type(err).__name__)
+                return [answer for part in group for answer in self._answer(verb, rt, [part])]
+            if isinstance(err, InputError):
+                return self._fail(verb, rt.name, group, 400, str(err))
+            request_id = group[0]._ticket.request_id
+            log.exception("model %s failed on /%s (request_id %s)", rt.name, verb, request_id)
+            REQUESTS.labels(model=rt.name, verb=verb, status="500").inc()
+            return [error_answer(500, "internal error", request_id=request_id)]
+        REQUESTS.labels(model=rt.name, verb=verb, status="200").inc(len(group))
+        ROWS.labels(model=rt.name, verb=verb).inc(sum(rows_of(p) for p in group))
         if verb == "anomaly_score":
-            ANOMALIES.labels(model=name).inc(sum(sum(r.is_anomaly) for r in results))
+            ANOMALIES.labels(model=rt.name).inc(sum(sum(r.is_anomaly) for r in results))
         return results
 
     @staticmethod

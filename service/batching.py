@@ -47,8 +47,8 @@ def rows_of(req: BaseModel) -> int:
     return int(req.n) if isinstance(req, SampleRequest) else len(req.x)
 
 
-def error_answer(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+def error_answer(status: int, message: str, **extra: Any) -> JSONResponse:
+    return JSONResponse({"error": message, **extra}, status_code=status)
 
 
 def _split(req: BaseModel, k: int) -> list[BaseModel]:

@@ -13,7 +13,16 @@ import numpy as np
 
 from service.manifest import GraphFile
 
-__all__ = ["GraphExecutor", "OnnxGraph", "TorchScriptGraph", "available_providers", "open_graph"]
+__all__ = ["GraphExecutor", "OnnxGraph", "ROW_BLOCK", "TorchScriptGraph", "available_providers",
+           "open_graph"]
+
+ROW_BLOCK = 16
+"""ONNX Runtime calls get a multiple of this many rows (the last row repeated, the extra
+outputs dropped). Its CPU kernels for some functions (Log, Sin, Cos) compute the tail of a
+buffer on a scalar path whose last bit can differ from the vector path, so without padding
+a row's value would depend on where it sits in its batch, and an adaptive ODE solver turns
+a last-bit change into a different step sequence. Whole blocks keep every row on the vector
+path: a row's answer is the same alone, batched with others, or split."""
 
 
 class GraphExecutor(Protocol):
@@ -59,9 +68,19 @@ class OnnxGraph:
         return list(self.session.get_providers())
 
     def __call__(self, *inputs: np.ndarray) -> tuple[np.ndarray, ...]:
-        feed = {n: np.ascontiguousarray(a, dtype=self.dtype) for n, a in zip(self.input_names,
-                                                                              inputs, strict=True)}
-        return tuple(self.session.run(None, feed))
+        rows = len(inputs[0])
+        pad = -rows % ROW_BLOCK
+        feed = {n: _padded(np.ascontiguousarray(a, dtype=self.dtype), pad)
+                for n, a in zip(self.input_names, inputs, strict=True)}
+        out = self.session.run(None, feed)
+        return tuple(o[:rows] for o in out) if pad else tuple(out)
+
+
+def _padded(a: np.ndarray, pad: int) -> np.ndarray:
+    """``a`` with its last row repeated ``pad`` more times (``(rows + pad, ...)``)."""
+    if pad == 0 or len(a) == 0:
+        return a
+    return np.concatenate([a, np.repeat(a[-1:], pad, axis=0)])
 
 
 class TorchScriptGraph:

@@ -118,10 +118,38 @@ def log_likelihood_exact(
     return LikelihoodResult(base_log_prob(z) + sol.x[:, dim], None, sol.nfe, z)
 
 
-def rademacher_probes(seed: int, shape: tuple[int, ...]) -> np.ndarray:
-    """``shape`` i.i.d. signs in ``{-1.0, +1.0}`` from ``numpy.random.default_rng(seed)``."""
-    rng = np.random.default_rng(seed)
-    return rng.integers(0, 2, size=shape).astype(np.float64) * 2.0 - 1.0
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix64(z: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser (Steele et al. 2014): a bijection of ``uint64`` that spreads
+    every input bit over every output bit; arrays wrap modulo 2**64 as the hash needs."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def rademacher_probes(seeds: int | np.ndarray, rows: np.ndarray, probes: int,
+                      dim: int) -> np.ndarray:
+    """Signs in ``{-1.0, +1.0}``, ``(probes, batch, dim)``, as a counter-based hash.
+
+    Entry ``(k, b, j)`` is a function of ``(seeds[b], rows[b], k, j)`` only: a row's probes
+    are the same whatever rows share its batch, where it sits in the batch, or how a
+    request was split across batches.
+
+    Args:
+        seeds: ``(batch,)`` non-negative seeds, one per row (an int: the same for all rows).
+        rows: ``(batch,)`` non-negative row indices (a row's place in its own request).
+        probes: probes per row.
+        dim: values per probe.
+    """
+    rows = np.asarray(rows, dtype=np.uint64).reshape(-1)
+    seeds = np.broadcast_to(np.asarray(seeds, dtype=np.uint64), rows.shape)
+    key = _mix64(_mix64(seeds + _GOLDEN) + rows)  # (batch,)
+    k = np.arange(probes, dtype=np.uint64)[:, None, None]
+    j = np.arange(dim, dtype=np.uint64)[None, None, :]
+    bits = _mix64(_mix64(key[None, :, None] + k * _GOLDEN) + j) >> np.uint64(63)
+    return bits.astype(np.float64) * 2.0 - 1.0
 
 
 def log_likelihood_hutchinson(
@@ -129,7 +157,8 @@ def log_likelihood_hutchinson(
     x: Array,
     *,
     probes: int = 8,
-    seed: int = 0,
+    seed: int | np.ndarray = 0,
+    rows: np.ndarray | None = None,
     t0: float = 0.0,
     t1: float = 1.0,
     method: str = "dopri5",
@@ -145,16 +174,17 @@ def log_likelihood_hutchinson(
     ``k`` uses one Rademacher probe ``e_k``, fixed over the whole path, so it yields its own
     unbiased estimate of ``log p(x)``. The result is the mean of the ``probes`` estimates
     and its standard error ``std / sqrt(probes)`` (``std`` with ``ddof=1``; ``nan`` when
-    ``probes == 1``). Probes come from ``numpy.random.default_rng(seed)`` and are converted
-    to the array type of ``x``, so numpy and torch inputs give the same numbers and a fixed
-    ``seed`` gives identical output.
+    ``probes == 1``). Probes come from :func:`rademacher_probes` keyed by each row's seed and
+    index, and are converted to the array type of ``x``: numpy and torch inputs give the same
+    numbers, and a row's estimate does not depend on the other rows of the batch.
 
     Args:
         velocity_jvp: ``(x, t, e) -> (v, (dv/dx) e)``, ``x, e, v: (batch, dim)``,
             ``t: (batch,)``.
         x: data ``(batch, dim)`` at ``t0``.
         probes: number of probes ``K >= 1``.
-        seed: seed of the probes.
+        seed: seed of the probes: an int, or ``(batch,)`` one per row.
+        rows: ``(batch,)`` each row's index within its request (default ``0 .. batch-1``).
         t0, t1, method, steps, rtol, atol, max_steps, base_log_prob: as in
             :func:`log_likelihood_exact`.
 
@@ -165,7 +195,8 @@ def log_likelihood_hutchinson(
         raise ValueError(f"probes must be a positive integer, got {probes!r}")
     xp = array_namespace(x)
     batch, dim = x.shape
-    e = asarray_like(rademacher_probes(seed, (probes * batch, dim)), x)
+    rows = np.arange(batch) if rows is None else rows
+    e = asarray_like(rademacher_probes(seed, rows, probes, dim).reshape(probes * batch, dim), x)
 
     def velocity_div(state: Array, t: Array) -> tuple[Array, Array]:
         v, jv = velocity_jvp(state, t, e)

@@ -13,6 +13,7 @@ import bentoml
 __all__ = [
     "ABANDONED",
     "ANOMALIES",
+    "BATCH_REQUESTS",
     "BATCH_ROWS",
     "GRAPH_SECONDS",
     "MODELS_LOADED",
@@ -37,6 +38,12 @@ ROWS = bentoml.metrics.Counter(
 BATCH_ROWS = bentoml.metrics.Histogram(
     name="genserve_batch_rows",
     documentation="Rows per graph batch after adaptive batching",
+    labelnames=["model", "verb"],
+    buckets=_ROW_BUCKETS,
+)
+BATCH_REQUESTS = bentoml.metrics.Histogram(
+    name="genserve_batch_requests",
+    documentation="Requests (or parts of split ones) sharing one graph batch",
     labelnames=["model", "verb"],
     buckets=_ROW_BUCKETS,
 )

@@ -250,9 +250,17 @@ class ModelRuntime:
 
     def log_likelihood(self, x: np.ndarray, *, method: str | None = None,
                        steps: int | None = None, solver: str | None = None,
-                       probes: int | None = None, seed: int = 0) -> LikelihoodOutput:
-        """log p(x) in nats per row, in the units of the data; ``x: (rows, dim)``."""
+                       probes: int | None = None, seed: int | np.ndarray = 0,
+                       rows: np.ndarray | None = None) -> LikelihoodOutput:
+        """log p(x) in nats per row, in the units of the data; ``x: (rows, dim)``.
+
+        Hutchinson probes are keyed by each row's ``seed`` (an int, or ``(rows,)`` one per
+        row) and its index within its own request (``rows``, default ``0 .. rows-1``), so a
+        row's answer does not depend on the batch it is computed in.
+        """
         x = np.asarray(x, dtype=np.float64)
+        seeds = np.broadcast_to(np.asarray(seed, dtype=np.uint64), (len(x),))
+        rows = np.arange(len(x)) if rows is None else np.asarray(rows)
         u, ladj = self.call("preprocess", x)
         u, ladj = u.astype(np.float64), ladj.astype(np.float64)
         if self.family == "flow" and method not in (None, "exact"):
@@ -271,8 +279,8 @@ class ModelRuntime:
                 (got,) = self.call("log_prob", u[inside])
                 got, got_se, nfe = got.astype(np.float64), None, 1
             else:
-                got, got_se, nfe, method = self._ode_log_prob(u[inside], method, steps, solver,
-                                                              probes, seed)
+                got, got_se, nfe, method = self._ode_log_prob(
+                    u[inside], method, steps, solver, probes, seeds[inside], rows[inside])
             lp[inside] = got + ladj[inside]
             if got_se is not None:
                 se = np.zeros(len(x))
@@ -289,7 +297,8 @@ class ModelRuntime:
                                 std_error=se, method=method, nfe=nfe)
 
     def _ode_log_prob(self, u: np.ndarray, method: str | None, steps: int | None,
-                      solver: str | None, probes: int | None, seed: int) -> tuple:
+                      solver: str | None, probes: int | None, seeds: np.ndarray,
+                      rows: np.ndarray) -> tuple:
         from service import likelihood
 
         d, t = self.manifest.defaults, self.manifest.time
@@ -306,7 +315,8 @@ class ModelRuntime:
             res = likelihood.log_likelihood_exact(self._velocity_div, u, **common)
         else:
             res = likelihood.log_likelihood_hutchinson(
-                self._velocity_jvp, u, probes=probes or d.probes, seed=seed, **common
+                self._velocity_jvp, u, probes=probes or d.probes, seed=seeds, rows=rows,
+                **common
             )
         return np.asarray(res.log_prob), res.std_error, int(res.nfe), method
 

@@ -73,12 +73,14 @@ MAX_SEED = 2**63 - 1
 class Ticket:
     """Shared by a request and the parts the batcher splits it into (``model_copy`` keeps
     the same object): ``abandoned`` is set once its client has stopped waiting (the request
-    timed out, 504), so a batch that has not started yet leaves it out."""
+    timed out, 504), so a batch that has not started yet leaves it out; ``request_id`` names
+    the request in an internal-error answer and in the server log line that explains it."""
 
-    __slots__ = ("abandoned",)
+    __slots__ = ("abandoned", "request_id")
 
     def __init__(self) -> None:
         self.abandoned = False
+        self.request_id = secrets.token_hex(8)
 
 
 class _Request(BaseModel):

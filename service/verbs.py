@@ -30,6 +30,15 @@ def _stack(parts: Sequence[LogLikelihoodRequest | AnomalyScoreRequest]) -> tuple
     return np.concatenate(arrays, axis=0), list(zip(bounds[:-1], bounds[1:], strict=True))
 
 
+def _row_keys(parts: Sequence[LogLikelihoodRequest | AnomalyScoreRequest],
+              ) -> dict[str, np.ndarray]:
+    """Each row's seed and index within its client's request: what its Hutchinson probes
+    are drawn from, so its answer is the same alone, batched or split."""
+    seeds = [np.full(len(p.x), getattr(p, "seed", None) or 0, dtype=np.uint64) for p in parts]
+    rows = [p._offset + np.arange(len(p.x)) for p in parts]
+    return {"seed": np.concatenate(seeds), "rows": np.concatenate(rows)}
+
+
 def _floats(a: np.ndarray) -> list[float]:
     return [float(v) for v in a]
 
@@ -51,7 +60,7 @@ def run_log_likelihood(rt: ModelRuntime,
     first = parts[0]
     x, spans = _stack(parts)
     out = rt.log_likelihood(x, method=first.method, steps=first.steps, solver=first.solver,
-                            probes=first.probes, seed=first.seed or 0)
+                            probes=first.probes, **_row_keys(parts))
     return [
         LogLikelihoodResponse(
             model=rt.name,
@@ -68,7 +77,7 @@ def run_log_likelihood(rt: ModelRuntime,
 def run_anomaly_score(rt: ModelRuntime,
                       parts: Sequence[AnomalyScoreRequest]) -> list[AnomalyScoreResponse]:
     x, spans = _stack(parts)
-    out = rt.anomaly_score(x, target_fpr=parts[0].target_fpr)
+    out = rt.anomaly_score(x, target_fpr=parts[0].target_fpr, **_row_keys(parts))
     return [
         AnomalyScoreResponse(
             model=rt.name,
@@ -84,7 +93,7 @@ def run_anomaly_score(rt: ModelRuntime,
 # Requests that agree on these fields run as one graph call.
 GROUP_KEYS = {
     "sample": ("model", "steps", "solver"),
-    "log_likelihood": ("model", "method", "steps", "solver", "probes", "seed"),
+    "log_likelihood": ("model", "method", "steps", "solver", "probes"),
     "anomaly_score": ("model", "target_fpr"),
 }
 RUNNERS = {

@@ -12,6 +12,7 @@ from test_solvers import GAUSS
 from service.likelihood import (
     log_likelihood_exact,
     log_likelihood_hutchinson,
+    rademacher_probes,
     standard_normal_log_prob,
 )
 from service.schedules import make_schedule
@@ -129,3 +130,29 @@ def test_hutchinson_rejects_bad_probe_counts_and_flags_one_probe() -> None:
         log_likelihood_hutchinson(GAUSS.linear_velocity_jvp, x, probes=0)
     one = log_likelihood_hutchinson(GAUSS.linear_velocity_jvp, x, probes=1, method="rk4", steps=5)
     assert np.all(np.isnan(one.std_error))
+
+
+def test_probes_depend_only_on_the_row_seed_and_index() -> None:
+    seeds = np.array([5, 5, 5, 9, 9], dtype=np.uint64)
+    rows = np.array([0, 1, 2, 0, 1])
+    full = rademacher_probes(seeds, rows, 6, 3)
+    assert full.shape == (6, 5, 3) and set(np.unique(full)) == {-1.0, 1.0}
+    # the same (seed, row) gives the same probes wherever it sits and whatever is beside it
+    alone = rademacher_probes(np.array([9], dtype=np.uint64), np.array([1]), 6, 3)
+    assert np.array_equal(full[:, 4], alone[:, 0])
+    assert np.array_equal(rademacher_probes(5, np.array([2, 0]), 6, 3)[:, 0], full[:, 2])
+    # different rows and seeds differ; signs are balanced and uncorrelated across entries
+    assert not np.array_equal(full[:, 0], full[:, 1])
+    assert not np.array_equal(full[:, 0], full[:, 3])
+    big = rademacher_probes(1, np.arange(4000), 8, 16).reshape(-1, 16)
+    assert abs(big.mean()) < 0.01
+    assert np.abs(np.corrcoef(big.T) - np.eye(16)).max() < 0.03
+
+
+def test_a_rows_hutchinson_estimate_is_the_same_in_any_batch() -> None:
+    x = _data(6)
+    run = partial(log_likelihood_hutchinson, GAUSS.linear_velocity_jvp, probes=4, seed=3,
+                  method="dopri5")
+    whole = run(x).log_prob
+    tail = run(x[4:], rows=np.array([4, 5])).log_prob
+    assert np.array_equal(whole[4:], tail)
