@@ -164,7 +164,7 @@ def run_unit(set_name: str, seed: int, quick: bool = False, ensemble: int = 1,
     import torch
 
     torch.set_num_threads(1)
-    from service.runtime import ModelRuntime
+    from service.runtime import open_runtime
     from training.anomaly import (
         DEFAULT_SMOOTHING_SEARCH,
         ensemble_candidates,
@@ -207,7 +207,7 @@ def run_unit(set_name: str, seed: int, quick: bool = False, ensemble: int = 1,
                                    formats=("torchscript",),
                                    tried=[c.entry for c in [*pool, *extra]])
         t1 = time.perf_counter()
-        rt = ModelRuntime(Path(tmp) / "model", threads=1)
+        rt = open_runtime(Path(tmp) / "model", threads=1)
         res = rt.anomaly_score(x_test)
         score_s = time.perf_counter() - t1
     normal_test = y_test == 0

@@ -16,7 +16,7 @@ same held-out rows (the mean over ``FLOOR_DRAWS`` fresh draws; their spread is r
 
 NFE counting (network evaluations per sample): Euler, DDPM ancestral, DDIM and
 DPM-Solver++(2M) = steps (one call per step; DPM-Solver++(2M) is multistep). Heun = 2 per
-step exactly (``service.solvers`` calls the field twice every step, the last included), so
+step exactly (``numerics.solvers`` calls the field twice every step, the last included), so
 Heun runs NFE/2 steps and has no NFE-1 entry. Flows: one pass, listed under NFE 1.
 
 Density: PF-ODE test log-likelihood (dopri5, rtol = atol = 1e-5, exact divergence by
@@ -176,7 +176,7 @@ def train_one(kind: str, name: str, plan: ModelPlan, steps: int, seed: int = SEE
 def reflow_one(teacher: Any, plan: ReflowPlan, seed: int = SEED) -> tuple[Any, float]:
     """The teacher's checkpoint with its model replaced by one reflow round of it."""
     from training.config import TrainConfig
-    from training.flow_matching import reflow_checkpoint
+    from training.reflow import reflow_checkpoint
 
     start = time.perf_counter()
     cfg = TrainConfig(**({"seed": seed, "progress": False} | plan.train))

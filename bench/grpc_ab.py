@@ -3,7 +3,7 @@
     python -m bench.grpc_ab --before b2e1cd2 [--rounds 3] [--duration 8]
 
 Starts one genserve HTTP service and two gRPC forwarders in front of it: this checkout's
-``service.grpc_server`` and the one of git revision ``--before`` (its file, run as a module
+``service.grpc.server`` and the one of git revision ``--before`` (its file, run as a module
 beside this checkout's other modules). Each round loads each forwarder in turn with 1-row nsf
 ``log_likelihood`` calls at each concurrency (`bench.serving.grpc_load`), reading the
 forwarder's CPU from /proc around the run. Prints per-round figures and the medians, and the
@@ -74,11 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     ns = p.parse_args(argv)
     # SIGTERM unwinds like Ctrl-C, so `finally` stops the servers and removes the copied file
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    old = subprocess.run(["git", "show", f"{ns.before}:service/grpc_server.py"], cwd=ROOT,
+    old = subprocess.run(["git", "show", f"{ns.before}:service/grpc/server.py"], cwd=ROOT,
                          capture_output=True, text=True, check=True).stdout
     old_path = ROOT / "service" / "_grpc_server_before.py"  # removed in `finally`
     old_path.write_text(old)
-    sides = {"before": "service._grpc_server_before", "after": "service.grpc_server"}
+    sides = {"before": "service._grpc_server_before", "after": "service.grpc.server"}
     rows: list[dict] = []
     log = Path(tempfile.mkdtemp()) / "server.log"
     try:

@@ -5,10 +5,11 @@ exported graph is timed at batch 1, 64 and 4096 with the same thread count for a
 runtimes (``torch.set_num_threads(T)``, ONNX Runtime ``intra_op_num_threads=T``):
 
 - eager: the exact ``nn.Module`` wrapper that ``training.export`` exports
-  (``graph_modules``; flows use ``model.frozen()``), called under ``torch.no_grad`` on float32
+  (``export_graphs``; flows use ``model.frozen()``), called under ``torch.no_grad`` on float32
   tensors;
 - TorchScript and ONNX Runtime (CPU provider): the service's own executors
-  (``service.graphs.TorchScriptGraph`` / ``OnnxGraph``), numpy in and out, as serving calls them.
+  (``service.runtime.graphs.TorchScriptGraph`` / ``OnnxGraph``), numpy in and out, as
+  serving calls them.
 
 Each measurement is a block of ``k`` back-to-back calls (``k`` chosen so a block lasts about
 ``--block-ms``), reported as time per call; the three runtimes are interleaved block by block
@@ -192,15 +193,15 @@ def bench_model(
     block_s: float,
     warmup_s: float,
 ) -> list[dict[str, Any]]:
-    from service.graphs import OnnxGraph, TorchScriptGraph
-    from service.manifest import read_manifest
-    from training.export import graph_modules
+    from artifact.manifest import read_manifest
+    from service.runtime.graphs import OnnxGraph, TorchScriptGraph
+    from training.export import export_graphs
 
     torch.set_num_threads(threads)
     manifest = read_manifest(directory)
-    modules = graph_modules(ckpt)
     rows = []
-    for graph, (module, inputs, _outputs) in modules.items():
+    for graph, spec in export_graphs(ckpt).items():
+        module, inputs = spec.module, spec.inputs
         files = manifest.graphs[graph]
         ts = TorchScriptGraph(
             directory / files["torchscript"].file, files["torchscript"], threads=threads
@@ -389,8 +390,8 @@ def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "shipped: nsf (hidden 64, 4 transforms), maf (hidden 64, 4 transforms on moons; 3 on "
         "breast_cancer, 30-D), ddpm and otcfm (hidden 128, 3 layers). Eager is the exported "
         "`nn.Module` wrapper under `torch.no_grad` on float32 tensors; TorchScript and ONNX are "
-        "the service's executors (`service.graphs`, numpy in/out). One process, same thread "
-        "count T for all three; each cell is the median (p10–p90) of per-call latency over "
+        "the service's executors (`service.runtime.graphs`, numpy in/out). One process, same "
+        "thread count T for all three; each cell is the median (p10–p90) of per-call latency over "
         f"{meta['repeats']} interleaved blocks ({_big_reps(meta['repeats'])} at batch 4096) "
         f"of back-to-back calls (~{meta['block_ms']:g} ms per block) after warm-up; a cell stops "
         f"early (at least {MIN_ROUNDS} blocks) once it has run {CELL_BUDGET_S:g} s. "

@@ -29,7 +29,7 @@ import numpy as np
 from bench.peer import MLSERVER_VERSION as MLSERVER
 from bench.report import machine_line, markdown_table, write_section
 from service.devserver import running_server
-from service.runtime import ModelRuntime
+from service.runtime import ModelRuntime, open_runtime
 
 ROOT = Path(__file__).resolve().parents[1]
 LUA = """wrk.method = "POST"
@@ -73,8 +73,8 @@ def grpc_load(target: str, body: dict, concurrency: int, duration: int) -> dict:
 
     import grpc
 
-    from service.oip import grpc_predict_v2_pb2 as pb
-    from service.oip import grpc_predict_v2_pb2_grpc as pb_grpc
+    from service.grpc import grpc_predict_v2_pb2 as pb
+    from service.grpc import grpc_predict_v2_pb2_grpc as pb_grpc
 
     x = np.asarray(body["x"], dtype=np.float32)
     req = pb.ModelInferRequest(model_name=f"{body['model']}.log_likelihood")
@@ -144,7 +144,7 @@ def measure_ceilings(models: Path, into: dict[str, list[float]]) -> None:
     One block of 30 calls moved by up to 1.7x between runs on this shared machine; blocks
     taken before and after the served runs, interleaved across scenarios, see the same
     drift as the served figures, and their median is the ceiling the targets read."""
-    runtimes = [(s, ModelRuntime(models / s["body"]["model"])) for s in scenarios(models)]
+    runtimes = [(s, open_runtime(models / s["body"]["model"])) for s in scenarios(models)]
     options = [{k: s["body"][k] for k in ("steps", "solver") if k in s["body"]}
                for s, _ in runtimes]
     for _ in range(CEILING_BLOCKS):
@@ -171,7 +171,7 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def start_forwarder(http_url: str, module: str = "service.grpc_server",
+def start_forwarder(http_url: str, module: str = "service.grpc.server",
                     ) -> tuple[subprocess.Popen, int]:
     """The gRPC forwarder ``module`` (``python -m``) on a free port in front of ``http_url``."""
     import sys
@@ -483,7 +483,7 @@ times over.
 
 Earlier changes from the same kind of profile, measured side by side at the time (1-row nsf, c
 = 64, three 8 s wrk runs per server, medians of requests/s): binding each API method once
-(`service.batching.bind_api_once`; BentoML ran `inspect.signature` per request) +18 % and +6 %
+(`service.http.batching.bind_api_once`; BentoML ran `inspect.signature` per request) +18 % and +6 %
 in two interleaved pairs; uvloop and httptools (uvicorn's C event loop and HTTP parser) +22 %
 batched and +21 % unbatched. The ceiling uses ONNX Runtime's default threads (intra-op = 2
 spinning threads here), which makes it sensitive to anything else on the 2 cores: its blocks
@@ -665,7 +665,7 @@ def paths_section(results: dict) -> str:
     return f"""
 ### Fast path vs BentoML's HTTP route, same run
 
-`GENSERVE_FAST_PATH` (default on, `service.dispatch`): the boundary, which has already parsed
+`GENSERVE_FAST_PATH` (default on, `service.http.dispatch`): the boundary, which has already parsed
 and validated a verb request, hands it to BentoML's batcher itself. `false` sends it through
 BentoML's route, which reads and parses the body again and answers through its router,
 request context and IO descriptors. One fresh server each, back to back:
@@ -688,7 +688,7 @@ def burst_section(results: dict) -> str:
 BentoML's dispatcher (one per verb, shared by every model) learns how long to hold a request
 back for company from the queueing time of recent batches; behind a burst of slow batches
 that is hundreds of ms, and afterwards a lone request is held that long. genserve caps the
-learned wait (`GENSERVE_MAX_BATCH_WAIT_MS`, `service.batching.cap_batch_wait`):
+learned wait (`GENSERVE_MAX_BATCH_WAIT_MS`, `service.http.batching.cap_batch_wait`):
 
 {table}
 """

@@ -89,7 +89,7 @@ def _rss_mb(pid: int) -> float:
 
 
 def run(models: Path, seconds: float, concurrency: int, env: dict[str, str]) -> dict:
-    from service.manifest import read_manifest
+    from artifact.manifest import read_manifest
 
     dims = {}
     for folder in sorted(p for p in models.iterdir() if (p / "manifest.json").exists()):

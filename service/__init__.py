@@ -1,7 +1,4 @@
-"""genserve service side: runtime over exported artifacts, solvers, API, metrics, gRPC.
-
-Importing this package is cheap (no BentoML, no ONNX Runtime): training reuses
-``service.solvers`` and friends, which are plain array arithmetic.
-"""
+"""genserve at serve time: the runtime over exported artifacts, the served model set, the
+verbs, HTTP (BentoML) and gRPC, access control, overload, metrics and settings. No torch."""
 
 __all__: list[str] = []

@@ -74,7 +74,7 @@ class Server:
 
 @contextlib.contextmanager
 def running_server(models_dir: Path, log: Path, env: dict[str, str] | None = None,
-                   startup_s: float = 180, service: str = "service.api:GenServe",
+                   startup_s: float = 180, service: str = "service.http.api:GenServe",
                    ) -> Iterator[Server]:
     """Start the service on a free loopback port, wait for ``/readyz``, stop it on exit.
 

@@ -1,7 +1,10 @@
-"""The set of served models: every folder of the models directory, loaded once.
+"""The set of served models: every folder of the models directory, loaded once per worker.
 
-A folder that is missing a file, fails a sha256 or breaks the manifest schema is refused with
-a message naming the file; the others load and serve (readiness reports both).
+Each folder's manifest is read and its files verified by sha256 once, when the runtime is
+opened; the served card of each model (``GET /models``, and what requests are validated
+against) is made from that runtime. A folder that is missing a file, fails a sha256 or breaks
+the manifest schema is refused with a message naming the file; the others load and serve
+(readiness reports both).
 """
 
 from __future__ import annotations
@@ -10,26 +13,35 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from service.manifest import MANIFEST_FILE, ManifestError
-from service.runtime import ModelRuntime
+from artifact.manifest import MANIFEST_FILE, ManifestError
+from service.runtime import ModelRuntime, open_runtime
 from service.schemas import ModelInfo
 from service.settings import Settings
-from service.validation import ModelCard
 
-__all__ = ["ModelSet", "model_card"]
+__all__ = ["ModelSet", "model_info"]
 
 log = logging.getLogger("genserve")
 
 
-def model_card(rt: ModelRuntime) -> ModelCard:
+def model_info(rt: ModelRuntime) -> ModelInfo:
+    """The served card of a runtime."""
     m = rt.manifest
-    return ModelCard(name=m.name, family=m.family, dim=m.dim, calibrated=m.calibration is not None,
-                     shape=tuple(m.event_shape))
+    return ModelInfo(
+        name=m.name, family=m.family, model_type=m.model_type, dim=m.dim,
+        graphs=sorted(m.graphs), runtime=rt.format, solvers=list(rt.solvers()),
+        shape=list(m.event_shape), defaults=m.defaults.model_dump(),
+        calibration=None if m.calibration is None else {
+            "target_fpr": m.calibration.target_fpr,
+            "threshold": m.calibration.threshold,
+            "rows": m.calibration.rows,
+        },
+    )
 
 
 @dataclass
 class ModelSet:
     runtimes: dict[str, ModelRuntime] = field(default_factory=dict)
+    cards: dict[str, ModelInfo] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -46,7 +58,7 @@ class ModelSet:
             ):
                 continue
             try:
-                rt = ModelRuntime(folder, runtime=settings.runtime, threads=settings.threads,
+                rt = open_runtime(folder, runtime=settings.runtime, threads=settings.threads,
                                   device=settings.device)
             except (ManifestError, RuntimeError, OSError, ValueError) as err:
                 out.failed[folder.name] = str(err)
@@ -56,26 +68,10 @@ class ModelSet:
                 out.failed[folder.name] = f"duplicate model name {rt.name!r}"
                 continue
             out.runtimes[rt.name] = rt
+            out.cards[rt.name] = model_info(rt)
             log.info("loaded model %s (%s %s, %s)", rt.name, rt.family,
                      rt.manifest.model_type, rt.format)
         return out
 
-    def cards(self) -> dict[str, ModelCard]:
-        return {name: model_card(rt) for name, rt in self.runtimes.items()}
-
     def info(self) -> list[ModelInfo]:
-        out = []
-        for rt in self.runtimes.values():
-            m = rt.manifest
-            out.append(ModelInfo(
-                name=m.name, family=m.family, model_type=m.model_type, dim=m.dim,
-                graphs=sorted(m.graphs), runtime=rt.format, solvers=list(rt.solvers()),
-                shape=list(m.event_shape),
-                defaults=m.defaults.model_dump(),
-                calibration=None if m.calibration is None else {
-                    "target_fpr": m.calibration.target_fpr,
-                    "threshold": m.calibration.threshold,
-                    "rows": m.calibration.rows,
-                },
-            ))
-        return out
+        return list(self.cards.values())

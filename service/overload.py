@@ -8,7 +8,7 @@ exceed ``GENSERVE_MAX_QUEUE``, before its body is read::
 
     503 {"error": "the server is at capacity: ...; retry after 1 s"}   Retry-After: 1
 
-The boundary (``service.boundary``) admits every verb request once its key and rate are
+The boundary (``service.http.boundary``) admits every verb request once its key and rate are
 checked, so a refused request leaves an access log line and its metrics like any other. It
 also adds the ``Retry-After`` header to the other "try again" answer, 503 when a batch's
 ``max_latency_ms`` is overrun, so a client can treat every overload the same way. The gRPC

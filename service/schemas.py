@@ -10,6 +10,7 @@ from __future__ import annotations
 import secrets
 from typing import Annotated, Any, Literal
 
+import numpy as np
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -53,8 +54,6 @@ def flatten_image_rows(x: Any) -> Any:
         isinstance(row, list) and row and isinstance(row[0], list) for row in x
     ):
         return x
-    import numpy as np
-
     out = []
     for row in x:
         if isinstance(row, list) and row and isinstance(row[0], list):
@@ -167,6 +166,9 @@ class AnomalyScoreResponse(BaseModel):
 
 
 class ModelInfo(BaseModel):
+    """A served model's card: what ``GET /models`` lists and what requests are checked
+    against."""
+
     model_config = ConfigDict(protected_namespaces=())
     name: str
     family: str
@@ -179,6 +181,21 @@ class ModelInfo(BaseModel):
     solvers: list[str]
     defaults: dict[str, Any]
     calibration: dict[str, Any] | None
+
+    @property
+    def calibrated(self) -> bool:
+        return self.calibration is not None
+
+    @property
+    def is_image(self) -> bool:
+        return len(self.shape) > 1
+
+    def row_form(self) -> str:
+        """How a row is written, for error messages."""
+        flat = f"a list of {self.dim} numbers"
+        if not self.is_image:
+            return flat
+        return f"{flat} or a nested list of shape {self.shape} (C x H x W)"
 
 
 class ModelsResponse(BaseModel):

@@ -19,10 +19,14 @@ class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     models_dir: Path = Field(Path("exported_models"), description="directory of model folders")
+    plugins: list[str] = Field(default_factory=list, description="modules imported at start "
+                               "that register model families or types (comma-separated)")
     runtime: Literal["auto", "onnx", "torchscript"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(None, ge=1, description="intra-op threads per graph session")
     workers: int = Field(1, ge=1, le=64, description="BentoML worker processes")
+    grpc_port: int = Field(8001, ge=1, le=65535, description="gRPC (Open Inference Protocol) "
+                           "port")
     batching: bool = Field(True, description="adaptive batching on (off: one request per call)")
     fast_path: bool = Field(True, description="the boundary hands validated verb requests to "
                             "BentoML's batcher directly (false: through BentoML's HTTP route)")
@@ -67,7 +71,7 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
     for name in Settings.model_fields:
         raw = environ.get(ENV_PREFIX + name.upper())
         if raw is not None and raw != "":
-            values[name] = raw
+            values[name] = _parse(name, raw)
     try:
         return Settings.model_validate(values)
     except ValidationError as err:
@@ -76,6 +80,13 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
             loc = ENV_PREFIX + str(e["loc"][0]).upper() if e["loc"] else "GENSERVE_*"
             problems.append(f"{loc}: {e['msg']}")
         raise SettingsError("invalid settings: " + "; ".join(problems)) from None
+
+
+def _parse(name: str, raw: str) -> object:
+    """Comma-separated lists for list fields; everything else as the string Pydantic reads."""
+    if Settings.model_fields[name].annotation == list[str]:
+        return [item.strip() for item in raw.split(",") if item.strip()]
+    return raw
 
 
 class SettingsError(ValueError):

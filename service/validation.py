@@ -7,18 +7,22 @@ Each error carries a status and a message that says what is wrong and what is al
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from itertools import chain
 from typing import Any
 
 import numpy as np
 from pydantic import ValidationError
 
-from service.schemas import AnomalyScoreRequest, LogLikelihoodRequest, SampleRequest
+from artifact.families import family
+from service.schemas import (
+    AnomalyScoreRequest,
+    LogLikelihoodRequest,
+    ModelInfo,
+    SampleRequest,
+)
 from service.settings import Settings
 
 __all__ = [
-    "ModelCard",
     "Refused",
     "RequestError",
     "validate_anomaly_score",
@@ -27,8 +31,6 @@ __all__ = [
     "validate_verb",
 ]
 
-ODE_SOLVERS = ("euler", "heun", "midpoint", "rk4", "dopri5")
-DIFFUSION_SAMPLERS = ("ddpm", "ddim", "dpmpp2m")
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
@@ -51,34 +53,6 @@ class Refused(RequestError):
         self.headers, self.extra = headers, extra
 
 
-@dataclass(frozen=True)
-class ModelCard:
-    """What validation needs to know about a served model (from its manifest)."""
-
-    name: str
-    family: str
-    dim: int
-    calibrated: bool
-    shape: tuple[int, ...] | None = None  # one row's shape, e.g. (1, 8, 8) for images
-
-    @property
-    def is_image(self) -> bool:
-        return self.shape is not None and len(self.shape) > 1
-
-    def row_form(self) -> str:
-        """How a row is written, for error messages."""
-        flat = f"a list of {self.dim} numbers"
-        if not self.is_image:
-            return flat
-        return f"{flat} or a nested list of shape {list(self.shape)} (C x H x W)"
-
-    @property
-    def sample_solvers(self) -> tuple[str, ...]:
-        if self.family == "flow":
-            return ("exact",)
-        return ODE_SOLVERS + (DIFFUSION_SAMPLERS if self.family == "diffusion" else ())
-
-
 def _pydantic_message(err: ValidationError) -> str:
     parts = []
     for e in err.errors(include_url=False):
@@ -99,7 +73,7 @@ def _parse(cls: type, body: Any) -> Any:
         raise RequestError(400, _pydantic_message(err)) from None
 
 
-def _card(cards: dict[str, ModelCard], name: str) -> ModelCard:
+def _card(cards: dict[str, ModelInfo], name: str) -> ModelInfo:
     card = cards.get(name)
     if card is None:
         shown = repr(name[:64])
@@ -116,7 +90,7 @@ def _limit(value: int | None, field: str, maximum: int) -> None:
         )
 
 
-def check_rows(x: Any, card: ModelCard, max_rows: int) -> np.ndarray:
+def check_rows(x: Any, card: ModelInfo, max_rows: int) -> np.ndarray:
     """``x`` as finite float64 ``(rows, dim)``; the message names the problem and the fix."""
     if not isinstance(x, list):
         raise RequestError(400, f"'x' must be a list of rows, each {card.row_form()}")
@@ -152,7 +126,7 @@ def check_rows(x: Any, card: ModelCard, max_rows: int) -> np.ndarray:
     return arr
 
 
-def _flat_image(row: Any, i: int, card: ModelCard) -> Any:
+def _flat_image(row: Any, i: int, card: ModelInfo) -> Any:
     """A nested C x H x W row flattened in C-order; any other row is returned as it is."""
     if not (isinstance(row, list) and row and isinstance(row[0], list)):
         return row
@@ -170,19 +144,19 @@ def _flat_image(row: Any, i: int, card: ModelCard) -> Any:
     return arr.reshape(-1).tolist()
 
 
-def validate_sample(body: Any, cards: dict[str, ModelCard], s: Settings,
+def validate_sample(body: Any, cards: dict[str, ModelInfo], s: Settings,
                     cls: type[SampleRequest] = SampleRequest) -> SampleRequest:
     req = _parse(cls, body)
     card = _card(cards, req.model)
     _limit(req.n, "n", s.max_samples)
     _limit(req.steps, "steps", s.max_steps)
-    if req.solver is not None and req.solver not in card.sample_solvers:
+    if req.solver is not None and req.solver not in card.solvers:
         raise RequestError(400, f"unknown solver {req.solver[:32]!r} for {card.family} model "
-                           f"'{card.name}'; choose one of: {', '.join(card.sample_solvers)}")
+                           f"'{card.name}'; choose one of: {', '.join(card.solvers)}")
     return req
 
 
-def validate_log_likelihood(body: Any, cards: dict[str, ModelCard], s: Settings,
+def validate_log_likelihood(body: Any, cards: dict[str, ModelInfo], s: Settings,
                             cls: type[LogLikelihoodRequest] = LogLikelihoodRequest,
                             ) -> LogLikelihoodRequest:
     req = _parse(cls, body)
@@ -190,20 +164,21 @@ def validate_log_likelihood(body: Any, cards: dict[str, ModelCard], s: Settings,
     req.x = check_rows(body["x"], card, s.max_rows)  # as sent: the schema flattens images
     _limit(req.steps, "steps", s.max_steps)
     _limit(req.probes, "probes", s.max_probes)
-    if card.family == "flow":
-        if req.method == "hutchinson":
-            raise RequestError(400, f"model '{card.name}' is a flow: its likelihood is exact; "
-                               "use method 'exact' or leave it out")
+    spec = family(card.family)
+    if spec.one_pass_likelihood:
+        if req.method not in (None, *spec.likelihood_methods):
+            raise RequestError(400, f"model '{card.name}' is a {card.family}: its likelihood is "
+                               "exact; use method 'exact' or leave it out")
         if req.solver is not None or req.steps is not None:
-            raise RequestError(400, f"model '{card.name}' is a flow: 'solver' and 'steps' do "
-                               "not apply; leave them out")
-    elif req.solver is not None and req.solver not in ODE_SOLVERS:
+            raise RequestError(400, f"model '{card.name}' is a {card.family}: 'solver' and "
+                               "'steps' do not apply; leave them out")
+    elif req.solver is not None and req.solver not in spec.likelihood_solvers:
         raise RequestError(400, f"unknown solver {req.solver[:32]!r} for the likelihood; "
-                           f"choose one of: {', '.join(ODE_SOLVERS)}")
+                           f"choose one of: {', '.join(spec.likelihood_solvers)}")
     return req
 
 
-def validate_anomaly_score(body: Any, cards: dict[str, ModelCard], s: Settings,
+def validate_anomaly_score(body: Any, cards: dict[str, ModelInfo], s: Settings,
                            cls: type[AnomalyScoreRequest] = AnomalyScoreRequest,
                            ) -> AnomalyScoreRequest:
     req = _parse(cls, body)
@@ -221,7 +196,7 @@ VALIDATORS = {
 }
 
 
-def validate_verb(verb: str, body: Any, cards: dict[str, ModelCard], s: Settings,
+def validate_verb(verb: str, body: Any, cards: dict[str, ModelInfo], s: Settings,
                   types: dict[str, type] | None = None) -> Any:
     """The validated request of ``verb``, as ``types[verb]`` when given (a subclass of the
     verb's schema: BentoML's input type, so the request can go to its batcher as it is)."""

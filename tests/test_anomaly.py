@@ -14,17 +14,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from artifact.tables import DataError
+from service.scoring import HEADER, read_scores, score_file
 from training.anomaly import (
-    HEADER,
     choose_plan,
     column_noise,
     export_candidate,
     fit_anomaly,
     format_summary,
-    read_scores,
-    score_file,
 )
-from training.data import DataError
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated")
 
@@ -129,14 +127,14 @@ def test_realised_fpr_on_fresh_normal_rows(fitted: tuple[Path, dict], tmp_path: 
 
 
 def test_scores_are_the_services_numbers(fitted: tuple[Path, dict], tmp_path: Path) -> None:
-    from service.runtime import ModelRuntime
+    from service.runtime import open_runtime
 
     model_dir, s = fitted
     x = np.concatenate([normal_rows(50, 6), planted_outliers(5, 7)])
     np.save(tmp_path / "x.npy", x)
     score_file(model_dir, tmp_path / "x.npy", tmp_path / "x.csv")
     out = read_scores(tmp_path / "x.csv")
-    rt = ModelRuntime(model_dir)
+    rt = open_runtime(model_dir)
     res = rt.anomaly_score(x)
     np.testing.assert_array_equal(out["score"], res.scores)  # repr round-trips exactly
     np.testing.assert_array_equal(out["percentile"], res.percentile)
@@ -154,10 +152,10 @@ def test_scores_are_the_services_numbers(fitted: tuple[Path, dict], tmp_path: Pa
 
 def test_chunked_equals_unchunked(fitted: tuple[Path, dict], tmp_path: Path) -> None:
     """Reading in chunks of 1, 7, 33 or 100 rows gives the unchunked output byte for byte."""
-    from service.runtime import ModelRuntime
+    from service.runtime import open_runtime
 
     model_dir, _ = fitted
-    rt = ModelRuntime(model_dir)
+    rt = open_runtime(model_dir)
     x = np.concatenate([normal_rows(95, 8), planted_outliers(5, 9)])
     x = x[np.random.default_rng(10).permutation(len(x))]
     csv_in = tmp_path / "in.csv"
@@ -310,7 +308,7 @@ def test_ensemble_serves_an_exact_mixture_chosen_by_validation(tmp_path: Path) -
     served log-likelihood is the log of the members' mean density (exact, normalised)."""
     from scipy.special import logsumexp
 
-    from service.runtime import ModelRuntime
+    from service.runtime import open_runtime
     from training.anomaly import mix_candidates, prepare, train_candidate
     from training.evaluate import data_log_prob
 
@@ -327,7 +325,7 @@ def test_ensemble_serves_an_exact_mixture_chosen_by_validation(tmp_path: Path) -
     members = [train_candidate(prep, "maf", 0), train_candidate(prep, "nsf", 0)]
     mix = mix_candidates(prep, members)
     export_candidate(prep, mix, tmp_path / "m", target_fpr=TARGET_FPR)
-    rt = ModelRuntime(tmp_path / "m")
+    rt = open_runtime(tmp_path / "m")
     assert rt.manifest.model_type == "mixture(maf+nsf)" and rt.family == "flow"
     rows = np.concatenate([normal_rows(20, 5), planted_outliers(5, 6)])
     by_members = logsumexp([data_log_prob(m.ckpt, rows)["log_prob"] for m in members], 0)
@@ -344,8 +342,8 @@ def test_smoothing_search_keeps_the_validation_rows_and_the_lowest_nll(tmp_path:
                                                                        capsys) -> None:
     """smoothing_search: the winning type is trained again with Gaussian smoothing on every
     column; the same validation rows judge every scale, and the export is the lowest NLL."""
+    from cli import main
     from training.anomaly import prepare, resmooth
-    from training.cli import main
 
     x = normal_rows(400, 31)
     x[:, 0] = np.round(x[:, 0])  # one discrete column (unit grid), dequantized as before

@@ -1,6 +1,6 @@
 """Access control and transport security (docs/SECURITY.md), against real processes.
 
-One ``bentoml serve`` and one ``python -m service.grpc_server``, both with TLS (a self-signed
+One ``bentoml serve`` and one ``python -m service.grpc.server``, both with TLS (a self-signed
 certificate made here with the ``openssl`` CLI), API keys from a file (reloaded every 0.3 s)
 and a per-key rate limit, serve every server test of this file. Keys, token buckets and the
 access log are also checked as plain objects, fast.
@@ -31,9 +31,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from service.access_log import access_logger, log_access
 from service.auth import KeyFileError, KeyStore, RateLimiter, parse_keys, security_config
 from service.devserver import free_port, running_server, stop
-from service.grpc_server import Reply, _http_error
-from service.oip import grpc_predict_v2_pb2 as pb
-from service.oip import grpc_predict_v2_pb2_grpc as pb_grpc
+from service.grpc import grpc_predict_v2_pb2 as pb
+from service.grpc import grpc_predict_v2_pb2_grpc as pb_grpc
+from service.grpc.server import Reply, _http_error
 from service.settings import load_settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -224,7 +224,7 @@ def secure_env(secrets_dir: Path) -> dict[str, str]:
 def model_dir(request: pytest.FixtureRequest) -> Path:
     """A flow model folder: the committed default one when it verifies (exporting to ONNX
     takes minutes on a busy 2-core machine), else the session's tiny exported model."""
-    from service.manifest import ManifestError, read_manifest
+    from artifact.manifest import ManifestError, read_manifest
 
     committed = ROOT / "exported_models" / MODEL
     try:
@@ -250,7 +250,7 @@ def grpc_process(http_url: str, env: dict[str, str], log: Path):
     port, health_port = free_port(), free_port()
     with open(log, "w") as fh:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "service.grpc_server", "--port", str(port), "--http-url",
+            [sys.executable, "-m", "service.grpc.server", "--port", str(port), "--http-url",
              http_url, "--health-port", str(health_port), "--grace", "1"],
             stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT, env=dict(os.environ, **env),
             start_new_session=True)
@@ -470,11 +470,11 @@ def test_unreadable_key_file_is_a_one_line_startup_error(tmp_path: Path) -> None
                GENSERVE_MODELS_DIR=str(tmp_path),
                BENTOML_DO_NOT_TRACK="True")
     commands = {
-        "genserve serve": [sys.executable, "-m", "training.cli", "serve", "--port",
+        "genserve serve": [sys.executable, "-m", "cli", "serve", "--port",
                            str(free_port()), "--grpc-port", str(free_port())],
-        "grpc server": [sys.executable, "-m", "service.grpc_server", "--port",
+        "grpc server": [sys.executable, "-m", "service.grpc.server", "--port",
                         str(free_port())],
-        "bentoml serve": [sys.executable, "-m", "bentoml", "serve", "service.api:GenServe",
+        "bentoml serve": [sys.executable, "-m", "bentoml", "serve", "service.http.api:GenServe",
                           "--port", str(free_port())],
     }
     procs = {name: subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,

@@ -28,9 +28,9 @@ import pytest
 from onnx import TensorProto, helper
 from prometheus_client.parser import text_string_to_metric_families
 
+from artifact.manifest import sha256_file
 from service.devserver import ROOT, running_server
-from service.manifest import sha256_file
-from service.runtime import ModelRuntime
+from service.runtime import ModelRuntime, open_runtime
 
 BATCH_ROWS = 64
 SIZES = (3, 40, 150)  # 150 > 64: split across batches
@@ -162,7 +162,7 @@ def _metric(server: Any, name: str, **labels: str) -> Callable[[str], float]:
 
 def test_concurrent_split_and_batched_answers_equal_lone_ones(batch_server, models) -> None:
     rng = np.random.default_rng(0)
-    runtimes = {name: ModelRuntime(models / name) for name in
+    runtimes = {name: open_runtime(models / name) for name in
                 ("moons-nsf", "moons-ddpm", "moons-otcfm", "breast-cancer-maf",
                  "moons-otcfm-hutchinson")}
     calls = [call for rt in runtimes.values() for call in _requests(rt, rng)]
@@ -186,7 +186,7 @@ def test_concurrent_split_and_batched_answers_equal_lone_ones(batch_server, mode
 
 
 def test_a_request_whose_graph_raises_fails_alone(batch_server, models) -> None:
-    rt = ModelRuntime(models / "moons-nsf")
+    rt = open_runtime(models / "moons-nsf")
     rng = np.random.default_rng(1)
     calls = []
     for i in range(24):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from scipy.stats import multivariate_normal
 
+from artifact.tables import iter_table
 from training.data import (
     DATASETS,
     DataError,
@@ -189,10 +190,10 @@ def test_csv_round_trip(tmp_path: Path, table: np.ndarray, header: bool, delimit
     if not header:
         path.write_text(path.read_text().lstrip("\n"))
     np.testing.assert_array_equal(load_data(str(path)).x, table)
-    # fit-anomaly's streaming reader takes the same files
-    from training.anomaly import iter_chunks
-
-    np.testing.assert_array_equal(np.concatenate(list(iter_chunks(path, 3, 2))), table)
+    # streamed in blocks of 2 rows (as `genserve score` reads), the same table
+    blocks = list(iter_table(path, 2, dim=3))
+    assert [len(b) for b in blocks] == [2, 2, 2, 1]
+    np.testing.assert_array_equal(np.concatenate(blocks), table)
 
 
 @pytest.mark.parametrize("suffix", [".npy", ".csv"])

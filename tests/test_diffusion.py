@@ -18,9 +18,9 @@ from torch import Tensor, nn
 from torch.autograd.functional import jacobian
 from toys import CENTERS, fit, mixture  # noqa: F401
 
-from service.schedules import make_schedule
+from numerics.schedules import make_schedule
 from training.config import ModelConfig
-from training.diffusion import DiffusionModel, build_diffusion
+from training.diffusion import DiffusionModel, build_ddpm
 from training.metrics import wasserstein2
 from training.registry import build_model
 
@@ -81,7 +81,7 @@ def single_thread() -> Iterator[None]:
 def trained() -> dict[str, DiffusionModel]:
     torch.manual_seed(0)
     return {
-        p: fit(build_diffusion("ddpm", 2, CFG.model_copy(update={"prediction": p})), 1200)
+        p: fit(build_ddpm(2, CFG.model_copy(update={"prediction": p})), 1200)
         for p in ("epsilon", "v")
     }
 
@@ -104,7 +104,7 @@ def test_registry_wires_the_config() -> None:
 def test_velocity_div_and_jvp_match_autograd(prediction: str, schedule: str) -> None:
     torch.manual_seed(0)
     cfg = CFG.model_copy(update={"prediction": prediction, "schedule": schedule})
-    model = build_diffusion("ddpm", 3, cfg).double()
+    model = build_ddpm(3, cfg).double()
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 3, generator=g, dtype=torch.float64)
     e = torch.randn(4, 3, generator=g, dtype=torch.float64)

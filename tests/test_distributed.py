@@ -95,7 +95,7 @@ def test_ddp_two_gloo_processes_match_one_process_on_the_same_global_batch(
     for rank in range(2):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
                    LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                   GENSERVE_DIST_BACKEND="gloo", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1",
+                   CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1",
                    TQDM_DISABLE="1", PYTHONPATH=str(ROOT))
         procs.append(subprocess.Popen(
             [sys.executable, str(script), str(out), MODEL_TYPE, json.dumps(MODEL),
@@ -165,7 +165,7 @@ def test_torchrun_commands_parse_with_torchruns_own_parser() -> None:
     assert one[1:3] == ["-m", "torch.distributed.run"]
     parsed = get_args_parser().parse_args(one[3:])
     assert parsed.standalone and parsed.nproc_per_node == "4" and parsed.module
-    assert parsed.training_script == "training" and parsed.training_script_args == args
+    assert parsed.training_script == "cli" and parsed.training_script_args == args
     many = torchrun_command(args, 2, nnodes=3, node_rank=1, master_addr="trainer-0.trainer",
                             master_port=29500)
     parsed = get_args_parser().parse_args(many[3:])

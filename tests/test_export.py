@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 import torch
 
-from service.manifest import ManifestError, read_manifest
-from service.runtime import InputError, ModelRuntime
+from artifact.manifest import ManifestError, read_manifest
+from service.runtime import InputError, open_runtime
 from training.checkpoint import load_checkpoint
 from training.evaluate import data_log_prob
 from training.registry import MODEL_TYPES
 
 TOL = 1e-4
-ALL_TYPES = sorted(MODEL_TYPES)
+ALL_TYPES = sorted(k for k, spec in MODEL_TYPES.items() if not spec.image)  # images: test_images
 FLOWS = [k for k in ALL_TYPES if MODEL_TYPES[k].family == "flow"]
 ODE_TYPES = [k for k in ALL_TYPES if MODEL_TYPES[k].family != "flow"]
 
@@ -51,7 +51,7 @@ def test_log_likelihood_parity_eager_onnx_torchscript(kind: str, artifact_factor
     options = {} if kind in FLOWS else {"steps": 12, "solver": "rk4"}
     eager = data_log_prob(ckpt, x, **options)["log_prob"]
     for fmt in ("onnx", "torchscript"):
-        rt = ModelRuntime(artifact_factory(kind), runtime=fmt)
+        rt = open_runtime(artifact_factory(kind), runtime=fmt)
         served = rt.log_likelihood(x, **options)
         assert np.abs(served.log_prob - eager).max() < TOL, fmt
         assert np.allclose(served.bits_per_dim, -served.log_prob / (2 * np.log(2)))
@@ -66,7 +66,7 @@ def test_flow_sample_parity_given_the_same_noise(kind: str, artifact_factory,
         zt = torch.as_tensor(z, dtype=torch.float32)
         eager = ckpt.preprocessor.inverse(ckpt.model.inverse(zt))
     for fmt in ("onnx", "torchscript"):
-        rt = ModelRuntime(artifact_factory(kind), runtime=fmt)
+        rt = open_runtime(artifact_factory(kind), runtime=fmt)
         (u,) = rt.call("sample", z)
         (x,) = rt.call("postprocess", u)
         assert np.abs(x - eager.numpy()).max() < TOL, fmt
@@ -83,7 +83,7 @@ def test_velocity_and_divergence_parity(kind: str, artifact_factory, checkpoint_
         v, div = ckpt.model.velocity_div(x, t)
         _, jvp = ckpt.model.velocity_jvp(x, t, e)
     for fmt in ("onnx", "torchscript"):
-        rt = ModelRuntime(artifact_factory(kind), runtime=fmt)
+        rt = open_runtime(artifact_factory(kind), runtime=fmt)
         v2, div2 = rt.call("velocity_div", x.numpy(), t.numpy())
         _, jvp2 = rt.call("velocity_jvp", x.numpy(), t.numpy(), e.numpy())
         scale = max(1.0, float(v.abs().max()))
@@ -96,10 +96,10 @@ def test_velocity_and_divergence_parity(kind: str, artifact_factory, checkpoint_
 def test_ode_sample_parity_with_eager_solver(kind: str, artifact_factory,
                                              checkpoint_factory) -> None:
     """The runtime's numpy solver over the graph equals the torch solver over the module."""
-    from service.solvers import integrate
+    from numerics.solvers import integrate
 
     ckpt = load_checkpoint(checkpoint_factory(kind))
-    rt = ModelRuntime(artifact_factory(kind), runtime="onnx")
+    rt = open_runtime(artifact_factory(kind), runtime="onnx")
     z = np.random.default_rng(5).standard_normal((5, 2))
     t_min = rt.manifest.time.t_min
     with torch.no_grad():
@@ -116,7 +116,7 @@ def test_seeded_sampling_is_reproducible_and_batch_independent(artifact_factory)
     from service.runtime import SeededRows
 
     for kind in ("nsf", "ddpm", "cfm"):
-        rt = ModelRuntime(artifact_factory(kind))
+        rt = open_runtime(artifact_factory(kind))
         solver = "ddpm" if kind == "ddpm" else None
         alone = rt.sample(4, seed=11, steps=5, solver=solver)
         assert np.array_equal(alone, rt.sample(4, seed=11, steps=5, solver=solver))
@@ -138,12 +138,12 @@ def test_tampered_or_incomplete_artifacts_are_refused(artifact_factory, tmp_path
     data[len(data) // 2] ^= 0x01
     graph.write_bytes(bytes(data))
     with pytest.raises(ManifestError, match=r"log_prob\.onnx fails its sha256"):
-        ModelRuntime(bad)
+        open_runtime(bad)
     shutil.rmtree(bad)
     shutil.copytree(source, bad)
     (bad / "sample.pt").unlink()
     with pytest.raises(ManifestError, match=r"sample\.pt is missing"):
-        ModelRuntime(bad)
+        open_runtime(bad)
     manifest = json.loads((source / "manifest.json").read_text())
     manifest["dim"] = "two"
     (bad / "manifest.json").write_text(json.dumps(manifest))
@@ -152,20 +152,23 @@ def test_tampered_or_incomplete_artifacts_are_refused(artifact_factory, tmp_path
 
 
 def test_inputs_are_checked_before_any_graph_runs(artifact_factory) -> None:
-    rt = ModelRuntime(artifact_factory("nsf"))
+    from service.models import model_info
+    from service.validation import RequestError, check_rows
+
+    rt = open_runtime(artifact_factory("nsf"))
     calls = []
     rt.observer = lambda graph, seconds: calls.append(graph)
     for bad, message in [
         ([[1.0, 2.0, 3.0]], "expects 2"),
         ([[1.0, float("nan")]], "non-finite"),
         ([], "empty"),
-        ([[1.0], [1.0, 2.0]], "ragged"),
+        ([[1.0], [1.0, 2.0]], "row 0 has 1 values"),
     ]:
-        with pytest.raises(InputError, match=message):
-            rt.check_rows(bad)
+        with pytest.raises(RequestError, match=message):
+            check_rows(bad, model_info(rt), max_rows=100)
     assert calls == []
     with pytest.raises(InputError, match="choose one of"):
-        ModelRuntime(artifact_factory("cfm")).resolve_solver("magic", None)
+        open_runtime(artifact_factory("cfm")).resolve_solver("magic", None)
 
 
 RUNTIME_ONLY = """
@@ -177,10 +180,10 @@ def guarded(name, *args, **kwargs):
     return real_import(name, *args, **kwargs)
 builtins.__import__ = guarded
 import numpy as np
-from service.runtime import ModelRuntime
+from service.runtime import ModelRuntime, open_runtime
 out = {}
 for path in sys.argv[1:]:
-    rt = ModelRuntime(path, runtime="onnx")
+    rt = open_runtime(path, runtime="onnx")
     x = np.random.default_rng(0).normal(size=(7, 2)) * 0.8
     opts = {} if rt.family == "flow" else {"steps": 12, "solver": "rk4"}
     out[path] = rt.log_likelihood(x, **opts).log_prob.tolist()
@@ -195,7 +198,7 @@ def test_runtime_runs_where_training_and_torch_cannot_be_imported(artifact_facto
     assert r.returncode == 0, r.stderr
     isolated = json.loads(r.stdout)
     for p in paths:
-        rt = ModelRuntime(p, runtime="onnx")
+        rt = open_runtime(p, runtime="onnx")
         opts = {} if rt.family == "flow" else {"steps": 12, "solver": "rk4"}
         assert np.allclose(isolated[p], rt.log_likelihood(_rows(), **opts).log_prob)
 
@@ -215,9 +218,8 @@ def test_calibration_false_positive_rate_is_near_target(tmp_path: Path) -> None:
                       data=DataSummary(name="gauss", source="test", rows=4000, dim=2),
                       model_cfg=ModelConfig(hidden_features=16, transforms=2),
                       train_cfg=TrainConfig(steps=300, progress=False))
-    nll_val = -data_log_prob(ckpt, val)["log_prob"]
-    export_checkpoint(ckpt, tmp_path / "gauss", target_fpr=0.05, calibration_nll=nll_val)
-    rt = ModelRuntime(tmp_path / "gauss")
+    export_checkpoint(ckpt, tmp_path / "gauss", target_fpr=0.05)  # calibrated on ``val``
+    rt = open_runtime(tmp_path / "gauss")
     result = rt.anomaly_score(fresh)
     fpr = result.is_anomaly.mean()
     # binomial s.e. at n=2000, p=0.05 is 0.005; the threshold's own estimation error on
@@ -227,3 +229,45 @@ def test_calibration_false_positive_rate_is_near_target(tmp_path: Path) -> None:
     far = rt.anomaly_score(np.array([[8.0, -8.0]]))
     assert far.is_anomaly[0] and far.percentile[0] == pytest.approx(100.0)
     assert np.all((result.percentile >= 0) & (result.percentile <= 100))
+
+
+def test_export_needs_only_the_checkpoint_and_calibrates_what_is_served(tmp_path: Path) -> None:
+    """The training file is gone: export still works, on the held-out rows the checkpoint
+    carries, and the threshold is the one the served runtime gives on those rows."""
+    from artifact.calibration import calibrate
+    from cli import main
+    from training.checkpoint import load_checkpoint
+    from training.config import ModelConfig, TrainConfig
+    from training.export import export_checkpoint
+    from training.fit import fit
+
+    rows = np.random.default_rng(0).normal(size=(400, 2)) * [1.0, 3.0]
+    data = tmp_path / "rows.csv"
+    np.savetxt(data, rows, delimiter=",")
+    fit("nsf", str(data), out=tmp_path / "ckpt",
+        model_cfg=ModelConfig(hidden_features=8, hidden_layers=1, transforms=2, bins=4),
+        train_cfg=TrainConfig(steps=30, eval_every=30, warmup_steps=5, progress=False))
+    data.unlink()
+    ckpt = load_checkpoint(tmp_path / "ckpt")
+    assert ckpt.calibration_rows is not None and ckpt.calibration_rows.shape == (40, 2)
+    exported = export_checkpoint(ckpt, tmp_path / "m", target_fpr=0.05, formats=("torchscript",))
+    served = -open_runtime(tmp_path / "m").log_likelihood(ckpt.calibration_rows).log_prob
+    expected = calibrate(served, 0.05)
+    cal = exported.manifest.calibration
+    assert cal.rows == 40 and cal.threshold == pytest.approx(expected.threshold, rel=1e-6)
+    np.testing.assert_allclose(cal.quantiles, expected.quantiles, rtol=1e-6)
+    np.testing.assert_array_equal(exported.calibration_scores, served)
+
+    fast = ["--format", "torchscript"]  # the options below do not depend on the format
+    assert main(["export", str(tmp_path / "ckpt"), "--out", str(tmp_path / "few"), *fast,
+                 "--calibration-rows", "10", "--no-progress"]) == 0
+    assert read_manifest(tmp_path / "few").calibration.rows == 10
+    assert main(["export", str(tmp_path / "ckpt"), "--out", str(tmp_path / "none"), *fast,
+                 "--no-calibration"]) == 0
+    none = open_runtime(tmp_path / "none")
+    assert none.manifest.calibration is None
+    with pytest.raises(InputError, match="no anomaly calibration"):
+        none.anomaly_score(rows[:2])
+    assert main(["export", str(tmp_path / "ckpt"), "--out", str(tmp_path / "bad"), *fast,
+                 "--method", "hutchinson"]) == 2  # a flow's likelihood is exact
+    assert not (tmp_path / "bad").exists()

@@ -23,8 +23,8 @@ from test_grpc import grpc_process
 from test_service import _metrics, _sum
 
 from service.devserver import Server, running_server
-from service.oip import grpc_predict_v2_pb2 as pb
-from service.oip import grpc_predict_v2_pb2_grpc as pb_grpc
+from service.grpc import grpc_predict_v2_pb2 as pb
+from service.grpc import grpc_predict_v2_pb2_grpc as pb_grpc
 
 QUEUE, TIMEOUT_S = 2, 8
 SMALL = {"model": "moons-nsf", "x": [[0.1, 0.2]]}

@@ -27,12 +27,10 @@ from training.flow_matching import (
     FlowMatchingModel,
     ReflowMatcher,
     StochasticInterpolantMatcher,
-    build_flow_matching,
     exact_ot_permutation,
-    make_reflow_pairs,
-    reflow,
 )
 from training.metrics import wasserstein2
+from training.reflow import make_reflow_pairs, reflow
 from training.registry import build_model
 
 W2_BOUND = 0.3
@@ -82,7 +80,7 @@ def single_thread() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def trained() -> dict[str, FlowMatchingModel]:
     torch.manual_seed(0)
-    return {kind: fit(build_flow_matching(kind, 2, CFG), *BUDGET[kind]) for kind in BUDGET}
+    return {kind: fit(build_model(kind, 2, CFG), *BUDGET[kind]) for kind in BUDGET}
 
 
 def test_exact_ot_equals_brute_force() -> None:
@@ -178,7 +176,7 @@ def test_registry_builds_flow_matching(kind: str) -> None:
 
 def test_velocity_div_and_jvp_match_autograd() -> None:
     torch.manual_seed(0)
-    model = build_flow_matching("cfm", 3, CFG).double()
+    model = build_model("cfm", 3, CFG).double()
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 3, generator=g, dtype=torch.float64)
     e = torch.randn(4, 3, generator=g, dtype=torch.float64)

@@ -14,9 +14,9 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from numerics.likelihood import standard_normal_log_prob
 from training.config import ModelConfig
 from training.flows import (
-    FLOW_BUILDERS,
     ActNorm,
     AdditiveCoupling,
     Affine,
@@ -30,11 +30,10 @@ from training.flows import (
     Permutation,
     RationalQuadraticSpline,
     Transform,
-    build_flow,
 )
-from training.flows.base import standard_normal_log_prob
 from training.flows.coupling import alternating_mask
 from training.flows.mixture import FlowMixture
+from training.registry import MODEL_TYPES, build_model
 
 KINDS = ["nice", "realnvp", "glow", "maf", "iaf", "nsf", "nsf_ar"]
 COUPLING_KINDS = ["nice", "realnvp", "glow", "nsf"]
@@ -99,7 +98,7 @@ def make_layer(name: str, dim: int, dtype: torch.dtype) -> Transform:
 
 
 def make_flow(kind: str, dim: int, dtype: torch.dtype) -> Flow:
-    flow = build_flow(kind, dim, CFG).to(dtype)
+    flow = build_model(kind, dim, CFG).to(dtype)
     perturb(flow)
     flow.train().log_prob(inputs(64, dim, dtype) * 2 + 1)
     return flow.eval()
@@ -163,7 +162,7 @@ def test_flow_log_det_matches_jacobian(kind: str) -> None:
 @pytest.mark.parametrize("kind", KINDS)
 def test_fresh_flow_is_standard_normal(kind: str) -> None:
     """Zero-initialised conditioners: every flow starts at (a rotation of) the identity."""
-    flow = build_flow(kind, DIM, CFG).eval()
+    flow = build_model(kind, DIM, CFG).eval()
     x = inputs(32, DIM, torch.float32)
     torch.testing.assert_close(flow.log_prob(x), standard_normal_log_prob(x))
 
@@ -200,7 +199,7 @@ def test_sample_shape_and_seeded_reproducibility(kind: str, dtype: torch.dtype) 
 @pytest.mark.parametrize("kind", KINDS)
 def test_state_dict_round_trip_is_bit_identical(kind: str) -> None:
     flow = make_flow(kind, DIM, torch.float32)
-    reloaded = build_flow(kind, DIM, CFG)
+    reloaded = build_model(kind, DIM, CFG)
     reloaded.load_state_dict(flow.state_dict())
     x = inputs(64, DIM, torch.float32)
     # Training mode on purpose: a lost ActNorm `initialized` flag would re-initialise here.
@@ -211,7 +210,7 @@ def test_state_dict_round_trip_is_bit_identical(kind: str) -> None:
 @pytest.mark.parametrize("kind", KINDS)
 def test_trained_density_integrates_to_one(kind: str) -> None:
     data = two_gaussians(4096)
-    flow = build_flow(
+    flow = build_model(
         kind, 2, ModelConfig(hidden_features=32, hidden_layers=2, transforms=3, bins=8)
     )
     initial_nll = flow.eval().validation_loss(data).item()
@@ -245,15 +244,15 @@ def two_gaussians(n: int) -> Tensor:
 
 def test_unknown_kind_names_the_choices() -> None:
     with pytest.raises(ValueError) as error:
-        build_flow("glowworm", 2, CFG)
+        build_model("glowworm", 2, CFG)
     assert all(kind in str(error.value) for kind in KINDS)
-    assert set(FLOW_BUILDERS) == set(KINDS)
+    assert {k for k, v in MODEL_TYPES.items() if v.family == "flow" and not v.image} == set(KINDS)
 
 
 @pytest.mark.parametrize("kind", COUPLING_KINDS)
 def test_coupling_flows_reject_one_dimension(kind: str) -> None:
     with pytest.raises(ValueError, match="dim >= 2"):
-        build_flow(kind, 1, CFG)
+        build_model(kind, 1, CFG)
 
 
 @pytest.mark.parametrize("kind", ["maf", "iaf", "nsf_ar"])
@@ -398,8 +397,8 @@ def test_mixture_samples_each_member_with_its_weight_from_fresh_noise() -> None:
 
 def test_mixture_needs_two_members_of_one_dimension_and_two_columns() -> None:
     with pytest.raises(ValueError, match="at least 2 members"):
-        FlowMixture([build_flow("maf", 2, CFG)])
+        FlowMixture([build_model("maf", 2, CFG)])
     with pytest.raises(ValueError, match="differ in dimension"):
-        FlowMixture([build_flow("maf", 2, CFG), build_flow("maf", 3, CFG)])
+        FlowMixture([build_model("maf", 2, CFG), build_model("maf", 3, CFG)])
     with pytest.raises(ValueError, match="at least 2 columns"):
-        FlowMixture([build_flow("maf", 1, CFG), build_flow("maf", 1, CFG)])
+        FlowMixture([build_model("maf", 1, CFG), build_model("maf", 1, CFG)])

@@ -1,6 +1,6 @@
 """The gRPC side (Open Inference Protocol v2) against real processes.
 
-A standard OIP client from PyPI (tritonclient[grpc]) talks to `python -m service.grpc_server`,
+A standard OIP client from PyPI (tritonclient[grpc]) talks to `python -m service.grpc.server`,
 which forwards to the session's real `bentoml serve` (the `server` fixture): every verb of
 every family gives the numbers HTTP gives; health, readiness, metadata, reflection and each
 error code are exercised.
@@ -26,8 +26,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from service.devserver import free_port, stop
-from service.oip import grpc_predict_v2_pb2 as pb
-from service.oip import grpc_predict_v2_pb2_grpc as pb_grpc
+from service.grpc import grpc_predict_v2_pb2 as pb
+from service.grpc import grpc_predict_v2_pb2_grpc as pb_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("moons-nsf", "moons-ddpm", "moons-cfm")
@@ -42,11 +42,11 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 
 @contextlib.contextmanager
 def grpc_process(http_url: str, log: Path, until_serving: bool = True):
-    """`python -m service.grpc_server` on a free port; yields (address, process)."""
+    """`python -m service.grpc.server` on a free port; yields (address, process)."""
     port = free_port()
     with open(log, "w") as fh:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "service.grpc_server", "--host", "127.0.0.1", "--port",
+            [sys.executable, "-m", "service.grpc.server", "--host", "127.0.0.1", "--port",
              str(port), "--http-url", http_url, "--grace", "1"],
             stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
     address = f"127.0.0.1:{port}"

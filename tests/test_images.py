@@ -15,16 +15,14 @@ import torch
 from torch import Tensor
 
 from training.config import ModelConfig
-from training.flows.base import Transform
+from training.flows.base import Compose, Transform
 from training.flows.image import (
     ActNorm2d,
     AffineCoupling2d,
-    Chain,
     InvertibleConv1x1,
     Squeeze,
-    build_image_flow,
 )
-from training.registry import IMAGE_MODEL_TYPES, MODEL_TYPES, build_model
+from training.registry import MODEL_TYPES, build_model
 from training.unet import UNet
 
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10}
@@ -39,7 +37,7 @@ LAYERS: dict[str, tuple[Callable[[], Transform], tuple[int, int, int]]] = {
     "checkerboard_odd": (lambda: AffineCoupling2d((2, 4, 4), "checkerboard", 1, 8), (2, 4, 4)),
     "channel_coupling_even": (lambda: AffineCoupling2d((2, 4, 4), "channel", 0, 8), (2, 4, 4)),
     "channel_coupling_odd": (lambda: AffineCoupling2d((4, 2, 2), "channel", 1, 8), (4, 2, 2)),
-    "chain": (lambda: Chain([ActNorm2d(1), Squeeze(), InvertibleConv1x1(4),
+    "chain": (lambda: Compose([ActNorm2d(1), Squeeze(), InvertibleConv1x1(4),
                              AffineCoupling2d((4, 2, 2), "channel", 0, 8)]), (1, 4, 4)),
 }
 FLOW_SHAPES = {"glow_image": (1, 4, 4), "realnvp_image": (2, 4, 4)}
@@ -79,7 +77,7 @@ def make_layer(name: str, dtype: torch.dtype) -> tuple[Transform, tuple[int, int
 def make_flow(kind: str, dtype: torch.dtype) -> torch.nn.Module:
     shape = FLOW_SHAPES[kind]
     cfg = TINY.model_copy(update={"image_shape": shape, "scales": 2})
-    flow = build_image_flow(kind, math.prod(shape), cfg).to(dtype)
+    flow = build_model(kind, math.prod(shape), cfg).to(dtype)
     perturb(flow, 0.1)
     flow.train().log_prob(images(32, shape, dtype).flatten(1) * 2 + 1)
     return flow.eval()
@@ -182,9 +180,10 @@ def test_image_velocity_models_build_and_train(kind: str) -> None:
 # -- registry and data ----------------------------------------------------------------------
 
 
-def test_image_types_are_registered_apart_and_need_a_shape() -> None:
-    assert not set(IMAGE_MODEL_TYPES) & set(MODEL_TYPES)
-    for kind in IMAGE_MODEL_TYPES:
+def test_image_types_need_a_shape() -> None:
+    image_types = [kind for kind, spec in MODEL_TYPES.items() if spec.image]
+    assert len(image_types) == 5
+    for kind in image_types:
         with pytest.raises(ValueError, match="image_shape"):
             build_model(kind, 64, ModelConfig())
     with pytest.raises(ValueError, match="divisible"):
@@ -245,15 +244,15 @@ def test_glow_bits_per_dim_on_digits_after_brief_training(glow_digits) -> None:
 
 
 def test_glow_onnx_parity_and_image_manifest(glow_digits) -> None:
-    from service.manifest import read_manifest
-    from service.runtime import ModelRuntime
+    from artifact.manifest import read_manifest
+    from service.runtime import open_runtime
     from training.checkpoint import load_checkpoint
     from training.evaluate import checkpoint_splits
 
     ckpt = load_checkpoint(glow_digits[0])
     manifest = read_manifest(glow_digits[1])
     assert manifest.event_shape == [1, 8, 8] and manifest.dim == 64
-    rt = ModelRuntime(glow_digits[1], runtime="onnx")
+    rt = open_runtime(glow_digits[1], runtime="onnx")
     x = checkpoint_splits(ckpt).test[:9]
     with torch.no_grad():  # eval mode: midpoint dequantization, as in the exported graph
         u, ladj = ckpt.preprocessor(torch.as_tensor(x, dtype=torch.float32))
@@ -271,8 +270,9 @@ def test_unet_forward_mode_jvp_exports_to_onnx(tmp_path: Path) -> None:
     tangent arithmetic with D tangents and is checked against autograd above."""
     import onnxruntime as ort
 
-    from service.manifest import TensorSpec
-    from training.export import VelocityJvpGraph, _export_onnx
+    from artifact.manifest import TensorSpec
+    from training.export import _export_onnx
+    from training.graphs import VelocityJvpGraph
 
     cfg = TINY.model_copy(update={"image_shape": (1, 4, 4), "scales": 1})
     model = build_model("cfm_image", 16, cfg).eval()
@@ -297,14 +297,14 @@ def test_image_rows_served_end_to_end(glow_digits, tmp_path: Path) -> None:
     import shutil
 
     from service.devserver import running_server
-    from service.runtime import ModelRuntime
+    from service.runtime import open_runtime
     from training.data import load_data
 
     models = tmp_path / "served"
     shutil.copytree(glow_digits[1], models / "digits-glow")
     images_ = load_data("digits_image").x[:3]
     nested = images_.reshape(3, 1, 8, 8).tolist()
-    expected = ModelRuntime(glow_digits[1], runtime="onnx").log_likelihood(images_).log_prob
+    expected = open_runtime(glow_digits[1], runtime="onnx").log_likelihood(images_).log_prob
     with running_server(models, tmp_path / "server.log") as server:
         status, raw = server.get("/models")
         assert status == 200 and json.loads(raw)["models"][0]["shape"] == [1, 8, 8]

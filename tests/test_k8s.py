@@ -513,7 +513,7 @@ def test_generated_dockerfile_runs_non_root_and_serves_what_the_manifests_expect
         if name != "overlays/models-volume":
             assert str(settings.models_dir) == f"{bento_path}/src/exported_models"
     assert list((bento / "src" / "exported_models").glob("*/manifest.json"))
-    # the gRPC sidecar runs `python -m service.grpc_server` in this image: its packages
+    # the gRPC sidecar runs `python -m service.grpc.server` in this image: its packages
     requirements = (bento / "env" / "python" / "requirements.txt").read_text().lower()
     needed = ("grpcio", "grpcio-health-checking", "grpcio-reflection", "aiohttp")
     listed = {re.split(r"[<>=!~\[; ]", line.strip())[0] for line in requirements.splitlines()}
@@ -556,7 +556,7 @@ def test_other_images_run_non_root_as_their_pods_expect(rendered) -> None:
 def test_training_job_runs_torchrun_per_index_and_checkpoints_to_the_volume(rendered) -> None:
     from torch.distributed.run import get_args_parser
 
-    from training.cli import build_parser
+    from cli import build_parser
 
     objs = rendered[TRAINING]
     job = one(objs, "Job")

@@ -1,4 +1,4 @@
-"""service.likelihood: exact and Hutchinson log-densities against closed-form Gaussians."""
+"""numerics.likelihood: exact and Hutchinson log-densities against closed-form Gaussians."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ import pytest
 import torch
 from test_solvers import GAUSS
 
-from service.likelihood import (
+from numerics.likelihood import (
     log_likelihood_exact,
     log_likelihood_hutchinson,
     rademacher_probes,
     standard_normal_log_prob,
 )
-from service.schedules import make_schedule
+from numerics.schedules import make_schedule
 
 TIGHT = {"method": "dopri5", "rtol": 1e-8, "atol": 1e-8}
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from service.manifest import read_manifest
+from artifact.manifest import read_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,8 +25,11 @@ def test_bentoml_build_makes_a_bento_offline(tmp_path: Path) -> None:
     (bento,) = [p for p in (tmp_path / "home" / "bentos" / "genserve").iterdir()
                 if p.name != "latest"]
     src = bento / "src"
-    assert (src / "service" / "api.py").is_file()
-    assert not (src / "training").exists(), "the bento must not ship training code"
+    for module in ("service/http/api.py", "service/runtime/ode.py", "service/grpc/server.py",
+                   "numerics/solvers.py", "artifact/manifest.py"):
+        assert (src / module).is_file(), module
+    for package in ("training", "report", "cli"):
+        assert not (src / package).exists(), f"the bento must not ship {package}/"
     shipped = sorted(p.parent.name for p in (src / "exported_models").glob("*/manifest.json"))
     committed = sorted(p.parent.name for p in (ROOT / "exported_models").glob("*/manifest.json"))
     assert shipped == committed and shipped
@@ -36,7 +39,7 @@ def test_bentoml_build_makes_a_bento_offline(tmp_path: Path) -> None:
     requirements = (bento / "env" / "python" / "requirements.txt").read_text()
     assert "onnxruntime" in requirements and "torch" not in requirements
     spec = yaml.safe_load((ROOT / "bentofile.yaml").read_text())
-    assert spec["service"] == "service.api:GenServe"
+    assert spec["service"] == "service.http.api:GenServe"
 
 
 def test_ci_runs_exactly_the_readme_test_command() -> None:

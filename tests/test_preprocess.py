@@ -250,15 +250,15 @@ def test_standardize_fitted_on_dequantized_midpoints() -> None:
     x = _ints(200).numpy()
     pre = Preprocessor.fit(CONFIGS["dequantize+standardize"], x)
     mid = (x + 0.5) / LEVELS
-    np.testing.assert_allclose(pre.steps[-1].mean.numpy(), mid.mean(0), rtol=1e-6)
-    np.testing.assert_allclose(pre.steps[-1].std.numpy(), mid.std(0), rtol=1e-6)
-    assert pre.steps[-1].mean.dtype == torch.get_default_dtype()
+    np.testing.assert_allclose(pre.transforms[-1].mean.numpy(), mid.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(pre.transforms[-1].std.numpy(), mid.std(0), rtol=1e-6)
+    assert pre.transforms[-1].mean.dtype == torch.get_default_dtype()
 
 
 def test_constant_column_std_is_floored() -> None:
     x = np.c_[np.arange(10.0), np.full(10, 3.0)]
     pre = Preprocessor.fit(PreprocessConfig(), x, dtype=DOUBLE).eval()
-    assert pre.steps[-1].std[1].item() == pytest.approx(STD_FLOOR)
+    assert pre.transforms[-1].std[1].item() == pytest.approx(STD_FLOOR)
     u, ladj = pre(torch.as_tensor(x))
     assert torch.isfinite(u).all() and torch.isfinite(ladj).all()
     torch.testing.assert_close(pre.inverse(u), torch.as_tensor(x))

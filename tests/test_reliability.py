@@ -26,8 +26,8 @@ from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis.checks import not_a_server_error, response_schema_conformance
 from test_grpc import grpc_process
 
-from service.oip import grpc_predict_v2_pb2 as pb
-from service.runtime import LOG_LIKELIHOOD_FLOOR, ModelRuntime
+from service.grpc import grpc_predict_v2_pb2 as pb
+from service.runtime import LOG_LIKELIHOOD_FLOOR, open_runtime
 
 ROOT = Path(__file__).resolve().parents[1]
 API_DOC = ROOT / "docs" / "API.md"
@@ -314,7 +314,7 @@ def test_fuzzing_finds_no_server_error_and_answers_match_the_schema(server) -> N
 
 def test_extreme_rows_in_the_same_batch_leave_good_rows_untouched(server, served_models) -> None:
     good = {"model": "moons-cfm", "x": X, "steps": 20, "solver": "rk4"}
-    expected = ModelRuntime(served_models / "moons-cfm").log_likelihood(
+    expected = open_runtime(served_models / "moons-cfm").log_likelihood(
         np.array(X), steps=20, solver="rk4").log_prob
     extreme = [dict(good, x=[[1e30, -1e30]]), dict(good, x=[[3e38, 0.0], [0.1, 0.2]]),
                dict(good, x=[[1e7, 1e7]]), dict(good, x=[["NaN", 1.0]])]
@@ -338,7 +338,7 @@ FAR = [1e1, 1e3, 1e6, 1e12, 1e30, 3.4e38]
 
 @pytest.mark.parametrize("kind", ["nsf", "maf", "cfm", "ddpm"])
 def test_far_inputs_get_finite_likelihoods_and_are_flagged(kind: str, artifact_factory) -> None:
-    rt = ModelRuntime(artifact_factory(kind))
+    rt = open_runtime(artifact_factory(kind))
     inside = np.array([[0.5, 0.25]])
     rows = np.concatenate([inside] + [np.array([[v, v], [-v, 0.0]]) for v in FAR])
     out = rt.log_likelihood(rows, **({} if kind in ("nsf", "maf") else {"steps": 8,
@@ -355,7 +355,7 @@ def test_far_inputs_get_finite_likelihoods_and_are_flagged(kind: str, artifact_f
 def test_spline_tails_are_computed_not_floored(artifact_factory) -> None:
     """NSF's linear tails: just outside [-B, B] the likelihood is still the model's own, and
     it keeps falling with distance (a Gaussian base behind identity tails)."""
-    rt = ModelRuntime(artifact_factory("nsf"))
+    rt = open_runtime(artifact_factory("nsf"))
     radii = np.array([0.0, 6.0, 20.0, 100.0, 1e3])  # tail_bound is 5 (standardized units)
     lp = rt.log_likelihood(np.stack([radii, radii], 1)).log_prob
     assert (lp > LOG_LIKELIHOOD_FLOOR).all() and (np.diff(lp) < 0).all()
@@ -364,7 +364,6 @@ def test_spline_tails_are_computed_not_floored(artifact_factory) -> None:
 def test_logit_models_floor_rows_outside_the_unit_interval(tmp_path: Path) -> None:
     from training.checkpoint import DataSummary
     from training.config import ModelConfig, PreprocessConfig, TrainConfig
-    from training.evaluate import data_log_prob
     from training.export import export_checkpoint
     from training.fit import fit_arrays
 
@@ -378,10 +377,8 @@ def test_logit_models_floor_rows_outside_the_unit_interval(tmp_path: Path) -> No
                       pre_cfg=PreprocessConfig(logit_alpha=0.05),
                       train_cfg=TrainConfig(steps=40, batch_size=128, eval_every=40,
                                             progress=False, warmup_steps=5))
-    nll = -data_log_prob(ckpt, x[500:])["log_prob"]
-    export_checkpoint(ckpt, tmp_path / "beta-nsf", formats=("torchscript",),  # fast to export
-                      calibration_nll=nll)
-    rt = ModelRuntime(tmp_path / "beta-nsf")
+    export_checkpoint(ckpt, tmp_path / "beta-nsf", formats=("torchscript",))  # fast to export
+    rt = open_runtime(tmp_path / "beta-nsf")
     rows = np.array([[0.2, 0.3], [0.0, 0.5], [1.0, 0.5], [-0.1, 0.5], [1.5, 0.5], [0.3, 1e9]])
     lp = rt.log_likelihood(rows).log_prob
     assert np.isfinite(lp).all()
@@ -423,7 +420,7 @@ def test_refused_models_are_named_without_paths(server) -> None:
 
 
 def test_services_bind_loopback_unless_told_otherwise() -> None:
-    from training.cli import build_parser
+    from cli import build_parser
 
     assert build_parser().parse_args(["serve"]).host == "127.0.0.1"
     assert re.search(r"^HOST\s*\?=\s*127\.0\.0\.1$", (ROOT / "Makefile").read_text(), re.M)
@@ -454,7 +451,7 @@ def test_invalid_settings_stop_the_service_with_one_line() -> None:
     import sys
 
     env = dict(os.environ, GENSERVE_MAX_QUEUE="0", GENSERVE_WORKERS="many")
-    proc = subprocess.run([sys.executable, "-c", "import service.api"], cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, "-c", "import service.http.api"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr

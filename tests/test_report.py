@@ -12,7 +12,7 @@ import torch
 from conftest import tiny_checkpoint
 from PIL import Image
 
-from training.cli import main
+from cli import main
 
 FRAMES = 4
 SEED = 3
@@ -91,9 +91,9 @@ def test_training_report_is_deterministic_for_a_seed(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("model", ["nsf", "otcfm"])
 def test_generation_ends_on_the_models_own_samples(tiny_report: Path, model: str) -> None:
+    from report.compare import generation
     from training.checkpoint import load_checkpoint
     from training.evaluate import sample_data
-    from training.report import generation
 
     ckpt = load_checkpoint(tiny_report.parent / model)
     gen = generation(ckpt, model, 50, frames=FRAMES, solver="rk4", steps=6, seed=SEED)
@@ -134,7 +134,7 @@ def test_bad_input_fails_with_one_line(tmp_path: Path, capsys, argv: list[str],
 def test_roc_curve_agrees_with_scikit_learn() -> None:
     from sklearn.metrics import roc_auc_score
 
-    from training.report import roc_curve
+    from report.anomaly import roc_curve
 
     rng = np.random.default_rng(0)
     normal, anomalous = rng.normal(0, 1, 300), np.round(rng.normal(1, 1, 80), 1)
@@ -148,7 +148,8 @@ def test_roc_curve_agrees_with_scikit_learn() -> None:
 
 
 def test_anomaly_report_uses_the_served_scores(tmp_path: Path) -> None:
-    from training.anomaly import fit_anomaly, read_scores, score_file
+    from service.scoring import read_scores, score_file
+    from training.anomaly import fit_anomaly
     from training.data import save_data
 
     rng = np.random.default_rng(1)

@@ -1,4 +1,4 @@
-"""service.schedules and service.samplers against the closed-form Gaussian diffusion."""
+"""numerics.schedules and numerics.samplers against the closed-form Gaussian diffusion."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 import torch
 from test_solvers import GAUSS
 
-from service.samplers import ddim_sample, ddpm_sample, dpmpp_2m_sample, time_grid
-from service.schedules import (
+from numerics.samplers import ddim_sample, ddpm_sample, dpmpp_2m_sample, time_grid
+from numerics.schedules import (
     CosineSchedule,
     eps_to_score,
     eps_to_v,
@@ -24,7 +24,7 @@ from service.schedules import (
     v_to_eps,
     x0_to_eps,
 )
-from service.solvers import integrate
+from numerics.solvers import integrate
 
 NAMES = ["linear", "cosine"]
 T = np.linspace(0.0, 1.0, 41)[1:]

@@ -11,15 +11,14 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.runtime import ModelRuntime
-from service.settings import Settings
+from service.runtime import ModelRuntime, open_runtime
 
 FAMILY_MODELS = {"flow": "moons-nsf", "diffusion": "moons-ddpm", "flow_matching": "moons-cfm"}
 X = [[0.1, 0.2], [1.0, -0.3], [-0.7, 0.4]]
 
 
 def _runtime(served_models, name: str) -> ModelRuntime:
-    return ModelRuntime(served_models / name)
+    return open_runtime(served_models / name)
 
 
 def _metrics(server) -> dict[tuple, float]:
@@ -91,7 +90,6 @@ def test_hutchinson_over_http_reports_standard_errors(server, served_models) -> 
 
 
 def test_bentoml_sync_client(server, served_models) -> None:
-    import bentoml
 
     with bentoml.SyncHTTPClient(server.url, timeout=60) as client:
         out = client.log_likelihood({"model": "moons-nsf", "x": X})
@@ -181,7 +179,7 @@ def test_openapi_document_lists_every_answer_the_boundary_gives(server) -> None:
 
     import jsonschema
 
-    from service.openapi import ERRORS
+    from service.http.openapi import ERRORS
 
     status, raw = server.get("/docs.json")
     assert status == 200
@@ -207,7 +205,8 @@ def test_openapi_document_lists_every_answer_the_boundary_gives(server) -> None:
         jsonschema.validate(json.loads(raw), error_schema)
     api_md = (Path(__file__).resolve().parents[1] / "docs" / "API.md").read_text()
     table = {int(m) for m in re.findall(r"^\| (\d{3}) \|", api_md, flags=re.M)}
-    assert table == set(ERRORS), "docs/API.md's status table and service.openapi.ERRORS differ"
+    assert table == set(ERRORS), \
+        "docs/API.md's status table and service.http.openapi.ERRORS differ"
 
 
 @pytest.mark.parametrize(
@@ -284,57 +283,11 @@ def test_metrics_add_up_across_two_workers(served_models, tmp_path) -> None:
         assert _sum(after, "genserve_models_loaded", state="ok") == 3
 
 
-def test_api_methods_are_bound_once_per_instance() -> None:
-    """BentoML rebuilt an API's bound wrapper (with ``inspect.signature``) on every request;
-    ``bind_api_once`` keeps the first per instance, and calls still get Field defaults."""
-    from _bentoml_sdk.method import APIMethod
-    from pydantic import Field
-
-    from service.batching import bind_api_once
-
-    @bentoml.service
-    class Echo:
-        @bentoml.api
-        def echo(self, text: str = Field("a")) -> str:
-            return text
-
-    bind_api_once()
-    patched = APIMethod._local_call
-    bind_api_once()  # idempotent: no second wrapper
-    assert APIMethod._local_call is patched
-    first, second = Echo.inner(), Echo.inner()
-    assert first.echo is first.echo and first.echo is not second.echo
-    assert first.echo() == "a" and first.echo(text="b") == "b" and second.echo() == "a"
-
-
-def test_batch_wait_learned_under_load_is_capped() -> None:
-    """BentoML's dispatcher learns its hold-back wait from the first request's queueing time;
-    after a burst behind slow batches that is ~0.3 s, and lone requests were then held that
-    long. ``cap_batch_wait`` bounds it (the real BentoML optimizer, fed a burst's statistics)."""
-    from bentoml._internal.marshal.dispatcher import Optimizer
-
-    from service.batching import cap_batch_wait
-
-    def after_burst() -> float:
-        opt = Optimizer(max_latency=10.0)
-        for _ in range(60):  # (rows in batch, duration s, wait of its first request s)
-            opt.log_outbound(n=32, wait=0.3, duration=0.1)
-        opt.trigger_refresh()
-        return opt.wait
-
-    try:
-        cap_batch_wait(10.0)  # a cap above the burst's wait changes nothing
-        assert after_burst() == pytest.approx(0.3)
-        cap_batch_wait(0.005)  # the service's default (GENSERVE_MAX_BATCH_WAIT_MS=5)
-        assert after_burst() == pytest.approx(0.005)
-    finally:
-        cap_batch_wait(Settings().max_batch_wait_ms / 1000)
-
-
 def test_fast_path_answers_like_bentomls_route(server, served_models, tmp_path) -> None:
-    """Verb requests go from the boundary straight to BentoML's batcher (``service.dispatch``);
-    through BentoML's own HTTP route (``GENSERVE_FAST_PATH=false``) and with batching off
-    the answers, statuses and content types are the same."""
+    """Verb requests go from the boundary straight to BentoML's batcher
+    (``service.http.dispatch``); through BentoML's own HTTP route
+    (``GENSERVE_FAST_PATH=false``) and with batching off the answers, statuses and content
+    types are the same."""
     from conftest import running_server
 
     requests = [

@@ -1,4 +1,4 @@
-"""service.solvers: known ODEs, convergence orders, dopri5 batch independence, numpy == torch.
+"""numerics.solvers: known ODEs, convergence orders, dopri5 batch independence, numpy == torch.
 
 Also home of :class:`AnalyticGaussian`, the closed-form Gaussian fixture that
 tests/test_likelihood.py and tests/test_samplers.py import.
@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from service.solvers import SOLVERS, array_namespace, asarray_like, integrate, trajectory
+from numerics.arrays import array_namespace, asarray_like
+from numerics.solvers import SOLVERS, integrate, trajectory
 
 
 @dataclass
@@ -234,7 +235,7 @@ def test_trajectory_matches_integrate_and_records_every_time() -> None:
 
 def test_bad_arguments_raise_clear_errors() -> None:
     z = _noise(2)
-    with pytest.raises(ValueError, match="choose one of euler, midpoint, heun, rk4, dopri5"):
+    with pytest.raises(ValueError, match="choose one of euler, heun, midpoint, rk4, dopri5"):
         integrate(GAUSS.linear_velocity, z, 1.0, 0.0, method="rk45")
     with pytest.raises(ValueError, match="steps must be a positive integer"):
         integrate(GAUSS.linear_velocity, z, 1.0, 0.0, method="euler", steps=0)
@@ -254,7 +255,8 @@ def test_service_modules_import_and_run_without_torch() -> None:
     code = (
         "import sys; sys.modules['torch'] = None\n"  # any `import torch` now fails
         "import numpy as np\n"
-        "import service.likelihood, service.samplers, service.schedules, service.solvers as s\n"
+        "import numerics.likelihood, numerics.samplers, numerics.schedules\n"
+        "import numerics.solvers as s\n"
         "r = s.integrate(lambda x, t: -x, np.ones((2, 2)), 0.0, 1.0, method='dopri5')\n"
         "assert abs(r.x[0, 0] - np.exp(-1)) < 1e-4\n"
     )

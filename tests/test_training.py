@@ -13,8 +13,8 @@ import pytest
 import torch
 from conftest import tiny_checkpoint
 
+from cli import main
 from training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from training.cli import main
 from training.config import TrainConfig
 from training.evaluate import data_log_prob, evaluate
 from training.train import lr_lambda
@@ -167,7 +167,7 @@ def test_integer_data_defaults_to_dequantize_and_logit(tmp_path: Path) -> None:
 
 def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ, TQDM_DISABLE="1")
-    return subprocess.run([sys.executable, "-m", "training", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True,
                           text=True, env=env, timeout=300, cwd=cwd)
 
 
@@ -275,9 +275,9 @@ def test_cli_reflow_refuses_a_model_that_is_not_flow_matching(
 
 def test_tqdm_disable_turns_off_bars_that_progress_turned_on(monkeypatch, capsys) -> None:
     """tqdm ignores TQDM_DISABLE when ``disable`` is passed; genserve's bars honour it."""
+    from service.progress import progress_bar
     from training.config import ModelConfig
     from training.fit import fit
-    from training.progress import progress_bar
 
     def train() -> str:
         fit("realnvp", "moons", rows=300, model_cfg=ModelConfig(hidden_features=8, transforms=2),

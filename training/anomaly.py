@@ -85,21 +85,24 @@ Example:
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import os
-import tempfile
 import time
-import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
-from training.data import DataError
+from training.checkpoint import Checkpoint, DataSummary
+from training.config import ModelConfig, PreprocessConfig, TrainConfig
+from training.data import DataError, load_data
+from training.evaluate import data_log_prob
+from training.export import export_checkpoint
+from training.fit import fit_arrays
+from training.flows.mixture import FlowMixture
+from training.registry import MODEL_TYPES
 
 __all__ = [
     "DEFAULT_CANDIDATES",
@@ -115,13 +118,9 @@ __all__ = [
     "export_candidate",
     "fit_anomaly",
     "format_summary",
-    "iter_chunks",
     "mix_candidates",
     "prepare",
-    "read_scores",
-    "reblock",
     "resmooth",
-    "score_file",
     "search_smoothing",
     "select",
     "train_candidate",
@@ -135,7 +134,6 @@ TRAIN_COPIES_ROWS = 20_000  # training rows x noise copies aimed at
 VAL_COPIES_ROWS = 4_000
 MAX_COPIES = 32
 MAX_SMOOTHING = 2.0  # standard deviations: wider than this is no longer a model of the rows
-HEADER = ("score", "percentile", "is_anomaly")
 
 
 # --------------------------------------------------------------------------- policy
@@ -144,7 +142,6 @@ HEADER = ("score", "percentile", "is_anomaly")
 @dataclass(frozen=True)
 class Plan:
     """What ``fit_anomaly`` trains: the outcome of the defaults policy for one table."""
-
     tier: str
     candidates: tuple[str, ...]
     hidden_features: int
@@ -203,7 +200,6 @@ class ColumnNoise:
         sigma: ``(dim,)`` Gaussian noise std: continuous columns, and every column when the
             plan smooths (``Plan.smoothing``); 0 otherwise.
     """
-
     step: np.ndarray
     sigma: np.ndarray
 
@@ -268,8 +264,6 @@ def _copies(rows: int, aim: int) -> int:
 
 def _as_rows(data: Any) -> tuple[np.ndarray, str, str, str]:
     """``(x, name, source, note)`` from a path (``.csv/.npy/.npz``) or an array."""
-    from training.data import load_data
-
     note = ""
     if isinstance(data, (str, os.PathLike)):
         dataset = load_data(data)
@@ -318,7 +312,6 @@ def _split(rows: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | N
 @dataclass
 class Prepared:
     """A table split, its columns classified and its noisy training/validation copies."""
-
     plan: Plan
     x_train: np.ndarray  # raw rows
     x_val: np.ndarray
@@ -334,7 +327,6 @@ class Prepared:
 @dataclass
 class Candidate:
     """One trained candidate and its line in the summary."""
-
     ckpt: Any  # training.checkpoint.Checkpoint
     entry: dict[str, Any]
 
@@ -348,9 +340,6 @@ def prepare(
     steps: int | None = None,
 ) -> Prepared:
     """Load, split, classify columns, choose the plan and draw the training noise."""
-    from training.checkpoint import DataSummary
-    from training.registry import MODEL_TYPES
-
     x, data_name, source, note = _as_rows(data)
     rows, dim = x.shape
     train_idx, val_idx, cal_idx = _split(rows, seed)
@@ -393,10 +382,6 @@ def train_candidate(prep: Prepared, kind: str, seed: int = 0, *,
                     progress: bool = False) -> Candidate:
     """Train one model type under ``prep.plan``; its entry holds the validation NLL (nats/row,
     data units, discrete columns dequantized: the figure candidates are compared on)."""
-    from training.config import ModelConfig, PreprocessConfig, TrainConfig
-    from training.evaluate import data_log_prob
-    from training.fit import fit_arrays
-
     plan = prep.plan
     model_cfg = ModelConfig(hidden_features=plan.hidden_features,
                             hidden_layers=plan.hidden_layers, transforms=plan.transforms,
@@ -469,11 +454,6 @@ def mix_candidates(prep: Prepared, members: Sequence[Candidate]) -> Candidate:
     """An equal-weight mixture of trained candidates (``training.flows.mixture``), scored on
     the same validation rows. The members share their preprocessing: each was fitted on the
     same training copies, and a mismatch is an error rather than a silent approximation."""
-    import torch
-
-    from training.checkpoint import Checkpoint
-    from training.evaluate import data_log_prob
-    from training.flows.mixture import FlowMixture
 
     first = members[0].ckpt
     reference = first.preprocessor.state_dict()
@@ -520,9 +500,6 @@ def export_candidate(
     tried: Sequence[dict[str, Any]] = (),
 ) -> dict[str, Any]:
     """Calibrate ``chosen`` on the calibration rows (raw, as served) and export it."""
-    from training.evaluate import data_log_prob
-    from training.export import export_checkpoint
-
     if not 0.0 < target_fpr < 1.0:
         raise ValueError(f"target_fpr must be in (0, 1); got {target_fpr}")
     ckpt = chosen.ckpt
@@ -531,10 +508,9 @@ def export_candidate(
                                       "columns": prep.noise.describe(), "rows": prep.rows}
     t0 = time.perf_counter()
     nll_val = -data_log_prob(ckpt, prep.x_val)["log_prob"]
-    cal_is_val = prep.rows["calibration_is_val"]
-    nll_cal = nll_val if cal_is_val else -data_log_prob(ckpt, prep.x_cal)["log_prob"]
-    manifest = export_checkpoint(ckpt, out_dir, formats=formats, name=name,
-                                 target_fpr=target_fpr, calibration_nll=nll_cal)
+    exported = export_checkpoint(ckpt, out_dir, formats=formats, name=name,
+                                 target_fpr=target_fpr, calibration_rows=prep.x_cal)
+    manifest, nll_cal = exported.manifest, exported.calibration_scores
     threshold = float(manifest.calibration.threshold)
     n_cal, dim = len(nll_cal), prep.x_train.shape[1]
     return {
@@ -656,260 +632,3 @@ def format_summary(s: dict[str, Any]) -> str:
                      f"{100 * s['target_fpr']:.2g} % rate: the threshold is rough; give more "
                      "normal rows or a larger --target-fpr")
     return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------- scoring
-
-
-def _csv_chunks(path: Path, dim: int, chunk_rows: int) -> Iterator[np.ndarray]:
-    header_seen = False
-    block: list[list[float]] = []
-    from training.data import csv_delimiter
-
-    with open(path, newline="", encoding="utf-8-sig") as fh:
-        reader = csv.reader(fh, delimiter=csv_delimiter(fh))
-        for cells in reader:
-            if not cells or (len(cells) == 1 and not cells[0].strip()):
-                continue
-            line = reader.line_num
-            if len(cells) != dim:
-                raise DataError(f"{path}: row {line} has {len(cells)} columns, but the model "
-                                f"expects {dim}; every row needs {dim} numeric columns")
-            try:
-                values = [float(c) for c in cells]
-            except ValueError:
-                if not header_seen and not block:
-                    header_seen = True  # the first non-blank row may be a header
-                    continue
-                col = next(i for i, c in enumerate(cells) if not _is_float(c))
-                raise DataError(f"{path}: row {line}, column {col + 1} holds {cells[col]!r}, "
-                                "which is not a number") from None
-            header_seen = True
-            if not all(math.isfinite(v) for v in values):
-                col = next(i for i, v in enumerate(values) if not math.isfinite(v))
-                raise DataError(f"{path}: row {line}, column {col + 1} is {values[col]}; "
-                                "NaN/Inf values cannot be scored")
-            block.append(values)
-            if len(block) == chunk_rows:
-                yield np.array(block, dtype=np.float64)
-                block = []
-    if block:
-        yield np.array(block, dtype=np.float64)
-
-
-def _is_float(cell: str) -> bool:
-    try:
-        float(cell)
-    except ValueError:
-        return False
-    return True
-
-
-def _check_array_shape(shape: tuple[int, ...], dim: int, path: Path) -> None:
-    cols = 1 if len(shape) == 1 else (shape[1] if len(shape) == 2 else None)
-    if cols is None:
-        raise DataError(f"{path}: array of shape {shape}; expected (rows, {dim})")
-    if cols != dim:
-        raise DataError(f"{path}: rows have {cols} columns, but the model expects {dim}")
-
-
-def _array_chunks(arr: Any, dim: int, chunk_rows: int, path: Path,
-                  first_row: int = 0) -> Iterator[np.ndarray]:
-    for a in range(0, arr.shape[0], chunk_rows):
-        block = np.asarray(arr[a:a + chunk_rows], dtype=np.float64).reshape(-1, dim)
-        bad = np.argwhere(~np.isfinite(block))
-        if len(bad):
-            r, c = bad[0]
-            raise DataError(f"{path}: row {first_row + a + r + 1}, column {c + 1} is "
-                            f"{block[r, c]}; NaN/Inf values cannot be scored")
-        yield block
-
-
-def _npz_chunks(path: Path, dim: int, chunk_rows: int) -> Iterator[np.ndarray]:
-    """Stream array ``X`` of an ``.npz`` (stored or deflated) without loading all of it."""
-    from numpy.lib import format as npformat
-
-    with zipfile.ZipFile(path) as zf:
-        if "X.npy" not in zf.namelist():
-            found = ", ".join(n.removesuffix(".npy") for n in zf.namelist()) or "none"
-            raise DataError(f"{path} has no array named 'X' (found keys: {found})")
-        with zf.open("X.npy") as fh:
-            major, _ = npformat.read_magic(fh)
-            read_header = (npformat.read_array_header_1_0 if major == 1
-                           else npformat.read_array_header_2_0)
-            shape, fortran, dtype = read_header(fh)
-            if dtype.kind not in "biuf":
-                raise DataError(f"{path}: 'X' has dtype {dtype}; store real numbers only")
-            _check_array_shape(shape, dim, path)
-            if not (fortran and len(shape) == 2 and shape[1] > 1):
-                per_row = dtype.itemsize * (1 if len(shape) == 1 else shape[1])
-                for a in range(0, shape[0], chunk_rows):
-                    n = min(chunk_rows, shape[0] - a)
-                    buf = fh.read(n * per_row)
-                    if len(buf) != n * per_row:
-                        raise DataError(f"{path}: 'X' is truncated at row {a + 1}")
-                    block = np.frombuffer(buf, dtype=dtype).reshape(n, -1)
-                    yield from _array_chunks(block, dim, n, path, first_row=a)
-                return
-    with np.load(path, allow_pickle=False) as archive:  # column-major X: rows are not contiguous
-        yield from _array_chunks(archive["X"], dim, chunk_rows, path)
-
-
-def iter_chunks(path: str | os.PathLike[str], dim: int, chunk_rows: int) -> Iterator[np.ndarray]:
-    """``(rows <= chunk_rows, dim)`` float64 blocks of a ``.csv/.npy/.npz`` file, in order.
-
-    Memory is bounded by one chunk: CSV is read line by line, ``.npy`` is memory-mapped and
-    ``.npz`` member ``X`` is read sequentially from the archive.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"input file '{path}' not found (cwd: {os.getcwd()})")
-    suffix = path.suffix.lower()
-    if suffix == ".csv":
-        yield from _csv_chunks(path, dim, chunk_rows)
-    elif suffix == ".npy":
-        try:
-            arr = np.load(path, mmap_mode="r", allow_pickle=False)
-        except (ValueError, OSError, EOFError) as err:
-            raise DataError(f"could not read {path} as .npy: {err}") from None
-        if arr.dtype.kind not in "biuf":
-            raise DataError(f"{path}: dtype {arr.dtype}; store real numbers only")
-        _check_array_shape(arr.shape, dim, path)
-        yield from _array_chunks(arr, dim, chunk_rows, path)
-    elif suffix == ".npz":
-        try:
-            yield from _npz_chunks(path, dim, chunk_rows)
-        except (zipfile.BadZipFile, ValueError, OSError, EOFError) as err:
-            if isinstance(err, DataError):
-                raise
-            raise DataError(f"could not read {path} as .npz: {err}") from None
-    else:
-        raise DataError(f"cannot score '{path}': the input must end in .csv, .npy or .npz")
-
-
-def _fmt(v: float) -> str:
-    return repr(float(v))
-
-
-def reblock(chunks: Iterator[np.ndarray], size: int) -> Iterator[np.ndarray]:
-    """Regroup a stream of row blocks into blocks of exactly ``size`` rows (the last may be
-    shorter), aligned to the start of the stream."""
-    parts: list[np.ndarray] = []
-    held = 0
-    for chunk in chunks:
-        while len(chunk):
-            take = chunk[: size - held]
-            chunk = chunk[len(take):]
-            parts.append(take)
-            held += len(take)
-            if held == size:
-                yield parts[0] if len(parts) == 1 else np.concatenate(parts)
-                parts, held = [], 0
-    if held:
-        yield parts[0] if len(parts) == 1 else np.concatenate(parts)
-
-
-def score_file(
-    model_dir: str | os.PathLike[str],
-    in_path: str | os.PathLike[str],
-    out_path: str | os.PathLike[str],
-    *,
-    chunk_rows: int = 65_536,
-    batch_rows: int = 4096,
-    per_dim: bool = False,
-    target_fpr: float | None = None,
-    runtime: Any = None,
-    progress: bool = False,
-) -> dict[str, Any]:
-    """Score every row of ``in_path`` with the artifact in ``model_dir``; write a CSV.
-
-    The output has the header ``score,percentile,is_anomaly`` and one line per input row, in
-    input order; it is written to a temporary file beside ``out_path`` and moved into place
-    only when every row is scored (a failure leaves no partial output and an existing
-    ``out_path`` untouched). The numbers are those of ``ModelRuntime.anomaly_score`` (what
-    ``POST /anomaly_score`` returns for the same rows), printed with ``repr`` so that they
-    parse back to the same floats.
-
-    Memory is bounded by ``max(chunk_rows, batch_rows)`` rows. The file is read in chunks of
-    ``chunk_rows`` and scored in graph calls of ``batch_rows`` rows aligned to the start of
-    the file, so the output does not depend on ``chunk_rows`` at all, bit for bit. (Float32
-    graphs round a row's result slightly differently in batches of other sizes, ~1e-7
-    relative: the service, which batches requests together, agrees to that rounding.)
-
-    Args:
-        chunk_rows: rows read from the file at a time.
-        batch_rows: rows per graph call.
-        per_dim: report ``score`` as NLL per column (nats/dim); flags and percentiles are
-            unchanged.
-        target_fpr: flag at this false-positive rate instead of the calibrated one.
-        runtime: an open ``service.runtime.ModelRuntime`` to reuse (else opened here).
-        progress: a progress bar (rows scored).
-    Returns:
-        ``{"rows", "flagged", "threshold", "seconds", "out", "per_dim"}``.
-    """
-    from service.runtime import InputError, ModelRuntime
-
-    if chunk_rows < 1 or batch_rows < 1:
-        raise ValueError(f"chunk_rows and batch_rows must be >= 1; got {chunk_rows}, "
-                         f"{batch_rows}")
-    rt = runtime if runtime is not None else ModelRuntime(model_dir)
-    if rt.manifest.calibration is None:
-        raise DataError(f"model '{rt.name}' has no anomaly calibration; export it with "
-                        "fit-anomaly or `genserve export` (which calibrates)")
-    threshold = (rt.manifest.calibration.threshold if target_fpr is None
-                 else rt.threshold_at(target_fpr))
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    dim = rt.dim
-    scale = 1.0 / dim if per_dim else 1.0
-    rows = flagged = 0
-    start = time.perf_counter()
-    bar = None
-    if progress:
-        from training.progress import progress_bar
-
-        bar = progress_bar(desc="score", unit="rows")
-    fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as fh:
-            fh.write(",".join(HEADER) + "\n")
-            for block in reblock(iter_chunks(in_path, dim, chunk_rows), batch_rows):
-                try:
-                    res = rt.anomaly_score(block, target_fpr=target_fpr)
-                except InputError as err:
-                    raise DataError(f"{in_path}: {err}") from None
-                buf = io.StringIO()
-                for s, p, a in zip(res.scores * scale, res.percentile, res.is_anomaly,
-                                   strict=True):
-                    buf.write(f"{_fmt(s)},{_fmt(p)},{'true' if a else 'false'}\n")
-                fh.write(buf.getvalue())
-                rows += len(block)
-                flagged += int(res.is_anomaly.sum())
-                if bar is not None:
-                    bar.update(len(block))
-        if rows == 0:
-            raise DataError(f"{in_path} has no data rows; it needs at least one row")
-        os.replace(tmp, out_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
-    return {"rows": rows, "flagged": flagged, "threshold": threshold * scale,
-            "seconds": round(time.perf_counter() - start, 3), "out": str(out_path),
-            "per_dim": per_dim}
-
-
-def read_scores(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
-    """Read a ``score_file`` output back: ``{"score", "percentile", "is_anomaly"}`` arrays."""
-    with open(path, newline="") as fh:
-        reader = csv.reader(fh)
-        header = next(reader)
-        if tuple(header) != HEADER:
-            raise DataError(f"{path}: header {header} is not {list(HEADER)}")
-        cols = list(zip(*reader, strict=True)) or [(), (), ()]
-    return {"score": np.array(cols[0], dtype=np.float64),
-            "percentile": np.array(cols[1], dtype=np.float64),
-            "is_anomaly": np.array([v == "true" for v in cols[2]], dtype=bool)}
-

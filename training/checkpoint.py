@@ -14,17 +14,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from service.manifest import sha256_file
+from artifact.manifest import sha256_file
 from training.config import ModelConfig, PreprocessConfig, TrainConfig
+from training.data import DATASETS, true_log_density
+from training.preprocess import Preprocessor
+from training.registry import build_model
 
 __all__ = [
     "Checkpoint",
     "CheckpointConfig",
+    "CALIBRATION_ROWS",
     "CheckpointError",
     "DataSummary",
     "atomic_directory",
@@ -36,6 +41,9 @@ __all__ = [
 FORMAT_VERSION = 1
 WEIGHTS = "weights.safetensors"
 CONFIG = "config.json"
+CALIBRATION_ROWS = 10_000
+"""Held-out rows a checkpoint keeps for calibration (a seeded subsample above this)."""
+_CALIBRATION_KEY = "calibration.rows"
 
 
 class CheckpointError(ValueError):
@@ -62,8 +70,6 @@ class DataSummary(BaseModel):
         """The exact ``log p(x)`` of the data trained on (``training.data.LogDensity``), or
         ``None``: only a named set that has one. A file's name is not a set's name, however
         it is spelled (``8gaussians.csv`` may hold anything)."""
-        from training.data import DATASETS, true_log_density
-
         if self.source != "named" or self.name not in DATASETS:
             return None
         return true_log_density(self.name)
@@ -88,11 +94,17 @@ class CheckpointConfig(BaseModel):
 
 @dataclass
 class Checkpoint:
-    """A trained model, its fitted preprocessing and its configuration."""
+    """A trained model, its fitted preprocessing and its configuration.
+
+    ``calibration_rows``: ``(rows, dim)`` normal held-out rows in data units (the validation
+    split, at most :data:`CALIBRATION_ROWS`), which export scores through the served graphs
+    to calibrate the anomaly threshold; None in checkpoints that carry none.
+    """
 
     model: nn.Module
     preprocessor: nn.Module
     config: CheckpointConfig
+    calibration_rows: np.ndarray | None = None
 
 
 class atomic_directory:  # noqa: N801 - used like a function: ``with atomic_directory(p) as tmp``
@@ -130,6 +142,9 @@ def _tensors(prefix: str, module: nn.Module) -> dict[str, torch.Tensor]:
 def save_checkpoint(ckpt: Checkpoint, path: str | Path) -> Path:
     """Write ``ckpt`` to the directory ``path`` atomically; returns the path."""
     tensors = _tensors("model", ckpt.model) | _tensors("preprocess", ckpt.preprocessor)
+    if ckpt.calibration_rows is not None:
+        tensors[_CALIBRATION_KEY] = torch.from_numpy(
+            np.ascontiguousarray(ckpt.calibration_rows, dtype=np.float64))
     with atomic_directory(path) as tmp:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format_version": str(FORMAT_VERSION)})
         ckpt.config.weights_sha256 = sha256_file(tmp / WEIGHTS)
@@ -155,9 +170,6 @@ def read_config(path: str | Path) -> CheckpointConfig:
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Rebuild the model and preprocessor from ``path`` (safetensors + JSON, no pickle)."""
-    from training.preprocess import Preprocessor
-    from training.registry import build_model
-
     path = Path(path)
     config = read_config(path)
     weights = path / WEIGHTS
@@ -173,7 +185,9 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         module.load_state_dict(state, strict=True)
     model.eval()
     pre.eval()
-    return Checkpoint(model=model, preprocessor=pre, config=config)
+    rows = tensors.get(_CALIBRATION_KEY)
+    return Checkpoint(model=model, preprocessor=pre, config=config,
+                      calibration_rows=None if rows is None else rows.numpy())
 
 
 def config_json(config: CheckpointConfig) -> str:

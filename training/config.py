@@ -67,3 +67,5 @@ class TrainConfig(_Strict):
     patience: int | None = Field(None, ge=1, description="evals without improvement to stop")
     seed: int = Field(0, ge=0)
     progress: bool = True
+    dist_backend: Literal["auto", "gloo", "nccl"] = Field(
+        "auto", description="data-parallel backend under torchrun (auto: nccl with CUDA)")

@@ -12,7 +12,6 @@ Example:
 
 from __future__ import annotations
 
-import csv
 import functools
 import math
 import numbers
@@ -21,9 +20,10 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
 
 import numpy as np
+
+from artifact.tables import SUFFIXES, DataError, read_table
 
 __all__ = [
     "DATASETS",
@@ -42,13 +42,8 @@ __all__ = [
     "true_log_density",
 ]
 
-FILE_SUFFIXES = (".npy", ".npz", ".csv")
 Sampler = Callable[[int, np.random.Generator], tuple[np.ndarray, np.ndarray | None]]
 LogDensity = Callable[[np.ndarray], np.ndarray]
-
-
-class DataError(ValueError):
-    """Bad data or a bad data argument; the message says what to do about it."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -405,14 +400,21 @@ def load_data(
 
 def _load_images(path: Path, n: int | None, rng: np.random.Generator) -> Dataset:
     """A ``.npy`` of images ``(rows, H, W)`` or ``(rows, C, H, W)``, flattened per row."""
-    array = _np_load(path)
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise DataError(f"could not read {path} as .npy: {err}") from None
     if array.ndim not in (3, 4) or 0 in array.shape:
         raise DataError(f"{path}: images have shape {array.shape}; expected (rows, H, W) or "
                         f"(rows, C, H, W) with every axis non-empty")
+    if not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):
+        raise DataError(f"{path}: the images have dtype {array.dtype}; store real numbers only")
     images = array[:, None] if array.ndim == 3 else array
     levels = 256 if array.dtype == np.uint8 else None
-    x = _as_table(images.reshape(len(images), -1), path, "the images")
-    _check_finite(x, path, None)
+    x = images.reshape(len(images), -1).astype(np.float64)
+    if not np.isfinite(x).all():
+        row = int(np.argwhere(~np.isfinite(x))[0][0])
+        raise DataError(f"{path}: image {row + 1} has NaN/Inf values; they are not allowed")
     if n is not None:
         if n > len(x):
             raise DataError(f"{path} has {len(x)} images; ask for n <= {len(x)}")
@@ -423,7 +425,7 @@ def _load_images(path: Path, n: int | None, rng: np.random.Generator) -> Dataset
 
 def _resolve_path(key: str) -> Path:
     path = Path(key)
-    if path.suffix.lower() not in FILE_SUFFIXES:
+    if path.suffix.lower() not in SUFFIXES:
         extra = f" ('{key}' exists, but its suffix is not supported)" if path.exists() else ""
         raise DataError(
             f"unknown data set '{key}'{extra}; choose one of {', '.join(DATASETS)}, "
@@ -435,134 +437,14 @@ def _resolve_path(key: str) -> Path:
 
 
 def _load_file(path: Path, n: int | None, rng: np.random.Generator) -> Dataset:
-    readers = {".csv": _read_csv, ".npy": _read_npy, ".npz": _read_npz}
-    x, y, row_numbers = readers[path.suffix.lower()](path)
-    _check_finite(x, path, row_numbers)
+    table = read_table(path)
+    x, y = table.x, table.y
     if n is not None:
         if n > len(x):
             raise DataError(f"{path} has {len(x)} rows; ask for n <= {len(x)}")
         keep = np.sort(rng.choice(len(x), n, replace=False))
         x, y = x[keep], None if y is None else y[keep]
     return Dataset(x, y, path.stem, None, str(path))
-
-
-def _as_table(array: np.ndarray, path: Path, what: str) -> np.ndarray:
-    """Validate dtype / ndim / emptiness; returns ``(rows, dim)`` float64."""
-    real = np.issubdtype(array.dtype, np.number) or array.dtype == bool
-    if not real or np.iscomplexobj(array):
-        raise DataError(f"{path}: {what} has dtype {array.dtype}; store real numbers only")
-    if array.ndim == 1:
-        array = array[:, None]
-    if array.ndim != 2:
-        raise DataError(
-            f"{path}: {what} has shape {array.shape}; expected a 2D array (rows, columns) "
-            f"or a 1D array (one column)"
-        )
-    if array.shape[0] == 0 or array.shape[1] == 0:
-        raise DataError(
-            f"{path}: {what} has shape {array.shape}; it needs at least one row and one column"
-        )
-    return array.astype(np.float64)
-
-
-def _np_load(path: Path) -> np.ndarray | np.lib.npyio.NpzFile:
-    try:
-        return np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as err:
-        raise DataError(f"could not read {path} as {path.suffix}: {err}") from err
-
-
-def _read_npy(path: Path) -> tuple[np.ndarray, None, None]:
-    return _as_table(_np_load(path), path, "the array"), None, None
-
-
-def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None, None]:
-    with _np_load(path) as archive:
-        if "X" not in archive.files:
-            found = ", ".join(archive.files) or "none"
-            raise DataError(
-                f"{path} has no array named 'X' (found keys: {found}); "
-                f"save it with numpy.savez(file, X=data, y=labels)"
-            )
-        x = _as_table(archive["X"], path, "array 'X'")
-        y = archive["y"] if "y" in archive.files else None
-    if y is not None and (y.ndim != 1 or len(y) != len(x)):
-        raise DataError(f"{path}: 'y' has shape {y.shape}; expected ({len(x)},), one per row")
-    return x, y, None
-
-
-CSV_DELIMITERS = ",;\t"
-
-
-def csv_delimiter(fh: TextIO) -> str:
-    """The delimiter of the open text file ``fh`` among comma, semicolon and tab, sniffed
-    from its first 8 KiB (``csv.Sniffer``; ``fh`` is rewound); a comma when nothing decides
-    (one column, or too little text)."""
-    sample = fh.read(8192)
-    fh.seek(0)
-    try:
-        return csv.Sniffer().sniff(sample, delimiters=CSV_DELIMITERS).delimiter
-    except csv.Error:
-        return ","
-
-
-def _read_csv(path: Path) -> tuple[np.ndarray, None, list[int]]:
-    """Returns the table and, per data row, its 1-based line number in the file."""
-    rows: list[list[float]] = []
-    lines: list[int] = []
-    header: list[str] | None = None
-    width, width_line = 0, 0
-    with open(path, newline="", encoding="utf-8-sig") as fh:
-        reader = csv.reader(fh, delimiter=csv_delimiter(fh))
-        for cells in reader:
-            if not cells or (len(cells) == 1 and not cells[0].strip()):
-                continue  # blank line
-            if not width:
-                width, width_line = len(cells), reader.line_num
-                if not all(_is_number(cell) for cell in cells):
-                    header = cells
-                    continue
-            if len(cells) != width:
-                raise DataError(
-                    f"{path}: row {reader.line_num} has {len(cells)} columns, expected "
-                    f"{width} (as in row {width_line}); every row needs the same columns"
-                )
-            rows.append(_parse_row(cells, path, reader.line_num, header))
-            lines.append(reader.line_num)
-    if not rows:
-        found = "only a header" if header else "nothing"
-        raise DataError(f"{path} has no data rows (found {found}); it needs at least one row")
-    return np.array(rows, dtype=np.float64), None, lines
-
-
-def _is_number(cell: str) -> bool:
-    try:
-        float(cell)
-    except ValueError:
-        return False
-    return True
-
-
-def _parse_row(cells: list[str], path: Path, line: int, header: list[str] | None) -> list[float]:
-    for column, cell in enumerate(cells, start=1):
-        if not _is_number(cell):
-            name = f" ('{header[column - 1]}')" if header else ""
-            raise DataError(
-                f"{path}: row {line}, column {column}{name} holds {cell!r}, which is not a "
-                f"number; only numeric columns are supported (drop or encode that column)"
-            )
-    return [float(cell) for cell in cells]
-
-
-def _check_finite(x: np.ndarray, path: Path, row_numbers: list[int] | None) -> None:
-    bad = np.argwhere(~np.isfinite(x))
-    if len(bad):
-        row, column = bad[0]
-        line = row_numbers[row] if row_numbers else row + 1
-        raise DataError(
-            f"{path}: row {line}, column {column + 1} is {x[row, column]}; NaN/Inf values are "
-            f"not allowed, remove or impute them ({len(bad)} such cells in all)"
-        )
 
 
 def check_levels(x: np.ndarray, levels: int, source: str) -> None:

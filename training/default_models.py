@@ -15,7 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
+from training.checkpoint import DataSummary, load_checkpoint
 from training.config import ModelConfig, TrainConfig
+from training.data import load_data, split
+from training.export import export_checkpoint
+from training.fit import fit, fit_arrays
 
 __all__ = ["DEFAULT_MODELS", "build_default_models"]
 
@@ -43,10 +47,6 @@ ANOMALY_NAME = "breast-cancer-maf"
 
 
 def _fit_named(spec: DefaultModel, out: Path) -> None:
-    from training.checkpoint import load_checkpoint
-    from training.export import export_checkpoint
-    from training.fit import fit
-
     ckpt_dir = out / ".checkpoints" / spec.name
     fit(spec.model_type, spec.data, out=ckpt_dir, rows=spec.rows,
         model_cfg=ModelConfig(**spec.model), train_cfg=TrainConfig(steps=spec.steps, **spec.train))
@@ -55,12 +55,6 @@ def _fit_named(spec: DefaultModel, out: Path) -> None:
 
 def _fit_anomaly(out: Path) -> None:
     """MAF on benign breast-cancer rows (scikit-learn's y == 1); calibrated on held-out benign."""
-    from training.checkpoint import DataSummary
-    from training.data import load_data, split
-    from training.evaluate import data_log_prob
-    from training.export import export_checkpoint
-    from training.fit import fit_arrays
-
     data = load_data("breast_cancer")
     benign = data.x[data.y == 1]
     parts = split(benign, seed=0)
@@ -71,8 +65,8 @@ def _fit_anomaly(out: Path) -> None:
                       model_cfg=ModelConfig(hidden_features=64, transforms=3),
                       train_cfg=TrainConfig(steps=2000, weight_decay=1e-4, eval_every=100,
                                             patience=5, lr=5e-4))
-    nll = -data_log_prob(ckpt, np.concatenate([parts.val, parts.test]))["log_prob"]
-    export_checkpoint(ckpt, out / ANOMALY_NAME, calibration_nll=nll)
+    export_checkpoint(ckpt, out / ANOMALY_NAME,
+                      calibration_rows=np.concatenate([parts.val, parts.test]))
 
 
 def build_default_models(out: Path, only: list[str] | None = None) -> None:

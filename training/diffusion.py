@@ -5,11 +5,11 @@ the continuous limit of DDPM, Ho et al. 2020): ``x_t = alpha(t) x_0 + sigma(t) e
 ``alpha^2 + sigma^2 = 1``, ``t = 0`` data, ``t = 1`` noise. The network predicts ``eps``
 (Ho et al. 2020, eq. 14) or ``v = alpha eps - sigma x_0`` (Salimans & Ho, "Progressive
 distillation", 2022, sec. 4). Sampling walks ``1 -> t_min`` with an ancestral / DDIM /
-DPM-Solver++ sampler from ``service.samplers`` or an ODE solver on the probability-flow ODE
+DPM-Solver++ sampler from ``numerics.samplers`` or an ODE solver on the probability-flow ODE
 (Song et al. 2021, eq. 13); likelihood integrates the same ODE ``t_min -> 1``.
 
 Schedules, parameterization conversions and the PF-ODE's linear maps all come from
-``service.schedules``: this module only wires a network to them and propagates tangents
+``numerics.schedules``: this module only wires a network to them and propagates tangents
 through the (linear) conversions, so the exported ``velocity_div`` / ``velocity_jvp`` graphs
 need no autograd.
 """
@@ -19,8 +19,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from service import samplers
-from service.schedules import (
+from artifact.manifest import Defaults, TimeSpec
+from numerics import samplers
+from numerics.schedules import (
     VPSchedule,
     eps_to_v,
     make_schedule,
@@ -29,14 +30,14 @@ from service.schedules import (
     pf_ode_velocity,
     v_to_eps,
 )
-from service.solvers import SOLVERS
+from numerics.solvers import SOLVERS
 from training.config import ModelConfig
 from training.nets import TimeMLP, VelocityModel
 
-__all__ = ["DIFFUSION_SAMPLERS", "DiffusionModel", "build_diffusion"]
+__all__ = ["DIFFUSION_SAMPLERS", "DiffusionModel", "build_ddpm"]
 
 DIFFUSION_SAMPLERS = ("ddpm", "ddim", "dpmpp2m")
-"""Samplers over the eps model; the ODE solvers ``service.solvers.SOLVERS`` also work."""
+"""Samplers over the eps model; the ODE solvers ``numerics.solvers.SOLVERS`` also work."""
 
 _DEFAULT_STEPS = {"ddpm": 200, "ddim": 50, "dpmpp2m": 25, "dopri5": None}
 _DEFAULT_ODE_STEPS = 100
@@ -48,17 +49,18 @@ class DiffusionModel(VelocityModel):
     Arguments:
         dim: data dimension ``D``.
         net: ``(batch, D), (batch,) -> (batch, D)`` with ``jvp`` and ``divergence``.
-        schedule: a ``service.schedules.VPSchedule``.
+        schedule: a ``numerics.schedules.VPSchedule``.
         prediction: ``"epsilon"`` or ``"v"``: what ``net`` is trained to predict.
         t_min: smallest time sampled, trained and integrated (``sigma(t_min) > 0``).
 
     Example:
-        >>> model = build_diffusion("ddpm", 2, ModelConfig(hidden_features=16))
+        >>> model = build_ddpm(2, ModelConfig(hidden_features=16))
         >>> model.sample(3, steps=5).shape
         torch.Size([3, 2])
     """
 
     family = "diffusion"
+    ode_name = "probability-flow ODE"
 
     def __init__(
         self,
@@ -135,6 +137,15 @@ class DiffusionModel(VelocityModel):
         velocity = pf_ode_velocity(x, eps, t, self.schedule)
         return velocity, pf_ode_jvp(e, jvp_eps, t, self.schedule)
 
+    def time_spec(self) -> TimeSpec:
+        s = self.schedule
+        return TimeSpec(t_min=float(self.t_min), schedule=s.name,
+                        beta_min=getattr(s, "beta_min", None),
+                        beta_max=getattr(s, "beta_max", None))
+
+    def serving_defaults(self) -> Defaults:
+        return Defaults(solver="dpmpp2m", steps=20, method=self.likelihood_method)
+
     def sample(
         self,
         n: int,
@@ -179,12 +190,9 @@ def _ancestral_noise(generator: torch.Generator | None) -> torch.Generator:
     return torch.Generator().manual_seed(int(torch.randint(2**62, (1,))))
 
 
-def build_diffusion(kind: str, dim: int, cfg: ModelConfig) -> DiffusionModel:
-    """Untrained ``"ddpm"`` model: ``cfg.schedule``, ``cfg.prediction``, ``cfg.t_min`` and
-    (linear schedule) ``cfg.beta_min``/``cfg.beta_max``."""
-    if kind != "ddpm":
-        raise ValueError(f"unknown diffusion kind {kind!r}; choose 'ddpm'")
-    params = {"beta_min": cfg.beta_min, "beta_max": cfg.beta_max}
-    schedule = make_schedule(cfg.schedule, **(params if cfg.schedule == "linear" else {}))
+def build_ddpm(dim: int, cfg: ModelConfig) -> DiffusionModel:
+    """Untrained VP-SDE diffusion model with an MLP: ``cfg.schedule``, ``cfg.prediction``,
+    ``cfg.t_min`` and (linear schedule) ``cfg.beta_min``/``cfg.beta_max``."""
+    schedule = make_schedule(cfg.schedule, beta_min=cfg.beta_min, beta_max=cfg.beta_max)
     net = TimeMLP(dim, cfg.hidden_features, cfg.hidden_layers, cfg.time_embedding)
-    return DiffusionModel(dim, net, schedule, cfg.prediction, cfg.t_min, kind)
+    return DiffusionModel(dim, net, schedule, cfg.prediction, cfg.t_min, "ddpm")

@@ -1,11 +1,11 @@
 """Data-parallel training helpers: rank and world from torchrun's environment.
 
-``torchrun --nproc_per_node N -m training train ...`` starts N copies of the ordinary command;
+``torchrun --nproc_per_node N -m cli train ...`` starts N copies of the ordinary command;
 each reads ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` from
 the environment, and :func:`setup` joins them into one process group: ``gloo`` on CPU,
-``nccl`` when CUDA is available (``GENSERVE_DIST_BACKEND`` overrides). Without those
-variables, or with ``WORLD_SIZE=1``, nothing is initialised and training is the plain
-single-process loop, bit for bit.
+``nccl`` when CUDA is available (``--dist-backend`` overrides). Without those variables, or
+with ``WORLD_SIZE=1``, nothing is initialised and training is the plain single-process loop,
+bit for bit.
 
 How :func:`training.train.train_model` uses a world of N ranks:
 
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import atexit
 import os
-import subprocess
 import sys
 from dataclasses import dataclass
 
@@ -37,13 +36,11 @@ __all__ = [
     "broadcast_float",
     "env_world_size",
     "is_main_process",
-    "launch",
     "setup",
     "strip_option",
     "torchrun_command",
 ]
 
-BACKEND_ENV = "GENSERVE_DIST_BACKEND"
 
 
 @dataclass(frozen=True)
@@ -81,11 +78,6 @@ def env_world_size(environ: dict[str, str] | None = None) -> int:
 
 
 def _default_backend() -> str:
-    backend = os.environ.get(BACKEND_ENV, "").strip().lower()
-    if backend:
-        if backend not in {"gloo", "nccl"}:
-            raise ValueError(f"{BACKEND_ENV} must be 'gloo' or 'nccl', got {backend!r}")
-        return backend
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
@@ -99,7 +91,7 @@ def _context_of_group() -> DistContext:
                        local_rank=local_rank, backend=backend, device=device)
 
 
-def setup(backend: str | None = None) -> DistContext:
+def setup(backend: str = "auto") -> DistContext:
     """The process group of this run, joined from torchrun's environment on first call.
 
     An already initialised group (a caller's own ``init_process_group``) is used as it is.
@@ -116,11 +108,11 @@ def setup(backend: str | None = None) -> DistContext:
     if missing:
         raise ValueError(f"WORLD_SIZE > 1 needs {', '.join(missing)} in the environment; "
                          "start training with torchrun")
-    backend = backend or _default_backend()
+    backend = _default_backend() if backend == "auto" else backend
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if backend == "nccl":
         if not torch.cuda.is_available():
-            raise RuntimeError("the nccl backend needs CUDA; use GENSERVE_DIST_BACKEND=gloo")
+            raise RuntimeError("the nccl backend needs CUDA; train with --dist-backend gloo")
         torch.cuda.set_device(local_rank)
     dist.init_process_group(backend=backend, init_method="env://")
     atexit.register(_shutdown)
@@ -173,7 +165,7 @@ def torchrun_command(
     master_port: int | None = None,
     python: str | None = None,
 ) -> list[str]:
-    """The torchrun command line that runs ``python -m training ARGS`` on each process.
+    """The torchrun command line that runs ``genserve ARGS`` (``python -m cli``) per process.
 
     One node: a standalone rendezvous (``--standalone``), or a fixed ``master_port`` on
     loopback. Several nodes: static rendezvous at ``master_addr:master_port``, this node's
@@ -191,7 +183,7 @@ def torchrun_command(
         cmd += ["--node_rank", str(node_rank or 0),
                 "--master_addr", master_addr or "127.0.0.1",
                 "--master_port", str(master_port or 29500)]
-    return cmd + ["-m", "training", *args]
+    return cmd + ["-m", "cli", *args]
 
 
 
@@ -207,13 +199,3 @@ def strip_option(argv: list[str], option: str) -> list[str]:
         elif not arg.startswith(option + "="):
             out.append(arg)
     return out
-
-
-def launch(nproc_per_node: int, argv: list[str], option: str = "--distributed") -> int:
-    """Re-run ``python -m training ARGV`` (minus ``option N``) under torchrun on this node.
-
-    What ``genserve train --distributed N`` does: N local processes, a standalone
-    rendezvous, and the same command in each (which then sees torchrun's environment).
-    """
-    cmd = torchrun_command(strip_option(argv, option), nproc_per_node)
-    return subprocess.call(cmd)

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from training.checkpoint import Checkpoint
+from training.data import DataError, load_data, split
 from training.metrics import likelihood_summary, wasserstein2
 
 __all__ = ["checkpoint_splits", "data_log_prob", "evaluate", "sample_data"]
@@ -17,8 +18,6 @@ __all__ = ["checkpoint_splits", "data_log_prob", "evaluate", "sample_data"]
 
 def checkpoint_splits(ckpt: Checkpoint) -> Any:
     """Rebuild the train/validation/test splits the checkpoint was trained on."""
-    from training.data import DataError, load_data, split
-
     d = ckpt.config.data
     source = d.name if d.source == "named" else d.source
     try:
@@ -51,24 +50,20 @@ def data_log_prob(
     generator = torch.Generator().manual_seed(seed)
     dtype = next(model.parameters()).dtype
     xt = torch.as_tensor(x, dtype=dtype)
-    out: dict[str, Any] = {"nfe": 1, "method": "exact"}
+    options: dict[str, Any] = {"seed": seed}
+    for key, value in (("method", method), ("steps", steps), ("solver", solver)):
+        if value is not None:
+            options[key] = value
     with torch.no_grad():
         u, ladj = pre(xt, generator=generator if ckpt.config.data.levels else None)
-        if ckpt.config.family == "flow":
-            lp, se = model.log_prob(u), None
-        else:
-            image = ckpt.config.model.image_shape is not None  # D trace passes are costly
-            options = {"method": method or ("hutchinson" if image else "exact"), "seed": seed}
-            if steps is not None:
-                options["steps"] = steps
-            if solver is not None:
-                options["solver"] = solver
-            res = model.log_prob_with_error(u, **options)
-            lp, se = res.log_prob, res.std_error
-            out |= {"nfe": int(res.nfe), "method": options["method"]}
-        out["log_prob"] = (lp + ladj).double().numpy()
-        out["std_error"] = None if se is None else torch.as_tensor(se).double().numpy()
-    return out
+        res = model.log_prob_with_error(u, **options)
+    se = res.std_error
+    return {
+        "log_prob": (res.log_prob + ladj).double().numpy(),
+        "std_error": None if se is None else torch.as_tensor(se).double().numpy(),
+        "nfe": int(res.nfe),
+        "method": "exact" if se is None else "hutchinson",
+    }
 
 
 def sample_data(

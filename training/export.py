@@ -1,8 +1,11 @@
 """``genserve export``: checkpoint -> ``manifest.json`` + ONNX and/or TorchScript graphs.
 
-Every graph is a thin tensor-in/tensor-out wrapper (STYLE habit 19): no ``Distribution``
-objects, no autograd, no data-dependent branching, batch axis dynamic. The runtime composes
-them; it never sees training code.
+The model names its family's graphs (``export_graphs()``, thin wrappers of
+``training.graphs``) and the manifest fields its family needs (``time_spec()``,
+``serving_defaults()``); this module adds the preprocessing graphs, writes each graph in each
+format, and calibrates the anomaly threshold on the written graphs through the served
+runtime (``service.runtime``), so what is calibrated is what is served. Export needs only the
+checkpoint: its held-out calibration rows travel in it.
 """
 
 from __future__ import annotations
@@ -11,131 +14,60 @@ import json
 import logging
 import platform
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import torch
 from torch import Tensor, nn
+from torch.export import Dim
 
-from service.manifest import (
+from artifact import genserve_version
+from artifact.calibration import calibrate
+from artifact.families import family
+from artifact.manifest import (
     MANIFEST_FILE,
-    Calibration,
     DataInfo,
-    Defaults,
     GraphFile,
     Manifest,
     TensorSpec,
-    TimeSpec,
     sha256_file,
 )
+from service.progress import progress_bar
+from service.runtime import open_runtime
 from training.checkpoint import Checkpoint, atomic_directory
+from training.graphs import ExportGraph, PostprocessGraph, PreprocessGraph, spec
 
-__all__ = ["FORMATS", "OPSET", "calibrate", "export_checkpoint", "graph_modules"]
+__all__ = ["CALIBRATION_BATCH", "FORMATS", "OPSET", "Exported", "export_checkpoint",
+           "export_graphs"]
 
 FORMATS = ("onnx", "torchscript")
 OPSET = 18
-CALIBRATION_LEVELS = 201
+CALIBRATION_BATCH = 256
+"""Rows per graph call while calibrating (one progress-bar tick)."""
 
 
-class PreprocessGraph(nn.Module):
-    """``x: (batch, dim)`` data units -> ``(u, ladj)``; deterministic (eval mode)."""
+@dataclass(frozen=True)
+class Exported:
+    """What :func:`export_checkpoint` wrote: the manifest, and the calibration rows' scores
+    (negative log-likelihood through the served graphs; None without calibration)."""
 
-    def __init__(self, pre: nn.Module) -> None:
-        super().__init__()
-        self.pre = pre
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return self.pre(x)
+    manifest: Manifest
+    calibration_scores: np.ndarray | None
 
 
-class PostprocessGraph(nn.Module):
-    """``u: (batch, dim)`` model space -> ``x`` data units."""
-
-    def __init__(self, pre: nn.Module) -> None:
-        super().__init__()
-        self.pre = pre
-
-    def forward(self, u: Tensor) -> Tensor:
-        return self.pre.inverse(u)
-
-
-class LogProbGraph(nn.Module):
-    """Flow: ``u: (batch, dim)`` -> ``log p(u): (batch,)`` in model space."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, u: Tensor) -> Tensor:
-        return self.model.log_prob(u)
-
-
-class SampleGraph(nn.Module):
-    """Flow: base noise ``z: (batch, dim)`` -> ``u`` (the noise is an input: seeded outside)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, z: Tensor) -> Tensor:
-        return self.model.inverse(z)
-
-
-class VelocityGraph(nn.Module):
-    """``(x: (batch, dim), t: (batch,))`` -> ``v: (batch, dim)`` (t = 0 data, 1 noise)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        return self.model.velocity(x, t)
-
-
-class VelocityDivGraph(VelocityGraph):
-    """-> ``(v, div v)`` with the exact divergence by forward-mode arithmetic."""
-
-    def forward(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
-        return self.model.velocity_div(x, t)
-
-
-class VelocityJvpGraph(VelocityGraph):
-    """``(x, t, e)`` -> ``(v, J e)`` for Hutchinson's estimator."""
-
-    def forward(self, x: Tensor, t: Tensor, e: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
-        return self.model.velocity_jvp(x, t, e)
-
-
-def _spec(name: str, dim: int | None) -> TensorSpec:
-    return TensorSpec(name=name, shape=["batch"] if dim is None else ["batch", dim])
-
-
-Graph = tuple[nn.Module, list[TensorSpec], list[TensorSpec]]
-
-
-def graph_modules(ckpt: Checkpoint) -> dict[str, Graph]:
-    """Every graph of the checkpoint's family: name -> (module, inputs, outputs)."""
+def export_graphs(ckpt: Checkpoint) -> dict[str, ExportGraph]:
+    """Every graph of the artifact: the preprocessing pair and the model's own."""
     d = ckpt.config.dim
     model, pre = ckpt.model.eval(), ckpt.preprocessor.eval().frozen()
-    if hasattr(model, "frozen"):  # flows: precomputed inverses instead of triangular solves
-        model = model.frozen()
-    # I/O names must not collide with the exporter's internal value names (e.g. "div", "t").
-    x, u, z, e = (_spec(n, d) for n in ("x", "u", "z", "probe"))
-    t = _spec("time", None)
-    graphs: dict[str, Graph] = {
-        "preprocess": (PreprocessGraph(pre), [x], [u, _spec("ladj", None)]),
-        "postprocess": (PostprocessGraph(pre), [u], [x]),
+    x, u = spec("x", d), spec("u", d)
+    return {
+        "preprocess": ExportGraph(PreprocessGraph(pre), [x], [u, spec("ladj", None)]),
+        "postprocess": ExportGraph(PostprocessGraph(pre), [u], [x]),
+        **model.export_graphs(),
     }
-    v, div, jvp = _spec("velocity", d), _spec("divergence", None), _spec("jvp", d)
-    if ckpt.config.family == "flow":
-        graphs["log_prob"] = (LogProbGraph(model), [u], [_spec("log_prob", None)])
-        graphs["sample"] = (SampleGraph(model), [z], [u])
-    else:
-        graphs["velocity"] = (VelocityGraph(model), [x, t], [v])
-        graphs["velocity_div"] = (VelocityDivGraph(model), [x, t], [v, div])
-        graphs["velocity_jvp"] = (VelocityJvpGraph(model), [x, t, e], [v, jvp])
-    return graphs
 
 
 def _example_inputs(specs: list[TensorSpec], rows: int = 3) -> tuple[Tensor, ...]:
@@ -150,21 +82,17 @@ def _example_inputs(specs: list[TensorSpec], rows: int = 3) -> tuple[Tensor, ...
 
 def _export_onnx(module: nn.Module, inputs: list[TensorSpec], outputs: list[TensorSpec],
                  path: Path) -> None:
-    from torch.export import Dim
-
     # torch's registry warns once per missing torchvision op: noise, not news, for our graphs
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     batch = Dim("batch", min=1, max=1 << 20)
-    args = _example_inputs(inputs)
-    dynamic = tuple({0: batch} for _ in inputs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             module,
-            args,
+            _example_inputs(inputs),
             input_names=[s.name for s in inputs],
             output_names=[s.name for s in outputs],
-            dynamic_shapes=dynamic,
+            dynamic_shapes=tuple({0: batch} for _ in inputs),
             opset_version=OPSET,
             dynamo=True,
             external_data=False,
@@ -180,59 +108,71 @@ def _export_torchscript(module: nn.Module, inputs: list[TensorSpec], path: Path)
     traced.save(str(path))
 
 
-def calibrate(nll: np.ndarray, target_fpr: float = 0.01) -> Calibration:
-    """Quantiles of the validation NLL and the threshold at the target false-positive rate."""
-    nll = np.sort(np.asarray(nll, dtype=np.float64))
-    levels = np.linspace(0.0, 1.0, CALIBRATION_LEVELS)
-    return Calibration(
-        levels=[float(v) for v in levels],
-        quantiles=[float(v) for v in np.quantile(nll, levels)],
-        target_fpr=target_fpr,
-        threshold=float(np.quantile(nll, 1.0 - target_fpr)),
-        rows=len(nll),
-    )
-
-
-def _defaults(ckpt: Checkpoint) -> Defaults:
-    family = ckpt.config.family
-    if family == "flow":
-        return Defaults()
-    if ckpt.config.model.image_shape is not None:  # D exact-trace passes are costly on images
-        base = _vector_defaults(family, ckpt)
-        return base.model_copy(update={"method": "hutchinson"})
-    return _vector_defaults(family, ckpt)
-
-
-def _vector_defaults(family: str, ckpt: Checkpoint) -> Defaults:
-    if family == "diffusion":
-        return Defaults(solver="dpmpp2m", steps=20)
-    if "reflow" in ckpt.config.summary:  # straight paths: two Euler steps suffice
-        return Defaults(solver="euler", steps=2)
-    return Defaults(solver="rk4", steps=16)
-
-
-def _time_spec(ckpt: Checkpoint) -> TimeSpec | None:
-    if ckpt.config.family == "flow":
-        return None
-    m = ckpt.config.model
-    if ckpt.config.family == "diffusion":
-        return TimeSpec(t_min=m.t_min, schedule=m.schedule, beta_min=m.beta_min,
-                        beta_max=m.beta_max)
-    return TimeSpec(t_min=float(getattr(ckpt.model, "t_min", 0.0)))
+def _write_graphs(ckpt: Checkpoint, formats: tuple[str, ...],
+                  folder: Path) -> dict[str, dict[str, GraphFile]]:
+    graphs: dict[str, dict[str, GraphFile]] = {}
+    for name, graph in export_graphs(ckpt).items():
+        graphs[name] = {}
+        for fmt in formats:
+            file = f"{name}.onnx" if fmt == "onnx" else f"{name}.pt"
+            if fmt == "onnx":
+                _export_onnx(graph.module, graph.inputs, graph.outputs, folder / file)
+            else:
+                _export_torchscript(graph.module, graph.inputs, folder / file)
+            graphs[name][fmt] = GraphFile(file=file, format=fmt, inputs=graph.inputs,
+                                          outputs=graph.outputs)
+    return graphs
 
 
 def _versions() -> dict[str, str]:
-    import onnx
-
-    import training
-
     return {
         "torch": torch.__version__,
         "onnx": onnx.__version__,
         "opset": str(OPSET),
         "python": platform.python_version(),
-        "genserve": getattr(training, "__version__", "0.1.0"),
+        "genserve": genserve_version(),
     }
+
+
+def _straightened(ckpt: Checkpoint) -> bool:
+    """A reflowed model: nearly straight paths, so two Euler steps sample well."""
+    return "reflow" in ckpt.config.summary
+
+
+def _write_manifest(folder: Path, manifest: Manifest) -> None:
+    (folder / MANIFEST_FILE).write_text(
+        json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
+
+
+def _calibration_rows(ckpt: Checkpoint, rows: np.ndarray | None, limit: int | None,
+                      seed: int) -> np.ndarray:
+    rows = ckpt.calibration_rows if rows is None else np.asarray(rows, dtype=np.float64)
+    if rows is None:
+        raise ValueError("this checkpoint carries no calibration rows (it was saved before "
+                         "checkpoints kept them): export with --no-calibration, or train it "
+                         "again")
+    if rows.ndim != 2 or rows.shape[1] != ckpt.config.dim or len(rows) == 0:
+        raise ValueError(f"calibration rows have shape {rows.shape}; expected (rows >= 1, "
+                         f"{ckpt.config.dim})")
+    if limit is not None and len(rows) > limit:
+        keep = np.sort(np.random.default_rng(seed).choice(len(rows), limit, replace=False))
+        rows = rows[keep]
+    return rows
+
+
+def _score_rows(folder: Path, manifest: Manifest, fmt: str, rows: np.ndarray,
+                progress: bool) -> np.ndarray:
+    """Negative log-likelihood of ``rows`` through the served runtime on ``folder``."""
+    runtime = open_runtime(folder, manifest=manifest, runtime=fmt)
+    scores = []
+    with progress_bar(total=len(rows), desc="calibrate", unit="rows",
+                      disable=not progress) as bar:
+        for a in range(0, len(rows), CALIBRATION_BATCH):
+            block = rows[a:a + CALIBRATION_BATCH]
+            rows_index = np.arange(a, a + len(block))
+            scores.append(-runtime.log_likelihood(block, rows=rows_index).log_prob)
+            bar.update(len(block))
+    return np.concatenate(scores)
 
 
 def export_checkpoint(
@@ -242,57 +182,70 @@ def export_checkpoint(
     formats: tuple[str, ...] = ("onnx",),
     name: str | None = None,
     target_fpr: float = 0.01,
-    calibration_nll: np.ndarray | None = None,
-) -> Manifest:
+    calibration: bool = True,
+    calibration_rows: np.ndarray | None = None,
+    max_calibration_rows: int | None = None,
+    method: str | None = None,
+    progress: bool = False,
+    seed: int = 0,
+) -> Exported:
     """Write ``out/`` atomically: graphs in each format, then ``manifest.json`` with sha256s.
 
-    ``calibration_nll`` (normal validation rows' NLL) defaults to the checkpoint's own
-    validation split scored in data units.
+    Args:
+        formats: ``"onnx"`` and/or ``"torchscript"``.
+        name: the served name (default: the folder's name).
+        target_fpr: the calibrated threshold's false-positive rate on normal rows.
+        calibration: calibrate the anomaly threshold (False: the model serves no
+            ``/anomaly_score``).
+        calibration_rows: normal rows in data units (default: the checkpoint's own).
+        max_calibration_rows: score at most this many of them (a seeded subsample).
+        method: the served likelihood method of ODE models (default: the model's), which
+            calibration uses too.
+        progress: a progress bar while calibrating (an ODE model integrates the PF-ODE per
+            row: the longest part of an export).
     """
-    from training.evaluate import checkpoint_splits, data_log_prob
-
     bad = [f for f in formats if f not in FORMATS]
     if bad or not formats:
         raise ValueError(f"unknown export format {bad}; choose from {', '.join(FORMATS)}")
+    if not 0.0 < target_fpr < 1.0:
+        raise ValueError(f"target_fpr must be in (0, 1); got {target_fpr}")
     out = Path(out)
-    name = name or out.name
-    if calibration_nll is None:
-        val = checkpoint_splits(ckpt).val
-        calibration_nll = -data_log_prob(ckpt, val)["log_prob"]
-    cfg = ckpt.config
-    graphs: dict[str, dict[str, GraphFile]] = {}
+    cfg, model = ckpt.config, ckpt.model
+    rows = _calibration_rows(ckpt, calibration_rows, max_calibration_rows, seed) \
+        if calibration else None
+    defaults = model.serving_defaults()
+    if method is not None:
+        methods = family(cfg.family).likelihood_methods
+        if method not in methods:
+            raise ValueError(f"method {method!r} does not apply to a {cfg.family} model; "
+                             f"choose one of: {', '.join(methods)}")
+        defaults = defaults.model_copy(update={"method": method})
+    if _straightened(ckpt):
+        defaults = defaults.model_copy(update={"solver": "euler", "steps": 2})
+    scores = None
     with atomic_directory(out) as tmp:
-        for graph, (module, inputs, outputs) in graph_modules(ckpt).items():
-            graphs[graph] = {}
-            for fmt in formats:
-                file = f"{graph}.onnx" if fmt == "onnx" else f"{graph}.pt"
-                if fmt == "onnx":
-                    _export_onnx(module, inputs, outputs, tmp / file)
-                else:
-                    _export_torchscript(module, inputs, tmp / file)
-                graphs[graph][fmt] = GraphFile(file=file, format=fmt, inputs=inputs,
-                                               outputs=outputs)
-        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
+        graphs = _write_graphs(ckpt, formats, tmp)
         manifest = Manifest(
-            name=name,
+            name=name or out.name,
             family=cfg.family,
             model_type=cfg.model_type,
             dim=cfg.dim,
             event_shape=list(cfg.model.image_shape or [cfg.dim]),
             preprocessing=_describe(ckpt.preprocessor),
             graphs=graphs,
-            time=_time_spec(ckpt),
-            defaults=_defaults(ckpt),
-            calibration=calibrate(calibration_nll, target_fpr),
+            time=model.time_spec(),
+            defaults=defaults,
+            calibration=None,
             data=DataInfo(name=cfg.data.name, rows=cfg.data.rows, dim=cfg.data.dim,
                           levels=cfg.data.levels, mean=cfg.data.mean, std=cfg.data.std),
-            files=files,
+            files={p.name: sha256_file(p) for p in sorted(tmp.iterdir())},
             versions=_versions(),
         )
-        (tmp / MANIFEST_FILE).write_text(
-            json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n"
-        )
-    return manifest
+        if rows is not None:
+            scores = _score_rows(tmp, manifest, formats[0], rows, progress)
+            manifest = manifest.model_copy(update={"calibration": calibrate(scores, target_fpr)})
+        _write_manifest(tmp, manifest)
+    return Exported(manifest, scores)
 
 
 def _describe(pre: nn.Module) -> list[dict[str, Any]]:

@@ -10,9 +10,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from training.checkpoint import Checkpoint, CheckpointConfig, DataSummary, save_checkpoint
+from training.checkpoint import (
+    CALIBRATION_ROWS,
+    Checkpoint,
+    CheckpointConfig,
+    DataSummary,
+    save_checkpoint,
+)
 from training.config import ModelConfig, PreprocessConfig, TrainConfig
+from training.data import load_data, split
+from training.distributed import barrier, is_main_process
+from training.preprocess import Preprocessor
 from training.registry import build_model, family_of, is_image_model
+from training.train import train_model
 
 __all__ = ["default_preprocess", "fit", "fit_arrays"]
 
@@ -50,9 +60,6 @@ def fit_arrays(
     The best-validation weights are kept; training stops early only when
     ``train_cfg.patience`` is set (by default it runs ``train_cfg.steps``).
     """
-    from training.preprocess import Preprocessor
-    from training.train import train_model
-
     model_cfg = model_cfg or ModelConfig()
     train_cfg = train_cfg or TrainConfig()
     pre_cfg = pre_cfg or default_preprocess(data.levels)
@@ -71,7 +78,17 @@ def fit_arrays(
         data=data,
         summary=result.summary() | {"history": result.history},
     )
-    return Checkpoint(model=model, preprocessor=pre, config=config)
+    return Checkpoint(model=model, preprocessor=pre, config=config,
+                      calibration_rows=_calibration_rows(x_val, train_cfg.seed))
+
+
+def _calibration_rows(x_val: np.ndarray, seed: int) -> np.ndarray:
+    """The validation rows export calibrates on (a seeded subsample above the cap)."""
+    if len(x_val) <= CALIBRATION_ROWS:
+        return np.asarray(x_val, dtype=np.float64)
+    keep = np.sort(np.random.default_rng(seed).choice(len(x_val), CALIBRATION_ROWS,
+                                                      replace=False))
+    return np.asarray(x_val[keep], dtype=np.float64)
 
 
 def fit(
@@ -87,8 +104,6 @@ def fit(
     train_cfg: TrainConfig | None = None,
 ) -> Checkpoint:
     """Train ``model_type`` on a named set or a file; save to ``out`` when given."""
-    from training.data import load_data, split
-
     dataset = load_data(data, n=rows, seed=data_seed, images=is_image_model(model_type))
     model_cfg = _with_image_shape(model_type, model_cfg or ModelConfig(), dataset.shape, data)
     splits = split(dataset.x, seed=split_seed)
@@ -113,8 +128,6 @@ def fit(
         train_cfg=train_cfg,
     )
     if out is not None:
-        from training.distributed import barrier, is_main_process
-
         if is_main_process():  # one writer; the other ranks wait until it is on disk
             save_checkpoint(ckpt, out)
         barrier()

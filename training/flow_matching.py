@@ -24,13 +24,11 @@ Variants are composition plus one override:
 
 from __future__ import annotations
 
-import copy
-from typing import Any
-
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from training.config import ModelConfig, TrainConfig
+from artifact.manifest import Defaults
+from training.config import ModelConfig
 from training.nets import TimeMLP, VelocityModel
 
 __all__ = [
@@ -39,11 +37,10 @@ __all__ = [
     "FlowMatchingModel",
     "ReflowMatcher",
     "StochasticInterpolantMatcher",
-    "build_flow_matching",
+    "build_cfm",
+    "build_otcfm",
+    "build_si",
     "exact_ot_permutation",
-    "make_reflow_pairs",
-    "reflow",
-    "reflow_checkpoint",
 ]
 
 
@@ -209,7 +206,7 @@ class FlowMatchingModel(VelocityModel):
         matcher: draws ``(t, x_t, u_t)``; not a module, so it is not in the state dict.
 
     Example:
-        >>> model = build_flow_matching("cfm", 2, ModelConfig(hidden_features=16))
+        >>> model = build_cfm(2, ModelConfig(hidden_features=16))
         >>> model.sample(4, steps=4, solver="euler").shape
         torch.Size([4, 2])
     """
@@ -239,6 +236,9 @@ class FlowMatchingModel(VelocityModel):
         """``(v, (dv/dx) e)``, both ``(batch, dim)``."""
         return self.net.jvp(x, t, e)
 
+    def serving_defaults(self) -> Defaults:
+        return Defaults(solver="rk4", steps=16, method=self.likelihood_method)
+
     def sample(
         self,
         n: int,
@@ -250,96 +250,23 @@ class FlowMatchingModel(VelocityModel):
         return self.transport(self.noise(n, generator), steps=steps, solver=solver)
 
 
-def build_flow_matching(kind: str, dim: int, cfg: ModelConfig) -> FlowMatchingModel:
-    """Untrained ``"cfm"``, ``"otcfm"`` or ``"si"`` model (``cfg.sigma_min``, ``cfg.gamma``)."""
-    matchers = {
-        "cfm": lambda: ConditionalFlowMatcher(cfg.sigma_min),
-        "otcfm": lambda: ExactOptimalTransportMatcher(cfg.sigma_min),
-        "si": lambda: StochasticInterpolantMatcher(cfg.gamma),
-    }
-    if kind not in matchers:
-        raise ValueError(f"unknown flow-matching kind {kind!r}; choose one of {sorted(matchers)}")
-    net = TimeMLP(dim, cfg.hidden_features, cfg.hidden_layers, cfg.time_embedding)
-    return FlowMatchingModel(kind, dim, net, matchers[kind]())
+def build_cfm(dim: int, cfg: ModelConfig) -> FlowMatchingModel:
+    """Untrained conditional flow matching (linear path, ``cfg.sigma_min``) with an MLP."""
+    return FlowMatchingModel("cfm", dim, _time_mlp(dim, cfg),
+                             ConditionalFlowMatcher(cfg.sigma_min))
 
 
-def make_reflow_pairs(
-    model: VelocityModel,
-    n: int,
-    generator: torch.Generator | None = None,
-    steps: int | None = 32,
-    solver: str = "rk4",
-) -> tuple[Tensor, Tensor]:
-    """Noise ``z: (n, dim)`` and the trained model's ODE image ``x: (n, dim)`` of it."""
-    z = model.noise(n, generator)
-    return z, model.transport(z, steps=steps, solver=solver)
+def build_otcfm(dim: int, cfg: ModelConfig) -> FlowMatchingModel:
+    """Untrained OT-CFM: pairs drawn by minibatch exact optimal transport."""
+    return FlowMatchingModel("otcfm", dim, _time_mlp(dim, cfg),
+                             ExactOptimalTransportMatcher(cfg.sigma_min))
 
 
-def reflow(
-    model: FlowMatchingModel,
-    n_pairs: int,
-    cfg: TrainConfig,
-    *,
-    pair_steps: int | None = 32,
-    pair_solver: str = "rk4",
-    u_shape: float = 0.0,
-) -> FlowMatchingModel:
-    """One round of rectified-flow reflow (Liu et al. 2023): a copy of ``model`` fine-tuned on
-    ``n_pairs`` noise/sample pairs drawn from ``model`` itself; ``model`` is left untouched.
-
-    Training runs through the project's one loop (``training.train.train_model``) with a
-    :class:`ReflowMatcher`; the pairs live in model space, so preprocessing is the identity.
-    Example: ``student = reflow(teacher, 20000, TrainConfig(steps=2000))``.
-    """
-    from training.train import train_model
-
-    generator = torch.Generator().manual_seed(cfg.seed + 7919)
-    with torch.no_grad():
-        z, x = make_reflow_pairs(model, n_pairs, generator, steps=pair_steps, solver=pair_solver)
-    student = copy.deepcopy(model)
-    student.matcher = ReflowMatcher(z, x, u_shape=u_shape)
-    held_out = max(1, n_pairs // 10)
-    data = x.detach().double().numpy()
-    train_model(student, _Identity(), data[held_out:], data[:held_out], cfg)
-    return student.eval()
+def build_si(dim: int, cfg: ModelConfig) -> FlowMatchingModel:
+    """Untrained stochastic interpolant (noise level ``cfg.gamma``)."""
+    return FlowMatchingModel("si", dim, _time_mlp(dim, cfg),
+                             StochasticInterpolantMatcher(cfg.gamma))
 
 
-def reflow_checkpoint(
-    teacher: Any,
-    n_pairs: int,
-    cfg: TrainConfig,
-    *,
-    pair_steps: int | None = 32,
-    pair_solver: str = "rk4",
-    u_shape: float = 0.0,
-    teacher_name: str | None = None,
-) -> Any:
-    """One reflow round of a flow-matching ``training.checkpoint.Checkpoint``, as a checkpoint:
-    the student, the teacher's preprocessing, and a config whose summary records the round
-    (teacher, pairs, pair solver and steps, time law). ``genserve reflow``, the report and the
-    families benchmark all reflow through here."""
-    from training.checkpoint import Checkpoint
-
-    if teacher.config.family != "flow_matching":
-        raise ValueError(f"reflow needs a flow-matching checkpoint; "
-                         f"{teacher_name or 'this'} is a {teacher.config.family} model")
-    student = reflow(teacher.model, n_pairs, cfg, pair_steps=pair_steps,
-                     pair_solver=pair_solver, u_shape=u_shape)
-    config = teacher.config.model_copy(deep=True)
-    config.train = cfg
-    config.summary = {"reflow": {"teacher": teacher_name or teacher.config.model_type,
-                                 "rounds": 1, "pairs": n_pairs, "pair_steps": pair_steps,
-                                 "pair_solver": pair_solver, "u_shape": u_shape}}
-    return Checkpoint(student, teacher.preprocessor, config)
-
-
-class _Identity(nn.Module):
-    """Preprocessing for data already in model space."""
-
-    def forward(
-        self, x: Tensor, generator: torch.Generator | None = None
-    ) -> tuple[Tensor, Tensor]:
-        return x, x.new_zeros(len(x))
-
-    def inverse(self, u: Tensor) -> Tensor:
-        return u
+def _time_mlp(dim: int, cfg: ModelConfig) -> TimeMLP:
+    return TimeMLP(dim, cfg.hidden_features, cfg.hidden_layers, cfg.time_embedding)

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-from service import likelihood
-from service.likelihood import LikelihoodResult
-from service.solvers import integrate
+from artifact.manifest import Defaults, TimeSpec
+from numerics import likelihood
+from numerics.likelihood import LikelihoodResult
+from numerics.solvers import Trajectory, integrate, trajectory
+from training.graphs import ExportGraph, velocity_graphs
 
 __all__ = ["TimeMLP", "VelocityModel", "silu_derivative"]
 
@@ -121,14 +124,19 @@ class VelocityModel(nn.Module):
 
     A subclass supplies ``training_loss``, ``velocity``, ``velocity_div`` and
     ``velocity_jvp`` (the field ``dx/dt`` with ``t = 0`` data, ``t = 1`` noise); this class
-    turns them into ODE sampling and likelihood through ``service.solvers`` and
-    ``service.likelihood``, which only ever see those callables (the solver knows no model).
+    turns them into ODE sampling and likelihood through ``numerics.solvers`` and
+    ``numerics.likelihood``, which only ever see those callables (the solver knows no model).
     Attributes ``dim`` and ``t_min`` (likelihood integrates ``t_min -> 1``, sampling
     ``1 -> t_min``) are set by the subclass.
     """
 
     dim: int
     t_min: float
+    likelihood_method: str = "exact"
+    """Served and evaluated by default: ``"hutchinson"`` where an exact trace costs too many
+    network passes (images)."""
+    ode_name: str = "ODE"
+    """How the sampling ODE is called (diffusion: the probability-flow ODE)."""
 
     def training_loss(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         raise NotImplementedError
@@ -154,7 +162,7 @@ class VelocityModel(nn.Module):
     def transport(self, z: Tensor, *, steps: int | None = 32, solver: str = "rk4") -> Tensor:
         """Integrate the ODE from noise ``z: (n, dim)`` at ``t = 1`` to ``t = t_min``.
 
-        ``solver`` is any of ``service.solvers.SOLVERS``; for ``"dopri5"`` ``steps`` only
+        ``solver`` is any of ``numerics.solvers.SOLVERS``; for ``"dopri5"`` ``steps`` only
         sets the first step (``None``: chosen automatically).
         """
         with torch.no_grad():
@@ -163,7 +171,7 @@ class VelocityModel(nn.Module):
     def log_prob_with_error(
         self,
         x: Tensor,
-        method: str = "exact",
+        method: str | None = None,
         steps: int | None = None,
         solver: str = "dopri5",
         probes: int = 8,
@@ -176,9 +184,10 @@ class VelocityModel(nn.Module):
         x_1``; ``method="exact"`` uses the forward-mode trace, ``"hutchinson"`` the
         stochastic trace estimator with ``probes`` seeded probes (Grathwohl et al., FFJORD,
         2019). ``options`` (``rtol``, ``atol``, ``max_steps``) go to the solver.
-        ``x: (batch, dim)``; returns ``service.likelihood.LikelihoodResult`` (``log_prob:
+        ``x: (batch, dim)``; returns ``numerics.likelihood.LikelihoodResult`` (``log_prob:
         (batch,)``, ``std_error: (batch,)`` or ``None`` for exact, ``nfe``, ``z``).
         """
+        method = method or self.likelihood_method
         common = dict(t0=self.t_min, t1=1.0, method=solver, steps=steps, **options)
         with torch.no_grad():
             if method == "exact":
@@ -192,3 +201,25 @@ class VelocityModel(nn.Module):
     def log_prob(self, x: Tensor, **options: float | int | str) -> Tensor:
         """``log p(x)``: ``(batch, dim)`` -> ``(batch,)``; options as ``log_prob_with_error``."""
         return self.log_prob_with_error(x, **options).log_prob
+
+    def generation(self, z: Tensor, *, frames: int, solver: str = "rk4",
+                   steps: int = 32) -> tuple[Trajectory, list[str], str]:
+        """Noise ``z: (n, dim)`` at ``t = 1`` to ``t_min`` by ``solver`` on a uniform grid of
+        at least ``steps`` steps, a multiple of ``frames - 1``: the states on the grid, a
+        label per state, and what was run."""
+        per_frame = math.ceil(steps / (frames - 1))
+        times = np.linspace(1.0, self.t_min, (frames - 1) * per_frame + 1)
+        path = trajectory(self.velocity, z, times, method=solver)
+        labels = [f"t = {t:.2f}" for t in times]
+        return path, labels, f"{self.ode_name}, {solver}, {len(times) - 1} steps, NFE {path.nfe}"
+
+    def export_graphs(self) -> dict[str, ExportGraph]:
+        """``velocity``, ``velocity_div`` and ``velocity_jvp``."""
+        return velocity_graphs(self, self.dim)
+
+    def time_spec(self) -> TimeSpec:
+        return TimeSpec(t_min=float(self.t_min))
+
+    def serving_defaults(self) -> Defaults:
+        """The solver and steps ``/sample`` uses by default, and the likelihood method."""
+        raise NotImplementedError

@@ -30,8 +30,9 @@ from torch import Tensor, nn
 
 from training.config import PreprocessConfig
 from training.data import DataError, check_levels
+from training.flows.base import Compose, Transform
 
-__all__ = ["STD_FLOOR", "Dequantize", "Logit", "Preprocessor", "Standardize", "Transform"]
+__all__ = ["STD_FLOOR", "Dequantize", "Logit", "Preprocessor", "Standardize", "Step"]
 
 STD_FLOOR = 1e-8
 """Standardize divides by ``max(std, STD_FLOOR)``: a constant column stays invertible, but its
@@ -47,27 +48,17 @@ def _per_row(x: Tensor, value: Tensor) -> Tensor:
     return x.new_zeros(x.shape[0]) + value
 
 
-class Transform(nn.Module):
-    """An invertible elementwise map ``x: (batch, dim) -> u: (batch, dim)``.
-
-    Parameters are buffers of ``dtype`` (keyword argument of every transform; default
-    ``torch.get_default_dtype()``).
-    """
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Returns ``u: (batch, dim)`` and ``ladj = log|det du/dx|: (batch,)``."""
-        raise NotImplementedError
-
-    def inverse(self, u: Tensor) -> Tensor:
-        """``u: (batch, dim) -> x: (batch, dim)``."""
-        raise NotImplementedError
+class Step(Transform):
+    """A preprocessing step: an elementwise bijection that also describes itself for the
+    manifest. Its parameters are buffers of ``dtype`` (a keyword of every step; default
+    ``torch.get_default_dtype()``)."""
 
     def describe(self) -> dict[str, Any]:
         """JSON-able ``{"type": ..., parameters...}`` (for the export manifest)."""
         raise NotImplementedError
 
 
-class Standardize(Transform):
+class Standardize(Step):
     """``u = (x - mean) / std``; ``ladj = -sum(log std)``.
 
     Args:
@@ -99,7 +90,7 @@ class Standardize(Transform):
     def describe(self) -> dict[str, Any]:
         return {"type": "standardize", "mean": self.mean.tolist(), "std": self.std.tolist()}
 
-    def frozen(self) -> Transform:
+    def frozen(self) -> Step:
         """The same map as one inference-mode batch norm per direction, for export.
 
         ONNX Runtime's CPU kernels run ``x - mean`` with a ``(dim,)`` operand as a loop over
@@ -129,7 +120,7 @@ class _BatchNormStandardize(Standardize):
         return F.batch_norm(u, torch.zeros_like(mean), one, weight=std, bias=mean, eps=0.0)
 
 
-class Dequantize(Transform):
+class Dequantize(Step):
     """Uniform dequantization of integers ``x in 0..levels-1``: ``u = (x + noise) / levels``.
 
     ``noise ~ U(0, 1)`` is drawn from ``generator`` in training mode (or whenever a generator
@@ -168,7 +159,7 @@ class Dequantize(Transform):
         return {"type": "dequantize", "levels": round(self.levels.item())}
 
 
-class Logit(Transform):
+class Logit(Step):
     """``u = logit(s)``, ``s = alpha + (1 - 2 alpha) y`` for ``y in [0, 1]``.
 
     ``du/dy = (1 - 2 alpha) / (s (1 - s))`` per coordinate, so
@@ -195,7 +186,7 @@ class Logit(Transform):
         return {"type": "logit", "alpha": self.alpha.item()}
 
 
-class Preprocessor(nn.Module):
+class Preprocessor(Compose):
     """The composition dequantize -> logit -> standardize (each step optional).
 
     Build it with ``fit`` (statistics from the training split) or ``from_config`` (unfitted,
@@ -203,16 +194,19 @@ class Preprocessor(nn.Module):
     is in training mode (noisy dequantization): call ``.eval()`` to evaluate or export.
 
     Args:
-        steps: the transforms, applied in order by ``forward``.
+        steps: the deterministic steps (logit, standardize), applied in order.
         dim: number of columns.
         levels: integer data takes values ``0..levels-1``; ``None`` for continuous data.
+        dequantize: the first step, whose noise comes from ``forward``'s arguments.
     """
 
-    def __init__(self, steps: list[Transform], dim: int, levels: int | None = None) -> None:
-        super().__init__()
-        self.steps = nn.ModuleList(steps)
+    def __init__(self, steps: list[Step], dim: int, levels: int | None = None,
+                 dequantize: Dequantize | None = None) -> None:
+        super().__init__(steps)
         self.dim = dim
         self.levels = levels
+        self.dequantize = dequantize
+        self._register_load_state_dict_pre_hook(_read_step_layout, with_module=True)
 
     def forward(
         self, x: Tensor, generator: torch.Generator | None = None, noise: Tensor | None = None
@@ -221,29 +215,27 @@ class Preprocessor(nn.Module):
 
         ``generator`` / ``noise`` reach the dequantization step (see ``Dequantize``).
         """
-        ladj = x.new_zeros(x.shape[0])
-        for step in self.steps:
-            if isinstance(step, Dequantize):
-                x, step_ladj = step(x, generator=generator, noise=noise)
-            else:
-                x, step_ladj = step(x)
-            ladj = ladj + step_ladj
-        return x, ladj
+        if self.dequantize is None:
+            return super().forward(x)
+        y, ladj = self.dequantize(x, generator=generator, noise=noise)
+        u, rest = super().forward(y)
+        return u, ladj + rest
 
     def inverse(self, u: Tensor) -> Tensor:
         """``u: (batch, dim) -> x: (batch, dim)``, continuous (integer data are not rounded)."""
-        for step in reversed(self.steps):
-            u = step.inverse(u)
-        return u
+        y = super().inverse(u)
+        return y if self.dequantize is None else self.dequantize.inverse(y)
 
     def describe(self) -> list[dict[str, Any]]:
         """JSON-able list of the steps in the order ``forward`` applies them."""
-        return [step.describe() for step in self.steps]
+        first = [] if self.dequantize is None else [self.dequantize.describe()]
+        return first + [step.describe() for step in self.transforms]
 
     def frozen(self) -> Preprocessor:
-        """An equivalent copy for export (eval mode): steps with a ``frozen`` form use it."""
-        steps = [step.frozen() if hasattr(step, "frozen") else step for step in self.steps]
-        return Preprocessor(copy.deepcopy(steps), self.dim, self.levels).eval()
+        """An equivalent copy for export (eval mode), every step in its frozen form."""
+        steps = [step.frozen() for step in self.transforms]
+        return Preprocessor(copy.deepcopy(steps), self.dim, self.levels,
+                            copy.deepcopy(self.dequantize)).eval()
 
     @classmethod
     def from_config(
@@ -259,14 +251,13 @@ class Preprocessor(nn.Module):
         ``dtype`` of the buffers defaults to ``torch.get_default_dtype()``.
         """
         levels = _resolve_levels(cfg, levels)
-        steps: list[Transform] = []
-        if cfg.dequantize:
-            steps.append(Dequantize(levels, dtype=dtype))
+        steps: list[Step] = []
         if cfg.logit_alpha is not None:
             steps.append(Logit(cfg.logit_alpha, dtype=dtype))
         if cfg.standardize:
             steps.append(Standardize(torch.zeros(dim), torch.ones(dim), dtype=dtype))
-        return cls(steps, dim, levels)
+        dequantize = Dequantize(levels, dtype=dtype) if cfg.dequantize else None
+        return cls(steps, dim, levels, dequantize)
 
     @classmethod
     def fit(
@@ -297,12 +288,12 @@ class Preprocessor(nn.Module):
         return pre
 
     def _fit_standardize(self, x: np.ndarray) -> None:
-        before = copy.deepcopy(list(self.steps)[:-1])
-        head = Preprocessor(before, self.dim, self.levels).double().eval()  # midpoint dequant
-        with torch.no_grad():
-            u, _ = head(torch.as_tensor(x, dtype=torch.float64))
-        self.steps[-1].mean.copy_(u.mean(0))
-        self.steps[-1].std.copy_(u.std(0, correction=0).clamp_min(STD_FLOOR))
+        before = copy.deepcopy(list(self.transforms)[:-1])
+        head = Preprocessor(before, self.dim, self.levels, copy.deepcopy(self.dequantize))
+        with torch.no_grad():  # eval mode: dequantized at the cell midpoint
+            u, _ = head.double().eval()(torch.as_tensor(x, dtype=torch.float64))
+        self.transforms[-1].mean.copy_(u.mean(0))
+        self.transforms[-1].std.copy_(u.std(0, correction=0).clamp_min(STD_FLOOR))
 
 
 def _resolve_levels(cfg: PreprocessConfig, levels: int | None) -> int | None:
@@ -321,3 +312,14 @@ def _check_train(x_train: np.ndarray) -> np.ndarray:
     if not np.isfinite(x).all():
         raise DataError("x_train holds NaN/Inf; validate it with training.data.load_data")
     return x
+
+
+def _read_step_layout(module: nn.Module, state: dict[str, Any], prefix: str, *_: Any) -> None:
+    """Read the ``steps.N`` layout of format-1 checkpoints (dequantize, logit, standardize
+    in one list) into ``dequantize`` and ``transforms.M``."""
+    shift = 1 if module.dequantize is not None else 0
+    for key in [k for k in state if k.startswith(prefix + "steps.")]:
+        index, rest = key[len(prefix) + len("steps."):].split(".", 1)
+        i = int(index) - shift
+        target = f"{prefix}dequantize.{rest}" if i < 0 else f"{prefix}transforms.{i}.{rest}"
+        state[target] = state.pop(key)

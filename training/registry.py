@@ -1,18 +1,20 @@
-"""The one registry of model types (no string dispatch anywhere else).
+"""The one registry of model types: name -> family, summary and builder.
 
 Every model, whatever its family, is an ``nn.Module`` with:
 
-* ``family: str`` -- ``"flow"``, ``"diffusion"`` or ``"flow_matching"``; ``dim: int``.
+* ``family: str`` (a family of ``artifact.families``) and ``dim: int``;
 * ``training_loss(x, generator) -> Tensor`` -- scalar loss on a batch ``x: (batch, dim)`` in
-  model space (after preprocessing); ``generator`` is a ``torch.Generator`` or ``None``.
-* ``validation_loss(x, generator) -> Tensor`` -- scalar; flows return the mean NLL.
-* ``sample(n, generator=None, **options) -> Tensor`` -- ``(n, dim)`` in model space.
-* ``log_prob(x, **options) -> Tensor`` -- ``(batch,)`` in model space.
+  model space (after preprocessing); ``generator`` is a ``torch.Generator`` or ``None``;
+* ``validation_loss(x, generator) -> Tensor`` -- scalar; flows return the mean NLL;
+* ``sample(n, generator=None, **options) -> Tensor`` -- ``(n, dim)`` in model space;
+* ``log_prob_with_error(x, **options) -> numerics.likelihood.LikelihoodResult`` and
+  ``log_prob(x, **options) -> Tensor`` -- ``(batch,)`` in model space;
+* ``export_graphs() -> dict[name, ExportGraph]`` -- the tensor-in/tensor-out graphs its
+  family serves (``training.export``), ``time_spec()`` and ``serving_defaults()`` -- the
+  manifest fields its family needs.
 
-Flows add ``forward(x) -> (z, ladj)`` and ``inverse(z) -> x``. Diffusion and flow matching
-add ``velocity(x, t)``, ``velocity_div(x, t) -> (v, div)`` and ``velocity_jvp(x, t, e) ->
-(v, jvp)`` with ``t: (batch,)`` in the shared time convention (t = 0 data, t = 1 noise), and
-``t_min`` (where likelihood integration starts).
+A new model type is one :func:`register_model_type` call (a new family also registers its
+vocabulary in ``artifact.families`` and a runtime in ``service.runtime``).
 """
 
 from __future__ import annotations
@@ -23,78 +25,78 @@ from dataclasses import dataclass
 from torch import nn
 
 from training.config import ModelConfig
+from training.diffusion import build_ddpm
+from training.flow_matching import build_cfm, build_otcfm, build_si
+from training.flows import (
+    build_glow,
+    build_iaf,
+    build_maf,
+    build_nice,
+    build_nsf,
+    build_nsf_ar,
+    build_realnvp,
+)
+from training.flows.image import build_glow_image, build_realnvp_image
+from training.unet import build_cfm_image, build_ddpm_image, build_otcfm_image
 
-__all__ = ["ALL_MODEL_TYPES", "IMAGE_MODEL_TYPES", "MODEL_TYPES", "ModelSpec", "build_model",
-           "family_of", "is_image_model"]
+__all__ = ["MODEL_TYPES", "ModelType", "build_model", "family_of", "is_image_model",
+           "register_model_type"]
 
 
 @dataclass(frozen=True)
-class ModelSpec:
+class ModelType:
+    """A registered model type.
+
+    Attributes:
+        family: its family (``artifact.families``).
+        summary: one line for ``--help``.
+        build: ``(dim, ModelConfig) -> nn.Module``, an untrained model.
+        image: it needs ``ModelConfig.image_shape`` (C, H, W); other types train on any
+            ``(rows, dim)`` table.
+    """
+
     family: str
     summary: str
-    builder: Callable[[str, int, ModelConfig], nn.Module]
+    build: Callable[[int, ModelConfig], nn.Module]
+    image: bool = False
 
 
-def _flow(kind: str, dim: int, cfg: ModelConfig) -> nn.Module:
-    from training.flows import build_flow
-
-    return build_flow(kind, dim, cfg)
-
-
-def _diffusion(kind: str, dim: int, cfg: ModelConfig) -> nn.Module:
-    from training.diffusion import build_diffusion
-
-    return build_diffusion(kind, dim, cfg)
-
-
-def _flow_matching(kind: str, dim: int, cfg: ModelConfig) -> nn.Module:
-    from training.flow_matching import build_flow_matching
-
-    return build_flow_matching(kind, dim, cfg)
-
-
-MODEL_TYPES: dict[str, ModelSpec] = {
-    "nice": ModelSpec("flow", "NICE: additive coupling + diagonal scale", _flow),
-    "realnvp": ModelSpec("flow", "RealNVP: affine coupling, alternating masks", _flow),
-    "glow": ModelSpec("flow", "Glow step: ActNorm + LU linear + affine coupling", _flow),
-    "maf": ModelSpec("flow", "MAF: masked autoregressive affine (MADE)", _flow),
-    "iaf": ModelSpec("flow", "IAF: inverse autoregressive affine (MADE)", _flow),
-    "nsf": ModelSpec("flow", "NSF: rational-quadratic spline coupling", _flow),
-    "nsf_ar": ModelSpec("flow", "NSF: rational-quadratic spline, autoregressive", _flow),
-    "ddpm": ModelSpec("diffusion", "VP-SDE diffusion (epsilon or v prediction)", _diffusion),
-    "cfm": ModelSpec("flow_matching", "conditional flow matching, linear path", _flow_matching),
-    "otcfm": ModelSpec("flow_matching", "CFM with minibatch exact OT pairs", _flow_matching),
-    "si": ModelSpec("flow_matching", "stochastic interpolant (noise gamma)", _flow_matching),
+MODEL_TYPES: dict[str, ModelType] = {
+    "nice": ModelType("flow", "NICE: additive coupling + diagonal scale", build_nice),
+    "realnvp": ModelType("flow", "RealNVP: affine coupling, alternating masks", build_realnvp),
+    "glow": ModelType("flow", "Glow step: ActNorm + LU linear + affine coupling", build_glow),
+    "maf": ModelType("flow", "MAF: masked autoregressive affine (MADE)", build_maf),
+    "iaf": ModelType("flow", "IAF: inverse autoregressive affine (MADE)", build_iaf),
+    "nsf": ModelType("flow", "NSF: rational-quadratic spline coupling", build_nsf),
+    "nsf_ar": ModelType("flow", "NSF: rational-quadratic spline, autoregressive", build_nsf_ar),
+    "ddpm": ModelType("diffusion", "VP-SDE diffusion (epsilon or v prediction)", build_ddpm),
+    "cfm": ModelType("flow_matching", "conditional flow matching, linear path", build_cfm),
+    "otcfm": ModelType("flow_matching", "CFM with minibatch exact OT pairs", build_otcfm),
+    "si": ModelType("flow_matching", "stochastic interpolant (noise gamma)", build_si),
+    "glow_image": ModelType("flow", "multi-scale Glow: squeeze, ActNorm, 1x1 conv, coupling",
+                            build_glow_image, image=True),
+    "realnvp_image": ModelType("flow", "multi-scale RealNVP: checkerboard/channel couplings",
+                               build_realnvp_image, image=True),
+    "ddpm_image": ModelType("diffusion", "VP-SDE diffusion with a small U-Net",
+                            build_ddpm_image, image=True),
+    "cfm_image": ModelType("flow_matching", "conditional flow matching with a small U-Net",
+                           build_cfm_image, image=True),
+    "otcfm_image": ModelType("flow_matching", "OT-CFM with a small U-Net", build_otcfm_image,
+                             image=True),
 }
 
 
-def _image(kind: str, dim: int, cfg: ModelConfig) -> nn.Module:
-    from training.flows.image import IMAGE_FLOW_BUILDERS, build_image_flow
-
-    if kind in IMAGE_FLOW_BUILDERS:
-        return build_image_flow(kind, dim, cfg)
-    from training.unet import build_image_velocity_model
-
-    return build_image_velocity_model(kind, dim, cfg)
-
-
-# Image models need ModelConfig.image_shape (C, H, W); kept apart from MODEL_TYPES, whose
-# every entry trains on any (rows, dim) table.
-IMAGE_MODEL_TYPES: dict[str, ModelSpec] = {
-    "glow_image": ModelSpec("flow", "multi-scale Glow: squeeze, ActNorm, 1x1 conv, coupling",
-                            _image),
-    "realnvp_image": ModelSpec("flow", "multi-scale RealNVP: checkerboard/channel couplings",
-                               _image),
-    "ddpm_image": ModelSpec("diffusion", "VP-SDE diffusion with a small U-Net", _image),
-    "cfm_image": ModelSpec("flow_matching", "conditional flow matching with a small U-Net",
-                           _image),
-    "otcfm_image": ModelSpec("flow_matching", "OT-CFM with a small U-Net", _image),
-}
-ALL_MODEL_TYPES: dict[str, ModelSpec] = MODEL_TYPES | IMAGE_MODEL_TYPES
+def register_model_type(name: str, spec: ModelType) -> ModelType:
+    """Add a model type (idempotent for an equal spec)."""
+    known = MODEL_TYPES.get(name)
+    if known is not None and known != spec:
+        raise ValueError(f"model type {name!r} is already registered differently")
+    MODEL_TYPES[name] = spec
+    return spec
 
 
 def is_image_model(kind: str) -> bool:
-    return kind in IMAGE_MODEL_TYPES
+    return _spec(kind).image
 
 
 def family_of(kind: str) -> str:
@@ -103,12 +105,15 @@ def family_of(kind: str) -> str:
 
 def build_model(kind: str, dim: int, cfg: ModelConfig | None = None) -> nn.Module:
     """Build an untrained model of type ``kind`` for data of dimension ``dim``."""
-    return _spec(kind).builder(kind, dim, cfg or ModelConfig())
+    spec = _spec(kind)
+    if dim < 1:
+        raise ValueError(f"a model needs dim >= 1 features, got dim={dim}")
+    return spec.build(dim, cfg or ModelConfig())
 
 
-def _spec(kind: str) -> ModelSpec:
+def _spec(kind: str) -> ModelType:
     try:
-        return ALL_MODEL_TYPES[kind]
+        return MODEL_TYPES[kind]
     except KeyError:
-        choices = ", ".join(sorted(ALL_MODEL_TYPES))
+        choices = ", ".join(MODEL_TYPES)
         raise ValueError(f"unknown model type {kind!r}; choose one of: {choices}") from None

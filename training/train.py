@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from service.progress import progress_bar
 from training.config import TrainConfig
 from training.distributed import DistContext, all_reduce_mean, broadcast_float, setup
 
@@ -166,9 +167,7 @@ def train_model(
     batch, split evenly across ranks. On return every rank holds the same (best) weights, on
     the CPU.
     """
-    from training.progress import progress_bar
-
-    ctx = dist_ctx if dist_ctx is not None else setup()
+    ctx = dist_ctx if dist_ctx is not None else setup(cfg.dist_backend)
     generator = torch.Generator().manual_seed(cfg.seed)
     index_gen = noise_gen = generator  # one process: one stream, as it always was
     local_batch = cfg.batch_size

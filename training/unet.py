@@ -26,10 +26,18 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F  # noqa: N812
 
+from numerics.schedules import make_schedule
 from training.config import ModelConfig
+from training.diffusion import DiffusionModel
+from training.flow_matching import (
+    ConditionalFlowMatcher,
+    ExactOptimalTransportMatcher,
+    FlowMatchingModel,
+)
+from training.flows.image import image_shape_of
 from training.nets import VelocityModel, silu_derivative
 
-__all__ = ["UNet", "build_image_velocity_model"]
+__all__ = ["UNet", "build_cfm_image", "build_ddpm_image", "build_otcfm_image"]
 
 Dual = tuple[Tensor, Tensor | None]
 """A primal ``(batch, C, H, W)`` and its tangents ``(batch, K, C, H, W)`` (or ``None``)."""
@@ -170,29 +178,34 @@ class UNet(nn.Module):
         return out, (jacobian * eye).sum(dim=(-2, -1))
 
 
-def build_image_velocity_model(kind: str, dim: int, cfg: ModelConfig) -> VelocityModel:
-    """Untrained ``"ddpm_image"``, ``"cfm_image"`` or ``"otcfm_image"``: the vector model of
-    the same family with a :class:`UNet` (width ``cfg.hidden_features``, ``cfg.scales``
-    down-samplings) in place of the MLP."""
-    from training.flows.image import image_shape_of
+def _traced_by_probes(model: VelocityModel) -> VelocityModel:
+    """Image models' likelihood defaults to Hutchinson's estimate: an exact trace costs
+    ``dim`` network passes per step."""
+    model.likelihood_method = "hutchinson"
+    return model
 
+
+def _unet(dim: int, cfg: ModelConfig, kind: str) -> UNet:
     shape = image_shape_of(kind, dim, cfg)
-    net = UNet(shape, cfg.hidden_features, cfg.time_embedding, cfg.scales)
-    if kind == "ddpm_image":
-        from service.schedules import make_schedule
-        from training.diffusion import DiffusionModel
+    return UNet(shape, cfg.hidden_features, cfg.time_embedding, cfg.scales)
 
-        params = {"beta_min": cfg.beta_min, "beta_max": cfg.beta_max}
-        schedule = make_schedule(cfg.schedule, **(params if cfg.schedule == "linear" else {}))
-        return DiffusionModel(dim, net, schedule, cfg.prediction, cfg.t_min, kind)
-    from training.flow_matching import (
-        ConditionalFlowMatcher,
-        ExactOptimalTransportMatcher,
-        FlowMatchingModel,
-    )
 
-    matchers = {"cfm_image": ConditionalFlowMatcher, "otcfm_image": ExactOptimalTransportMatcher}
-    if kind not in matchers:
-        raise ValueError(f"unknown image velocity model {kind!r}; choose ddpm_image, "
-                         "cfm_image or otcfm_image")
-    return FlowMatchingModel(kind, dim, net, matchers[kind](cfg.sigma_min))
+def build_ddpm_image(dim: int, cfg: ModelConfig) -> DiffusionModel:
+    """Untrained VP-SDE diffusion with a :class:`UNet` (width ``cfg.hidden_features``,
+    ``cfg.scales`` down-samplings) on ``cfg.image_shape`` images."""
+    schedule = make_schedule(cfg.schedule, beta_min=cfg.beta_min, beta_max=cfg.beta_max)
+    return _traced_by_probes(DiffusionModel(dim, _unet(dim, cfg, "ddpm_image"), schedule,
+                                            cfg.prediction, cfg.t_min, "ddpm_image"))
+
+
+def build_cfm_image(dim: int, cfg: ModelConfig) -> FlowMatchingModel:
+    """Untrained conditional flow matching with a :class:`UNet`."""
+    return _traced_by_probes(FlowMatchingModel("cfm_image", dim, _unet(dim, cfg, "cfm_image"),
+                                               ConditionalFlowMatcher(cfg.sigma_min)))
+
+
+def build_otcfm_image(dim: int, cfg: ModelConfig) -> FlowMatchingModel:
+    """Untrained OT-CFM with a :class:`UNet`."""
+    return _traced_by_probes(FlowMatchingModel("otcfm_image", dim,
+                                               _unet(dim, cfg, "otcfm_image"),
+                                               ExactOptimalTransportMatcher(cfg.sigma_min)))

@@ -9,13 +9,18 @@ evaluation is therefore ``forward`` and sampling is ``inverse``.
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Iterable
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Flow", "InverseTransform", "Transform", "standard_normal_log_prob"]
+from artifact.manifest import Defaults, TimeSpec
+from numerics.likelihood import LikelihoodResult, standard_normal_log_prob
+from numerics.solvers import Trajectory
+from training.graphs import ExportGraph, one_pass_graphs
+
+__all__ = ["Compose", "ExactDensity", "Flow", "InverseTransform", "Transform"]
 
 
 class Transform(nn.Module):
@@ -80,12 +85,71 @@ class InverseTransform(Transform):
         return InverseTransform(self.transform.frozen())
 
 
-def standard_normal_log_prob(z: Tensor) -> Tensor:
-    """Log density of ``N(0, I)``: ``z: (batch, dim)`` -> ``(batch,)``."""
-    return -0.5 * z.square().sum(-1) - 0.5 * z.shape[-1] * math.log(2 * math.pi)
+class Compose(Transform):
+    """Transforms applied in order (data -> noise): the one composition of bijections.
+
+    ``forward`` adds up the steps' log-dets; ``inverse`` runs the steps' inverses in reverse
+    order; ``frozen`` freezes every step.
+
+    Args:
+        transforms: the steps, in the data -> noise order.
+
+    Example:
+        >>> from training.flows.linear import DiagonalScale
+        >>> chain = Compose([DiagonalScale(2), DiagonalScale(2)])
+        >>> y, ladj = chain(torch.randn(4, 2))  # y: (4, 2), ladj: (4,)
+    """
+
+    def __init__(self, transforms: Iterable[Transform]) -> None:
+        super().__init__()
+        self.transforms = nn.ModuleList(transforms)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        ladj = x.new_zeros(x.shape[0])
+        for transform in self.transforms:
+            x, step_ladj = transform(x)
+            ladj = ladj + step_ladj
+        return x, ladj
+
+    def inverse(self, y: Tensor) -> Tensor:
+        for transform in reversed(self.transforms):
+            y = transform.inverse(y)
+        return y
+
+    def frozen(self) -> Compose:
+        return Compose([t.frozen() for t in self.transforms])
 
 
-class Flow(nn.Module):
+class ExactDensity:
+    """What a model with an exact one-pass density shares (flows, mixtures of flows): the
+    likelihood interface of every model, and the graphs and manifest fields of the family.
+
+    The host class has ``dim``, ``log_prob(x)``, ``inverse(z)`` and ``frozen()``.
+    """
+
+    dim: int
+
+    def log_prob_with_error(self, x: Tensor, method: str | None = None,
+                            **options: object) -> LikelihoodResult:
+        """Exact ``log p(x)``: ``x: (batch, dim)`` -> ``log_prob: (batch,)``, no standard
+        error, one pass (``z`` is ``x``: there is no ODE end state). ODE options
+        (``steps``, ``solver``, ``seed``) do not apply."""
+        if method not in (None, "exact"):
+            raise ValueError(f"a flow's likelihood is exact; method {method!r} does not apply")
+        return LikelihoodResult(self.log_prob(x), None, 1, x)
+
+    def export_graphs(self) -> dict[str, ExportGraph]:
+        """``log_prob`` and ``sample``, on the solver-free inference copy."""
+        return one_pass_graphs(self.frozen(), self.dim)
+
+    def time_spec(self) -> TimeSpec | None:
+        return None
+
+    def serving_defaults(self) -> Defaults:
+        return Defaults()
+
+
+class Flow(ExactDensity, Compose):
     """A normalizing flow: transforms composed over a standard normal base distribution.
 
     ``log p(x) = log N(z; 0, I) + sum_i log |det J_i|`` with ``z = f_K(...f_1(x))``
@@ -108,23 +172,8 @@ class Flow(nn.Module):
     family = "flow"
 
     def __init__(self, dim: int, transforms: Iterable[Transform]) -> None:
-        super().__init__()
+        super().__init__(transforms)
         self.dim = dim
-        self.transforms = nn.ModuleList(transforms)
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Data -> noise: ``x: (batch, dim)`` -> ``(z: (batch, dim), ladj: (batch,))``."""
-        ladj = x.new_zeros(x.shape[:-1])
-        for transform in self.transforms:
-            x, step_ladj = transform(x)
-            ladj = ladj + step_ladj
-        return x, ladj
-
-    def inverse(self, z: Tensor) -> Tensor:
-        """Noise -> data: ``z: (batch, dim)`` -> ``x: (batch, dim)``."""
-        for transform in reversed(self.transforms):
-            z = transform.inverse(z)
-        return z
 
     def log_prob(self, x: Tensor) -> Tensor:
         """Exact log density ``x: (batch, dim)`` -> ``(batch,)`` in nats."""
@@ -138,6 +187,20 @@ class Flow(nn.Module):
             n, self.dim, generator=generator, dtype=reference.dtype, device=reference.device
         )
         return self.inverse(z)
+
+    def generation(self, z: Tensor, *, frames: int, solver: str = "rk4",
+                   steps: int = 32) -> tuple[Trajectory, list[str], str]:
+        """Noise ``z: (n, dim)`` to model space layer by layer (``solver`` and ``steps`` do
+        not apply): the states after each inverted layer (``times`` 1 -> 0 is the share of
+        layers still to invert), a label per state, and what was run."""
+        states = [z]
+        with torch.no_grad():
+            for transform in reversed(self.transforms):
+                states.append(transform.inverse(states[-1]))
+        layers = len(self.transforms)
+        path = Trajectory(np.linspace(1.0, 0.0, layers + 1), torch.stack(states), 1, None)
+        labels = [f"layer {i}/{layers} inverted" for i in range(layers + 1)]
+        return path, labels, f"inverse pass, {layers} layers, NFE 1"
 
     def training_loss(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Mean negative log-likelihood of ``x: (batch, dim)`` (``generator`` is unused)."""

@@ -24,21 +24,18 @@ import torch
 from torch import Tensor, nn
 
 from training.config import ModelConfig
-from training.flows.base import Flow, Transform
+from training.flows.base import Compose, Flow, Transform
 from training.flows.linear import LULinear
 
 __all__ = [
-    "IMAGE_FLOW_BUILDERS",
     "ActNorm2d",
     "AffineCoupling2d",
-    "Chain",
     "FrozenConv1x1",
     "ImageFlow",
     "InvertibleConv1x1",
     "ResNet",
     "Squeeze",
     "build_glow_image",
-    "build_image_flow",
     "build_realnvp_image",
     "checkerboard_mask",
     "image_shape_of",
@@ -268,50 +265,24 @@ class AffineCoupling2d(Transform):
         return self._merge(kept, (moved - t) * (-s).exp())
 
 
-class Chain(Transform):
-    """Transforms applied in order (data -> noise); ``ladj`` adds up.
-
-    Args:
-        transforms: the steps.
-    """
-
-    def __init__(self, transforms: list[Transform]) -> None:
-        super().__init__()
-        self.transforms = nn.ModuleList(transforms)
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        ladj = x.new_zeros(x.shape[0])
-        for t in self.transforms:
-            x, step = t(x)
-            ladj = ladj + step
-        return x, ladj
-
-    def inverse(self, y: Tensor) -> Tensor:
-        for t in reversed(self.transforms):
-            y = t.inverse(y)
-        return y
-
-    def frozen(self) -> Chain:
-        return Chain([t.frozen() for t in self.transforms])
-
-
 class ImageFlow(Flow):
     """Multi-scale flow over images, presented as a ``Flow`` over flat rows.
 
     Level ``k`` maps its input ``(batch, C_k, H_k, W_k)`` through ``transforms[k]`` (a
-    :class:`Chain`, which may squeeze); then, except after the last level, the first half of
-    the channels is factored out: it goes straight to the standard normal base (RealNVP,
-    Sec. 3.6) and the rest enters level ``k + 1``. ``z`` is the concatenation of the factored
-    parts, flattened, then the last level's output: ``(batch, C*H*W)``.
+    :class:`~training.flows.base.Compose`, which may squeeze); then, except after the last
+    level, the first half of the channels is factored out: it goes straight to the standard
+    normal base (RealNVP, Sec. 3.6) and the rest enters level ``k + 1``. ``z`` is the
+    concatenation of the factored parts, flattened, then the last level's output:
+    ``(batch, C*H*W)``.
 
     Args:
         shape: ``(C, H, W)`` of one image.
-        levels: one :class:`Chain` per scale.
+        levels: one :class:`~training.flows.base.Compose` per scale.
         factor_out: channels factored out after each level (0 for none), same length.
     """
 
     def __init__(
-        self, shape: tuple[int, int, int], levels: list[Chain], factor_out: list[int]
+        self, shape: tuple[int, int, int], levels: list[Compose], factor_out: list[int]
     ) -> None:
         super().__init__(math.prod(shape), levels)
         self.image_shape = tuple(shape)
@@ -406,7 +377,7 @@ def build_glow_image(dim: int, cfg: ModelConfig) -> ImageFlow:
                 InvertibleConv1x1(c),
                 AffineCoupling2d((c, h, w), "channel", i, cfg.hidden_features, cfg.hidden_layers),
             ]
-        levels.append(Chain(steps))
+        levels.append(Compose(steps))
         last = level == cfg.scales - 1
         factor_out.append(0 if last else c // 2)
         c = c if last else c - c // 2
@@ -433,20 +404,9 @@ def build_realnvp_image(dim: int, cfg: ModelConfig) -> ImageFlow:
         steps = couplings("checkerboard", cfg.transforms)
         c, h, w = c * 4, h // 2, w // 2
         steps += [Squeeze(), *couplings("channel", cfg.transforms)]
-        levels.append(Chain(steps))
+        levels.append(Compose(steps))
         factor_out.append(c // 2)
         c -= c // 2
-    levels.append(Chain(couplings("checkerboard", cfg.transforms + 1)))
+    levels.append(Compose(couplings("checkerboard", cfg.transforms + 1)))
     factor_out.append(0)
     return ImageFlow(shape, levels, factor_out)
-
-
-IMAGE_FLOW_BUILDERS = {"glow_image": build_glow_image, "realnvp_image": build_realnvp_image}
-
-
-def build_image_flow(kind: str, dim: int, cfg: ModelConfig) -> ImageFlow:
-    """An untrained image flow of type ``kind`` (``"glow_image"`` or ``"realnvp_image"``)."""
-    if kind not in IMAGE_FLOW_BUILDERS:
-        choices = sorted(IMAGE_FLOW_BUILDERS)
-        raise ValueError(f"unknown image flow {kind!r}; choose one of {choices}")
-    return IMAGE_FLOW_BUILDERS[kind](dim, cfg)

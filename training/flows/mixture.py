@@ -36,10 +36,12 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from training.flows.base import ExactDensity
+
 __all__ = ["FlowMixture"]
 
 
-class FlowMixture(nn.Module):
+class FlowMixture(ExactDensity, nn.Module):
     """``(1/K) sum_k p_k``: ``members`` are flows over the same ``dim`` in the same space."""
 
     family = "flow"

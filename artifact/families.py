@@ -1,0 +1,89 @@
+"""The vocabulary of model families: the graphs each exports and the solvers each serves.
+
+A family is what the service needs to know about a kind of model before it runs one: which
+graphs its artifact holds, which solvers ``/sample`` accepts, how its likelihood is computed
+and whether its manifest carries a time convention. Training (which writes artifacts), the
+manifest validator and the service (which validates requests and serves them) all read it
+from here. A new family registers itself with :func:`register_family`; nothing else in this
+module changes.
+
+Example:
+    >>> spec = family("flow_matching")
+    >>> spec.graphs, spec.likelihood_methods
+    (('velocity', 'velocity_div', 'velocity_jvp'), ('exact', 'hutchinson'))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from numerics.samplers import SAMPLERS
+from numerics.solvers import SOLVERS
+
+__all__ = ["COMMON_GRAPHS", "FAMILIES", "ONE_PASS", "FamilySpec", "family", "register_family"]
+
+COMMON_GRAPHS: tuple[str, ...] = ("preprocess", "postprocess")
+"""Graphs of every artifact: data units -> model space ``(u, ladj)`` and back."""
+ONE_PASS = "exact"
+"""The one solver name of models that sample in one pass (flows)."""
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """What a family's artifacts hold and serve.
+
+    Attributes:
+        name: the family's name, as manifests write it.
+        graphs: graphs its artifacts export besides :data:`COMMON_GRAPHS`.
+        sample_solvers: the ``solver`` values ``/sample`` accepts (``("exact",)``: one pass).
+        likelihood_methods: ``method`` values of ``/log_likelihood``; the first is exact.
+        likelihood_solvers: ODE solvers of the likelihood integral (``()``: one pass, in
+            which case ``solver`` and ``steps`` do not apply to ``/log_likelihood``).
+        timed: whether the manifest carries a ``time`` section (ODE models).
+    """
+
+    name: str
+    graphs: tuple[str, ...]
+    sample_solvers: tuple[str, ...]
+    likelihood_methods: tuple[str, ...] = ("exact",)
+    likelihood_solvers: tuple[str, ...] = ()
+    timed: bool = False
+
+    @property
+    def all_graphs(self) -> tuple[str, ...]:
+        return COMMON_GRAPHS + self.graphs
+
+    @property
+    def one_pass_likelihood(self) -> bool:
+        return not self.likelihood_solvers
+
+
+FAMILIES: dict[str, FamilySpec] = {}
+
+
+def register_family(spec: FamilySpec) -> FamilySpec:
+    """Add a family to the vocabulary (idempotent for an equal spec)."""
+    known = FAMILIES.get(spec.name)
+    if known is not None and known != spec:
+        raise ValueError(f"family {spec.name!r} is already registered differently")
+    FAMILIES[spec.name] = spec
+    return spec
+
+
+def family(name: str) -> FamilySpec:
+    """The spec of family ``name``, or a ValueError listing the known families."""
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise ValueError(f"unknown model family {name!r}; known: "
+                         f"{', '.join(sorted(FAMILIES))}") from None
+
+
+_ODE_GRAPHS = ("velocity", "velocity_div", "velocity_jvp")
+register_family(FamilySpec("flow", graphs=("log_prob", "sample"), sample_solvers=(ONE_PASS,)))
+register_family(FamilySpec("diffusion", graphs=_ODE_GRAPHS, sample_solvers=SOLVERS + SAMPLERS,
+                           likelihood_methods=("exact", "hutchinson"),
+                           likelihood_solvers=SOLVERS, timed=True))
+register_family(FamilySpec("flow_matching", graphs=_ODE_GRAPHS, sample_solvers=SOLVERS,
+                           likelihood_methods=("exact", "hutchinson"),
+                           likelihood_solvers=SOLVERS, timed=True))

@@ -1,0 +1,182 @@
+"""``manifest.json``: the only contract between ``training/`` (which writes it) and the service.
+
+Versioned and validated by Pydantic. It names every graph file with its inputs and outputs
+(batch axis dynamic), the family's time convention and schedule, preprocessing, default
+solver settings, the anomaly calibration, the training data's summary, the sha256 of every
+file, and the versions that produced it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from artifact.calibration import Calibration
+from artifact.families import FAMILIES, family
+
+__all__ = [
+    "MANIFEST_FILE",
+    "MANIFEST_VERSION",
+    "Calibration",
+    "DataInfo",
+    "Defaults",
+    "GraphFile",
+    "Manifest",
+    "ManifestError",
+    "TensorSpec",
+    "TimeSpec",
+    "read_manifest",
+    "sha256_file",
+]
+
+MANIFEST_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
+class ManifestError(ValueError):
+    """An artifact directory is missing a file, fails its sha256, or breaks the schema."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class TensorSpec(_Model):
+    name: str
+    shape: list[int | str] = Field(description='dimensions; "batch" is the dynamic axis')
+    dtype: Literal["float32", "float64", "int64"] = "float32"
+
+
+class GraphFile(_Model):
+    file: str
+    format: Literal["onnx", "torchscript"]
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+    @field_validator("file")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        if "/" in v or "\\" in v or v.startswith("."):
+            raise ValueError(f"graph file {v!r} must be a plain file name inside the directory")
+        return v
+
+
+class TimeSpec(_Model):
+    """ODE time convention: t = t_min is data, t = 1 is noise (standard normal base)."""
+
+    t_min: float = Field(0.0, ge=0, lt=1)
+    t_max: float = 1.0
+    schedule: Literal["linear", "cosine"] | None = None
+    beta_min: float | None = None
+    beta_max: float | None = None
+
+
+class Defaults(_Model):
+    solver: str | None = None
+    steps: int | None = Field(None, ge=1)
+    method: Literal["exact", "hutchinson"] = "exact"
+    probes: int = Field(8, ge=1)
+    rtol: float = 1e-5
+    atol: float = 1e-5
+
+
+class DataInfo(_Model):
+    name: str
+    rows: int
+    dim: int
+    levels: int | None = None
+    mean: list[float] = Field(default_factory=list)
+    std: list[float] = Field(default_factory=list)
+
+
+class Manifest(_Model):
+    manifest_version: int = MANIFEST_VERSION
+    name: str = Field(pattern=NAME_PATTERN)
+    family: str = Field(description="a registered family (artifact.families)")
+    model_type: str
+    dim: int = Field(ge=1)
+    event_shape: list[int] = Field(description="shape of one row, e.g. [2] or [1, 8, 8]")
+    preprocessing: list[dict] = Field(default_factory=list)
+    graphs: dict[str, dict[str, GraphFile]] = Field(description="graph name -> format -> file")
+    time: TimeSpec | None = None
+    defaults: Defaults = Field(default_factory=Defaults)
+    calibration: Calibration | None = None
+    data: DataInfo
+    files: dict[str, str] = Field(description="file name -> sha256 of every file but this one")
+    versions: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("family")
+    @classmethod
+    def _known_family(cls, v: str) -> str:
+        if v not in FAMILIES:
+            raise ValueError(f"unknown family {v!r}; known: {', '.join(sorted(FAMILIES))}")
+        return v
+
+    @model_validator(mode="after")
+    def _complete(self) -> Manifest:
+        fam = family(self.family)
+        missing = [g for g in fam.all_graphs if g not in self.graphs]
+        if missing:
+            raise ValueError(f"a {self.family} model needs graphs {missing}")
+        for graph, by_format in self.graphs.items():
+            for fmt, spec in by_format.items():
+                if spec.format != fmt:
+                    raise ValueError(f"graph {graph}: format key {fmt} != file format")
+                if spec.file not in self.files:
+                    raise ValueError(f"graph file {spec.file} has no sha256 in 'files'")
+        if fam.timed and self.time is None:
+            raise ValueError(f"a {self.family} model needs a 'time' section")
+        if math.prod(self.event_shape) != self.dim:  # images: [C, H, W], rows flattened
+            raise ValueError(f"event_shape {self.event_shape} does not hold dim={self.dim} values")
+        return self
+
+    def formats(self) -> set[str]:
+        """Formats every graph is available in."""
+        sets = [set(v) for v in self.graphs.values()]
+        return set.intersection(*sets) if sets else set()
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_manifest(directory: str | Path, *, verify: bool = True) -> Manifest:
+    """Parse and validate ``directory/manifest.json``; with ``verify``, check every sha256."""
+    directory = Path(directory)
+    path = directory / MANIFEST_FILE
+    if not path.is_file():
+        raise ManifestError(f"{directory.name}: {MANIFEST_FILE} is missing")
+    try:
+        manifest = Manifest.model_validate_json(path.read_bytes())
+    except ValueError as err:
+        first = str(err).splitlines()
+        detail = "; ".join(line.strip() for line in first[1:3]) if len(first) > 1 else str(err)
+        raise ManifestError(f"{directory.name}/{MANIFEST_FILE} is invalid: {detail}") from None
+    if manifest.manifest_version != MANIFEST_VERSION:
+        raise ManifestError(
+            f"{directory.name}: manifest version {manifest.manifest_version}, this service "
+            f"reads version {MANIFEST_VERSION}"
+        )
+    if verify:
+        for name, expected in manifest.files.items():
+            if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name.startswith("."):
+                raise ManifestError(f"{directory.name}: file name {name!r} is not allowed")
+            file = directory / name
+            if not file.is_file():
+                raise ManifestError(f"{directory.name}/{name} is missing")
+            if sha256_file(file) != expected:
+                raise ManifestError(
+                    f"{directory.name}/{name} fails its sha256 check (the file was changed "
+                    "after export; re-export the model)"
+                )
+    return manifest

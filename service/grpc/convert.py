@@ -1,0 +1,245 @@
+"""Open Inference Protocol tensors <-> the service's JSON verbs.
+
+One OIP model per (served model, verb), named ``NAME.VERB``, each with a fixed signature
+(``signature``) that ModelMetadata reports and ModelInfer checks. A request's tensors are
+decoded from typed ``contents`` or ``raw_input_contents`` and checked (datatype, shape
+against the model's dimension, finite values, raw size) before anything is forwarded, so a
+bad request is answered here with INVALID_ARGUMENT and a message as clear as the HTTP one.
+Options travel as request parameters and become the JSON body's fields.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+import numpy as np
+
+from service.grpc import grpc_predict_v2_pb2 as pb
+
+__all__ = ["OipError", "VERBS", "decode_inputs", "encode_outputs", "request_body",
+           "response_tensors", "signature", "split_name"]
+
+VERBS = ("sample", "log_likelihood", "anomaly_score")
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+
+# datatype -> (little-endian numpy dtype, typed contents field)
+DATATYPES = {
+    "BOOL": ("|b1", "bool_contents"),
+    "INT32": ("<i4", "int_contents"),
+    "INT64": ("<i8", "int64_contents"),
+    "FP32": ("<f4", "fp32_contents"),
+    "FP64": ("<f8", "fp64_contents"),
+}
+X_TYPES = ("FP32", "FP64")
+INT_TYPES = ("INT64", "INT32")
+
+# Request parameters each verb takes (the JSON field of the same name) and their kind.
+PARAMETERS = {
+    "sample": {"seed": int, "steps": int, "solver": str},
+    "log_likelihood": {"method": str, "steps": int, "solver": str, "probes": int, "seed": int},
+    "anomaly_score": {"target_fpr": float},
+}
+# Parameters standard clients add on their own (tritonclient: timeout, priority, sequences).
+CLIENT_PARAMETERS = {"sequence_id", "sequence_start", "sequence_end", "priority", "timeout",
+                     "binary_data_output", "headers"}
+
+
+class OipError(Exception):
+    """A request that cannot be served, with the gRPC status to answer."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+def split_name(oip_name: str) -> tuple[str, str] | None:
+    """``"moons-nsf.log_likelihood"`` -> ``("moons-nsf", "log_likelihood")``, else None."""
+    model, dot, verb = oip_name.rpartition(".")
+    return (model, verb) if dot and model and verb in VERBS else None
+
+
+def signature(verb: str, info: dict) -> tuple[list, list]:
+    """``(inputs, outputs)`` as ``(name, datatype, shape)`` of the OIP model ``NAME.VERB``."""
+    dim = int(info["dim"])
+    if verb == "sample":
+        return ([("n", "INT64", [1]), ("seed", "INT64", [1])],
+                [("samples", "FP64", [-1, dim])])
+    x = [("x", "FP32", [-1, dim])]
+    if verb == "log_likelihood":
+        out = [("log_likelihood", "FP64", [-1]), ("bits_per_dim", "FP64", [-1])]
+        if info.get("family") != "flow":  # ODE models: present with method=hutchinson
+            out.append(("std_error", "FP64", [-1]))
+        return x, out
+    return x, [("scores", "FP64", [-1]), ("is_anomaly", "BOOL", [-1]),
+               ("percentile", "FP64", [-1]), ("threshold", "FP64", [1])]
+
+
+def decode_inputs(req: pb.ModelInferRequest) -> tuple[dict[str, tuple[str, np.ndarray]], bool]:
+    """``{name: (datatype, array)}`` and whether the tensors came in raw form."""
+    raw = list(req.raw_input_contents)
+    if raw and len(raw) != len(req.inputs):
+        raise OipError(INVALID, f"raw_input_contents has {len(raw)} entries but the request "
+                       f"declares {len(req.inputs)} inputs; send one entry per input, in order")
+    out: dict[str, tuple[str, np.ndarray]] = {}
+    for i, t in enumerate(req.inputs):
+        if t.name in out:
+            raise OipError(INVALID, f"input '{t.name}' is given twice")
+        if t.datatype not in DATATYPES:
+            raise OipError(INVALID, f"input '{t.name}' has datatype {t.datatype[:16]!r}; "
+                           f"supported: {', '.join(DATATYPES)}")
+        shape = list(t.shape)
+        if any(s < 0 for s in shape):
+            raise OipError(INVALID, f"input '{t.name}' has shape {shape}; a request's shape "
+                           "must not contain negative sizes")
+        size = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        dtype, field = DATATYPES[t.datatype]
+        typed = getattr(t.contents, field)
+        if raw:
+            if t.HasField("contents"):
+                raise OipError(INVALID, f"input '{t.name}' has typed contents but the request "
+                               "uses raw_input_contents; use one form for every input")
+            need = size * np.dtype(dtype).itemsize
+            if len(raw[i]) != need:
+                raise OipError(INVALID, f"raw contents of input '{t.name}' are {len(raw[i])} "
+                               f"bytes; shape {shape} of {t.datatype} needs {need}")
+            arr = np.frombuffer(raw[i], dtype=dtype)
+        else:
+            if len(typed) != size:
+                raise OipError(INVALID, f"input '{t.name}' has {len(typed)} values in "
+                               f"contents.{field}; shape {shape} needs {size}")
+            arr = np.asarray(typed, dtype=dtype)
+        out[t.name] = (t.datatype, arr.reshape(shape))
+    return out, bool(raw)
+
+
+def _parameter(verb: str, key: str, p: pb.InferParameter) -> Any:
+    kind = PARAMETERS[verb][key]
+    choice = p.WhichOneof("parameter_choice")
+    value = getattr(p, choice) if choice else None
+    try:
+        if kind is str and choice == "string_param":
+            return value
+        if kind is int and choice in ("int64_param", "uint64_param", "string_param"):
+            return int(value)
+        if kind is float and choice in ("double_param", "int64_param", "string_param"):
+            return float(value)
+    except ValueError:
+        pass
+    want = {str: "a string", int: "an integer", float: "a number (double or string)"}[kind]
+    raise OipError(INVALID, f"parameter '{key}' must be {want}; got {choice or 'nothing'} "
+                   f"{value!r}"[:200])
+
+
+def _parameters(verb: str, params: Any) -> dict[str, Any]:
+    out = {}
+    for key, p in params.items():
+        if key in CLIENT_PARAMETERS:
+            continue
+        if key not in PARAMETERS[verb]:
+            raise OipError(INVALID, f"unknown parameter {key[:32]!r} for {verb}; allowed: "
+                           f"{', '.join(PARAMETERS[verb])}")
+        out[key] = _parameter(verb, key, p)
+    return out
+
+
+def _one_int(name: str, datatype: str, arr: np.ndarray) -> int:
+    if datatype not in INT_TYPES or arr.size != 1:
+        raise OipError(INVALID, f"input '{name}' must be INT64 with shape [1]; got "
+                       f"{datatype} with shape {list(arr.shape)}")
+    return int(arr.reshape(-1)[0])
+
+
+def _rows(model: str, dim: int, datatype: str, arr: np.ndarray) -> list:
+    if datatype not in X_TYPES:
+        raise OipError(INVALID, f"input 'x' has datatype {datatype}; send FP32 (or FP64)")
+    if arr.ndim != 2 or arr.shape[1] != dim:
+        raise OipError(INVALID, f"input 'x' has shape {list(arr.shape)} but model '{model}' "
+                       f"expects [rows, {dim}]")
+    if arr.shape[0] == 0:
+        raise OipError(INVALID, "input 'x' has no rows; send at least one row")
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        r, c = np.argwhere(bad)[0]
+        raise OipError(INVALID, f"input 'x' has a non-finite value at row {r}, column {c}; "
+                       "every value must be a finite number")
+    return arr.astype(np.float64).tolist()
+
+
+def request_body(model: str, verb: str, info: dict,
+                 req: pb.ModelInferRequest) -> tuple[dict, bool]:
+    """The HTTP verb's JSON body for this request (checked), and whether it came raw."""
+    tensors, raw = decode_inputs(req)
+    body: dict[str, Any] = {"model": model, **_parameters(verb, req.parameters)}
+    allowed = [name for name, _, _ in signature(verb, info)[0]]
+    for name in tensors:
+        if name not in allowed:
+            raise OipError(INVALID, f"unknown input {name[:32]!r} for {model}.{verb}; "
+                           f"inputs: {', '.join(allowed)}")
+    if verb == "sample":
+        if "n" not in tensors:
+            raise OipError(INVALID, "input 'n' (INT64 [1], number of samples) is missing")
+        body["n"] = _one_int("n", *tensors["n"])
+        if "seed" in tensors:
+            seed = _one_int("seed", *tensors["seed"])
+            if body.get("seed", seed) != seed:
+                raise OipError(INVALID, "seed is given as an input and as a parameter with "
+                               "different values; give it once")
+            body["seed"] = seed
+    else:
+        if "x" not in tensors:
+            raise OipError(INVALID, f"input 'x' (FP32 [rows, {info['dim']}]) is missing")
+        body["x"] = _rows(model, int(info["dim"]), *tensors["x"])
+    return body, raw
+
+
+def response_tensors(verb: str, answer: dict) -> tuple[list, dict[str, Any]]:
+    """Output tensors ``(name, datatype, array)`` and response parameters of an HTTP answer."""
+    f64 = np.float64
+    if verb == "sample":
+        samples = np.asarray(answer["samples"], dtype=f64)
+        params = {"seed": answer.get("seed"), "steps": answer.get("steps"),
+                  "solver": answer.get("solver")}
+        return [("samples", "FP64", samples)], params
+    if verb == "log_likelihood":
+        out = [("log_likelihood", "FP64", np.asarray(answer["log_likelihood"], f64)),
+               ("bits_per_dim", "FP64", np.asarray(answer["bits_per_dim"], f64))]
+        if answer.get("std_error"):  # Hutchinson only (empty or null when exact)
+            out.append(("std_error", "FP64", np.asarray(answer["std_error"], f64)))
+        return out, {"method": answer.get("method"), "nfe": answer.get("nfe")}
+    return [("scores", "FP64", np.asarray(answer["scores"], f64)),
+            ("is_anomaly", "BOOL", np.asarray(answer["is_anomaly"], bool)),
+            ("percentile", "FP64", np.asarray(answer["percentile"], f64)),
+            ("threshold", "FP64", np.asarray([answer["threshold"]], f64))], {}
+
+
+def _set_param(p: pb.InferParameter, value: Any) -> None:
+    if isinstance(value, bool):
+        p.bool_param = value
+    elif isinstance(value, int):
+        p.int64_param = value
+    elif isinstance(value, float):
+        p.double_param = value
+    else:
+        p.string_param = str(value)
+
+
+def encode_outputs(resp: pb.ModelInferResponse, tensors: list, params: dict[str, Any],
+                   requested: list[str], raw: bool) -> None:
+    """Fill ``resp`` with the tensors (only ``requested`` ones when given), raw or typed."""
+    names = [name for name, _, _ in tensors]
+    for name in requested:
+        if name not in names:
+            raise OipError(INVALID, f"unknown output {name[:32]!r}; outputs: {', '.join(names)}")
+    for name, datatype, arr in tensors:
+        if requested and name not in requested:
+            continue
+        out = resp.outputs.add(name=name, datatype=datatype, shape=list(arr.shape))
+        dtype, field = DATATYPES[datatype]
+        if raw:
+            resp.raw_output_contents.append(np.ascontiguousarray(arr, dtype=dtype).tobytes())
+        else:
+            getattr(out.contents, field).extend(arr.reshape(-1).tolist())
+    for key, value in params.items():
+        if value is not None:
+            _set_param(resp.parameters[key], value)

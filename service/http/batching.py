@@ -1,0 +1,64 @@
+"""Rows as the unit of BentoML's adaptive batching, for flat JSON requests.
+
+A batch is a ``Parts`` list of requests (or parts of requests) in arrival order, and its
+answer an ``Answers`` list with one answer per part, errors included, so a part that cannot
+be served fails alone. A request larger than the room left in a batch is split at a row
+boundary (:func:`split_request`), keeping its row offset so that seeded rows do not change,
+and the two halves' answers are merged back (:func:`merge_answers`).
+``service.http.bentoml_glue`` registers these with BentoML's batcher.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+from starlette.responses import JSONResponse, Response
+
+from service.schemas import SampleRequest
+
+__all__ = ["Answers", "Parts", "error_answer", "merge_answers", "rows_of", "split_request"]
+
+
+class Parts(list):
+    """The requests (or parts of requests) in one batch, in arrival order."""
+
+
+class Answers(list):
+    """One answer per part, in the same order: a response model or an error response."""
+
+
+def rows_of(req: BaseModel) -> int:
+    return int(req.n) if isinstance(req, SampleRequest) else len(req.x)
+
+
+def error_answer(status: int, message: str, **extra: Any) -> JSONResponse:
+    return JSONResponse({"error": message, **extra}, status_code=status)
+
+
+def split_request(req: BaseModel, k: int) -> list[BaseModel]:
+    """Two parts: rows ``[0, k)`` and ``[k, rows)`` of ``req``."""
+    offset = req._offset
+    if isinstance(req, SampleRequest):
+        first, second = req.model_copy(update={"n": k}), req.model_copy(update={"n": req.n - k})
+    else:
+        first, second = req.model_copy(update={"x": req.x[:k]}), req.model_copy(
+            update={"x": req.x[k:]})
+    first._offset, second._offset = offset, offset + k
+    return [first, second]
+
+
+def merge_answers(first: Any, second: Any) -> Any:
+    """The answer of a request that was split over two batches."""
+    if isinstance(first, Response):
+        return first
+    if isinstance(second, Response):
+        return second
+    update = {}
+    for name, value in first:
+        other = getattr(second, name)
+        if isinstance(value, list):
+            update[name] = value + other
+        elif name == "nfe":
+            update[name] = max(value, other)
+    return first.model_copy(update=update)

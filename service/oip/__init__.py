@@ -1,4 +1,0 @@
-"""The Open Inference Protocol v2 (KServe v2) over gRPC: the .proto, its generated stubs
-(``grpc_predict_v2_pb2``, ``grpc_predict_v2_pb2_grpc``; committed, regenerated with the
-command in docs/GRPC.md) and the tensor <-> JSON conversion (``convert``) that
-``service.grpc_server`` uses."""

@@ -1,0 +1,20 @@
+"""Serving exported models: one runtime class per family (``base`` holds the interface and
+the registry; ``flow`` and ``ode`` register the built-in families), over graph executors
+(``graphs``: ONNX Runtime or TorchScript)."""
+
+from service.runtime import flow, ode
+from service.runtime.base import (
+    LOG_LIKELIHOOD_FLOOR,
+    RUNTIMES,
+    AnomalyResult,
+    InputError,
+    LikelihoodOutput,
+    ModelRuntime,
+    SeededRows,
+    open_runtime,
+    register_runtime,
+)
+
+__all__ = ["LOG_LIKELIHOOD_FLOOR", "RUNTIMES", "AnomalyResult", "InputError",
+           "LikelihoodOutput", "ModelRuntime", "SeededRows", "flow", "ode", "open_runtime",
+           "register_runtime"]

@@ -1,0 +1,291 @@
+"""The served model: one class per family behind one interface, found by family name.
+
+:class:`ModelRuntime` holds what every family shares: the manifest (read and verified once),
+its graphs opened with ONNX Runtime or TorchScript, the preprocessing graphs that map data
+units to model space and back, seeded noise, the likelihood floor for rows no model can
+score, and the anomaly score over the calibration. A family subclass contributes two steps:
+``_generate`` (noise -> model space) and ``_log_prob`` (model space -> log-density), and
+registers itself with :func:`register_runtime` under its family's name
+(``artifact.families``). :func:`open_runtime` reads a model folder and builds the runtime of
+its family. Imports nothing from ``training``; with ONNX graphs it needs no torch.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+
+from artifact.calibration import percentile, threshold_at
+from artifact.families import FamilySpec, family
+from artifact.manifest import Manifest, ManifestError, read_manifest
+from service.runtime.graphs import GraphExecutor, open_graph
+
+__all__ = [
+    "RUNTIMES",
+    "AnomalyResult",
+    "InputError",
+    "LOG_LIKELIHOOD_FLOOR",
+    "LikelihoodOutput",
+    "ModelRuntime",
+    "SeededRows",
+    "SegmentedNoise",
+    "open_runtime",
+    "register_runtime",
+    "segmented_normal",
+]
+
+LOG2 = math.log(2.0)
+# log_likelihood's floor (nats per row), reported for rows the model cannot score: outside the
+# training support by more than SUPPORT_BOUND standard deviations (after the manifest's
+# preprocessing), outside the logit's domain, or whose result is not a finite number. Such rows
+# score as anomalies (NLL 1e30 beats every calibrated threshold). docs/API.md documents both.
+LOG_LIKELIHOOD_FLOOR = -1e30
+SUPPORT_BOUND = 1e6
+
+
+class InputError(ValueError):
+    """A request's input is unusable; the message says what is wrong and what is allowed."""
+
+
+@dataclass(frozen=True)
+class SeededRows:
+    """Rows ``offset .. offset + n`` of the sample stream of ``seed`` (one client request, or
+    the part of one that the batcher placed in this batch)."""
+
+    n: int
+    seed: int
+    offset: int = 0
+
+
+@dataclass
+class LikelihoodOutput:
+    log_prob: np.ndarray  # (rows,) nats per sample, data units
+    bits_per_dim: np.ndarray  # (rows,)
+    std_error: np.ndarray | None  # (rows,) Hutchinson only
+    method: str
+    nfe: int
+
+
+@dataclass
+class AnomalyResult:
+    scores: np.ndarray  # (rows,) NLL in nats per sample
+    percentile: np.ndarray  # (rows,) in [0, 100] among normal validation rows
+    is_anomaly: np.ndarray  # (rows,) bool
+    threshold: float
+
+
+def _rows(gen: np.random.Generator, r: SeededRows, shape: tuple[int, ...]) -> np.ndarray:
+    return gen.standard_normal((r.offset + r.n, *shape))[r.offset:]
+
+
+def segmented_normal(requests: Sequence[SeededRows], shape: tuple[int, ...]) -> np.ndarray:
+    """Standard normal rows, each request's block from its own seed (batch independent)."""
+    blocks = [_rows(np.random.default_rng(r.seed), r, shape) for r in requests]
+    return np.concatenate(blocks, axis=0)
+
+
+class SegmentedNoise:
+    """A ``noise(shape)`` callable for stochastic samplers, one stream per request.
+
+    Call ``k`` draws a request's rows from a generator keyed by ``(seed, stream, k)``, so a
+    row's noise depends only on its seed and position, never on its batch neighbours or on
+    whether the batcher split its request.
+    """
+
+    def __init__(self, requests: Sequence[SeededRows], stream: int = 1) -> None:
+        self.requests = list(requests)
+        self.stream = stream
+        self.calls = 0
+
+    def __call__(self, shape: tuple[int, ...]) -> np.ndarray:
+        rest, k = tuple(shape[1:]), self.calls
+        self.calls += 1
+        return np.concatenate([
+            _rows(np.random.default_rng([r.seed, self.stream, k]), r, rest) for r in self.requests
+        ])
+
+class ModelRuntime:
+    """One served model of one family (a subclass registered by :func:`register_runtime`).
+
+    Args:
+        directory: the model folder.
+        manifest: its manifest, already read and verified.
+        runtime: ``"onnx"``, ``"torchscript"`` or ``"auto"`` (ONNX when present).
+        threads: intra-op threads per graph session (None: the library's default).
+        device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
+    """
+
+    spec: ClassVar[FamilySpec]
+
+    def __init__(self, directory: str | Path, manifest: Manifest, *, runtime: str = "auto",
+                 threads: int | None = None, device: str = "auto") -> None:
+        self.directory = Path(directory)
+        self.manifest = manifest
+        formats = manifest.formats()
+        fmt = ("onnx" if "onnx" in formats else "torchscript") if runtime == "auto" else runtime
+        if fmt not in formats:
+            raise ManifestError(
+                f"{self.directory.name}: runtime {fmt!r} requested but the artifact has "
+                f"{sorted(formats)}"
+            )
+        self.format = fmt
+        # called as observer(graph, seconds) after every graph call (the service's metrics)
+        self.observer: Callable[[str, float], None] | None = None
+        self.graphs: dict[str, GraphExecutor] = {
+            name: open_graph(self.directory, by_fmt[fmt], threads=threads, device=device)
+            for name, by_fmt in manifest.graphs.items()
+        }
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def dim(self) -> int:
+        return self.manifest.dim
+
+    @property
+    def family(self) -> str:
+        return self.manifest.family
+
+    def solvers(self) -> tuple[str, ...]:
+        """The ``solver`` values ``sample`` accepts."""
+        return self.spec.sample_solvers
+
+    def call(self, graph: str, *inputs: np.ndarray) -> tuple[np.ndarray, ...]:
+        if self.observer is None:
+            return self.graphs[graph](*inputs)
+        start = time.perf_counter()
+        out = self.graphs[graph](*inputs)
+        self.observer(graph, time.perf_counter() - start)
+        return out
+
+    def resolve_solver(self, solver: str | None, steps: int | None) -> tuple[str, int | None]:
+        """The sampling solver and steps a request gets: its own, else the model's defaults."""
+        solver = solver or self.manifest.defaults.solver or self.solvers()[0]
+        if solver not in self.solvers():
+            raise InputError(f"unknown solver {solver!r} for {self.family} model "
+                             f"'{self.name}'; choose one of: {', '.join(self.solvers())}")
+        if solver in ("exact", "dopri5"):
+            return solver, steps
+        return solver, steps or self.manifest.defaults.steps or 16
+
+    # -- sample ----------------------------------------------------------------------------
+    def sample(self, n: int, seed: int = 0, steps: int | None = None,
+               solver: str | None = None) -> np.ndarray:
+        """``n`` samples ``(n, dim)`` in data units, reproducible from ``seed``."""
+        return self.sample_many([SeededRows(n, seed)], steps=steps, solver=solver)[0]
+
+    def sample_many(self, requests: Sequence[SeededRows], *, steps: int | None = None,
+                    solver: str | None = None) -> list[np.ndarray]:
+        """Several requests in one graph call; each block depends only on its own seed."""
+        solver, steps = self.resolve_solver(solver, steps)
+        z = segmented_normal(requests, (self.dim,))
+        u = self._generate(z, requests, solver, steps)
+        (x,) = self.call("postprocess", u)
+        x = np.asarray(x, dtype=np.float64)
+        bounds = np.cumsum([0] + [r.n for r in requests])
+        return [x[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+    def _generate(self, z: np.ndarray, requests: Sequence[SeededRows], solver: str,
+                  steps: int | None) -> np.ndarray:
+        """Base noise ``z: (rows, dim)`` -> model space ``(rows, dim)``; a family's step.
+
+        ``requests`` give each row's seed, for samplers that draw noise on the way."""
+        raise NotImplementedError
+
+    # -- log_likelihood --------------------------------------------------------------------
+    def log_likelihood(self, x: np.ndarray, *, method: str | None = None,
+                       steps: int | None = None, solver: str | None = None,
+                       probes: int | None = None, seed: int | np.ndarray = 0,
+                       rows: np.ndarray | None = None) -> LikelihoodOutput:
+        """log p(x) in nats per row, in the units of the data; ``x: (rows, dim)``.
+
+        Hutchinson probes are keyed by each row's ``seed`` (an int, or ``(rows,)`` one per
+        row) and its index within its own request (``rows``, default ``0 .. rows-1``), so a
+        row's answer does not depend on the batch it is computed in.
+        """
+        x = np.asarray(x, dtype=np.float64)
+        method = method or self.manifest.defaults.method
+        if method not in self.spec.likelihood_methods:
+            raise InputError(f"unknown method {method!r} for {self.family} model "
+                             f"'{self.name}'; choose one of: "
+                             f"{', '.join(self.spec.likelihood_methods)}")
+        seeds = np.broadcast_to(np.asarray(seed, dtype=np.uint64), (len(x),))
+        rows = np.arange(len(x)) if rows is None else np.asarray(rows)
+        u, ladj = self.call("preprocess", x)
+        u, ladj = u.astype(np.float64), ladj.astype(np.float64)
+        # Rows far outside the training support (or outside the logit's domain) never reach
+        # the graphs: they would overflow float32 or stall an adaptive solver for the whole
+        # batch. They, and any row whose result is not finite, get the documented floor.
+        inside = np.isfinite(u).all(1) & np.isfinite(ladj) & (np.abs(u).max(1) <= SUPPORT_BOUND)
+        lp = np.full(len(x), LOG_LIKELIHOOD_FLOOR)
+        se = np.zeros(len(x)) if method == "hutchinson" else None
+        nfe = 0
+        if inside.any():
+            got, got_se, nfe = self._log_prob(u[inside], method, steps, solver, probes,
+                                              seeds[inside], rows[inside])
+            lp[inside] = got + ladj[inside]
+            if got_se is not None:
+                se[inside] = got_se
+        log_prob = np.where(np.isfinite(lp), np.maximum(lp, LOG_LIKELIHOOD_FLOOR),
+                            LOG_LIKELIHOOD_FLOOR)
+        return LikelihoodOutput(log_prob=log_prob, bits_per_dim=-log_prob / (self.dim * LOG2),
+                                std_error=se, method=method, nfe=nfe)
+
+    def _log_prob(self, u: np.ndarray, method: str, steps: int | None, solver: str | None,
+                  probes: int | None, seeds: np.ndarray, rows: np.ndarray,
+                  ) -> tuple[np.ndarray, np.ndarray | None, int]:
+        """Model space ``u: (rows, dim)`` -> ``(log p(u): (rows,), std error or None, graph
+        calls)``; a family's step. ``seeds``/``rows`` key Hutchinson's probes."""
+        raise NotImplementedError
+
+    # -- anomaly_score ---------------------------------------------------------------------
+    def anomaly_score(self, x: np.ndarray, *, target_fpr: float | None = None,
+                      **likelihood_options: object) -> AnomalyResult:
+        """NLL score, percentile among normal validation rows, and the calibrated flag."""
+        cal = self.manifest.calibration
+        if cal is None:
+            raise InputError(f"model '{self.name}' has no anomaly calibration")
+        scores = -self.log_likelihood(x, **likelihood_options).log_prob
+        threshold = cal.threshold if target_fpr is None else self.threshold_at(target_fpr)
+        return AnomalyResult(scores=scores, percentile=percentile(cal, scores),
+                             is_anomaly=scores > threshold, threshold=float(threshold))
+
+    def threshold_at(self, target_fpr: float) -> float:
+        if not 0.0 < target_fpr < 1.0:
+            raise InputError(f"target_fpr must be in (0, 1); got {target_fpr}")
+        return threshold_at(self.manifest.calibration, target_fpr)
+
+
+RUNTIMES: dict[str, type[ModelRuntime]] = {}
+
+
+def register_runtime(name: str) -> Callable[[type[ModelRuntime]], type[ModelRuntime]]:
+    """Class decorator: serve family ``name`` (registered in ``artifact.families``) with it."""
+
+    def register(cls: type[ModelRuntime]) -> type[ModelRuntime]:
+        cls.spec = family(name)
+        RUNTIMES[name] = cls
+        return cls
+
+    return register
+
+
+def open_runtime(directory: str | Path, *, manifest: Manifest | None = None,
+                 runtime: str = "auto", threads: int | None = None,
+                 device: str = "auto") -> ModelRuntime:
+    """The runtime of the model in ``directory`` (its manifest read and verified here unless
+    given), of the class registered for its family."""
+    manifest = manifest or read_manifest(directory, verify=True)
+    cls = RUNTIMES.get(manifest.family)
+    if cls is None:
+        raise ManifestError(f"{Path(directory).name}: no runtime serves family "
+                            f"{manifest.family!r}; served: {', '.join(sorted(RUNTIMES))}")
+    return cls(directory, manifest, runtime=runtime, threads=threads, device=device)

@@ -1,0 +1,71 @@
+"""service.http.bentoml_glue: every private piece of BentoML genserve uses is still there,
+and each does what it is there for."""
+
+from __future__ import annotations
+
+import bentoml
+import pytest
+from _bentoml_sdk.method import APIMethod
+from bentoml._internal.marshal.dispatcher import Optimizer
+from pydantic import Field
+
+from service.http.bentoml_glue import PATCHES, bind_api_once, cap_batch_wait
+from service.settings import Settings
+
+
+@pytest.mark.parametrize("patch", PATCHES, ids=lambda p: p.name)
+def test_the_installed_bentoml_has_what_each_patch_touches(patch) -> None:
+    assert patch.present(), (
+        f"service.http.bentoml_glue patch {patch.name!r} ({patch.purpose}) no longer finds "
+        f"what it touches in bentoml {bentoml.__version__}: update the glue module, or drop "
+        "the patch if a side-by-side `python -m bench.serving` shows no gain from it")
+
+
+def test_the_app_factory_is_found_in_a_running_app() -> None:
+    """The boundary reaches BentoML's batcher and the service instance through the app's
+    routes; a BentoML whose app is built differently fails here by name."""
+    from service.http.api import GenServe
+    from service.http.bentoml_glue import AppFactory
+
+    app = GenServe.to_asgi(is_main=True)
+    factory = AppFactory.find(app, ["/sample", "/log_likelihood", "/anomaly_score"])
+    assert factory is not None, "patch 'app-factory': BentoML's routes changed shape"
+    assert factory.input_type("sample").__name__ and factory.batchable("sample")
+
+
+def test_api_methods_are_bound_once_per_instance() -> None:
+    """BentoML rebuilt an API's bound wrapper (with ``inspect.signature``) on every request;
+    ``bind_api_once`` keeps the first per instance, and calls still get Field defaults."""
+    @bentoml.service
+    class Echo:
+        @bentoml.api
+        def echo(self, text: str = Field("a")) -> str:
+            return text
+
+    bind_api_once()
+    patched = APIMethod._local_call
+    bind_api_once()  # idempotent: no second wrapper
+    assert APIMethod._local_call is patched
+    first, second = Echo.inner(), Echo.inner()
+    assert first.echo is first.echo and first.echo is not second.echo
+    assert first.echo() == "a" and first.echo(text="b") == "b" and second.echo() == "a"
+
+
+def test_batch_wait_learned_under_load_is_capped() -> None:
+    """BentoML's dispatcher learns its hold-back wait from the first request's queueing time;
+    after a burst behind slow batches that is ~0.3 s, and lone requests were then held that
+    long. ``cap_batch_wait`` bounds it (the real BentoML optimizer, fed a burst's statistics)."""
+    def after_burst() -> float:
+        opt = Optimizer(max_latency=10.0)
+        for _ in range(60):  # (rows in batch, duration s, wait of its first request s)
+            opt.log_outbound(n=32, wait=0.3, duration=0.1)
+        opt.trigger_refresh()
+        return opt.wait
+
+    try:
+        cap_batch_wait(10.0)  # a cap above the burst's wait changes nothing
+        assert after_burst() == pytest.approx(0.3)
+        cap_batch_wait(0.005)  # the service's default (GENSERVE_MAX_BATCH_WAIT_MS=5)
+        assert after_burst() == pytest.approx(0.005)
+    finally:
+        cap_batch_wait(Settings().max_batch_wait_ms / 1000)
