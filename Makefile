@@ -27,6 +27,7 @@ serve: install
 
 ## test: the executable specification, 2 processes (pytest's exit 5, no tests, is a failure)
 test: install
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist load --durations=15
 
 ## models: rebuild the committed default artifacts in exported_models/ (seeded)
@@ -44,7 +45,8 @@ bench: install
 	$(BIN)/python -m bench.soak
 
 lint: install
-	$(BIN)/python -m ruff check training service tests bench
+	$(BIN)/python -m ruff check numerics artifact service training report cli tests bench
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

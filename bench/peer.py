@@ -39,7 +39,7 @@ from service.devserver import free_port, stop, wait_until_ready
 __all__ = ["MLSERVER_VERSION", "PEER_BODY", "PEER_VENV", "ensure_mlserver", "running_peer"]
 
 MLSERVER_VERSION = "1.7.1"  # CPU only: pulls no torch or CUDA
-PEER_VENV = Path(os.environ.get("GENSERVE_PEER_VENV",
+PEER_VENV = Path(os.environ.get("BENCH_PEER_VENV",
                                 Path(tempfile.gettempdir()) / "mls-venv"))
 MODEL = "noop"
 # One 1-row FP32 input of shape [1, 2], the same row as bench.serving's 1-row scenarios.

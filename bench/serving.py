@@ -5,7 +5,7 @@ batching and once without, drives it with ``wrk`` (a C load generator, so the cl
 eat the server's core), and measures the in-process runtime on the same rows as the ceiling.
 A side-by-side contest (``side_by_side``) then serves the 1-row scenarios next to BentoML's
 own no-op APIs (``bench.noop_service``) and MLServer's no-op (``bench.peer``), round after
-round. MLServer gets a venv of its own (``GENSERVE_PEER_VENV``), installed from PyPI on the
+round. MLServer gets a venv of its own (``BENCH_PEER_VENV``), installed from PyPI on the
 first run (about a minute, 330 MB); where that fails the contest runs without it and says so.
 Bounded: every load runs ``--duration`` seconds; servers are stopped by process group.
 """

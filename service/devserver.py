@@ -1,7 +1,7 @@
 """A real ``bentoml serve`` subprocess on a free loopback port, for tests and benchmarks.
 
-One copy of the start / wait-until-ready / stop logic (STYLE habit 12): the test suite's
-fixtures and ``bench/serving.py`` both use :func:`running_server`.
+The one start / wait-until-ready / stop logic: the test suite's fixtures and the benchmarks
+both use :func:`running_server`.
 """
 
 from __future__ import annotations

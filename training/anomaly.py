@@ -42,10 +42,8 @@ validation rows, never from anomalies)
   scale, chosen by held-out likelihood: the winning model type (below) is trained again at
   smoothing 0.2 and 0.5 (``DEFAULT_SMOOTHING_SEARCH``; ``smoothing_search``,
   ``--smoothing-search S ...``, ``--no-smoothing-search``), same seed and same validation
-  rows, and the lowest validation NLL of the three is exported. On the anomaly benchmark it
-  chose a scale on breast_cancer and digits only (cardio: 4.2 nats/row unsmoothed against
-  9.6 at 0.2); adopted by a rule fixed before it was measured
-  (``docs/anomaly-selection-protocol.md``).
+  rows, and the lowest validation NLL of the three is exported (the protocol behind this
+  default: ``docs/anomaly-selection-protocol.md``).
 * **Validation rows for early stopping and the choice of model.** A validation row whose
   value in some discrete column lies outside that column's training range (a category never
   seen in training, e.g. the rare value of a flag) is left out of early stopping and of the

@@ -6,7 +6,6 @@ by Pydantic, and the weights file is checked against the sha256 recorded in the 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -188,7 +187,3 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     rows = tensors.get(_CALIBRATION_KEY)
     return Checkpoint(model=model, preprocessor=pre, config=config,
                       calibration_rows=None if rows is None else rows.numpy())
-
-
-def config_json(config: CheckpointConfig) -> str:
-    return json.dumps(config.model_dump(mode="json"), indent=2)

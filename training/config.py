@@ -1,4 +1,4 @@
-"""Typed configuration: one Pydantic model per configured thing (habit 6: config is data).
+"""Typed configuration: one Pydantic model per configured thing.
 
 `ModelConfig` holds every architecture knob of every model type; a builder reads the fields
 it needs and ignores the rest, so one JSON shape describes any checkpoint.

@@ -94,8 +94,8 @@ class Standardize(Step):
         """The same map as one inference-mode batch norm per direction, for export.
 
         ONNX Runtime's CPU kernels run ``x - mean`` with a ``(dim,)`` operand as a loop over
-        rows, which at 4096 rows of 2 columns took 7x eager torch; its BatchNormalization
-        kernel is one vectorised pass (measured in docs/BENCHMARKS.md, graph runtimes).
+        rows (7x eager torch's time at 4096 rows of 2 columns); its BatchNormalization kernel
+        is one vectorised pass (docs/BENCHMARKS.md, graph runtimes).
         """
         return _BatchNormStandardize(self.mean, self.std, dtype=self.mean.dtype)
 
