@@ -47,6 +47,7 @@ from service.schemas import (
     SampleRequest,
     SampleResponse,
 )
+from service.server_glue import install as install_connection_guards
 from service.settings import SettingsError, load_settings
 from service.verbs import GROUP_KEYS, RUNNERS
 
@@ -63,6 +64,7 @@ except SettingsError as err:  # one line at start-up, not a traceback
 register_containers()
 cap_batch_wait(SETTINGS.max_batch_wait_ms / 1000)
 bind_api_once()
+install_connection_guards(SETTINGS)  # header deadline and size, connection bound (uvicorn)
 
 
 def _batching() -> dict[str, Any]:
