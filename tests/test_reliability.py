@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import socket
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ import numpy as np
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
+from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error, response_schema_conformance
 from test_grpc import grpc_process
 
@@ -340,33 +342,64 @@ def test_bad_input_matrix_over_http_and_grpc(server, channel) -> None:
 
 # --- fuzzing against the service's own OpenAPI document ---------------------------------------
 
+VERB_PATHS = ("/sample", "/log_likelihood", "/anomaly_score")
+FUZZ_EXAMPLES = 100  # per operation and generation mode: ~8 s against the session server
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _fuzz_schema(server) -> dict:
+    """/docs.json with each verb's ``model`` an enum of the served names, and ``x`` rows of
+    their dimension holding float32 numbers: what a valid request is, so positive cases pass
+    validation and reach the batcher and a graph (with ``model`` any string, every case
+    stopped at 404), and negative cases break one rule at a time (unknown model, wrong row
+    length, a number beyond float32, a wrong type, a missing or unknown field)."""
+    doc = json.loads(server.get("/docs.json")[1])
+    models = json.loads(server.get("/models")[1])["models"]
+    (dim,) = {m["dim"] for m in models}  # the session's served models are all 2-D
+    for path in VERB_PATHS:
+        body = doc["paths"][path]["post"]["requestBody"]["content"]["application/json"]
+        fields = body["schema"]["properties"]
+        fields["model"] = {"type": "string", "enum": sorted(m["name"] for m in models)}
+        if "x" in fields:
+            fields["x"]["items"] |= {"minItems": dim, "maxItems": dim, "items": {
+                "type": "number", "minimum": -FLOAT32_MAX, "maximum": FLOAT32_MAX}}
+    return doc
+
 
 def test_fuzzing_finds_no_server_error_and_answers_match_the_schema(server) -> None:
-    """Every operation of /docs.json, 25 generated requests each (valid and invalid bodies),
-    seeded: no 5xx, and each answer matches the schema the document gives for its status."""
-    schema = schemathesis.openapi.from_url(server.url + "/docs.json")
+    """Every operation of /docs.json, with the served model names: seeded valid and invalid
+    requests (schemathesis' positive and negative generation). No answer is a 5xx or leaks
+    internals, each matches the schema the document gives for its status, every verb
+    answered valid requests with 200, and the invalid ones met at least three different
+    4xx statuses."""
+    schema = schemathesis.openapi.from_dict(_fuzz_schema(server))
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert {op.path for op in operations} >= {"/sample", "/log_likelihood", "/anomaly_score",
-                                              "/models"}
-    calls: dict[str, int] = {}
+    assert {op.path for op in operations} >= {*VERB_PATHS, "/models"}
+    statuses: dict[str, Counter] = {}
     for operation in operations:
+        modes = [GenerationMode.POSITIVE]
+        if operation.method.upper() == "POST":
+            modes.append(GenerationMode.NEGATIVE)
+        for mode in modes:
 
-        @given(case=operation.as_strategy())
-        @settings(max_examples=25, deadline=None, derandomize=True, database=None,
-                  phases=[Phase.explicit, Phase.generate],
-                  suppress_health_check=list(HealthCheck))
-        def fuzz(case) -> None:
-            response = case.call(timeout=60)
-            label = case.operation.label
-            calls[label] = calls.get(label, 0) + 1
-            case.validate_response(response,
-                                   checks=[not_a_server_error, response_schema_conformance])
-            assert not LEAKS.search(response.text[:5000]), response.text[:500]
+            @given(case=operation.as_strategy(generation_mode=mode))
+            @settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True,
+                      database=None, phases=[Phase.explicit, Phase.generate],
+                      suppress_health_check=list(HealthCheck))
+            def fuzz(case) -> None:
+                response = case.call(base_url=server.url, timeout=60)
+                statuses.setdefault(case.operation.label, Counter())[response.status_code] += 1
+                case.validate_response(response,
+                                       checks=[not_a_server_error, response_schema_conformance])
+                assert not LEAKS.search(response.text[:5000]), response.text[:500]
 
-        fuzz()
-    # Operations without inputs (the GETs) are called once; every verb gets many bodies.
-    for verb in ("/sample", "/log_likelihood", "/anomaly_score"):
-        assert calls.get(f"POST {verb}", 0) >= 12, calls
+            fuzz()
+    everything = sum(statuses.values(), Counter())
+    assert not [code for code in everything if code >= 500], statuses
+    for verb in VERB_PATHS:
+        assert statuses[f"POST {verb}"][200] >= 1, statuses
+    refusals = {code for code in everything if 400 <= code < 500}
+    assert len(refusals) >= 3, statuses
 
 
 # --- batch isolation with rows that pass validation but are extreme ----------------------------
