@@ -1,7 +1,11 @@
-"""A real ``bentoml serve`` subprocess on a free loopback port, for tests and benchmarks.
+"""A real ``bentoml serve`` subprocess on a loopback port, for tests and benchmarks.
 
 The one start / wait-until-ready / stop logic: the test suite's fixtures and the benchmarks
 both use :func:`running_server`.
+
+Servers bind port 0 and are asked which port they got: a port found free here and handed to
+a server is free only until someone else binds it, and the test suite starts servers from
+two xdist workers (and other checkouts' suites may run on the same machine).
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -22,15 +27,67 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-__all__ = ["Server", "free_port", "running_server", "wait_until_ready"]
+import psutil
+
+__all__ = ["Server", "free_port", "grpc_ports", "listening_ports", "running_server",
+           "wait_until_ready"]
 
 ROOT = Path(__file__).resolve().parents[1]
+START_ATTEMPTS = 3
+"""Starts of ``bentoml serve`` tried when one fails with "address in use": BentoML reserves
+circus' two ZeroMQ ports the racy way (found free, released, bound later)."""
+_GRPC_START_LINE = re.compile(r"genserve gRPC .* on \S+:(\d+) \(")
 
 
 def free_port() -> int:
+    """A port free now, released before the caller binds it: another process may take it
+    in between. Servers that may run beside others bind port 0 instead (``running_server``,
+    ``grpc_ports``)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def listening_ports(pid: int) -> set[int]:
+    """The TCP ports process ``pid`` listens on (empty once it is gone)."""
+    with contextlib.suppress(psutil.Error):
+        return {c.laddr.port for c in psutil.Process(pid).net_connections("tcp")
+                if c.status == psutil.CONN_LISTEN}
+    return set()
+
+
+def _http_port(arbiter_pid: int) -> int | None:
+    """The port a ``bentoml serve --port 0`` bound for HTTP: the listening socket its arbiter
+    shares with a worker (the arbiter also listens on circus' two ZeroMQ endpoints; workers
+    inherit only the HTTP socket). ``None`` until a worker holds it."""
+    own = listening_ports(arbiter_pid)
+    with contextlib.suppress(psutil.Error):
+        for child in psutil.Process(arbiter_pid).children(recursive=True):
+            shared = own & listening_ports(child.pid)
+            if len(shared) == 1:
+                return shared.pop()
+    return None
+
+
+def grpc_ports(proc: subprocess.Popen, log: Path, startup_s: float = 60,
+               ) -> tuple[int, int | None]:
+    """``(port, health port or None)`` of a ``python -m service.grpc.server`` started with
+    ``--port 0`` (and ``--health-port 0``), writing to ``log``: the port its start-up line
+    names, and the other port it listens on. Both are bound when that line is written."""
+    found: list[tuple[int, int | None]] = []
+
+    def started() -> bool:
+        line = _GRPC_START_LINE.search(log.read_text(errors="replace"))
+        if line is None:
+            return False
+        port = int(line.group(1))
+        others = listening_ports(proc.pid) - {port}
+        assert len(others) <= 1, f"gRPC server listens on {others} beside {port}"
+        found.append((port, others.pop() if others else None))
+        return True
+
+    wait_until_ready(proc, log, started, startup_s, what="gRPC server")
+    return found[0]
 
 
 class Server:
@@ -76,7 +133,8 @@ class Server:
 def running_server(models_dir: Path, log: Path, env: dict[str, str] | None = None,
                    startup_s: float = 180, service: str = "service.http.api:GenServe",
                    ) -> Iterator[Server]:
-    """Start the service on a free loopback port, wait for ``/readyz``, stop it on exit.
+    """Start the service on a loopback port it binds itself, wait for ``/readyz``, stop it
+    on exit.
 
     ``service``: the BentoML service to serve (``bench.noop_service:NoOp`` for the
     framework's own request-rate ceiling in ``bench.serving``).
@@ -86,32 +144,54 @@ def running_server(models_dir: Path, log: Path, env: dict[str, str] | None = Non
     names one): BentoML empties its Prometheus directory there at every start, which would
     reset the ``/metrics`` of any other server sharing it.
     """
-    port = free_port()
     home = tempfile.mkdtemp(prefix="genserve-bentoml-")
     full_env = dict(os.environ, GENSERVE_MODELS_DIR=str(models_dir),
                     BENTOML_DO_NOT_TRACK="True", BENTOML_HOME=home, **(env or {}))
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "bentoml", "serve", service, "--host",
-             "127.0.0.1", "--port", str(port)],
-            stdout=fh, stderr=subprocess.STDOUT, env=full_env, cwd=ROOT,
-            start_new_session=True,
-        )
-    cert = full_env.get("GENSERVE_TLS_CERTFILE")
-    context = ssl.create_default_context(cafile=cert) if cert else None
-    scheme = "https" if cert else "http"
-    server = Server(f"{scheme}://127.0.0.1:{port}", proc, log, context)
     try:
-        _wait_ready(server, startup_s)
-        yield server
+        server = _start(service, full_env, log, startup_s)
+        try:
+            yield server
+        finally:
+            stop(server.proc)
     finally:
-        stop(proc)
         shutil.rmtree(home, ignore_errors=True)
 
 
-def _wait_ready(server: Server, startup_s: float) -> None:
-    wait_until_ready(server.proc, server.log, lambda: server.get("/readyz")[0] == 200,
-                     startup_s)
+def _start(service: str, env: dict[str, str], log: Path, startup_s: float) -> Server:
+    attempt = 1
+    while True:
+        with open(log, "w") as fh:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "bentoml", "serve", service, "--host", "127.0.0.1",
+                 "--port", "0"],
+                stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True,
+            )
+        try:
+            return _wait_ready(proc, log, env.get("GENSERVE_TLS_CERTFILE"), startup_s)
+        except RuntimeError:
+            stop(proc)
+            if attempt == START_ATTEMPTS or "Address already in use" not in log.read_text():
+                raise
+            attempt += 1
+
+
+def _wait_ready(proc: subprocess.Popen, log: Path, cert: str | None,
+                startup_s: float) -> Server:
+    """The server's handle once its HTTP port is known and ``/readyz`` answers 200."""
+    context = ssl.create_default_context(cafile=cert) if cert else None
+    found: list[Server] = []
+
+    def ready() -> bool:
+        if not found:
+            port = _http_port(proc.pid)
+            if port is None:
+                return False
+            found.append(Server(f"{'https' if cert else 'http'}://127.0.0.1:{port}", proc,
+                                log, context))
+        return found[0].get("/readyz")[0] == 200
+
+    wait_until_ready(proc, log, ready, startup_s)
+    return found[0]
 
 
 def wait_until_ready(proc: subprocess.Popen, log: Path, ready: Callable[[], bool],

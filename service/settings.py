@@ -44,6 +44,26 @@ class Settings(BaseModel):
     max_queue: int = Field(512, ge=1, description="verb requests queued or running per worker; "
                            "beyond it a fast 503 with Retry-After")
     retry_after_s: int = Field(1, ge=1, le=3600, description="Retry-After of overload answers")
+    # hostile input and slow clients (docs/API.md, "Limits")
+    max_json_depth: int = Field(32, ge=5, le=512, description="arrays and objects nested in "
+                                "a request body, checked before parsing (400 above)")
+    max_number_chars: int = Field(100, ge=24, le=4000, description="characters of one number "
+                                  "in a request body, checked before parsing (400 above)")
+    header_timeout_s: float = Field(10.0, gt=0, description="a request's headers must arrive "
+                                    "within this (408 and close); a new connection's first "
+                                    "request too")
+    max_header_bytes: int = Field(32768, ge=4096, le=1 << 20, description="request line and "
+                                  "headers of one request (431 and close above)")
+    body_timeout_s: float = Field(10.0, gt=0, description="a verb request's body must arrive "
+                                  "within this plus 1 s per min_body_rate bytes (408 and close)")
+    min_body_rate: int = Field(65536, ge=1, description="bytes/s a slow body is allowed "
+                               "beyond body_timeout_s")
+    linger_bytes: int = Field(64 << 20, ge=0, description="after an answer given before the "
+                              "body was read (401, 413, 415, ...), body bytes read and "
+                              "discarded so a client that sends all first reads it")
+    linger_s: float = Field(5.0, ge=0, description="the longest that discarding lasts")
+    max_connections: int = Field(1024, ge=8, description="open HTTP connections per worker; "
+                                 "beyond it the longest-idle one is closed (503 if none idle)")
     # access control and transport security (docs/SECURITY.md)
     api_keys: SecretStr | None = Field(None, description="inline API keys, name:token,...")
     api_keys_file: Path | None = Field(None, description="API key file (JSON or name:token lines)")

@@ -110,8 +110,10 @@ def check_rows(x: Any, card: ModelInfo, max_rows: int) -> np.ndarray:
         arr = np.array(x)
     except (ValueError, TypeError):
         raise RequestError(400, "'x' has rows of different lengths") from None
-    # numpy turns true/false beside numbers into 1/0: look for them among the values
-    if arr.dtype.kind not in "iuf" or bool in set(map(type, chain.from_iterable(x))):
+    # numpy turns true/false beside numbers into 1/0: look for them among the values; a row
+    # of lists (not an image model's) makes a third dimension
+    if arr.ndim != 2 or arr.dtype.kind not in "iuf" or bool in set(
+            map(type, chain.from_iterable(x))):
         raise RequestError(400, "'x' must contain only numbers (no strings, booleans or nulls)")
     arr = arr.astype(np.float64, copy=False)
     if not np.abs(arr).max() <= FLOAT32_MAX:  # one reduction; NaN, ±inf and huge all fail it

@@ -1,4 +1,6 @@
-"""Shared fixtures: tiny trained checkpoints and exported artifacts, built once per session."""
+"""Shared fixtures: tiny trained checkpoints and exported artifacts, built once per session;
+Prometheus text parsed for the tests that read ``/metrics``; and the rule that the spec runs
+whole: a skipped test fails the session unless it is marked ``gpu``."""
 
 from __future__ import annotations
 
@@ -6,6 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 
@@ -70,11 +73,11 @@ def artifact_factory(zoo_dir: Path, checkpoint_factory):
     return factory
 
 
-# --- a real `bentoml serve` subprocess on a free loopback port ---------------------------------
+# --- a real `bentoml serve` subprocess on a loopback port -------------------------------------
 
 import json  # noqa: E402
 
-from service.devserver import Server, free_port, running_server  # noqa: E402,F401
+from service.devserver import Server, running_server  # noqa: E402,F401
 
 
 @pytest.fixture(scope="session")
@@ -104,3 +107,79 @@ def server(served_models: Path, tmp_path_factory: pytest.TempPathFactory):
                                                  "GENSERVE_MAX_STEPS": "200",
                                                  "GENSERVE_MAX_LATENCY_MS": "30000"}) as s:
         yield s
+
+
+# --- /metrics, parsed by prometheus_client's own parser ---------------------------------------
+
+Metrics = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def parse_metrics(text: str) -> Metrics:
+    """``{(sample name, sorted labels): value}`` of a Prometheus text exposition."""
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def scrape_metrics(server: Server, headers: dict[str, str] | None = None) -> Metrics:
+    status, _, raw = server.exchange("GET", "/metrics", headers=headers)
+    assert status == 200, raw[:500]
+    return parse_metrics(raw.decode())
+
+
+def metric_sum(metrics: Metrics, name: str, **labels: str) -> float:
+    """The sum of the samples ``name`` whose labels include ``labels`` (0 when none)."""
+    return sum(v for (n, lab), v in metrics.items()
+               if n == name and all(dict(lab).get(k) == val for k, val in labels.items()))
+
+
+def metric_samples(metrics: Metrics, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    """Every sample ``name`` by its labels: for the tests that need the sample to exist."""
+    return {lab: v for (n, lab), v in metrics.items() if n == name}
+
+
+# --- the spec runs whole: only GPU tests may skip ---------------------------------------------
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if gpu_items:
+        import torch
+
+        if not torch.cuda.is_available():
+            for item in gpu_items:
+                item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
+
+
+_SKIPPED: list[pytest.TestReport | pytest.CollectReport] = []
+
+
+def _note_skip(report: pytest.TestReport | pytest.CollectReport) -> None:
+    if report.skipped and "gpu" not in getattr(report, "keywords", {}):
+        _SKIPPED.append(report)
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    _note_skip(report)
+
+
+def pytest_collectreport(report: pytest.CollectReport) -> None:
+    _note_skip(report)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """A skip that is not a GPU test's fails the run (pytest-xdist: the controller sees every
+    worker's reports); other failing statuses (5: no tests ran) are kept as they are."""
+    if _SKIPPED and exitstatus == pytest.ExitCode.OK and not hasattr(session.config,
+                                                                     "workerinput"):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    if not _SKIPPED or hasattr(config, "workerinput"):
+        return
+    terminalreporter.section("skipped tests fail the run", sep="=", red=True, bold=True)
+    terminalreporter.line("Only tests marked gpu may skip; each of these needs something this "
+                          "machine lacks (`make install` sets up the Python side):")
+    for report in _SKIPPED:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        terminalreporter.line(f"  {report.nodeid}: {reason}")

@@ -1,7 +1,7 @@
 """Access control and transport security (docs/SECURITY.md), against real processes.
 
 One ``bentoml serve`` and one ``python -m service.grpc.server``, both with TLS (a self-signed
-certificate made here with the ``openssl`` CLI), API keys from a file (reloaded every 0.3 s)
+certificate made here with ``cryptography``), API keys from a file (reloaded every 0.3 s)
 and a per-key rate limit, serve every server test of this file. Keys, token buckets and the
 access log are also checked as plain objects, fast.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import ipaddress
 import json
 import logging
 import os
@@ -26,14 +27,19 @@ import grpc
 import httpx
 import numpy as np
 import pytest
+from conftest import metric_samples, scrape_metrics
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.access_log import access_logger, log_access
 from service.auth import KeyFileError, KeyStore, RateLimiter, parse_keys, security_config
-from service.devserver import free_port, running_server, stop
+from service.devserver import grpc_ports, running_server, stop
+from service.grpc.server import Reply, _http_error
 from service.grpc import grpc_predict_v2_pb2 as pb
 from service.grpc import grpc_predict_v2_pb2_grpc as pb_grpc
-from service.grpc.server import Reply, _http_error
 from service.settings import load_settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -194,17 +200,32 @@ def test_access_log_lines_are_json_and_can_be_turned_off() -> None:
 # --- real processes: HTTP and gRPC with TLS, keys and rate limits ----------------------------
 
 
+def write_self_signed_certificate(key_path: Path, cert_path: Path) -> None:
+    """A P-256 key and a one-day self-signed certificate for localhost and 127.0.0.1, PEM."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.now(UTC)
+    cert = (x509.CertificateBuilder()
+            .subject_name(name).issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(minutes=5))
+            .not_valid_after(now + timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+
 @pytest.fixture(scope="module")
 def secrets_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if shutil.which("openssl") is None:
-        pytest.skip("needs the openssl CLI to make a self-signed certificate")
     d = tmp_path_factory.mktemp("secrets")
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
-                    "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1",
-                    "-keyout", str(d / "tls.key"), "-out", str(d / "tls.crt"),
-                    "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-                   check=True, capture_output=True, timeout=60)
+    write_self_signed_certificate(d / "tls.key", d / "tls.crt")
     write_keys(d / "keys.json", key_file_content(["alice", "bob"]))
     (d / "metrics-token").write_text(METRICS_TOKEN + "\n")
     return d
@@ -246,15 +267,16 @@ def secure_server(model_dir: Path, secure_env: dict[str, str],
 
 @contextlib.contextmanager
 def grpc_process(http_url: str, env: dict[str, str], log: Path):
-    """The gRPC server with TLS on a free port and plaintext health on another."""
-    port, health_port = free_port(), free_port()
+    """The gRPC server with TLS on a port it binds and plaintext health on another."""
     with open(log, "w") as fh:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "service.grpc.server", "--port", str(port), "--http-url",
-             http_url, "--health-port", str(health_port), "--grace", "1"],
+            [sys.executable, "-m", "service.grpc.server", "--port", "0", "--http-url",
+             http_url, "--health-port", "0", "--grace", "1"],
             stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT, env=dict(os.environ, **env),
             start_new_session=True)
     try:
+        port, health_port = grpc_ports(proc, log)
+        assert health_port is not None, log.read_text()[-2000:]
         with grpc.insecure_channel(f"127.0.0.1:{health_port}") as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             deadline = time.monotonic() + 30
@@ -338,10 +360,13 @@ def test_metrics_ask_for_their_own_token(secure_server) -> None:
     status, _, raw = secure_server.exchange("GET", "/metrics",
                                             headers={"Authorization": bearer(METRICS_TOKEN)})
     assert status == 200
-    text = raw.decode()
-    assert 'genserve_key_requests_total{key="alice",status="200",verb="log_likelihood"}' in text
-    assert 'key="none",status="401"' in text
-    assert not any(token in text for token in (*TOKENS.values(), METRICS_TOKEN))
+    assert not any(token in raw.decode() for token in (*TOKENS.values(), METRICS_TOKEN))
+    counts = metric_samples(
+        scrape_metrics(secure_server, headers={"Authorization": bearer(METRICS_TOKEN)}),
+        "genserve_key_requests_total")
+    keys = [dict(labels) for labels, value in counts.items() if value >= 1]
+    assert {"key": "alice", "status": "200", "verb": "log_likelihood"} in keys, keys
+    assert any(k["key"] == "none" and k["status"] == "401" for k in keys), keys
 
 
 def test_tls_round_trip_with_the_self_signed_certificate(secure_server, secrets_dir) -> None:
@@ -442,11 +467,17 @@ def access_lines(log: Path) -> list[dict]:
 
 def test_access_log_is_json_without_payloads_or_tokens(secure_server, secure_grpc) -> None:
     stub, _, grpc_log = secure_grpc
+    before = len(access_lines(secure_server.log)), len(access_lines(grpc_log))
     infer(stub, "alice")  # also leaves a line at the HTTP side it forwards to
     infer(stub, None)
     http_ll(secure_server, "alice")
     http_ll(secure_server, None)
-    time.sleep(0.5)  # stderr of the worker reaches the file
+    # both processes write their lines through a pipe: wait until all five have arrived
+    deadline = time.monotonic() + 30
+    while (len(access_lines(secure_server.log)) < before[0] + 3
+           or len(access_lines(grpc_log)) < before[1] + 2):
+        assert time.monotonic() < deadline, "the access lines did not reach the logs"
+        time.sleep(0.1)
     fields = {"ts", "protocol", "key", "verb", "model", "rows", "status", "latency_ms"}
     http_lines, grpc_lines = access_lines(secure_server.log), access_lines(grpc_log)
     for line in http_lines + grpc_lines:
@@ -470,12 +501,11 @@ def test_unreadable_key_file_is_a_one_line_startup_error(tmp_path: Path) -> None
                GENSERVE_MODELS_DIR=str(tmp_path),
                BENTOML_DO_NOT_TRACK="True")
     commands = {
-        "genserve serve": [sys.executable, "-m", "cli", "serve", "--port",
-                           str(free_port()), "--grpc-port", str(free_port())],
-        "grpc server": [sys.executable, "-m", "service.grpc.server", "--port",
-                        str(free_port())],
+        "genserve serve": [sys.executable, "-m", "cli", "serve", "--port", "0",
+                           "--grpc-port", "0"],
+        "grpc server": [sys.executable, "-m", "service.grpc.server", "--port", "0"],
         "bentoml serve": [sys.executable, "-m", "bentoml", "serve", "service.http.api:GenServe",
-                          "--port", str(free_port())],
+                          "--port", "0"],
     }
     procs = {name: subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, text=True, start_new_session=True)

@@ -10,7 +10,6 @@ from bentoml._internal.marshal.dispatcher import Optimizer
 from pydantic import Field
 
 from service.http.bentoml_glue import PATCHES, bind_api_once, cap_batch_wait
-from service.settings import Settings
 
 
 @pytest.mark.parametrize("patch", PATCHES, ids=lambda p: p.name)
@@ -33,9 +32,12 @@ def test_the_app_factory_is_found_in_a_running_app() -> None:
     assert factory.input_type("sample").__name__ and factory.batchable("sample")
 
 
-def test_api_methods_are_bound_once_per_instance() -> None:
+def test_api_methods_are_bound_once_per_instance(monkeypatch: pytest.MonkeyPatch) -> None:
     """BentoML rebuilt an API's bound wrapper (with ``inspect.signature``) on every request;
     ``bind_api_once`` keeps the first per instance, and calls still get Field defaults."""
+    # the patch is process-wide: the test's teardown puts BentoML's own method back
+    monkeypatch.setattr(APIMethod, "_local_call", APIMethod._local_call)
+
     @bentoml.service
     class Echo:
         @bentoml.api
@@ -51,10 +53,16 @@ def test_api_methods_are_bound_once_per_instance() -> None:
     assert first.echo() == "a" and first.echo(text="b") == "b" and second.echo() == "a"
 
 
-def test_batch_wait_learned_under_load_is_capped() -> None:
+def test_batch_wait_learned_under_load_is_capped(monkeypatch: pytest.MonkeyPatch) -> None:
     """BentoML's dispatcher learns its hold-back wait from the first request's queueing time;
     after a burst behind slow batches that is ~0.3 s, and lone requests were then held that
     long. ``cap_batch_wait`` bounds it (the real BentoML optimizer, fed a burst's statistics)."""
+    # cap_batch_wait patches the class process-wide: the test starts from an optimizer
+    # without the cap (so the patch is really installed here) and teardown restores it
+    monkeypatch.setattr(Optimizer, "trigger_refresh", Optimizer.trigger_refresh)
+    monkeypatch.setattr(Optimizer, "_genserve_wait_cap", 0.0, raising=False)
+    monkeypatch.delattr(Optimizer, "_genserve_wait_cap")
+
     def after_burst() -> float:
         opt = Optimizer(max_latency=10.0)
         for _ in range(60):  # (rows in batch, duration s, wait of its first request s)
@@ -62,10 +70,8 @@ def test_batch_wait_learned_under_load_is_capped() -> None:
         opt.trigger_refresh()
         return opt.wait
 
-    try:
-        cap_batch_wait(10.0)  # a cap above the burst's wait changes nothing
-        assert after_burst() == pytest.approx(0.3)
-        cap_batch_wait(0.005)  # the service's default (GENSERVE_MAX_BATCH_WAIT_MS=5)
-        assert after_burst() == pytest.approx(0.005)
-    finally:
-        cap_batch_wait(Settings().max_batch_wait_ms / 1000)
+    assert after_burst() == pytest.approx(0.3)  # BentoML's own learned wait
+    cap_batch_wait(10.0)  # a cap above the burst's wait changes nothing
+    assert after_burst() == pytest.approx(0.3)
+    cap_batch_wait(0.005)  # the service's default (GENSERVE_MAX_BATCH_WAIT_MS=5)
+    assert after_burst() == pytest.approx(0.005)

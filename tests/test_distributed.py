@@ -2,7 +2,10 @@
 
 The two ranks are started exactly as torchrun starts them (``RANK``, ``WORLD_SIZE``,
 ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT`` in the environment) but without the
-launcher process, which on a loaded machine costs an extra torch import.
+launcher process, which on a loaded machine costs an extra torch import. As under torchrun,
+the rendezvous store is the launcher's (here the test process's) and the ranks connect to it
+(``TORCHELASTIC_USE_AGENT_STORE``): it binds port 0 itself, so no port is picked free and
+then lost to another process before rank 0 binds it.
 """
 
 from __future__ import annotations
@@ -16,8 +19,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.distributed import TCPStore
 
-from service.devserver import free_port
 from training.config import ModelConfig, TrainConfig
 from training.distributed import DistContext, setup, torchrun_command
 from training.train import train_model
@@ -90,11 +93,12 @@ def test_ddp_two_gloo_processes_match_one_process_on_the_same_global_batch(
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     out = tmp_path / "rank"
-    port = free_port()
+    store = TCPStore("127.0.0.1", 0, world_size=2, is_master=True, wait_for_workers=False)
     procs = []
     for rank in range(2):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
-                   LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                   LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(store.port),
+                   TORCHELASTIC_USE_AGENT_STORE="True",
                    CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1",
                    TQDM_DISABLE="1", PYTHONPATH=str(ROOT))
         procs.append(subprocess.Popen(

@@ -112,11 +112,13 @@ def test_ot_pairs_large_batches_block_by_block() -> None:
 
 
 def test_ot_fails_loudly_on_bad_batches() -> None:
-    x = torch.randn(4, 2)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 2, generator=g)
     with pytest.raises(ValueError, match="non-finite"):
-        exact_ot_permutation(x.index_fill(0, torch.tensor([1]), float("nan")), torch.randn(4, 2))
+        exact_ot_permutation(x.index_fill(0, torch.tensor([1]), float("nan")),
+                             torch.randn(4, 2, generator=g))
     with pytest.raises(ValueError, match="equal shapes"):
-        exact_ot_permutation(x, torch.randn(5, 2))
+        exact_ot_permutation(x, torch.randn(5, 2, generator=g))
 
 
 @pytest.mark.parametrize(
@@ -125,7 +127,9 @@ def test_ot_fails_loudly_on_bad_batches() -> None:
     ids=["cfm", "cfm-sigma", "si"],
 )
 def test_target_is_the_path_velocity_and_ends_are_right(matcher: ConditionalFlowMatcher) -> None:
-    x, z = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(5, 3, generator=g, dtype=torch.float64)
+    z = torch.randn(5, 3, generator=g, dtype=torch.float64)
 
     def at(t: float) -> tuple[torch.Tensor, torch.Tensor]:
         g = torch.Generator().manual_seed(3)  # the same latent noise xi at every t
@@ -141,7 +145,8 @@ def test_target_is_the_path_velocity_and_ends_are_right(matcher: ConditionalFlow
 
 
 def test_reflow_matcher_draws_only_bank_pairs() -> None:
-    z, x = torch.randn(10, 2), torch.randn(10, 2)
+    g = torch.Generator().manual_seed(0)
+    z, x = torch.randn(10, 2, generator=g), torch.randn(10, 2, generator=g)
     xp, zp = ReflowMatcher(z, x).pair(torch.zeros(32, 2), torch.zeros(32, 2))
     assert xp.shape == (32, 2)
     bank = {tuple(p) for p in torch.cat([x, z], 1).tolist()}
@@ -169,7 +174,8 @@ def test_registry_builds_flow_matching(kind: str) -> None:
     model = build_model(kind, 3, CFG)
     assert isinstance(model, FlowMatchingModel)
     assert (model.family, model.dim, model.t_min, model.kind) == ("flow_matching", 3, 0.0, kind)
-    loss = model.training_loss(torch.randn(16, 3), torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    loss = model.training_loss(torch.randn(16, 3, generator=g), g)
     loss.backward()
     assert all(p.grad is not None for p in model.parameters())
 
@@ -218,7 +224,8 @@ def test_oracle_likelihood_and_samples_are_the_gaussian() -> None:
 @pytest.mark.parametrize("kind", ["cfm", "otcfm", "si"])
 def test_trained_samples_meet_w2_bound(trained: dict[str, FlowMatchingModel], kind: str) -> None:
     held_out = mixture(1000, seed=7)
-    base = wasserstein2(torch.randn(1000, 2).numpy(), held_out.numpy())
+    noise = torch.randn(1000, 2, generator=torch.Generator().manual_seed(8))
+    base = wasserstein2(noise.numpy(), held_out.numpy())
     g = torch.Generator().manual_seed(0)
     samples = trained[kind].sample(1000, g, steps=16, solver="euler")
     w2 = wasserstein2(samples.numpy(), held_out.numpy())

@@ -22,13 +22,12 @@ import time
 from pathlib import Path
 
 import jsonschema
+import kubernetes_validate as kv
 import pytest
 import yaml
 
-from service.devserver import free_port, stop
+from service.devserver import grpc_ports, stop
 from service.settings import ENV_PREFIX, Settings, load_settings
-
-kv = pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate")
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
@@ -110,7 +109,11 @@ def kustomize(path: Path) -> list[dict]:
     elif shutil.which("kustomize"):
         cmd = ["kustomize", "build", str(path)]
     else:
-        pytest.skip("needs kubectl (kubectl kustomize) or kustomize on PATH")
+        pytest.fail("the k8s/ tests render the manifests with `kubectl kustomize` (or a "
+                    "standalone `kustomize build`), and neither is on PATH: install kubectl "
+                    "(https://kubernetes.io/docs/tasks/tools/, e.g. `apt-get install kubectl` "
+                    "from the Kubernetes apt repository, or `snap install kubectl --classic`)",
+                    pytrace=False)
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stderr}"
     return [d for d in yaml.safe_load_all(r.stdout) if d]
@@ -438,10 +441,9 @@ def test_grpc_sidecar_command_serves_health_against_the_real_service(rendered, s
     assert load_settings(one(objs, "ConfigMap")["data"]).tls_certfile is not None
     http_url = arg_value(args, "--http-url")
     assert http_url == f"https://127.0.0.1:{port_named(container(pod, 'genserve'), 'http')}"
-    # the same command, on free ports, forwarding to the test's (plaintext) server
-    local, local_health = free_port(), free_port()
-    args[args.index("--port") + 1] = str(local)
-    args[args.index("--health-port") + 1] = str(local_health)
+    # the same command, on ports it binds itself, forwarding to the test's (plaintext) server
+    args[args.index("--port") + 1] = "0"
+    args[args.index("--health-port") + 1] = "0"
     args[args.index("--http-url") + 1] = server.url
     cmd = [sys.executable if side["command"][0] == "python" else side["command"][0],
            *side["command"][1:], *args]
@@ -450,6 +452,8 @@ def test_grpc_sidecar_command_serves_health_against_the_real_service(rendered, s
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     try:
+        _, local_health = grpc_ports(proc, log)
+        assert local_health is not None, log.read_text()[-2000:]
         with grpc.insecure_channel(f"127.0.0.1:{local_health}") as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             deadline = time.monotonic() + 60
@@ -474,7 +478,8 @@ def bento(tmp_path_factory: pytest.TempPathFactory) -> Path:
     env = dict(os.environ, BENTOML_HOME=str(home), BENTOML_DO_NOT_TRACK="True",
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     if not shutil.which("uv", path=env["PATH"]):
-        pytest.skip("bentoml build offline needs uv (dev extra)")
+        pytest.fail("`bentoml build` offline needs uv beside this Python (the dev extra "
+                    "installs it: make install)", pytrace=False)
     r = subprocess.run([sys.executable, "-m", "bentoml", "build", str(ROOT)], cwd=ROOT,
                        env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr

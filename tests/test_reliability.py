@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import socket
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +24,11 @@ import numpy as np
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
+from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error, response_schema_conformance
 from test_grpc import grpc_process
 
+from bench.fuzz import exchange_raw
 from service.grpc import grpc_predict_v2_pb2 as pb
 from service.runtime import LOG_LIKELIHOOD_FLOOR, open_runtime
 
@@ -54,15 +57,22 @@ class GrpcCall:
 class Case:
     label: str
     verb: str
-    http: object  # a JSON-able body, or raw bytes
-    http_status: int
-    http_words: str  # must appear in the HTTP error message
+    http: object  # a JSON-able body, raw body bytes, a RawHttp request, or None (gRPC only)
+    http_status: int | None
+    http_words: str  # must appear in the HTTP error message (or the note, without HTTP form)
     grpc: GrpcCall | None  # None: the case has no gRPC form (said in `grpc_note`)
     grpc_code: str = ""
     grpc_words: str = ""
     content_type: str = "application/json"
     method: str = "POST"
     grpc_note: str = ""
+
+
+@dataclass(frozen=True)
+class RawHttp:
+    """A whole HTTP/1.1 request as bytes (request line and headers included)."""
+
+    data: bytes
 
 
 def _x(rows, datatype: str = "FP32", name: str = "x") -> tuple:
@@ -79,6 +89,17 @@ def _n(n: int, seed=None) -> tuple:
 
 NSF_LL, CFM_LL, NSF_S = "moons-nsf.log_likelihood", "moons-cfm.log_likelihood", "moons-nsf.sample"
 BIG_BODY = b'{"model": "moons-nsf", "x": [[0.1, 0.2]]' + b" " * (9 << 20) + b"}"
+DEEP = b"[" * 5000 + b"]" * 5000
+X_FP32 = ("x", "FP32", [2, 2], [0.1, 0.2, 1.0, -0.3], "fp32_contents")
+
+
+def _message(model: str = NSF_LL, inputs: tuple = (X_FP32,), suffix: bytes = b"") -> bytes:
+    """A serialized request built by hand (for what GrpcCall cannot say), plus raw bytes."""
+    req = pb.ModelInferRequest(model_name=model)
+    for name, datatype, shape, values, field in inputs:
+        getattr(req.inputs.add(name=name, datatype=datatype, shape=shape).contents,
+                field).extend(values)
+    return req.SerializeToString() + suffix
 
 CASES = [
     Case("malformed JSON / protobuf", LL, b'{"model": "moons-nsf", "x": [[0.1,', 400,
@@ -157,6 +178,39 @@ CASES = [
                                          "x": X}, 400, "unicode string",
          GrpcCall("\u00e9\U0001f4a5\u0000\u202e.log_likelihood", (_x(X),)), "NOT_FOUND",
          "unknown model"),
+    Case("invalid UTF-8", SAMPLE, b'{"model": "moons-\xff", "n": 2}', 400, "not valid UTF-8",
+         GrpcCall(NSF_S, raw=b"\x0a\x07moons-\xff"), "INVALID_ARGUMENT", "not a valid"),
+    Case("nested 5 000 deep (limit 32)", LL, b'{"model": "moons-nsf", "x": ' + DEEP + b"}",
+         400, "5001 levels deep; at most 32",
+         GrpcCall(NSF_LL, raw=_message(suffix=b"\x9b\x06" * 5000 + b"\x9c\x06" * 5000)),
+         "INVALID_ARGUMENT", "not a valid"),
+    Case("a 5 000-digit number (limit 100 characters)", SAMPLE,
+         b'{"model": "moons-nsf", "n": ' + b"7" * 5000 + b"}", 400, "at most 100", None,
+         grpc_note="tensors are typed: int64 and floats have fixed sizes"),
+    Case("key given twice / input given twice", SAMPLE,
+         b'{"model": "moons-nsf", "model": "moons-cfm", "n": 2}', 400, "more than once",
+         GrpcCall(NSF_LL, raw=_message(inputs=(X_FP32, X_FP32))), "INVALID_ARGUMENT",
+         "given twice"),
+    Case("shape whose product overflows int64", LL, None, None,
+         "JSON rows declare no shape",
+         GrpcCall(NSF_LL, raw=_message(inputs=(("x", "FP32", [1, 2**32, 2**32], [],
+                                                "fp32_contents"),))),
+         "RESOURCE_EXHAUSTED", "at most 67108864"),
+    Case("2 000 000 shape entries", LL, None, None, "JSON rows declare no shape",
+         GrpcCall(NSF_LL, raw=_message(inputs=(("x", "FP32", [1] * 2_000_000, [],
+                                                "fp32_contents"),))),
+         "INVALID_ARGUMENT", "at most 8"),
+    Case("values in another contents field than the datatype's", LL, None, None,
+         "JSON numbers have no datatype",
+         GrpcCall(NSF_LL, raw=_message(inputs=(("x", "FP32", [1, 2], [1, 2],
+                                                "int64_contents"),))),
+         "INVALID_ARGUMENT", "values go in contents.fp32_contents"),
+    Case("request line and headers over 32 KiB", LL,
+         RawHttp(b"POST /log_likelihood HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 40_000
+                 + b"\r\n\r\n"), 431, "exceed 32768 bytes", None,
+         grpc_note="grpcio's metadata limit (8 KiB) answers RESOURCE_EXHAUSTED"),
+    Case("not HTTP/1.1", LL, RawHttp(b"P\x00ST /log_likelihood HTTP/1.1\r\n\r\n"), 400,
+         "not valid HTTP/1.1", None, grpc_note="HTTP/2 framing errors are grpcio's"),
 ]
 
 
@@ -180,6 +234,11 @@ def _early_answer(server, path: str, body: bytes) -> tuple[int, bytes]:
 
 
 def _http(server, case: Case) -> tuple[int, str]:
+    if isinstance(case.http, RawHttp):
+        host, port = server.url.rsplit("//", 1)[1].split(":")
+        reply = exchange_raw((host, int(port)), case.http.data, 30.0)
+        assert reply.status is not None, (case.label, reply.note)
+        return reply.status, json.loads(reply.body)["error"]
     if isinstance(case.http, bytes):
         body = case.http
     else:
@@ -251,10 +310,13 @@ def _cell(text: str) -> str:
 def test_bad_input_matrix_over_http_and_grpc(server, channel) -> None:
     rows = ["| input | HTTP | HTTP `error` | gRPC | gRPC details |", "|---|---|---|---|---|"]
     for case in CASES:
-        status, message = _http(server, case)
-        assert status == case.http_status, (case.label, status, message)
-        assert case.http_words in message, (case.label, message)
-        assert not LEAKS.search(message), (case.label, message)
+        if case.http is None:
+            status, message = "–", case.http_words
+        else:
+            status, message = _http(server, case)
+            assert status == case.http_status, (case.label, status, message)
+            assert case.http_words in message, (case.label, message)
+            assert not LEAKS.search(message), (case.label, message)
         if case.grpc is None:
             code, details = "–", case.grpc_note
         else:
@@ -280,33 +342,64 @@ def test_bad_input_matrix_over_http_and_grpc(server, channel) -> None:
 
 # --- fuzzing against the service's own OpenAPI document ---------------------------------------
 
+VERB_PATHS = ("/sample", "/log_likelihood", "/anomaly_score")
+FUZZ_EXAMPLES = 100  # per operation and generation mode: ~8 s against the session server
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _fuzz_schema(server) -> dict:
+    """/docs.json with each verb's ``model`` an enum of the served names, and ``x`` rows of
+    their dimension holding float32 numbers: what a valid request is, so positive cases pass
+    validation and reach the batcher and a graph (with ``model`` any string, every case
+    stopped at 404), and negative cases break one rule at a time (unknown model, wrong row
+    length, a number beyond float32, a wrong type, a missing or unknown field)."""
+    doc = json.loads(server.get("/docs.json")[1])
+    models = json.loads(server.get("/models")[1])["models"]
+    (dim,) = {m["dim"] for m in models}  # the session's served models are all 2-D
+    for path in VERB_PATHS:
+        body = doc["paths"][path]["post"]["requestBody"]["content"]["application/json"]
+        fields = body["schema"]["properties"]
+        fields["model"] = {"type": "string", "enum": sorted(m["name"] for m in models)}
+        if "x" in fields:
+            fields["x"]["items"] |= {"minItems": dim, "maxItems": dim, "items": {
+                "type": "number", "minimum": -FLOAT32_MAX, "maximum": FLOAT32_MAX}}
+    return doc
+
 
 def test_fuzzing_finds_no_server_error_and_answers_match_the_schema(server) -> None:
-    """Every operation of /docs.json, 25 generated requests each (valid and invalid bodies),
-    seeded: no 5xx, and each answer matches the schema the document gives for its status."""
-    schema = schemathesis.openapi.from_url(server.url + "/docs.json")
+    """Every operation of /docs.json, with the served model names: seeded valid and invalid
+    requests (schemathesis' positive and negative generation). No answer is a 5xx or leaks
+    internals, each matches the schema the document gives for its status, every verb
+    answered valid requests with 200, and the invalid ones met at least three different
+    4xx statuses."""
+    schema = schemathesis.openapi.from_dict(_fuzz_schema(server))
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert {op.path for op in operations} >= {"/sample", "/log_likelihood", "/anomaly_score",
-                                              "/models"}
-    calls: dict[str, int] = {}
+    assert {op.path for op in operations} >= {*VERB_PATHS, "/models"}
+    statuses: dict[str, Counter] = {}
     for operation in operations:
+        modes = [GenerationMode.POSITIVE]
+        if operation.method.upper() == "POST":
+            modes.append(GenerationMode.NEGATIVE)
+        for mode in modes:
 
-        @given(case=operation.as_strategy())
-        @settings(max_examples=25, deadline=None, derandomize=True, database=None,
-                  phases=[Phase.explicit, Phase.generate],
-                  suppress_health_check=list(HealthCheck))
-        def fuzz(case) -> None:
-            response = case.call(timeout=60)
-            label = case.operation.label
-            calls[label] = calls.get(label, 0) + 1
-            case.validate_response(response,
-                                   checks=[not_a_server_error, response_schema_conformance])
-            assert not LEAKS.search(response.text[:5000]), response.text[:500]
+            @given(case=operation.as_strategy(generation_mode=mode))
+            @settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True,
+                      database=None, phases=[Phase.explicit, Phase.generate],
+                      suppress_health_check=list(HealthCheck))
+            def fuzz(case) -> None:
+                response = case.call(base_url=server.url, timeout=60)
+                statuses.setdefault(case.operation.label, Counter())[response.status_code] += 1
+                case.validate_response(response,
+                                       checks=[not_a_server_error, response_schema_conformance])
+                assert not LEAKS.search(response.text[:5000]), response.text[:500]
 
-        fuzz()
-    # Operations without inputs (the GETs) are called once; every verb gets many bodies.
-    for verb in ("/sample", "/log_likelihood", "/anomaly_score"):
-        assert calls.get(f"POST {verb}", 0) >= 12, calls
+            fuzz()
+    everything = sum(statuses.values(), Counter())
+    assert not [code for code in everything if code >= 500], statuses
+    for verb in VERB_PATHS:
+        assert statuses[f"POST {verb}"][200] >= 1, statuses
+    refusals = {code for code in everything if 400 <= code < 500}
+    assert len(refusals) >= 3, statuses
 
 
 # --- batch isolation with rows that pass validation but are extreme ----------------------------

@@ -1,15 +1,16 @@
-"""End to end against a real `bentoml serve` subprocess on a free loopback port."""
+"""End to end against a real `bentoml serve` subprocess on a loopback port."""
 
 from __future__ import annotations
 
 import json
-import math
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import bentoml
 import numpy as np
+import psutil
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
+from conftest import metric_samples, metric_sum, running_server, scrape_metrics
 
 from service.runtime import ModelRuntime, open_runtime
 
@@ -19,21 +20,6 @@ X = [[0.1, 0.2], [1.0, -0.3], [-0.7, 0.4]]
 
 def _runtime(served_models, name: str) -> ModelRuntime:
     return open_runtime(served_models / name)
-
-
-def _metrics(server) -> dict[tuple, float]:
-    status, raw = server.get("/metrics")
-    assert status == 200
-    values = {}
-    for family in text_string_to_metric_families(raw.decode()):
-        for s in family.samples:
-            values[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return values
-
-
-def _sum(metrics: dict, name: str, **labels: str) -> float:
-    return sum(v for (n, lab), v in metrics.items()
-               if n == name and all(dict(lab).get(k) == val for k, val in labels.items()))
 
 
 @pytest.mark.parametrize("family", sorted(FAMILY_MODELS))
@@ -111,7 +97,7 @@ def test_models_listing_and_refused_folder(server) -> None:
 
 
 def test_batching_really_happens_and_changes_nothing(server, served_models) -> None:
-    before = _metrics(server)
+    before = scrape_metrics(server)
     rows = np.random.default_rng(0).normal(size=(48, 2)).tolist()
     body = {"model": "moons-ddpm", "steps": 40, "solver": "rk4"}
 
@@ -125,12 +111,12 @@ def test_batching_really_happens_and_changes_nothing(server, served_models) -> N
     direct = _runtime(served_models, "moons-ddpm").log_likelihood(np.array(rows), steps=40,
                                                                   solver="rk4")
     assert np.allclose(served, direct.log_prob, atol=1e-5)
-    after = _metrics(server)
+    after = scrape_metrics(server)
     labels = {"model": "moons-ddpm", "verb": "log_likelihood"}
-    batches = (_sum(after, "genserve_batch_rows_count", **labels)
-               - _sum(before, "genserve_batch_rows_count", **labels))
-    batched_rows = (_sum(after, "genserve_batch_rows_sum", **labels)
-                    - _sum(before, "genserve_batch_rows_sum", **labels))
+    batches = (metric_sum(after, "genserve_batch_rows_count", **labels)
+               - metric_sum(before, "genserve_batch_rows_count", **labels))
+    batched_rows = (metric_sum(after, "genserve_batch_rows_sum", **labels)
+                    - metric_sum(before, "genserve_batch_rows_sum", **labels))
     assert batched_rows == 48
     assert batches < 48, "no two requests were ever batched together"
 
@@ -241,15 +227,15 @@ def test_bad_requests_never_hurt_concurrent_good_ones(server, served_models) -> 
 
 
 def test_metrics_parse_and_counters_move(server) -> None:
-    before = _metrics(server)
+    before = scrape_metrics(server)
     for _ in range(3):
         assert server.post("/log_likelihood", {"model": "moons-nsf", "x": X})[0] == 200
     assert server.post("/anomaly_score", {"model": "moons-nsf", "x": [[40.0, 40.0]]})[0] == 200
     assert server.post("/sample", {"model": "nope", "n": 1})[0] == 404
-    after = _metrics(server)
+    after = scrape_metrics(server)
 
     def delta(name: str, **labels: str) -> float:
-        return _sum(after, name, **labels) - _sum(before, name, **labels)
+        return metric_sum(after, name, **labels) - metric_sum(before, name, **labels)
 
     assert delta("genserve_requests_total", model="moons-nsf", verb="log_likelihood",
                  status="200") == 3
@@ -257,30 +243,44 @@ def test_metrics_parse_and_counters_move(server) -> None:
     assert delta("genserve_anomalies_total", model="moons-nsf") == 1
     assert delta("genserve_requests_total", model="unknown", verb="sample", status="404") == 1
     assert delta("genserve_graph_seconds_count", model="moons-nsf", graph="log_prob") >= 3
-    assert _sum(after, "genserve_models_loaded", state="ok") == 3
-    assert _sum(after, "genserve_models_loaded", state="failed") == 1
-    assert math.isfinite(_sum(after, "bentoml_service_request_total"))
+    assert metric_sum(after, "genserve_models_loaded", state="ok") == 3
+    assert metric_sum(after, "genserve_models_loaded", state="failed") == 1
+    # BentoML's own counters sit beside genserve's and move too
+    assert delta("bentoml_service_request_total", endpoint="/log_likelihood",
+                 http_response_code="200") == 3
 
 
 def test_metrics_add_up_across_two_workers(served_models, tmp_path) -> None:
-    """With 2 worker processes, /metrics (whichever worker answers) counts every request."""
-    from conftest import running_server
-
-    n = 24
+    """With 2 worker processes both serve, and /metrics (whichever worker answers) counts
+    every request. BentoML's per-process ``last_request_timestamp`` gauge says which
+    workers served since the test began (its probe and /metrics paths do not set it)."""
+    body = {"model": "moons-nsf", "x": X}
     with running_server(served_models, tmp_path / "two.log",
                         env={"GENSERVE_WORKERS": "2"}) as two:
-        with ThreadPoolExecutor(8) as pool:
-            statuses = list(pool.map(
-                lambda _: two.post("/log_likelihood", {"model": "moons-nsf", "x": X})[0],
-                range(n)))
-        assert statuses == [200] * n
+        workers = {p.pid for p in psutil.Process(two.proc.pid).children(recursive=True)
+                   if "_bentoml_impl.worker" in " ".join(p.cmdline())}
+        assert len(workers) == 2
+        began, sent, served_by = time.time(), 0, set()
+        deadline = time.monotonic() + 60
+        while served_by != workers:  # the kernel hands each connection to either worker
+            assert time.monotonic() < deadline, f"only {served_by} of {workers} served"
+            with ThreadPoolExecutor(8) as pool:
+                statuses = list(pool.map(lambda _: two.post("/log_likelihood", body)[0],
+                                         range(24)))
+            assert statuses == [200] * 24
+            sent += 24
+            stamps = metric_samples(scrape_metrics(two),
+                                    "bentoml_service_last_request_timestamp_seconds")
+            served_by = {int(dict(labels)["pid"]) for labels, t in stamps.items()
+                         if t >= began}
+            assert served_by <= workers, (served_by, workers)
         for _ in range(3):  # any worker may answer the scrape; each must see the total
-            after = _metrics(two)
-            assert _sum(after, "genserve_requests_total", model="moons-nsf",
-                        verb="log_likelihood", status="200") == n
-            assert _sum(after, "genserve_rows_total", model="moons-nsf",
-                        verb="log_likelihood") == 3 * n
-        assert _sum(after, "genserve_models_loaded", state="ok") == 3
+            after = scrape_metrics(two)
+            assert metric_sum(after, "genserve_requests_total", model="moons-nsf",
+                              verb="log_likelihood", status="200") == sent
+            assert metric_sum(after, "genserve_rows_total", model="moons-nsf",
+                              verb="log_likelihood") == 3 * sent
+        assert metric_sum(after, "genserve_models_loaded", state="ok") == 3
 
 
 def test_fast_path_answers_like_bentomls_route(server, served_models, tmp_path) -> None:

@@ -6,10 +6,18 @@ decoded from typed ``contents`` or ``raw_input_contents`` and checked (datatype,
 against the model's dimension, finite values, raw size) before anything is forwarded, so a
 bad request is answered here with INVALID_ARGUMENT and a message as clear as the HTTP one.
 Options travel as request parameters and become the JSON body's fields.
+
+Counts are checked before anything is iterated, and sizes in exact integers: at most
+``MAX_TENSORS`` inputs, outputs and raw entries, ``MAX_PARAMETERS`` parameters, ``MAX_DIMS``
+dimensions per shape, and a shape's product (which would overflow int64) at most
+``MAX_VALUES``; values must sit in the contents field of their datatype; with ``max_rows``
+given, ``x`` is refused on its declared rows before it is decoded (RESOURCE_EXHAUSTED, as
+HTTP's 413). A request with millions of entries is answered as fast as a small one.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import grpc
@@ -22,6 +30,11 @@ __all__ = ["OipError", "VERBS", "decode_inputs", "encode_outputs", "request_body
 
 VERBS = ("sample", "log_likelihood", "anomaly_score")
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
+EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
+MAX_TENSORS = 8  # inputs, outputs, raw entries: each verb has at most 2 inputs and 4 outputs
+MAX_PARAMETERS = 32
+MAX_DIMS = 8
+MAX_VALUES = 1 << 26  # more than a 64 MiB message can carry in any datatype
 
 # datatype -> (little-endian numpy dtype, typed contents field)
 DATATYPES = {
@@ -75,8 +88,46 @@ def signature(verb: str, info: dict) -> tuple[list, list]:
                ("percentile", "FP64", [-1]), ("threshold", "FP64", [1])]
 
 
+def _check_counts(req: pb.ModelInferRequest) -> None:
+    for what, count, most in (("inputs", len(req.inputs), MAX_TENSORS),
+                              ("raw_input_contents entries", len(req.raw_input_contents),
+                               MAX_TENSORS),
+                              ("requested outputs", len(req.outputs), MAX_TENSORS),
+                              ("parameters", len(req.parameters), MAX_PARAMETERS)):
+        if count > most:
+            raise OipError(INVALID, f"the request has {count} {what}; at most {most} are "
+                           "allowed")
+
+
+def _shape(t: Any) -> tuple[list[int], int]:
+    """The declared shape and its number of values (exact), checked."""
+    if len(t.shape) > MAX_DIMS:
+        raise OipError(INVALID, f"input '{t.name[:32]}' has {len(t.shape)} dimensions; at most "
+                       f"{MAX_DIMS} are allowed")
+    shape = list(t.shape)
+    if any(s < 0 for s in shape):
+        raise OipError(INVALID, f"input '{t.name[:32]}' has shape {shape}; a request's shape "
+                       "must not contain negative sizes")
+    size = math.prod(shape)
+    if size > MAX_VALUES:
+        raise OipError(EXHAUSTED, f"input '{t.name[:32]}' has shape {shape}: {size} values; "
+                       f"at most {MAX_VALUES} are allowed")
+    return shape, size
+
+
+def _typed(t: Any, field: str) -> Any:
+    """The typed contents of ``t``; INVALID_ARGUMENT if values sit in another field."""
+    for other, _ in t.contents.ListFields():
+        if other.name != field:
+            raise OipError(INVALID, f"input '{t.name[:32]}' is {t.datatype} but has values in "
+                           f"contents.{other.name}; {t.datatype} values go in "
+                           f"contents.{field}")
+    return getattr(t.contents, field)
+
+
 def decode_inputs(req: pb.ModelInferRequest) -> tuple[dict[str, tuple[str, np.ndarray]], bool]:
     """``{name: (datatype, array)}`` and whether the tensors came in raw form."""
+    _check_counts(req)
     raw = list(req.raw_input_contents)
     if raw and len(raw) != len(req.inputs):
         raise OipError(INVALID, f"raw_input_contents has {len(raw)} entries but the request "
@@ -84,29 +135,25 @@ def decode_inputs(req: pb.ModelInferRequest) -> tuple[dict[str, tuple[str, np.nd
     out: dict[str, tuple[str, np.ndarray]] = {}
     for i, t in enumerate(req.inputs):
         if t.name in out:
-            raise OipError(INVALID, f"input '{t.name}' is given twice")
+            raise OipError(INVALID, f"input '{t.name[:32]}' is given twice")
         if t.datatype not in DATATYPES:
-            raise OipError(INVALID, f"input '{t.name}' has datatype {t.datatype[:16]!r}; "
+            raise OipError(INVALID, f"input '{t.name[:32]}' has datatype {t.datatype[:16]!r}; "
                            f"supported: {', '.join(DATATYPES)}")
-        shape = list(t.shape)
-        if any(s < 0 for s in shape):
-            raise OipError(INVALID, f"input '{t.name}' has shape {shape}; a request's shape "
-                           "must not contain negative sizes")
-        size = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        shape, size = _shape(t)
         dtype, field = DATATYPES[t.datatype]
-        typed = getattr(t.contents, field)
         if raw:
             if t.HasField("contents"):
-                raise OipError(INVALID, f"input '{t.name}' has typed contents but the request "
-                               "uses raw_input_contents; use one form for every input")
+                raise OipError(INVALID, f"input '{t.name[:32]}' has typed contents but the "
+                               "request uses raw_input_contents; use one form for every input")
             need = size * np.dtype(dtype).itemsize
             if len(raw[i]) != need:
-                raise OipError(INVALID, f"raw contents of input '{t.name}' are {len(raw[i])} "
-                               f"bytes; shape {shape} of {t.datatype} needs {need}")
+                raise OipError(INVALID, f"raw contents of input '{t.name[:32]}' are "
+                               f"{len(raw[i])} bytes; shape {shape} of {t.datatype} needs {need}")
             arr = np.frombuffer(raw[i], dtype=dtype)
         else:
+            typed = _typed(t, field)
             if len(typed) != size:
-                raise OipError(INVALID, f"input '{t.name}' has {len(typed)} values in "
+                raise OipError(INVALID, f"input '{t.name[:32]}' has {len(typed)} values in "
                                f"contents.{field}; shape {shape} needs {size}")
             arr = np.asarray(typed, dtype=dtype)
         out[t.name] = (t.datatype, arr.reshape(shape))
@@ -166,9 +213,21 @@ def _rows(model: str, dim: int, datatype: str, arr: np.ndarray) -> list:
     return arr.astype(np.float64).tolist()
 
 
-def request_body(model: str, verb: str, info: dict,
-                 req: pb.ModelInferRequest) -> tuple[dict, bool]:
-    """The HTTP verb's JSON body for this request (checked), and whether it came raw."""
+def _check_rows(req: pb.ModelInferRequest, max_rows: int) -> None:
+    """RESOURCE_EXHAUSTED, in HTTP's words, if ``x`` declares more rows than allowed."""
+    for t in req.inputs:
+        if t.name == "x" and len(t.shape) and t.shape[0] > max_rows:
+            raise OipError(EXHAUSTED, f"'x' is {t.shape[0]}; the largest allowed is {max_rows} "
+                           "(server limit)")
+
+
+def request_body(model: str, verb: str, info: dict, req: pb.ModelInferRequest,
+                 max_rows: int | None = None) -> tuple[dict, bool]:
+    """The HTTP verb's JSON body for this request (checked), and whether it came raw.
+
+    ``max_rows``: refuse ``x`` with more rows on its declared shape, before decoding it."""
+    if max_rows is not None and len(req.inputs) <= MAX_TENSORS:
+        _check_rows(req, max_rows)
     tensors, raw = decode_inputs(req)
     body: dict[str, Any] = {"model": model, **_parameters(verb, req.parameters)}
     allowed = [name for name, _, _ in signature(verb, info)[0]]

@@ -73,6 +73,7 @@ Code = grpc.StatusCode
 HTTP_CODES = {400: Code.INVALID_ARGUMENT, 401: Code.UNAUTHENTICATED,
               403: Code.PERMISSION_DENIED, 404: Code.NOT_FOUND, 405: Code.UNIMPLEMENTED,
               408: Code.DEADLINE_EXCEEDED, 413: Code.RESOURCE_EXHAUSTED,
+              431: Code.RESOURCE_EXHAUSTED,
               415: Code.INVALID_ARGUMENT, 422: Code.INVALID_ARGUMENT,
               429: Code.RESOURCE_EXHAUSTED, 500: Code.INTERNAL, 502: Code.UNAVAILABLE,
               503: Code.UNAVAILABLE, 504: Code.DEADLINE_EXCEEDED}
@@ -224,14 +225,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """inference.GRPCInferenceService over the HTTP side.
 
     ``keys``: the API keys ``ModelInfer`` asks for (None, or a disabled store: open).
+    ``max_rows``: ``x`` with more rows is refused here, before it is decoded.
     """
 
     def __init__(self, upstream: Upstream, health_servicer: Any = None,
-                 keys: KeyStore | None = None, access: Any = None) -> None:
+                 keys: KeyStore | None = None, access: Any = None,
+                 max_rows: int | None = None) -> None:
         self.up = upstream
         self.health = health_servicer
         self.keys = keys
         self.access = access if access is not None else access_logger(False)
+        self.max_rows = max_rows
 
     async def _abort(self, context: grpc.aio.ServicerContext, err: OipError) -> None:
         await context.abort(err.code, err.message, getattr(err, "trailers", ()))
@@ -315,7 +319,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             seen["key"], authorization = self._authenticate(context)
             model, verb, info = await self._resolve(request.model_name, request.model_version)
             seen["model"] = model
-            body, raw = request_body(model, verb, info, request)
+            body, raw = request_body(model, verb, info, request, self.max_rows)
             seen["rows"] = rows_in(verb, body)
             answer = await self.up.call(verb, body, context.time_remaining(), authorization)
             tensors, params = response_tensors(verb, answer)
@@ -400,7 +404,7 @@ async def serve(host: str, port: int, http_url: str, grace_s: float = 5.0,
     upstream = Upstream(http_url, verify=verify)
     health_servicer = health.aio.HealthServicer()
     servicer = InferenceServicer(upstream, health_servicer, keys,
-                                 access_logger(settings.access_log))
+                                 access_logger(settings.access_log), settings.max_rows)
     await servicer.set_health(False)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -42,6 +42,7 @@ from service.schemas import (
     SampleRequest,
     SampleResponse,
 )
+from service.server_glue import install as install_connection_guards
 from service.settings import SettingsError, load_settings
 from service.verbs import GROUP_KEYS, RUNNERS
 
@@ -60,6 +61,7 @@ register_containers((SampleRequest, LogLikelihoodRequest, AnomalyScoreRequest),
                     (SampleResponse, LogLikelihoodResponse, AnomalyScoreResponse, JSONResponse))
 cap_batch_wait(SETTINGS.max_batch_wait_ms / 1000)
 bind_api_once()
+install_connection_guards(SETTINGS)  # header deadline and size, connection bound (uvicorn)
 
 
 def _batching() -> dict[str, Any]:

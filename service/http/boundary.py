@@ -2,12 +2,17 @@
 
 In order: the bearer token when access control is on (401, ``service.auth``), the key's
 request rate (429 with ``Retry-After``), the worker's queue bound (503 with ``Retry-After``,
-``service.overload``), then content type, body size, JSON syntax and the request itself
-(``service.validation``), each answered with ``{"error": ...}``, so a bad request never joins
-a batch. A valid request goes, already validated into BentoML's input type, straight to
-BentoML's batcher (``service.http.dispatch``), or with ``GENSERVE_FAST_PATH=false`` through
-BentoML's own route (the body is replayed). Every verb request leaves one access log line
-(``service.access_log``), refused ones too.
+``service.overload``), then content type, body size, the body's arrival in time (408,
+``service.exchange``), JSON nesting depth, number length, syntax and duplicate keys
+(``service.json_guard``) and the request itself (``service.validation``), each answered with
+``{"error": ...}``, so a bad request never joins a batch. An answer given before the body is
+read lingers over the body, so clients that send the whole body first still read it. A valid
+request goes, already validated into BentoML's input type, straight to BentoML's batcher
+(``service.http.dispatch``), or with ``GENSERVE_FAST_PATH=false`` through BentoML's own route (the
+body is replayed). Any other exception is answered 500 ``{"error": "internal error",
+"request_id": ...}`` and logged with its traceback under that id: no request ends without an
+answer. Every verb request leaves one access log line (``service.access_log``), refused ones
+too.
 ``/livez``, ``/readyz`` and ``/models`` stay open; ``/metrics`` asks for its own token when
 ``GENSERVE_METRICS_TOKEN_FILE`` is set. ``/docs.json`` is BentoML's OpenAPI document completed
 with these answers (``service.http.openapi``).
@@ -18,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import secrets
 import time
 from typing import Any
 
@@ -25,16 +31,18 @@ import bentoml
 
 from service.access_log import access_logger, log_access, rows_in
 from service.auth import TOKEN_REQUIRED, ApiKey, KeyStore, RateLimiter
+from service.exchange import Exchange
 from service.http.bentoml_glue import AppFactory
 from service.http.dispatch import Dispatch, being_cancelled
 from service.http.openapi import complete
+from service.json_guard import JsonLimits, parse_json
 from service.metrics import REQUESTS
 from service.overload import Admission
 from service.schemas import ModelInfo
 from service.settings import Settings, load_settings
 from service.validation import Refused, RequestError, validate_verb
 
-__all__ = ["KEY_REQUESTS", "VERB_PATHS", "BoundaryMiddleware", "send_json"]
+__all__ = ["KEY_REQUESTS", "VERB_PATHS", "BoundaryMiddleware", "parse_and_validate"]
 
 # Key names are operator-configured (bounded); "none" = no valid token, "anonymous" = auth off.
 KEY_REQUESTS = bentoml.metrics.Counter(
@@ -49,10 +57,6 @@ VERB_PATHS = {"/sample": "sample", "/log_likelihood": "log_likelihood",
               "/anomaly_score": "anomaly_score"}
 
 
-async def send_json(send: Any, status: int, payload: dict,
-                     headers: list[tuple[bytes, bytes]] | None = None) -> None:
-    await _send_body(send, status, [(b"content-type", b"application/json"), *(headers or [])],
-                     json.dumps(payload).encode())
 
 
 async def _send_body(send: Any, status: int, headers: list[tuple[bytes, bytes]],
@@ -64,6 +68,16 @@ async def _send_body(send: Any, status: int, headers: list[tuple[bytes, bytes]],
 
 def _unauthorized() -> Refused:
     return Refused(401, TOKEN_REQUIRED, [(b"www-authenticate", b'Bearer realm="genserve"')])
+
+
+def parse_and_validate(verb: str, body: bytes, cards: dict[str, ModelInfo], settings: Settings,
+                       types: dict[str, type] | None = None,
+                       limits: JsonLimits | None = None) -> tuple[Any, Any]:
+    """``(JSON payload, validated request)`` of a verb request's body; RequestError (4xx)
+    is the only exception it raises for any bytes (fuzzed with atheris, bench/fuzz.py)."""
+    limits = limits or JsonLimits(settings.max_json_depth, settings.max_number_chars)
+    payload = parse_json(body, limits)
+    return payload, validate_verb(verb, payload, cards, settings, types)
 
 
 class BoundaryMiddleware:
@@ -79,6 +93,8 @@ class BoundaryMiddleware:
                                    workers=self.settings.workers)
         self.access = access_logger(self.settings.access_log)
         self.admission = Admission(self.settings)
+        self.json_limits = JsonLimits(self.settings.max_json_depth,
+                                      self.settings.max_number_chars)
 
     @property
     def factory(self) -> AppFactory:
@@ -99,21 +115,31 @@ class BoundaryMiddleware:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        exchange = Exchange(scope, receive, send, self.settings)
         path = scope.get("path", "")
+        verb = VERB_PATHS.get(path)
+        if verb is not None:
+            return await self._verb(verb, scope, exchange)
+        try:
+            await self._route(path, scope, exchange)
+        except Exception:
+            await _internal_error(exchange, path)
+
+    async def _route(self, path: str, scope: dict, exchange: Exchange) -> None:
+        """Everything but the verbs: ``/metrics``'s token, ``GET /models``, ``/docs.json``,
+        and BentoML's own routes."""
+        receive, send = exchange.receive, exchange.send
         if path == "/metrics" and self.metrics_keys.enabled:
             if self.metrics_keys.authenticate(_header(scope, b"authorization")) is None:
                 err = _unauthorized()
-                return await send_json(send, 401, {"error": err.message}, err.headers)
+                return await exchange.answer(401, {"error": err.message}, err.headers)
         if path == "/models" and scope.get("method") == "GET":
             return await self._get_models(scope, receive, send)
         if path == "/docs.json" and scope.get("method") == "GET":
             return await self._docs(scope, receive, send)
-        verb = VERB_PATHS.get(path)
-        if verb is None:
-            return await self.app(scope, receive, send)
-        return await self._verb(verb, scope, receive, send)
+        return await self.app(scope, receive, send)
 
-    async def _verb(self, verb: str, scope: dict, receive: Any, send: Any) -> None:
+    async def _verb(self, verb: str, scope: dict, exchange: Exchange) -> None:
         started = time.perf_counter()
         seen: dict[str, Any] = {"key": None, "model": "unknown", "rows": None, "status": 500}
         admitted = False
@@ -125,22 +151,27 @@ class BoundaryMiddleware:
             admitted = True
             dispatch = self._dispatch()
             body, payload, request = await self._checked_body(
-                scope, receive, verb, dispatch.types if dispatch else None)
+                scope, exchange, verb, dispatch.types if dispatch else None)
             if isinstance(payload, dict) and payload.get("model") in self.cards:
                 seen["model"] = payload["model"]
             seen["rows"] = rows_in(verb, payload)
             if dispatch is None:
-                await self.app(scope, _replay(body, receive), self._watch(send, seen))
+                await self.app(scope, _replay(body, exchange.receive),
+                               self._watch(exchange.send, seen))
             else:
                 seen["status"], headers, answer = await dispatch(verb, request)
-                await _send_body(send, seen["status"],
+                await _send_body(exchange.send, seen["status"],
                                  self.admission.hinted(seen["status"], headers), answer)
         except RequestError as err:
             seen["status"] = err.status
             REQUESTS.labels(model="unknown", verb=verb, status=str(err.status)).inc()
             extra = getattr(err, "extra", {})
-            await send_json(send, err.status, {"error": err.message, **extra},
-                             getattr(err, "headers", []))
+            await exchange.answer(err.status, {"error": err.message, **extra},
+                                  getattr(err, "headers", []))
+        except Exception:
+            seen["status"] = 500
+            REQUESTS.labels(model="unknown", verb=verb, status="500").inc()
+            await _internal_error(exchange, f"/{verb}")
         finally:
             if admitted:
                 self.admission.release()
@@ -198,7 +229,7 @@ class BoundaryMiddleware:
                           f"after {retry} s", [(b"retry-after", str(retry).encode())],
                           retry_after_s=retry)
 
-    async def _checked_body(self, scope: dict, receive: Any, verb: str,
+    async def _checked_body(self, scope: dict, exchange: Exchange, verb: str,
                             types: dict[str, type] | None) -> tuple[bytes, Any, Any]:
         """The body, its JSON and the validated request (built as ``types[verb]``)."""
         if scope.get("method") != "POST":
@@ -209,16 +240,13 @@ class BoundaryMiddleware:
             raise RequestError(415, f"content type {ctype.decode(errors='replace')[:64]!r} is "
                                "not supported; send application/json")
         limit = self.settings.max_body_bytes
-        declared = headers.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise RequestError(413, f"request body is {int(declared)} bytes; the limit is {limit}")
-        body = await _read_body(receive, limit)
-        try:
-            payload = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            reason = getattr(err, "msg", "not UTF-8")
-            raise RequestError(400, f"the body is not valid JSON ({reason})") from None
-        return body, payload, validate_verb(verb, payload, self.cards, self.settings, types)
+        if exchange.declared is not None and exchange.declared > limit:
+            raise RequestError(413, f"request body is {exchange.declared} bytes; the limit is "
+                               f"{limit}")
+        body = await exchange.read_body(limit)
+        payload, request = parse_and_validate(verb, body, self.cards, self.settings, types,
+                                              self.json_limits)
+        return body, payload, request
 
     async def _docs(self, scope: dict, receive: Any, send: Any) -> None:
         """BentoML's OpenAPI document, completed with our answers (``service.http.openapi``)."""
@@ -254,19 +282,13 @@ def _header(scope: dict, name: bytes) -> bytes | None:
     return None
 
 
-async def _read_body(receive: Any, limit: int) -> bytes:
-    chunks, size = [], 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise RequestError(400, "the client disconnected before the body was complete")
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise RequestError(413, f"request body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
+async def _internal_error(exchange: Exchange, path: str) -> None:
+    """The catch-all: the traceback goes to the server log under a request id, the client
+    gets the id and no detail (nothing if an answer has already started)."""
+    request_id = secrets.token_hex(8)
+    log.exception("internal error on %s (request_id %s)", path[:64], request_id)
+    await exchange.answer(500, {"error": "internal error", "request_id": request_id},
+                          close=True)
 
 
 def _replay(body: bytes, receive: Any = None) -> Any:

@@ -1,10 +1,11 @@
 """The OpenAPI document at ``/docs.json``, completed with the answers genserve itself gives.
 
 BentoML generates the document from the service's Pydantic models, with 200, 400, 404 and 500
-for each API. The boundary and overload middlewares answer more (401, 405, 413, 415, 429,
-503, 504), always as ``{"error": ...}``; ``complete`` adds them to every verb, with the
-``Retry-After`` and ``WWW-Authenticate`` headers they carry, and documents ``GET /models``
-(answered by the boundary) beside BentoML's ``POST /models``. ``ERRORS`` is the one list of
+for each API. The boundary and overload middlewares answer more (401, 405, 408, 413, 415,
+429, 431, 503, 504, and 500 as the catch-all), always as ``{"error": ...}``; ``complete``
+adds them to every verb, with the ``Retry-After`` and ``WWW-Authenticate`` headers they
+carry, and documents ``GET /models`` (answered by the boundary) beside BentoML's
+``POST /models``. ``ERRORS`` is the one list of
 statuses: docs/API.md's status table is checked against it (tests/test_service.py).
 """
 
@@ -22,9 +23,13 @@ ERRORS: dict[int, str] = {
     401: "API keys are on and the bearer token is missing or wrong",
     404: "unknown model (the message lists the served ones)",
     405: "the verb was called with another method than POST",
+    408: "the headers or the body did not arrive in time (GENSERVE_HEADER_TIMEOUT_S, "
+         "GENSERVE_BODY_TIMEOUT_S); the connection is closed",
     413: "too many rows, 'n' over the limit, or the body over GENSERVE_MAX_BODY_BYTES",
     415: "content type other than application/json",
     429: "the API key's request rate is over its limit; retry after Retry-After seconds",
+    431: "the request line and headers exceed GENSERVE_MAX_HEADER_BYTES",
+    500: "an internal error: the answer carries a request_id that names it in the server log",
     503: "the worker's queue is full or a batch overran its latency budget; retry after "
          "Retry-After seconds",
     504: "the request did not finish within GENSERVE_TIMEOUT_S",
@@ -37,6 +42,8 @@ ERROR_SCHEMA: dict[str, Any] = {
     "properties": {
         "error": {"type": "string", "description": "what is wrong and what is allowed"},
         "retry_after_s": {"type": "integer", "description": "429 only: seconds to wait"},
+        "request_id": {"type": "string", "description": "500 only: names the error in the "
+                       "server log"},
     },
 }
 
@@ -50,12 +57,24 @@ _HEADERS = {
 }
 
 
+# BentoML's own answer to a POST /models body that is not a JSON object: ``error`` and
+# pydantic's ``detail`` list, where BentoML's document says ``detail`` is a string.
+_MODELS_400: dict[str, Any] = {
+    "description": "the body is not a JSON object (BentoML's answer: 'error', and 'detail' "
+                   "listing what was refused)",
+    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+}
+
+
 def complete(doc: dict[str, Any], verb_paths: Iterable[str]) -> dict[str, Any]:
     """A copy of BentoML's document with genserve's error answers on ``verb_paths`` (the
-    boundary's ``VERB_PATHS``) and ``GET /models``."""
+    boundary's ``VERB_PATHS``) and ``GET /models``, each 200 answer's schema as Pydantic
+    wrote it, and the 400 that ``POST /models`` really answers."""
     doc = copy.deepcopy(doc)
-    doc.setdefault("components", {}).setdefault("schemas", {})["Error"] = ERROR_SCHEMA
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    schemas["Error"] = ERROR_SCHEMA
     paths = doc.setdefault("paths", {})
+    _refer_200_to_components(paths, schemas)
     for path in verb_paths:
         op = paths.get(path, {}).get("post")
         if op is None:
@@ -72,8 +91,26 @@ def complete(doc: dict[str, Any], verb_paths: Iterable[str]) -> dict[str, Any]:
             responses[str(status)] = entry
     models = paths.get("/models", {})
     if "post" in models and "get" not in models:
-        get = {k: v for k, v in models["post"].items() if k != "requestBody"}
+        get = copy.deepcopy({k: v for k, v in models["post"].items() if k != "requestBody"})
         get["operationId"] = f"{get.get('operationId', 'list_models')}_get"
         get["description"] = "The served models and the folders refused at start."
         models["get"] = get
+    if "post" in models:
+        models["post"].setdefault("responses", {})["400"] = _MODELS_400
     return doc
+
+
+def _refer_200_to_components(paths: dict[str, Any], schemas: dict[str, Any]) -> None:
+    """Point each 200 answer at its component schema (Pydantic's own, under the same title).
+
+    BentoML inlines the 200 schema through a flattening that keeps only the first branch of
+    an ``anyOf``: ``steps: int | None`` is documented as ``integer`` there, and a flow's
+    ``"steps": null`` contradicts it. The component schema keeps ``anyOf``.
+    """
+    for item in paths.values():
+        for op in item.values() if isinstance(item, dict) else ():
+            answer = op.get("responses", {}).get("200", {}) if isinstance(op, dict) else {}
+            media = answer.get("content", {}).get("application/json")
+            title = (media or {}).get("schema", {}).get("title")
+            if title in schemas:
+                media["schema"] = {"$ref": f"#/components/schemas/{title}"}

@@ -1,0 +1,227 @@
+"""Coverage-guided fuzzing (atheris, libFuzzer) of the boundary and the OIP decoder, in process.
+
+    python -m bench.fuzz_atheris --target boundary|oip [--runs N] [--seed S]
+
+``boundary``: the boundary's one function from body bytes to a validated request
+(``service.http.boundary.parse_and_validate``). ``oip``: the OIP decoder
+(``service.grpc.convert.request_body``), whose JSON then goes through the same function, as
+the forwarded request does. Any exception other than the refusals they are meant to raise
+(``RequestError``, ``OipError``, protobuf's ``DecodeError``) is a crash: libFuzzer prints it
+with its input, writes ``crash-*`` in the working directory and exits non-zero. Half the
+inputs are taken as they are, half drive a structured generator (a JSON request, a message
+built field by field), which reaches validation far more often than mutated bytes do.
+``tests/test_hostile.py`` runs 20 000 inputs of each; longer runs are for here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+__all__ = ["atheris_corpus", "atheris_target", "main", "run_atheris"]
+
+
+def _cards() -> dict:
+    from service.validation import ModelCard
+
+    return {"moons-nsf": ModelCard("moons-nsf", "flow", 2, True, (2,)),
+            "moons-ddpm": ModelCard("moons-ddpm", "diffusion", 2, False, (2,)),
+            "digits-glow": ModelCard("digits-glow", "flow", 4, True, (1, 2, 2))}
+
+
+VERB_LIST = ("sample", "log_likelihood", "anomaly_score")
+
+
+def atheris_corpus() -> dict[str, list[bytes]]:
+    """Seed inputs of each target: the first byte picks the verb (and model)."""
+    from bench.mutations import grpc_seeds, http_seeds
+
+    boundary = []
+    for req in http_seeds({"moons-nsf": 2, "digits-glow": 4}):
+        head, _, body = req.data.partition(b"\r\n\r\n")
+        verb = head.split(b" ")[1].decode().strip("/")
+        boundary.append(bytes([VERB_LIST.index(verb) * 2 + 1]) + body)
+    boundary.append(b"\x03" + json.dumps({"model": "digits-glow", "x": [[[[1, 2], [3, 4]]]]})
+                    .encode())
+    boundary += [bytes([i]) + random.Random(i).randbytes(64) for i in range(6)]
+    oip = [bytes([i * 2 + 1]) + payload for i, (method, payload) in enumerate(
+        grpc_seeds({"moons-nsf": 2})) if method == "ModelInfer"]
+    oip += [bytes([i * 2]) + random.Random(i).randbytes(64) for i in range(12)]
+    return {"boundary": boundary, "oip": oip}
+
+
+KEYS = ("model", "x", "n", "seed", "steps", "solver", "method", "probes", "target_fpr")
+NAMES = ("moons-nsf", "moons-ddpm", "digits-glow", "nope", "", "x" * 70)
+STRINGS = ("exact", "hutchinson", "rk4", "dopri5", "ddim", "euler", "warp", "\ud800", "é")
+
+
+def _json_value(fdp: Any, depth: int) -> Any:
+    """A JSON-able value drawn from ``fdp`` (atheris.FuzzedDataProvider), nested at most
+    ``depth`` deeper: numbers of every kind, strings, booleans, null, rows and objects."""
+    kind = fdp.ConsumeIntInRange(0, 9 if depth > 0 else 6)
+    if kind == 0:
+        return fdp.ConsumeInt(fdp.ConsumeIntInRange(1, 16))
+    if kind == 1:
+        return fdp.ConsumeFloat()  # NaN, inf, huge included
+    if kind == 2:
+        return fdp.PickValueInList(list(STRINGS + NAMES))
+    if kind == 3:
+        return fdp.ConsumeUnicodeNoSurrogates(fdp.ConsumeIntInRange(0, 8))
+    if kind == 4:
+        return fdp.ConsumeBool()
+    if kind == 5:
+        return None
+    if kind == 6:
+        return fdp.ConsumeRegularFloat()
+    if kind == 9:
+        return {fdp.PickValueInList(list(KEYS)): _json_value(fdp, depth - 1)
+                for _ in range(fdp.ConsumeIntInRange(0, 3))}
+    size = fdp.ConsumeIntInRange(0, 5)
+    return [_json_value(fdp, depth - 1) for _ in range(size)]
+
+
+def _json_request(fdp: Any) -> bytes:
+    """A verb request body: known keys with values of any kind (a few unknown keys)."""
+    body: dict = {}
+    for _ in range(fdp.ConsumeIntInRange(0, 6)):
+        key = fdp.PickValueInList(list(KEYS) + ["extra"])
+        if key == "model":
+            body[key] = fdp.PickValueInList(list(NAMES))
+        elif key == "x" and fdp.ConsumeBool():
+            rows, dim = fdp.ConsumeIntInRange(0, 4), fdp.ConsumeIntInRange(0, 5)
+            body[key] = [[fdp.ConsumeRegularFloat() for _ in range(dim)]
+                         for _ in range(rows)]
+        else:
+            body[key] = _json_value(fdp, 4)
+    return json.dumps(body).encode()
+
+
+def _oip_request(fdp: Any) -> bytes:
+    """A ModelInferRequest built field by field from ``fdp``, then serialized."""
+    from service.grpc import grpc_predict_v2_pb2 as pb
+
+    req = pb.ModelInferRequest()
+    for _ in range(fdp.ConsumeIntInRange(0, 3)):
+        t = req.inputs.add(name=fdp.PickValueInList(["x", "n", "seed", "y"]),
+                           datatype=fdp.PickValueInList(["FP32", "FP64", "INT64", "INT32",
+                                                         "BOOL", "BYTES", "UINT8"]))
+        t.shape.extend(fdp.ConsumeIntListInRange(fdp.ConsumeIntInRange(0, 3),
+                                                 -2, 2**63 - 1) if fdp.ConsumeBool()
+                       else [fdp.ConsumeIntInRange(0, 3), fdp.ConsumeIntInRange(0, 5)])
+        count = fdp.ConsumeIntInRange(0, 12)
+        field_name = fdp.PickValueInList(["fp32_contents", "fp64_contents", "int64_contents",
+                                          "int_contents", "bool_contents", "raw"])
+        if field_name == "raw":
+            req.raw_input_contents.append(fdp.ConsumeBytes(count * 4))
+        elif field_name in ("fp32_contents", "fp64_contents"):
+            getattr(t.contents, field_name).extend(fdp.ConsumeFloatList(count))
+        elif field_name == "bool_contents":
+            t.contents.bool_contents.extend(fdp.ConsumeIntListInRange(count, 0, 1))
+        else:
+            bits = 31 if field_name == "int_contents" else 63
+            getattr(t.contents, field_name).extend(fdp.ConsumeIntListInRange(
+                count, -(2**bits), 2**bits - 1))
+    for _ in range(fdp.ConsumeIntInRange(0, 3)):
+        p = req.parameters[fdp.PickValueInList(list(KEYS[3:]) + ["timeout", "bogus"])]
+        kind = fdp.ConsumeIntInRange(0, 4)
+        if kind == 0:
+            p.string_param = fdp.ConsumeUnicodeNoSurrogates(fdp.ConsumeIntInRange(0, 8))
+        elif kind == 1:
+            p.double_param = fdp.ConsumeFloat()
+        elif kind == 2:
+            p.int64_param = fdp.ConsumeIntInRange(-(2**63), 2**63 - 1)
+        elif kind == 3:
+            p.uint64_param = fdp.ConsumeIntInRange(0, 2**64 - 1)
+        else:
+            p.bool_param = fdp.ConsumeBool()
+    for _ in range(fdp.ConsumeIntInRange(0, 2)):
+        req.outputs.add(name=fdp.PickValueInList(["scores", "samples", "nope"]))
+    return req.SerializeToString()
+
+
+def atheris_target(name: str) -> Callable[[bytes], None]:
+    """The one-input function of target ``name`` (our modules imported under coverage
+    instrumentation). The first byte picks the verb and model, and whether the rest is taken
+    as it is (odd) or drives a structured generator (even)."""
+    import atheris
+    import bentoml  # noqa: F401 - the boundary's heavy imports, loaded uninstrumented
+    import google.protobuf  # noqa: F401
+    import pydantic  # noqa: F401
+
+    with atheris.instrument_imports(include=["service"]):
+        from service.http.boundary import parse_and_validate
+        from service.grpc import grpc_predict_v2_pb2 as pb
+        from service.grpc.convert import OipError, request_body
+        from service.settings import Settings
+        from service.validation import RequestError
+    from google.protobuf.message import DecodeError
+
+    cards = _cards()
+    settings = Settings(max_rows=50, max_samples=100)
+    infos = {"moons-nsf": {"dim": 2, "family": "flow", "calibration": {"threshold": 1.0}},
+             "digits-glow": {"dim": 4, "family": "flow", "calibration": None}}
+
+    def boundary(data: bytes) -> None:
+        if not data:
+            return
+        body = data[1:] if data[0] & 1 else _json_request(atheris.FuzzedDataProvider(data[1:]))
+        try:
+            parse_and_validate(VERB_LIST[data[0] // 2 % 3], body, cards, settings)
+        except RequestError:
+            pass
+
+    def oip(data: bytes) -> None:
+        if not data:
+            return
+        verb = VERB_LIST[data[0] // 2 % 3]
+        model = ("moons-nsf", "digits-glow")[data[0] // 6 % 2]
+        raw = data[1:] if data[0] & 1 else _oip_request(atheris.FuzzedDataProvider(data[1:]))
+        try:
+            req = pb.ModelInferRequest.FromString(raw)
+        except DecodeError:
+            return
+        try:
+            body, _ = request_body(model, verb, infos[model], req, settings.max_rows)
+        except OipError:
+            return
+        try:
+            parse_and_validate(verb, json.dumps(body).encode(), cards, settings)
+        except RequestError:
+            pass
+
+    return {"boundary": boundary, "oip": oip}[name]
+
+
+def run_atheris(target: str, runs: int, seed: int, max_len: int = 4096) -> None:
+    """libFuzzer over ``target`` for ``runs`` inputs from its seed corpus (does not return:
+    libFuzzer exits, 0 when nothing crashed)."""
+    import atheris
+
+    corpus = Path(tempfile.mkdtemp(prefix=f"atheris-{target}-"))
+    for i, data in enumerate(atheris_corpus()[target]):
+        (corpus / f"seed{i}").write_bytes(data)
+    one_input = atheris_target(target)
+    atheris.Setup([sys.argv[0], f"-runs={runs}", f"-seed={seed}", f"-max_len={max_len}",
+                   "-timeout=20", "-rss_limit_mb=4096", str(corpus)], one_input)
+    atheris.Fuzz()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.fuzz_atheris",
+                                description=__doc__.splitlines()[0])
+    p.add_argument("--target", choices=("boundary", "oip"), required=True)
+    p.add_argument("--runs", type=int, default=100_000)
+    p.add_argument("--seed", type=int, default=1)
+    ns = p.parse_args(argv)
+    run_atheris(ns.target, ns.runs, ns.seed)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
