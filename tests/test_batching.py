@@ -93,7 +93,9 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def batch_server(models: Path, tmp_path_factory: pytest.TempPathFactory):
     log = tmp_path_factory.mktemp("batching-logs") / "server.log"
-    env = {"GENSERVE_MAX_BATCH_ROWS": str(BATCH_ROWS), "GENSERVE_MAX_LATENCY_MS": "60000"}
+    # requests wait up to 50 ms for company, so concurrent ones share graph batches
+    env = {"GENSERVE_MAX_BATCH_ROWS": str(BATCH_ROWS), "GENSERVE_MAX_LATENCY_MS": "60000",
+           "GENSERVE_MAX_BATCH_WAIT_MS": "50"}
     with running_server(models, log, env=env) as server:
         yield server
 

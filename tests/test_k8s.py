@@ -580,7 +580,7 @@ def test_training_job_runs_torchrun_per_index_and_checkpoints_to_the_volume(rend
         "metadata.annotations['batch.kubernetes.io/job-completion-index']")
     run = get_args_parser().parse_args(args)
     assert int(run.nnodes) == spec["completions"] and run.node_rank == 1
-    assert run.module and run.training_script == "training"
+    assert run.module and run.training_script == "cli"
     # the rendezvous host is pod 0 through the headless Service named by the pod's subdomain
     service = one(objs, "Service", pod["subdomain"])
     assert service["spec"]["clusterIP"] == "None"

@@ -117,13 +117,14 @@ def cap_batch_wait(max_wait_s: float) -> None:
     """Cap the wait BentoML's adaptive dispatcher learns (one dispatcher serves every model
     of a verb, so one model's burst would slow the others). Idempotent; the latest cap wins.
     Requests still gather while a batch runs, so batching under load is kept."""
-    if not hasattr(Optimizer, "_genserve_wait_cap"):
-        refresh = Optimizer.trigger_refresh
+    refresh = Optimizer.trigger_refresh
+    if not getattr(refresh, "_genserve_capped", False):
 
         def trigger_refresh(self: Any) -> None:
             refresh(self)
             self.wait = min(self.wait, Optimizer._genserve_wait_cap)
 
+        trigger_refresh._genserve_capped = True  # type: ignore[attr-defined]
         Optimizer.trigger_refresh = trigger_refresh
     Optimizer._genserve_wait_cap = max(0.0, float(max_wait_s))
 
