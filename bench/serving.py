@@ -483,7 +483,7 @@ times over.
 
 Earlier changes from the same kind of profile, measured side by side at the time (1-row nsf, c
 = 64, three 8 s wrk runs per server, medians of requests/s): binding each API method once
-(`service.http.batching.bind_api_once`; BentoML ran `inspect.signature` per request) +18 % and +6 %
+(`service.batching.bind_api_once`; BentoML ran `inspect.signature` per request) +18 % and +6 %
 in two interleaved pairs; uvloop and httptools (uvicorn's C event loop and HTTP parser) +22 %
 batched and +21 % unbatched. The ceiling uses ONNX Runtime's default threads (intra-op = 2
 spinning threads here), which makes it sensitive to anything else on the 2 cores: its blocks
@@ -688,7 +688,7 @@ def burst_section(results: dict) -> str:
 BentoML's dispatcher (one per verb, shared by every model) learns how long to hold a request
 back for company from the queueing time of recent batches; behind a burst of slow batches
 that is hundreds of ms, and afterwards a lone request is held that long. genserve caps the
-learned wait (`GENSERVE_MAX_BATCH_WAIT_MS`, `service.http.batching.cap_batch_wait`):
+learned wait (`GENSERVE_MAX_BATCH_WAIT_MS`, `service.batching.cap_batch_wait`):
 
 {table}
 """

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from service.auth import security_config
@@ -34,46 +33,40 @@ def run(ns: argparse.Namespace) -> int:
         env["GENSERVE_MODELS_DIR"] = ns.models
     if ns.workers:
         env["GENSERVE_WORKERS"] = str(ns.workers)
-    if ns.grpc_port:
+    if ns.grpc_port is not None:
         env["GENSERVE_GRPC_PORT"] = str(ns.grpc_port)
+    if ns.no_grpc:
+        env["GENSERVE_GRPC"] = "false"
+    env["GENSERVE_GRPC_HOST"] = ns.host  # gRPC binds where HTTP does
     settings = load_settings(env)
     models = Path(settings.models_dir)
     if not models.is_dir():
         raise FileNotFoundError(f"models directory {models} does not exist; run `make models` "
                                 "or set GENSERVE_MODELS_DIR")
     scheme = _check_security_settings(settings)
-    cmds = [[sys.executable, "-m", "bentoml", "serve", "service.http.api:GenServe",
-             "--host", ns.host, "--port", str(ns.port)]]
     where = f"{scheme}://{ns.host}:{ns.port}"
-    if not ns.no_grpc:
-        local = "127.0.0.1" if ns.host in ("0.0.0.0", "::", "") else ns.host
-        local = f"[{local}]" if ":" in local else local
-        cmds.append([sys.executable, "-m", "service.grpc.server", "--host", ns.host,
-                     "--port", str(settings.grpc_port),
-                     "--http-url", f"{scheme}://{local}:{ns.port}"])
+    if settings.grpc:
         where += f" and grpc://{ns.host}:{settings.grpc_port} (Open Inference Protocol v2)"
     print(f"serving {models} on {where}", file=sys.stderr)
-    procs = [subprocess.Popen(cmd, env=env) for cmd in cmds]
+    # HTTP and gRPC are served by the same worker processes; SIGTERM drains both
+    proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "service.http.api:GenServe",
+                             "--host", ns.host, "--port", str(ns.port)], env=env)
 
     def stop(*_: object) -> None:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    try:  # one process gone (crash or signal) stops the other: no half-served state
-        while all(proc.poll() is None for proc in procs):
-            time.sleep(0.5)
+    try:
+        return proc.wait()
     finally:
         stop()
-        for proc in procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-    return max(proc.returncode or 0 for proc in procs)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def _check_security_settings(settings: object) -> str:

@@ -14,6 +14,8 @@ import sys
 import time
 from functools import lru_cache
 
+import numpy as np
+
 __all__ = ["ACCESS_LOGGER", "access_logger", "log_access", "rows_in"]
 
 ACCESS_LOGGER = "genserve.access"
@@ -66,6 +68,6 @@ def rows_in(verb: str, payload: object) -> int | None:
     if not isinstance(payload, dict):
         return None
     value = payload.get("n") if verb == "sample" else payload.get("x")
-    if isinstance(value, list):
+    if isinstance(value, list | np.ndarray):  # JSON rows, or a gRPC tensor's
         return len(value)
     return value if isinstance(value, int) and not isinstance(value, bool) else None

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shutil
 import signal
 import socket
@@ -29,14 +28,13 @@ from pathlib import Path
 
 import psutil
 
-__all__ = ["Server", "free_port", "grpc_ports", "listening_ports", "running_server",
+__all__ = ["Server", "free_port", "listening_ports", "reserve_port", "running_server",
            "wait_until_ready"]
 
 ROOT = Path(__file__).resolve().parents[1]
 START_ATTEMPTS = 3
 """Starts of ``bentoml serve`` tried when one fails with "address in use": BentoML reserves
 circus' two ZeroMQ ports the racy way (found free, released, bound later)."""
-_GRPC_START_LINE = re.compile(r"genserve gRPC .* on \S+:(\d+) \(")
 
 
 def free_port() -> int:
@@ -56,38 +54,31 @@ def listening_ports(pid: int) -> set[int]:
     return set()
 
 
-def _http_port(arbiter_pid: int) -> int | None:
-    """The port a ``bentoml serve --port 0`` bound for HTTP: the listening socket its arbiter
-    shares with a worker (the arbiter also listens on circus' two ZeroMQ endpoints; workers
-    inherit only the HTTP socket). ``None`` until a worker holds it."""
-    own = listening_ports(arbiter_pid)
+def _http_port(pid: int, others: set[int]) -> int | None:
+    """The port a ``bentoml serve --port 0`` (started by process ``pid`` or by one of its
+    descendants) bound for HTTP: the listening socket BentoML's arbiter shares with its
+    workers (the arbiter also listens on circus' two ZeroMQ endpoints; workers inherit only
+    the HTTP socket, and listen on ``others``, the gRPC ports, themselves). ``None`` until a
+    worker holds it."""
     with contextlib.suppress(psutil.Error):
-        for child in psutil.Process(arbiter_pid).children(recursive=True):
-            shared = own & listening_ports(child.pid)
-            if len(shared) == 1:
-                return shared.pop()
+        tree = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+        ports = [listening_ports(p.pid) - others for p in tree]
+        for i, own in enumerate(ports):
+            for theirs in ports[i + 1:]:
+                shared = own & theirs
+                if len(shared) == 1:
+                    return shared.pop()
     return None
 
 
-def grpc_ports(proc: subprocess.Popen, log: Path, startup_s: float = 60,
-               ) -> tuple[int, int | None]:
-    """``(port, health port or None)`` of a ``python -m service.grpc.server`` started with
-    ``--port 0`` (and ``--health-port 0``), writing to ``log``: the port its start-up line
-    names, and the other port it listens on. Both are bound when that line is written."""
-    found: list[tuple[int, int | None]] = []
-
-    def started() -> bool:
-        line = _GRPC_START_LINE.search(log.read_text(errors="replace"))
-        if line is None:
-            return False
-        port = int(line.group(1))
-        others = listening_ports(proc.pid) - {port}
-        assert len(others) <= 1, f"gRPC server listens on {others} beside {port}"
-        found.append((port, others.pop() if others else None))
-        return True
-
-    wait_until_ready(proc, log, started, startup_s, what="gRPC server")
-    return found[0]
+def reserve_port(host: str = "127.0.0.1") -> socket.socket:
+    """A socket bound with ``SO_REUSEPORT`` to a free port and not listening: it keeps the
+    port from processes that do not share it, while the server's workers, which bind it with
+    ``SO_REUSEPORT`` too, listen on it. Close it once the server has stopped."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, 0))
+    return sock
 
 
 class Server:
@@ -99,6 +90,7 @@ class Server:
     def __init__(self, url: str, proc: subprocess.Popen, log: Path,
                  ssl_context: ssl.SSLContext | None = None) -> None:
         self.url, self.proc, self.log, self.ssl_context = url, proc, log, ssl_context
+        self.grpc_address: str | None = None  # host:port of its gRPC edge
 
     def exchange(self, method: str, path: str, body: bytes | None = None,
                  headers: dict[str, str] | None = None,
@@ -131,13 +123,13 @@ class Server:
 
 @contextlib.contextmanager
 def running_server(models_dir: Path, log: Path, env: dict[str, str] | None = None,
-                   startup_s: float = 180, service: str = "service.http.api:GenServe",
-                   ) -> Iterator[Server]:
-    """Start the service on a loopback port it binds itself, wait for ``/readyz``, stop it
-    on exit.
+                   startup_s: float = 180, service: str | None = None) -> Iterator[Server]:
+    """Start ``genserve serve`` on a loopback port it binds itself (its gRPC edge on a port
+    reserved here, ``Server.grpc_address``), wait for ``/readyz``, stop it on exit.
 
-    ``service``: the BentoML service to serve (``bench.noop_service:NoOp`` for the
-    framework's own request-rate ceiling in ``bench.serving``).
+    ``service``: another BentoML service to serve with ``bentoml serve`` instead
+    (``bench.noop_service:NoOp`` for the framework's own request-rate ceiling in
+    ``bench.serving``).
 
     With ``GENSERVE_TLS_CERTFILE`` in ``env`` the server speaks https, and the handle trusts
     that (self-signed) certificate. Each server gets its own ``BENTOML_HOME`` (unless ``env``
@@ -147,27 +139,37 @@ def running_server(models_dir: Path, log: Path, env: dict[str, str] | None = Non
     home = tempfile.mkdtemp(prefix="genserve-bentoml-")
     full_env = dict(os.environ, GENSERVE_MODELS_DIR=str(models_dir),
                     BENTOML_DO_NOT_TRACK="True", BENTOML_HOME=home, **(env or {}))
-    try:
-        server = _start(service, full_env, log, startup_s)
+    with contextlib.ExitStack() as held:
+        if service is None and "GENSERVE_GRPC_PORT" not in full_env:
+            full_env["GENSERVE_GRPC_PORT"] = str(
+                held.enter_context(reserve_port()).getsockname()[1])
         try:
-            yield server
+            server = _start(service, full_env, log, startup_s)
+            if service is None:
+                server.grpc_address = f"127.0.0.1:{full_env['GENSERVE_GRPC_PORT']}"
+            try:
+                yield server
+            finally:
+                stop(server.proc)
         finally:
-            stop(server.proc)
-    finally:
-        shutil.rmtree(home, ignore_errors=True)
+            shutil.rmtree(home, ignore_errors=True)
 
 
-def _start(service: str, env: dict[str, str], log: Path, startup_s: float) -> Server:
+def _start(service: str | None, env: dict[str, str], log: Path, startup_s: float) -> Server:
+    command = ([sys.executable, "-m", "cli", "serve"] if service is None
+               else [sys.executable, "-m", "bentoml", "serve", service])
+    grpc_ports = {int(env[k]) for k in ("GENSERVE_GRPC_PORT", "GENSERVE_GRPC_HEALTH_PORT")
+                  if env.get(k)}
     attempt = 1
     while True:
         with open(log, "w") as fh:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "bentoml", "serve", service, "--host", "127.0.0.1",
-                 "--port", "0"],
+                [*command, "--host", "127.0.0.1", "--port", "0"],
                 stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True,
             )
         try:
-            return _wait_ready(proc, log, env.get("GENSERVE_TLS_CERTFILE"), startup_s)
+            return _wait_ready(proc, log, env.get("GENSERVE_TLS_CERTFILE"), startup_s,
+                               grpc_ports)
         except RuntimeError:
             stop(proc)
             if attempt == START_ATTEMPTS or "Address already in use" not in log.read_text():
@@ -176,14 +178,14 @@ def _start(service: str, env: dict[str, str], log: Path, startup_s: float) -> Se
 
 
 def _wait_ready(proc: subprocess.Popen, log: Path, cert: str | None,
-                startup_s: float) -> Server:
+                startup_s: float, grpc_ports: set[int]) -> Server:
     """The server's handle once its HTTP port is known and ``/readyz`` answers 200."""
     context = ssl.create_default_context(cafile=cert) if cert else None
     found: list[Server] = []
 
     def ready() -> bool:
         if not found:
-            port = _http_port(proc.pid)
+            port = _http_port(proc.pid, grpc_ports)
             if port is None:
                 return False
             found.append(Server(f"{'https' if cert else 'http'}://127.0.0.1:{port}", proc,

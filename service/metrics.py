@@ -43,8 +43,9 @@ BATCH_ROWS = bentoml.metrics.Histogram(
 )
 BATCH_REQUESTS = bentoml.metrics.Histogram(
     name="genserve_batch_requests",
-    documentation="Requests (or parts of split ones) sharing one graph batch",
-    labelnames=["model", "verb"],
+    documentation="Requests (or parts of split ones) sharing one graph batch, by the "
+                  "transports they came through (http, grpc, or grpc+http)",
+    labelnames=["model", "verb", "transports"],
     buckets=_ROW_BUCKETS,
 )
 GRAPH_SECONDS = bentoml.metrics.Histogram(

@@ -16,6 +16,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PlainSerializer,
     PrivateAttr,
     WithJsonSchema,
     model_validator,
@@ -33,6 +34,7 @@ __all__ = [
     "Rows",
     "SampleRequest",
     "SampleResponse",
+    "VERBS",
 ]
 
 ROWS_SCHEMA = {
@@ -66,20 +68,41 @@ def flatten_image_rows(x: Any) -> Any:
 
 
 Rows = Annotated[Any, AfterValidator(flatten_image_rows), WithJsonSchema(ROWS_SCHEMA)]
+
+
+def _as_json(value: Any) -> Any:
+    return value.tolist() if isinstance(value, np.ndarray) else value
+
+
+def _array(items: dict[str, Any], description: str | None = None) -> Any:
+    """An answer field held as a numpy array (gRPC encodes its bytes; JSON, its list)."""
+    schema = {"type": "array", "items": items} | ({"description": description}
+                                                 if description else {})
+    return Annotated[Any, PlainSerializer(_as_json), WithJsonSchema(schema)]
+
+
+Numbers = _array({"type": "number"})
+Flags = _array({"type": "boolean"})
+Samples = _array({"type": "array", "items": {"type": "number"}},
+                 "rows of numbers, (n, dim), in the units of the training data")
 MAX_SEED = 2**63 - 1
+VERBS = ("sample", "log_likelihood", "anomaly_score")
+"""The verbs every model serves, over every transport."""
 
 
 class Ticket:
     """Shared by a request and the parts the batcher splits it into (``model_copy`` keeps
     the same object): ``abandoned`` is set once its client has stopped waiting (the request
     timed out, 504), so a batch that has not started yet leaves it out; ``request_id`` names
-    the request in an internal-error answer and in the server log line that explains it."""
+    the request in an internal-error answer and in the server log line that explains it;
+    ``transport`` is the edge it came through (``http`` or ``grpc``)."""
 
-    __slots__ = ("abandoned", "request_id")
+    __slots__ = ("abandoned", "request_id", "transport")
 
     def __init__(self) -> None:
         self.abandoned = False
         self.request_id = secrets.token_hex(8)
+        self.transport = "http"
 
 
 class _Request(BaseModel):
@@ -109,7 +132,7 @@ class SampleRequest(_Request):
 class SampleResponse(BaseModel):
     model_config = ConfigDict(protected_namespaces=())
     model: str
-    samples: list[list[float]]
+    samples: Samples
     seed: int
     steps: int | None
     solver: str
@@ -129,10 +152,10 @@ class LogLikelihoodRequest(_Request):
 class LogLikelihoodResponse(BaseModel):
     model_config = ConfigDict(protected_namespaces=())
     model: str
-    log_likelihood: list[float] = Field(description="nats per row, in the data's units")
-    bits_per_dim: list[float]
+    log_likelihood: Numbers = Field(description="nats per row, in the data's units")
+    bits_per_dim: Numbers
     method: str
-    std_error: list[float] = Field(
+    std_error: Numbers = Field(
         default_factory=list, description="Hutchinson standard error per row; empty if exact"
     )
     nfe: int = Field(description="graph evaluations used")
@@ -159,10 +182,10 @@ class AnomalyScoreRequest(_Request):
 class AnomalyScoreResponse(BaseModel):
     model_config = ConfigDict(protected_namespaces=())
     model: str
-    scores: list[float] = Field(description="negative log-likelihood, nats per row")
+    scores: Numbers = Field(description="negative log-likelihood, nats per row")
     threshold: float
-    is_anomaly: list[bool]
-    percentile: list[float] = Field(description="percentile among normal validation rows")
+    is_anomaly: Flags
+    percentile: Numbers = Field(description="percentile among normal validation rows")
 
 
 class ModelInfo(BaseModel):

@@ -19,7 +19,7 @@ their size and no bound on open connections. :func:`install` registers
   error is (uvicorn's own answer is plain text).
 
 Everything else (body deadlines, lingering over unread bodies) is ASGI, in
-``service.exchange``. What each touch of uvicorn buys (``TOUCHES``) is checked by
+``service.http.exchange``. What each touch of uvicorn buys (``TOUCHES``) is checked by
 :func:`missing` and by a test that names the touch when an upgrade removes it; with one
 missing, :func:`install` leaves uvicorn as it is and logs which.
 """
@@ -38,7 +38,7 @@ from uvicorn.config import HTTP_PROTOCOLS, Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
-from service.exchange import Exchange
+from service.http.exchange import Exchange
 from service.settings import Settings
 
 __all__ = ["TOUCHES", "GuardedHttpToolsProtocol", "install", "missing"]

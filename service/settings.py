@@ -25,8 +25,16 @@ class Settings(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(None, ge=1, description="intra-op threads per graph session")
     workers: int = Field(1, ge=1, le=64, description="BentoML worker processes")
-    grpc_port: int = Field(8001, ge=1, le=65535, description="gRPC (Open Inference Protocol) "
-                           "port")
+    grpc: bool = Field(True, description="serve gRPC (Open Inference Protocol v2) beside HTTP")
+    grpc_host: str = Field("127.0.0.1", description="interface gRPC binds (genserve serve "
+                           "sets it to --host)")
+    grpc_port: int = Field(8001, ge=0, le=65535, description="gRPC port, shared by the workers "
+                           "(0: a free port, one worker)")
+    grpc_health_port: int | None = Field(None, ge=0, le=65535, description="grpc.health.v1 "
+                                         "alone, in plaintext (kubelet probes when gRPC "
+                                         "speaks TLS)")
+    grpc_grace_s: float = Field(5.0, ge=0, description="seconds a stopping worker gives gRPC "
+                                "calls in flight")
     batching: bool = Field(True, description="adaptive batching on (off: one request per call)")
     fast_path: bool = Field(True, description="the boundary hands validated verb requests to "
                             "BentoML's batcher directly (false: through BentoML's HTTP route)")

@@ -91,7 +91,13 @@ def _limit(value: int | None, field: str, maximum: int) -> None:
 
 
 def check_rows(x: Any, card: ModelInfo, max_rows: int) -> np.ndarray:
-    """``x`` as finite float64 ``(rows, dim)``; the message names the problem and the fix."""
+    """``x`` as finite float64 ``(rows, dim)``; the message names the problem and the fix.
+
+    ``x`` is a JSON list of rows, or an array a transport has already decoded and shaped
+    (gRPC tensors), whose values are checked the same way."""
+    if isinstance(x, np.ndarray) and x.ndim == 2 and x.shape[1] == card.dim and len(x):
+        _limit(len(x), "x", max_rows)
+        return _check_values(x.astype(np.float64, copy=False))
     if not isinstance(x, list):
         raise RequestError(400, f"'x' must be a list of rows, each {card.row_form()}")
     if len(x) == 0:
@@ -115,7 +121,11 @@ def check_rows(x: Any, card: ModelInfo, max_rows: int) -> np.ndarray:
     if arr.ndim != 2 or arr.dtype.kind not in "iuf" or bool in set(
             map(type, chain.from_iterable(x))):
         raise RequestError(400, "'x' must contain only numbers (no strings, booleans or nulls)")
-    arr = arr.astype(np.float64, copy=False)
+    return _check_values(arr.astype(np.float64, copy=False))
+
+
+def _check_values(arr: np.ndarray) -> np.ndarray:
+    """``arr`` if every value is finite and within float32's range, else 400 naming one."""
     if not np.abs(arr).max() <= FLOAT32_MAX:  # one reduction; NaN, ±inf and huge all fail it
         bad = ~np.isfinite(arr)
         if bad.any():

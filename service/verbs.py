@@ -1,8 +1,8 @@
 """The three verbs over a group of validated requests for one model: one graph call each.
 
-Shared by the HTTP service and the gRPC server, so batching, limits and calibration live in
-one place. Each function takes requests that share a model and options and returns one
-response per request, in order.
+Each function takes requests that share a model and options (a group of a batch that may
+hold requests of every transport) and returns one response per request, in order, its
+arrays numpy (JSON lists over HTTP, tensor bytes over gRPC).
 """
 
 from __future__ import annotations
@@ -39,17 +39,13 @@ def _row_keys(parts: Sequence[LogLikelihoodRequest | AnomalyScoreRequest],
     return {"seed": np.concatenate(seeds), "rows": np.concatenate(rows)}
 
 
-def _floats(a: np.ndarray) -> list[float]:
-    return [float(v) for v in a]
-
-
 def run_sample(rt: ModelRuntime, parts: Sequence[SampleRequest]) -> list[SampleResponse]:
     first = parts[0]
     solver, steps = rt.resolve_solver(first.solver, first.steps)
     blocks = rt.sample_many([SeededRows(p.n, p.seed, p._offset) for p in parts],
                             steps=steps, solver=solver)
     return [
-        SampleResponse(model=rt.name, samples=block.tolist(), seed=p.seed, steps=steps,
+        SampleResponse(model=rt.name, samples=block, seed=p.seed, steps=steps,
                        solver=solver)
         for p, block in zip(parts, blocks, strict=True)
     ]
@@ -64,10 +60,10 @@ def run_log_likelihood(rt: ModelRuntime,
     return [
         LogLikelihoodResponse(
             model=rt.name,
-            log_likelihood=_floats(out.log_prob[a:b]),
-            bits_per_dim=_floats(out.bits_per_dim[a:b]),
+            log_likelihood=out.log_prob[a:b],
+            bits_per_dim=out.bits_per_dim[a:b],
             method=out.method,
-            std_error=[] if out.std_error is None else _floats(out.std_error[a:b]),
+            std_error=[] if out.std_error is None else out.std_error[a:b],
             nfe=out.nfe,
         )
         for a, b in spans
@@ -81,10 +77,10 @@ def run_anomaly_score(rt: ModelRuntime,
     return [
         AnomalyScoreResponse(
             model=rt.name,
-            scores=_floats(out.scores[a:b]),
+            scores=out.scores[a:b],
             threshold=out.threshold,
-            is_anomaly=[bool(v) for v in out.is_anomaly[a:b]],
-            percentile=_floats(out.percentile[a:b]),
+            is_anomaly=out.is_anomaly[a:b],
+            percentile=out.percentile[a:b],
         )
         for a, b in spans
     ]

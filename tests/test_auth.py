@@ -1,14 +1,13 @@
 """Access control and transport security (docs/SECURITY.md), against real processes.
 
-One ``bentoml serve`` and one ``python -m service.grpc.server``, both with TLS (a self-signed
-certificate made here with ``cryptography``), API keys from a file (reloaded every 0.3 s)
-and a per-key rate limit, serve every server test of this file. Keys, token buckets and the
+One ``genserve serve``, HTTP and gRPC with TLS (a self-signed certificate made here with
+``cryptography``), API keys from a file (reloaded every 0.3 s) and a per-key rate limit,
+serves every server test of this file. Keys, token buckets and the
 access log are also checked as plain objects, fast.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import ipaddress
 import json
@@ -36,10 +35,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.access_log import access_logger, log_access
 from service.auth import KeyFileError, KeyStore, RateLimiter, parse_keys, security_config
-from service.devserver import grpc_ports, running_server, stop
-from service.grpc.server import Reply, _http_error
+from service.devserver import reserve_port, running_server
 from service.grpc import grpc_predict_v2_pb2 as pb
 from service.grpc import grpc_predict_v2_pb2_grpc as pb_grpc
+from service.grpc.server import _status as grpc_status
 from service.settings import load_settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -151,17 +150,15 @@ def test_token_bucket_limits_bursts_and_refills() -> None:
     assert [per_worker.acquire("a") > 0 for _ in range(3)] == [False, False, True]
 
 
-def test_any_retry_after_from_http_becomes_grpc_trailing_metadata() -> None:
+def test_any_retry_hint_becomes_grpc_trailing_metadata() -> None:
     for status, code in ((429, grpc.StatusCode.RESOURCE_EXHAUSTED),
                          (503, grpc.StatusCode.UNAVAILABLE)):
-        resp = Reply(status, b'{"error": "later"}', {"Retry-After": "3"})
-        err = _http_error(resp)
+        err = grpc_status(status, "later", [(b"retry-after", b"3")])
         assert (err.code, err.message, err.trailers) == (code, "later", (("retry-after", "3"),))
-    assert _http_error(Reply(401, b'{"error": "x"}')).code == grpc.StatusCode.UNAUTHENTICATED
-    assert _http_error(Reply(400, b'{"error": "x"}')).trailers == ()
-    # a body that is not JSON travels as text; an empty one names the status
-    assert _http_error(Reply(502, b"Bad Gateway\n")).message == "Bad Gateway"
-    assert _http_error(Reply(500)).message == "HTTP 500"
+    assert grpc_status(401, "x", []).code == grpc.StatusCode.UNAUTHENTICATED
+    assert grpc_status(400, "x", []).trailers == ()
+    assert grpc_status(418, "x", []).code == grpc.StatusCode.INVALID_ARGUMENT
+    assert grpc_status(599, "x", []).code == grpc.StatusCode.INTERNAL
 
 
 def test_access_log_lines_are_json_and_can_be_turned_off() -> None:
@@ -260,47 +257,26 @@ def secure_server(model_dir: Path, secure_env: dict[str, str],
                   tmp_path_factory: pytest.TempPathFactory):
     models = tmp_path_factory.mktemp("secure-models")
     shutil.copytree(model_dir, models / MODEL)
-    log = tmp_path_factory.mktemp("secure-logs") / "http.log"
-    with running_server(models, log, env=secure_env) as server:
-        yield server
-
-
-@contextlib.contextmanager
-def grpc_process(http_url: str, env: dict[str, str], log: Path):
-    """The gRPC server with TLS on a port it binds and plaintext health on another."""
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "service.grpc.server", "--port", "0", "--http-url",
-             http_url, "--health-port", "0", "--grace", "1"],
-            stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT, env=dict(os.environ, **env),
-            start_new_session=True)
-    try:
-        port, health_port = grpc_ports(proc, log)
-        assert health_port is not None, log.read_text()[-2000:]
-        with grpc.insecure_channel(f"127.0.0.1:{health_port}") as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            deadline = time.monotonic() + 30
-            while True:  # the kubelet's probe: plaintext grpc.health.v1 on the health port
-                assert proc.poll() is None, log.read_text()[-2000:]
-                with contextlib.suppress(grpc.RpcError):
-                    if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == (
-                            health_pb2.HealthCheckResponse.SERVING):
-                        break
-                assert time.monotonic() < deadline, log.read_text()[-2000:]
-                time.sleep(0.2)
-        yield f"127.0.0.1:{port}", proc
-    finally:
-        stop(proc, grace_s=15)
+    log = tmp_path_factory.mktemp("secure-logs") / "server.log"
+    with reserve_port() as health:
+        env = dict(secure_env, GENSERVE_GRPC_HEALTH_PORT=str(health.getsockname()[1]))
+        with running_server(models, log, env=env) as server:
+            server.health_address = f"127.0.0.1:{health.getsockname()[1]}"
+            yield server
 
 
 @pytest.fixture(scope="module")
-def secure_grpc(secure_server, secure_env: dict[str, str], secrets_dir: Path,
-                tmp_path_factory: pytest.TempPathFactory):
-    log = tmp_path_factory.mktemp("secure-grpc") / "grpc.log"
-    with grpc_process(secure_server.url, secure_env, log) as (address, _):
-        credentials = grpc.ssl_channel_credentials((secrets_dir / "tls.crt").read_bytes())
-        with grpc.secure_channel(address, credentials) as channel:
-            yield pb_grpc.GRPCInferenceServiceStub(channel), address, log
+def secure_grpc(secure_server, secrets_dir: Path):
+    """The secure server's gRPC edge over TLS; its plaintext health-only port answers the
+    kubelet's probe."""
+    with grpc.insecure_channel(secure_server.health_address) as channel:
+        status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
+                                                           timeout=10).status
+    assert status == health_pb2.HealthCheckResponse.SERVING
+    credentials = grpc.ssl_channel_credentials((secrets_dir / "tls.crt").read_bytes())
+    with grpc.secure_channel(secure_server.grpc_address, credentials) as channel:
+        yield pb_grpc.GRPCInferenceServiceStub(channel), secure_server.grpc_address, \
+            secure_server.log
 
 
 def ll_request(x: np.ndarray = X) -> pb.ModelInferRequest:
@@ -430,7 +406,7 @@ def test_http_rate_limit_is_reached_then_recovers(secure_server) -> None:
 
 def test_grpc_rate_limit_counts_each_call_once(secure_grpc) -> None:
     stub, _, _ = secure_grpc
-    # burst 2: two calls pass, so a call is counted once, not at both processes
+    # burst 2: two calls pass, so a call is counted once
     passed, (code, detail, trailers, _) = until_refused(lambda: infer(stub, "tight-grpc"),
                                                         grpc.StatusCode.OK)
     assert passed >= 2
@@ -448,7 +424,7 @@ def test_keys_rotate_by_rewriting_the_file(secure_server, secure_grpc, secrets_d
     write_keys(path, key_file_content(["alice"], {"carol": CAROL}))
     try:
         deadline = time.monotonic() + 15
-        while True:  # both processes re-read the file within a few reload periods
+        while True:  # the worker re-reads the file within a few reload periods
             state = (http_ll(secure_server, "bob")[0], http_ll(secure_server, CAROL)[0],
                      infer(stub, "bob")[0], infer(stub, CAROL)[0])
             if state == (401, 200, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.OK):
@@ -466,20 +442,22 @@ def access_lines(log: Path) -> list[dict]:
 
 
 def test_access_log_is_json_without_payloads_or_tokens(secure_server, secure_grpc) -> None:
-    stub, _, grpc_log = secure_grpc
-    before = len(access_lines(secure_server.log)), len(access_lines(grpc_log))
-    infer(stub, "alice")  # also leaves a line at the HTTP side it forwards to
+    stub, _, _ = secure_grpc
+    before = len(access_lines(secure_server.log))
+    infer(stub, "alice")
     infer(stub, None)
     http_ll(secure_server, "alice")
     http_ll(secure_server, None)
-    # both processes write their lines through a pipe: wait until all five have arrived
+    # the worker writes its lines through a pipe: wait until all four have arrived
     deadline = time.monotonic() + 30
-    while (len(access_lines(secure_server.log)) < before[0] + 3
-           or len(access_lines(grpc_log)) < before[1] + 2):
-        assert time.monotonic() < deadline, "the access lines did not reach the logs"
+    while len(access_lines(secure_server.log)) < before + 4:
+        assert time.monotonic() < deadline, "the access lines did not reach the log"
         time.sleep(0.1)
     fields = {"ts", "protocol", "key", "verb", "model", "rows", "status", "latency_ms"}
-    http_lines, grpc_lines = access_lines(secure_server.log), access_lines(grpc_log)
+    lines = access_lines(secure_server.log)[before:]
+    http_lines = [line for line in lines if line["protocol"] == "http"]
+    grpc_lines = [line for line in lines if line["protocol"] == "grpc"]
+    assert len(http_lines) == len(grpc_lines) == 2  # one line per request, either way
     for line in http_lines + grpc_lines:
         assert set(line) == fields and line["latency_ms"] >= 0
     assert {"protocol": "http", "key": "alice", "verb": "log_likelihood", "model": MODEL,
@@ -490,10 +468,9 @@ def test_access_log_is_json_without_payloads_or_tokens(secure_server, secure_grp
     assert (grpc_lines[-1]["key"], grpc_lines[-1]["status"]) == (None, "UNAUTHENTICATED")
     # one access line per request: BentoML's own access log (scheme=...,path=...) is off
     assert "path=/log_likelihood" not in secure_server.log.read_text()
-    for log in (secure_server.log, grpc_log):
-        text = log.read_text()
-        assert not any(t in text for t in (*TOKENS.values(), CAROL, METRICS_TOKEN)), log
-        assert str(MARKER)[:8] not in text, f"{log} holds payload data"
+    text = secure_server.log.read_text()
+    assert not any(t in text for t in (*TOKENS.values(), CAROL, METRICS_TOKEN))
+    assert str(MARKER)[:8] not in text, "the log holds payload data"
 
 
 def test_unreadable_key_file_is_a_one_line_startup_error(tmp_path: Path) -> None:
@@ -503,7 +480,6 @@ def test_unreadable_key_file_is_a_one_line_startup_error(tmp_path: Path) -> None
     commands = {
         "genserve serve": [sys.executable, "-m", "cli", "serve", "--port", "0",
                            "--grpc-port", "0"],
-        "grpc server": [sys.executable, "-m", "service.grpc.server", "--port", "0"],
         "bentoml serve": [sys.executable, "-m", "bentoml", "serve", "service.http.api:GenServe",
                           "--port", "0"],
     }

@@ -38,7 +38,7 @@ MARKER = 777.0  # a value in x that makes the faulty model's preprocess graph ra
 FLOAT32_ROUNDING = 2.5e-7  # two float32 ulps, relative
 
 
-def _add_fault(folder: Path) -> None:
+def add_fault(folder: Path) -> None:
     """Make ``preprocess.onnx`` raise (a Gather out of bounds) for a batch holding MARKER."""
     path = folder / "preprocess.onnx"
     model = onnx.load(path)
@@ -84,7 +84,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("batching") / "models"
     shutil.copytree(ROOT / "exported_models", root)
     shutil.copytree(root / "moons-nsf", root / "moons-nsf-faulty")
-    _add_fault(root / "moons-nsf-faulty")
+    add_fault(root / "moons-nsf-faulty")
     shutil.copytree(root / "moons-otcfm", root / "moons-otcfm-hutchinson")
     _hutchinson_by_default(root / "moons-otcfm-hutchinson")
     return root

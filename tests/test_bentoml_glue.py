@@ -1,4 +1,4 @@
-"""service.http.bentoml_glue: every private piece of BentoML genserve uses is still there,
+"""service.bentoml_glue: every private piece of BentoML genserve uses is still there,
 and each does what it is there for."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from _bentoml_sdk.method import APIMethod
 from bentoml._internal.marshal.dispatcher import Optimizer
 from pydantic import Field
 
-from service.http.bentoml_glue import PATCHES, bind_api_once, cap_batch_wait
+from service.bentoml_glue import PATCHES, bind_api_once, cap_batch_wait
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,14 +21,14 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("patch", PATCHES, ids=lambda p: p.name)
 def test_the_installed_bentoml_has_what_each_patch_touches(patch) -> None:
     assert patch.present(), (
-        f"service.http.bentoml_glue patch {patch.name!r} ({patch.purpose}) no longer finds "
+        f"service.bentoml_glue patch {patch.name!r} ({patch.purpose}) no longer finds "
         f"what it touches in bentoml {bentoml.__version__}: update the glue module, or drop "
         "the patch if a side-by-side `python -m bench.serving` shows no gain from it")
 
 
 APP_FACTORY = """
 from service.http.api import GenServe
-from service.http.bentoml_glue import AppFactory
+from service.bentoml_glue import AppFactory
 
 app = GenServe.to_asgi(is_main=True)
 factory = AppFactory.find(app, ["/sample", "/log_likelihood", "/anomaly_score"])

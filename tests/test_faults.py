@@ -24,7 +24,6 @@ import psutil
 import pytest
 from conftest import metric_sum, scrape_metrics
 from test_auth import access_lines
-from test_grpc import grpc_process
 
 from service.devserver import Server, running_server
 from service.grpc import grpc_predict_v2_pb2 as pb
@@ -123,41 +122,42 @@ def _access_lines(log: Path, verb: str) -> list[dict]:
     return [line for line in access_lines(log) if line["verb"] == verb]
 
 
-def test_overload_reaches_grpc_as_unavailable(busy: Server, tmp_path: Path) -> None:
+def test_overload_reaches_grpc_as_unavailable(busy: Server) -> None:
+    """The worker's one queue bound holds for both transports: full from HTTP requests,
+    it refuses a gRPC call too (UNAVAILABLE with the retry hint)."""
     import json
 
     slow = json.dumps(_slow_body(busy, 4.0)).encode()
-    with grpc_process(busy.url, tmp_path / "grpc.log") as (address, _):
-        with grpc.insecure_channel(address) as channel:
-            stub = pb_grpc.GRPCInferenceServiceStub(channel)
-            req = pb.ModelInferRequest(model_name="moons-nsf.log_likelihood")
-            t = req.inputs.add(name="x", datatype="FP32", shape=[1, 2])
-            t.contents.fp32_contents.extend([0.1, 0.2])
+    with grpc.insecure_channel(busy.grpc_address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        req = pb.ModelInferRequest(model_name="moons-nsf.log_likelihood")
+        t = req.inputs.add(name="x", datatype="FP32", shape=[1, 2])
+        t.contents.fp32_contents.extend([0.1, 0.2])
 
-            def grpc_call() -> tuple[str, str, dict]:
-                try:
-                    stub.ModelInfer(req, timeout=30)
-                    return "OK", "", {}
-                except grpc.RpcError as err:
-                    return err.code().name, err.details(), dict(err.trailing_metadata() or ())
+        def grpc_call() -> tuple[str, str, dict]:
+            try:
+                stub.ModelInfer(req, timeout=30)
+                return "OK", "", {}
+            except grpc.RpcError as err:
+                return err.code().name, err.details(), dict(err.trailing_metadata() or ())
 
-            assert grpc_call()[0] == "OK"  # warms the gRPC side's model list
-            # more holders than the queue admits, all at once: the queue fills, the rest 503
-            hold = [threading.Thread(target=_post_with_headers, args=(busy, "/sample", slow))
-                    for _ in range(QUEUE + 2)]
-            for th in hold:
-                th.start()
-            time.sleep(0.5)
-            deadline = time.monotonic() + 30  # until the queue is seen full over HTTP
-            while busy.post("/log_likelihood", SMALL)[0] != 503:
-                assert time.monotonic() < deadline, "the queue never filled"
-                time.sleep(0.05)
-            code, details, metadata = grpc_call()
-            for th in hold:
-                th.join()
-            assert code == "UNAVAILABLE" and "at capacity" in details, (code, details)
-            assert metadata.get("retry-after") == "2", metadata
-            assert grpc_call()[0] == "OK"
+        assert grpc_call()[0] == "OK"
+        # more holders than the queue admits, all at once: the queue fills, the rest 503
+        hold = [threading.Thread(target=_post_with_headers, args=(busy, "/sample", slow))
+                for _ in range(QUEUE + 2)]
+        for th in hold:
+            th.start()
+        time.sleep(0.5)
+        deadline = time.monotonic() + 30  # until the queue is seen full over HTTP
+        while busy.post("/log_likelihood", SMALL)[0] != 503:
+            assert time.monotonic() < deadline, "the queue never filled"
+            time.sleep(0.05)
+        code, details, metadata = grpc_call()
+        for th in hold:
+            th.join()
+        assert code == "UNAVAILABLE" and "at capacity" in details, (code, details)
+        assert metadata.get("retry-after") == "2", metadata
+        assert grpc_call()[0] == "OK"
 
 
 def test_request_timeout_is_enforced_and_the_service_goes_on(busy: Server) -> None:

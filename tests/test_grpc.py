@@ -1,26 +1,26 @@
-"""The gRPC side (Open Inference Protocol v2) against real processes.
+"""The gRPC side (Open Inference Protocol v2) against real servers.
 
-A standard OIP client from PyPI (tritonclient[grpc]) talks to `python -m service.grpc.server`,
-which forwards to the session's real `bentoml serve` (the `server` fixture): every verb of
-every family gives the numbers HTTP gives; health, readiness, metadata, reflection and each
-error code are exercised.
+A standard OIP client from PyPI (tritonclient[grpc]) talks to the gRPC edge that the session's
+real `genserve serve` (the `server` fixture) serves from its worker, beside HTTP: every verb
+of every family gives the numbers HTTP gives; health, readiness, metadata, reflection, the
+repository index and each error code are exercised. A second server with two workers shows
+gRPC and HTTP callers batched together, one gRPC port shared by the workers, no other
+process, and health turning NOT_SERVING when the worker is told to stop.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
-import socket
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
 import numpy as np
+import psutil
 import pytest
 import tritonclient.grpc as triton
 from conftest import metric_sum, scrape_metrics
@@ -28,7 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from service.devserver import grpc_ports, stop
+from service.devserver import listening_ports, running_server
 from service.grpc import grpc_predict_v2_pb2 as pb
 from service.grpc import grpc_predict_v2_pb2_grpc as pb_grpc
 
@@ -41,40 +41,13 @@ LL_OPTS = {"moons-nsf": {}, "moons-ddpm": {"steps": 8, "solver": "rk4"},
            "moons-cfm": {"steps": 8, "solver": "rk4"}}
 X = np.array([[0.125, 0.25], [1.0, -0.375], [-0.75, 0.5], [3.0, 3.0]], dtype=np.float32)
 SERVING = health_pb2.HealthCheckResponse.SERVING
-
-
-@contextlib.contextmanager
-def grpc_process(http_url: str, log: Path, until_serving: bool = True):
-    """`python -m service.grpc.server` on a port it binds itself; yields (address, process)."""
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "service.grpc.server", "--host", "127.0.0.1", "--port",
-             "0", "--http-url", http_url, "--grace", "1"],
-            stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
-    try:
-        port, _ = grpc_ports(proc, log)
-        address = f"127.0.0.1:{port}"
-        with grpc.insecure_channel(address) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            deadline = time.monotonic() + 30
-            while True:
-                assert proc.poll() is None, f"gRPC server exited:\n{log.read_text()[-2000:]}"
-                with contextlib.suppress(grpc.RpcError):
-                    status = stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
-                    if status == SERVING or not until_serving:
-                        break
-                assert time.monotonic() < deadline, f"not serving:\n{log.read_text()[-2000:]}"
-                time.sleep(0.2)
-        yield address, proc
-    finally:
-        stop(proc, grace_s=15)
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 @pytest.fixture(scope="module")
-def grpc_address(server, tmp_path_factory: pytest.TempPathFactory):
-    log = tmp_path_factory.mktemp("grpc") / "grpc.log"
-    with grpc_process(server.url, log) as (address, _):
-        yield address
+def grpc_address(server) -> str:
+    """The session server's own gRPC edge (served by its worker, beside HTTP)."""
+    return server.grpc_address
 
 
 @pytest.fixture(scope="module")
@@ -331,43 +304,146 @@ def test_resource_exhausted(client, server) -> None:
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
-def test_a_call_past_its_deadline_is_deadline_exceeded_and_the_pool_recovers(client) -> None:
+def test_a_call_past_its_deadline_is_deadline_exceeded_and_the_server_goes_on(client) -> None:
     # the test server's limits: 500 rows, 200 steps; 800 network passes over 500 rows
     rows = np.random.default_rng(0).normal(size=(500, 2)).astype(np.float32)
     slow = {"steps": 200, "solver": "rk4"}
     code, msg = _code(lambda: client.infer("moons-cfm.log_likelihood", [_x(rows)],
                                          parameters=slow, client_timeout=0.05))
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED, msg
-    # the forwarder dropped that upstream connection; the next calls get fresh ones
+    # the server goes on answering
     for _ in range(3):
         result = client.infer("moons-nsf.log_likelihood", [_x()])
         assert result.as_numpy("log_likelihood").shape == (len(X),)
 
 
-@pytest.fixture
-def closed_url() -> Iterator[str]:
-    """An http URL on a port bound here and never listened on: connections to it are
-    refused, and no other process can take the port while the test runs."""
-    with socket.socket() as held:
-        held.bind(("127.0.0.1", 0))
-        yield f"http://127.0.0.1:{held.getsockname()[1]}"
+def test_repository_index_lists_every_oip_model(client) -> None:
+    index = client.get_model_repository_index()
+    names = {m.name: (m.version, m.state) for m in index.models}
+    for model in MODELS:
+        for verb in ("sample", "log_likelihood", "anomaly_score"):
+            assert names[f"{model}.{verb}"] == ("1", "READY")
+    assert not any(name.startswith("broken.") for name in names)  # refused at start
+    ready = client.get_model_repository_index(as_json=True)
+    assert {m["name"] for m in ready["models"]} == set(names)
 
 
-def test_http_side_down_is_unavailable(tmp_path: Path, closed_url: str) -> None:
-    closed = closed_url
-    with grpc_process(closed, tmp_path / "down.log", until_serving=False) as (address, proc):
-        c = triton.InferenceServerClient(address)
-        assert c.is_server_live()
-        assert not c.is_server_ready()
-        assert not c.is_model_ready("moons-nsf.sample")
-        code, message = _code(lambda: c.infer("moons-nsf.log_likelihood", [_x()]))
-        assert code == grpc.StatusCode.UNAVAILABLE and closed in message
-        code, _ = _code(lambda: c.get_model_metadata("moons-nsf.sample"))
-        assert code == grpc.StatusCode.UNAVAILABLE
-        with grpc.insecure_channel(address) as channel:
-            status = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(), timeout=5).status
-        assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+# --- two workers, one port: gRPC and HTTP in the same batches -------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_workers(served_models: Path, tmp_path_factory: pytest.TempPathFactory):
+    log = tmp_path_factory.mktemp("grpc-2w") / "server.log"
+    env = {"GENSERVE_WORKERS": "2", "GENSERVE_MAX_BATCH_WAIT_MS": "50",
+           "GENSERVE_MAX_ROWS": "500", "GENSERVE_MAX_STEPS": "200"}
+    with running_server(served_models, log, env=env) as s:
+        yield s
+
+
+def test_two_workers_share_one_grpc_port_and_no_other_process_serves_it(two_workers) -> None:
+    port = int(two_workers.grpc_address.rsplit(":", 1)[1])
+    root = psutil.Process(two_workers.proc.pid)
+
+    def holders() -> list[psutil.Process]:
+        return [p for p in [root, *root.children(recursive=True)]
+                if port in listening_ports(p.pid)]
+
+    _wait_until(lambda: len(holders()) == 2)  # each worker, once started, holds a socket
+    tree = [root, *root.children(recursive=True)]
+    commands = [" ".join(p.cmdline()) for p in tree]
+    assert not any("service.grpc" in c or "grpc_server" in c for c in commands), commands
+    # every call reaches a worker through the one port; each answers like HTTP
+    c = triton.InferenceServerClient(two_workers.grpc_address)
+    for model in MODELS:
+        opts = LL_OPTS[model]
+        got = c.infer(f"{model}.log_likelihood", [_x()], parameters=opts)
+        http = _http(two_workers, "log_likelihood", {"model": model, "x": X.tolist(), **opts})
+        np.testing.assert_array_equal(got.as_numpy("log_likelihood"), http["log_likelihood"])
+        got = c.infer(f"{model}.sample", [_n(4)], parameters={"seed": 2, **SAMPLE_OPTS[model]})
+        http = _http(two_workers, "sample", {"model": model, "n": 4, "seed": 2,
+                                              **SAMPLE_OPTS[model]})
+        np.testing.assert_array_equal(got.as_numpy("samples"), http["samples"])
+        got = c.infer(f"{model}.anomaly_score", [_x()])
+        http = _http(two_workers, "anomaly_score", {"model": model, "x": X.tolist()})
+        np.testing.assert_array_equal(got.as_numpy("scores"), http["scores"])
+    c.close()
+
+
+def test_grpc_and_http_callers_share_batches_and_keep_their_answers(two_workers) -> None:
+    """Concurrent callers of both transports on the PF-ODE likelihood: the batch histogram
+    shows graph calls that served both, and each answer equals the request's lone answer."""
+    rng = np.random.default_rng(4)
+    xs = [rng.normal(size=(int(rng.integers(1, 6)), 2)).astype(np.float32) for _ in range(48)]
+    body = {"model": "moons-cfm", "method": "hutchinson", "probes": 3, "seed": 9}
+    lone = [_http(two_workers, "log_likelihood", {**body, "x": x.tolist()})["log_likelihood"]
+            for x in xs]
+    c = triton.InferenceServerClient(two_workers.grpc_address)
+    params = {k: v for k, v in body.items() if k != "model"}
+
+    def call(i: int) -> list[float]:
+        if i % 2:
+            return list(c.infer("moons-cfm.log_likelihood", [_x(xs[i])],
+                                parameters=params).as_numpy("log_likelihood"))
+        return _http(two_workers, "log_likelihood", {**body, "x": xs[i].tolist()})[
+            "log_likelihood"]
+
+    for _ in range(2):
+        with ThreadPoolExecutor(24) as pool:
+            answers = list(pool.map(call, range(len(xs))))
+        for i, (got, want) in enumerate(zip(answers, lone, strict=True)):
+            assert list(got) == list(want), i
+    c.close()
+    mixed = metric_sum(scrape_metrics(two_workers), "genserve_batch_requests_count",
+                       model="moons-cfm", verb="log_likelihood", transports="grpc+http")
+    assert mixed > 0, "no graph batch served gRPC and HTTP callers together"
+
+
+def test_health_turns_not_serving_on_sigterm_and_calls_in_flight_drain(
+        served_models: Path, tmp_path: Path) -> None:
+    env = {"GENSERVE_MAX_ROWS": "500", "GENSERVE_MAX_STEPS": "400", "GENSERVE_GRPC_GRACE_S": "30"}
+    rows = np.random.default_rng(0).normal(size=(400, 2)).astype(np.float32)
+    slow = {"steps": 400, "solver": "rk4"}  # seconds of PF-ODE work on 2 cores
+    with running_server(served_models, tmp_path / "server.log", env=env) as s, \
+            grpc.insecure_channel(s.grpc_address) as channel, ThreadPoolExecutor(2) as pool:
+        health = health_pb2_grpc.HealthStub(channel)
+        assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == SERVING
+        c = triton.InferenceServerClient(s.grpc_address)
+        in_flight = [
+            pool.submit(lambda: c.infer("moons-cfm.log_likelihood", [_x(rows)],
+                                        parameters=slow).as_numpy("log_likelihood")),
+            pool.submit(lambda: _http(s, "log_likelihood", {"model": "moons-cfm",
+                                                            "x": rows.tolist(), **slow})),
+        ]
+        _wait_until(lambda: metric_sum(scrape_metrics(s), "genserve_batch_rows_count",
+                                       model="moons-cfm", verb="log_likelihood") > 0)
+        os.kill(s.proc.pid, signal.SIGTERM)  # genserve serve: what the kubelet signals
+        statuses = set()
+        deadline = time.monotonic() + 20
+        while NOT_SERVING not in statuses and time.monotonic() < deadline:
+            with contextlib.suppress(grpc.RpcError):
+                statuses.add(health.Check(health_pb2.HealthCheckRequest(), timeout=2).status)
+        assert NOT_SERVING in statuses, statuses  # while the calls in flight still run
+        assert in_flight[0].result(timeout=120).shape == (len(rows),)
+        assert len(in_flight[1].result(timeout=120)["log_likelihood"]) == len(rows)
         c.close()
-        os.killpg(proc.pid, signal.SIGTERM)  # clean shutdown
-        assert proc.wait(timeout=15) == 0
+        assert s.proc.wait(timeout=60) == 0
+
+
+def _wait_until(done, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("doc", ["API.md", "GRPC.md"])
+def test_the_python_client_examples_of_the_docs_run(doc: str, server) -> None:
+    """Every ``<!-- example -->`` block of docs/API.md and docs/GRPC.md, run against the
+    session's server (its address in place of the documented one)."""
+    text = (ROOT / "docs" / doc).read_text()
+    blocks = re.findall(r"<!-- example -->\n```python\n(.*?)```", text, flags=re.S)
+    assert blocks, f"docs/{doc} has no runnable example"
+    for code in blocks:
+        code = code.replace("http://127.0.0.1:3000", server.url).replace(
+            "127.0.0.1:8001", server.grpc_address)
+        exec(compile(code, f"docs/{doc}", "exec"), {"__name__": "example"})  # noqa: S102

@@ -17,18 +17,19 @@ import logging
 import os
 import re
 import select
+import shutil
 import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import grpc
 import pytest
-from test_grpc import grpc_process
+from test_batching import MARKER as FAULT_MARKER
+from test_batching import add_fault
 
 from bench.fuzz import exchange_raw, fuzz_grpc, fuzz_http, grpc_call
 from bench.mutations import grpc_seeds, http_request, http_seeds
@@ -65,10 +66,9 @@ def hostile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 
 @pytest.fixture(scope="module")
-def hostile_grpc(hostile: Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    log = tmp_path_factory.mktemp("hostile-grpc") / "grpc.log"
-    with grpc_process(hostile.url, log) as (address, _):
-        yield address
+def hostile_grpc(hostile: Server) -> str:
+    """The hostile server's own gRPC edge."""
+    return hostile.grpc_address
 
 
 def _address(server: Server) -> tuple[str, int]:
@@ -384,7 +384,7 @@ GRPC_CASES = {  # case: (request, code, words in the details)
     "values in the wrong contents field": (lambda: _x_request([1, 2], [1, 2], "int64_contents"),
                                            "INVALID_ARGUMENT", "in contents.int64_contents"),
     "more rows than allowed, declared": (lambda: _x_request([20_000, 2]), "RESOURCE_EXHAUSTED",
-                                         "'x' is 20000; the largest allowed is 10000"),
+                                         "'x' is 20000; the largest allowed is 500"),
 }
 
 
@@ -395,42 +395,20 @@ def test_hostile_grpc_messages_are_refused_never_unknown(hostile_grpc: str, case
     assert got == code and words in details, (got, details)
 
 
-class _BrokenUpstream(BaseHTTPRequestHandler):
-    """An HTTP side whose verb answers are not JSON: the forwarder's catch-all must answer."""
-
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-        models = {"models": [{"name": "m", "dim": 2, "family": "flow", "calibration": None}]}
-        self._reply(json.dumps(models).encode() if self.path == "/models" else b"{}")
-
-    def do_POST(self) -> None:  # noqa: N802
-        self.rfile.read(int(self.headers.get("content-length", 0)))
-        self._reply(b"<html>not JSON</html>")
-
-    def _reply(self, body: bytes) -> None:
-        self.send_response(200)
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
 def test_an_unexpected_grpc_failure_is_internal_with_a_request_id(tmp_path: Path) -> None:
-    upstream = ThreadingHTTPServer(("127.0.0.1", 0), _BrokenUpstream)
-    threading.Thread(target=upstream.serve_forever, daemon=True).start()
-    log = tmp_path / "grpc.log"
-    try:
-        with grpc_process(f"http://127.0.0.1:{upstream.server_port}", log) as (address, _):
-            req = _x_request([1, 2], [0.1, 0.2])
-            req.model_name = "m.log_likelihood"
-            code, details = _infer(address, req)
-    finally:
-        upstream.shutdown()
+    """A model whose graph raises (a fault planted in its preprocess graph) answers a gRPC
+    call INTERNAL, with a request id the server log explains and no internals."""
+    models = tmp_path / "models"
+    shutil.copytree(MODELS / "moons-nsf", models / "moons-nsf-faulty")
+    add_fault(models / "moons-nsf-faulty")
+    with running_server(models, tmp_path / "server.log") as server:
+        req = _x_request([1, 2], [0.1, FAULT_MARKER])
+        req.model_name = "moons-nsf-faulty.log_likelihood"
+        code, details = _infer(server.grpc_address, req)
+        log = server.log.read_text()
     assert code == "INTERNAL" and details.startswith("internal error (request_id "), details
     request_id = details.split()[-1].rstrip(")")
-    text = log.read_text()
-    assert f"(request_id {request_id})" in text and "Traceback" in text
+    assert f"(request_id {request_id})" in log and "Traceback" in log
     assert not LEAKS.search(details)
 
 

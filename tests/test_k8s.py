@@ -11,14 +11,12 @@ ServiceMonitor); any other kind without a schema fails.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jsonschema
@@ -26,7 +24,6 @@ import kubernetes_validate as kv
 import pytest
 import yaml
 
-from service.devserver import grpc_ports, stop
 from service.settings import ENV_PREFIX, Settings, load_settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -247,9 +244,10 @@ def test_serving_objects_reference_each_other(rendered, name: str) -> None:
     assert selects(service["spec"]["selector"], labels)
     ports = {p["name"]: p for p in service["spec"]["ports"]}
     assert (ports["http"]["port"], ports["grpc"]["port"]) == (3000, 8001)
-    http, grpc_c = container(pod, "genserve"), container(pod, "grpc")
+    http = container(pod, "genserve")
+    assert [c["name"] for c in pod["containers"]] == ["genserve"]  # no gRPC sidecar
     assert port_named(http, ports["http"]["targetPort"]) == 3000
-    assert port_named(grpc_c, ports["grpc"]["targetPort"]) == 8001
+    assert port_named(http, ports["grpc"]["targetPort"]) == 8001
 
     hpa = one(objs, "HorizontalPodAutoscaler")
     assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
@@ -325,20 +323,16 @@ def test_keys_and_certificate_come_from_mounted_secrets(rendered, name: str) -> 
     assert settings.tls_certfile and settings.tls_keyfile
     pod = one(objs, "Deployment")["spec"]["template"]["spec"]
     volumes = {v["name"]: v for v in pod["volumes"]}
-    http, side = container(pod, "genserve"), container(pod, "grpc")
-    both = [settings.api_keys_file, settings.tls_certfile, settings.tls_keyfile]
+    http = container(pod, "genserve")
     secrets: set[tuple[str, str]] = set()
-    for c, files in ((http, [*both, settings.metrics_token_file]), (side, both)):
-        for file in files:
-            mount = _mount_of(c, Path(file))
-            # a subPath mount would not follow the Secret's updates (no key rotation)
-            assert mount.get("readOnly") is True and "subPath" not in mount, (c["name"], file)
-            secret = volumes[mount["name"]]["secret"]
-            assert secret["defaultMode"] & 0o007 == 0  # not world-readable
-            secrets.add((secret["secretName"], Path(file).name))
-    # the gRPC container reads the same settings: keys, TLS, access log
-    (ref,) = [e["configMapRef"]["name"] for e in side["envFrom"]]
-    assert one(objs, "ConfigMap", ref)
+    for file in (settings.api_keys_file, settings.tls_certfile, settings.tls_keyfile,
+                 settings.metrics_token_file):
+        mount = _mount_of(http, Path(file))
+        # a subPath mount would not follow the Secret's updates (no key rotation)
+        assert mount.get("readOnly") is True and "subPath" not in mount, file
+        secret = volumes[mount["name"]]["secret"]
+        assert secret["defaultMode"] & 0o007 == 0  # not world-readable
+        secrets.add((secret["secretName"], Path(file).name))
     # Prometheus scrapes over TLS with the metrics token, from the same Secrets
     (endpoint,) = one(objs, "ServiceMonitor")["spec"]["endpoints"]
     assert endpoint["scheme"] == "https"
@@ -423,50 +417,32 @@ def test_http_container_args_are_bentoml_serve_on_the_http_port(rendered) -> Non
     assert params["host"] == "0.0.0.0"
 
 
-def test_grpc_sidecar_command_serves_health_against_the_real_service(rendered, server,
-                                                                     tmp_path: Path) -> None:
+def test_grpc_health_port_serves_health_in_plaintext_from_the_workers(rendered, tmp_path: Path,
+                                                                      ) -> None:
+    """The overlay's gRPC settings, on a real server: TLS on the OIP port, and the kubelet's
+    gRPC probe answered on the plaintext health-only port by the serving workers."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    from service.devserver import reserve_port, running_server
+
     objs = rendered["overlays/cpu"]
     pod = one(objs, "Deployment")["spec"]["template"]["spec"]
-    side = container(pod, "grpc")
-    args = list(side["args"])
-    port = int(arg_value(args, "--port"))
-    assert port == port_named(side, "grpc") == 8001
-    # TLS on 8001: the kubelet's gRPC probe (no TLS) asks the plaintext health-only port
-    health_port = int(arg_value(args, "--health-port"))
-    assert health_port == port_named(side, "grpc-health") == side["readinessProbe"]["grpc"][
-        "port"] != port
-    assert load_settings(one(objs, "ConfigMap")["data"]).tls_certfile is not None
-    http_url = arg_value(args, "--http-url")
-    assert http_url == f"https://127.0.0.1:{port_named(container(pod, 'genserve'), 'http')}"
-    # the same command, on ports it binds itself, forwarding to the test's (plaintext) server
-    args[args.index("--port") + 1] = "0"
-    args[args.index("--health-port") + 1] = "0"
-    args[args.index("--http-url") + 1] = server.url
-    cmd = [sys.executable if side["command"][0] == "python" else side["command"][0],
-           *side["command"][1:], *args]
-    log = tmp_path / "grpc.log"
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    try:
-        _, local_health = grpc_ports(proc, log)
-        assert local_health is not None, log.read_text()[-2000:]
-        with grpc.insecure_channel(f"127.0.0.1:{local_health}") as channel:
+    genserve = container(pod, "genserve")
+    settings = load_settings(one(objs, "ConfigMap")["data"])
+    assert settings.grpc and settings.grpc_host == "0.0.0.0"
+    assert settings.grpc_port == port_named(genserve, "grpc") == 8001
+    assert settings.tls_certfile is not None  # TLS on 8001: probes need the plaintext port
+    assert settings.grpc_health_port == port_named(genserve, "grpc-health") != 8001
+    with reserve_port() as health:
+        port = health.getsockname()[1]
+        env = {"GENSERVE_GRPC_HEALTH_PORT": str(port)}
+        with running_server(ROOT / "exported_models", tmp_path / "server.log", env=env), \
+                grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = health_pb2_grpc.HealthStub(channel)
-            deadline = time.monotonic() + 60
-            status = None
-            while status != health_pb2.HealthCheckResponse.SERVING:
-                assert proc.poll() is None, log.read_text()[-2000:]
-                assert time.monotonic() < deadline, log.read_text()[-2000:]
-                with contextlib.suppress(grpc.RpcError):
-                    # what the kubelet's grpc readiness probe asks (service "")
-                    status = stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status
-                time.sleep(0.2)
-    finally:
-        stop(proc, grace_s=15)
+            # what the kubelet's grpc readiness probe asks (service "")
+            status = stub.Check(health_pb2.HealthCheckRequest(), timeout=10).status
+    assert status == health_pb2.HealthCheckResponse.SERVING
 
 
 # --- the image: BentoML's generated Dockerfile, from a real offline build --------------------
@@ -513,17 +489,16 @@ def test_generated_dockerfile_runs_non_root_and_serves_what_the_manifests_expect
         assert (pod["securityContext"]["runAsUser"], pod["securityContext"]["runAsGroup"]) == (
             uid, gid)
         assert port_named(container(pod, "genserve"), "http") in exposed
-        assert container(pod, "grpc")["workingDir"] == f"{bento_path}/src"
         settings = load_settings(one(objs, "ConfigMap")["data"])
         if name != "overlays/models-volume":
             assert str(settings.models_dir) == f"{bento_path}/src/exported_models"
     assert list((bento / "src" / "exported_models").glob("*/manifest.json"))
-    # the gRPC sidecar runs `python -m service.grpc.server` in this image: its packages
+    # the workers serve gRPC in this image: its packages
     requirements = (bento / "env" / "python" / "requirements.txt").read_text().lower()
-    needed = ("grpcio", "grpcio-health-checking", "grpcio-reflection", "aiohttp")
+    needed = ("grpcio", "grpcio-health-checking", "grpcio-reflection")
     listed = {re.split(r"[<>=!~\[; ]", line.strip())[0] for line in requirements.splitlines()}
     missing = [p for p in needed if p not in listed]
-    assert not missing, f"bentofile.yaml python.packages lacks {missing} (gRPC sidecar)"
+    assert not missing, f"bentofile.yaml python.packages lacks {missing} (gRPC)"
 
 
 def test_gpu_bentofile_tracks_the_main_bentofile() -> None:

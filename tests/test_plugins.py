@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import toy_family
+import tritonclient.grpc as triton
 
 from service.devserver import running_server
 from service.runtime import RUNTIMES, open_runtime
@@ -52,7 +53,8 @@ def test_the_plug_in_is_served_by_its_own_runtime(toy) -> None:
                                _log_density(np.array(ROWS), params), rtol=1e-5)
 
 
-def test_all_three_verbs_over_http_equal_the_analytic_answers(toy, tmp_path: Path) -> None:
+def test_all_three_verbs_over_http_and_grpc_equal_the_analytic_answers(toy,
+                                                                     tmp_path: Path) -> None:
     models, params = toy
     env = {"GENSERVE_PLUGINS": "toy_family", "PYTHONPATH": str(ROOT / "tests")}
     with running_server(models, tmp_path / "server.log", env=env) as server:
@@ -81,3 +83,19 @@ def test_all_three_verbs_over_http_equal_the_analytic_answers(toy, tmp_path: Pat
         status, out = server.post("/log_likelihood", {"model": "toy-gauss", "x": ROWS,
                                                       "method": "hutchinson"})
         assert status == 400 and "its likelihood is exact" in out["error"]
+
+        client = triton.InferenceServerClient(server.grpc_address)
+        x = triton.InferInput("x", [len(ROWS), 2], "FP32")
+        x.set_data_from_numpy(np.array(ROWS, dtype=np.float32))
+        got = client.infer("toy-gauss.log_likelihood", [x]).as_numpy("log_likelihood")
+        np.testing.assert_allclose(got, analytic, rtol=1e-5)
+        got = client.infer("toy-gauss.anomaly_score", [x]).as_numpy("scores")
+        np.testing.assert_allclose(got, -analytic, rtol=1e-5)
+        n = triton.InferInput("n", [1], "INT64")
+        n.set_data_from_numpy(np.array([5], dtype=np.int64))
+        got = client.infer("toy-gauss.sample", [n], parameters={"seed": 11}).as_numpy("samples")
+        np.testing.assert_allclose(got, params["mean"] + params["std"] * z, rtol=1e-5,
+                                   atol=1e-5)
+        meta = client.get_model_metadata("toy-gauss.log_likelihood")
+        assert meta.platform == f"genserve_{toy_family.FAMILY}"
+        client.close()

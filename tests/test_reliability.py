@@ -26,7 +26,6 @@ import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error, response_schema_conformance
-from test_grpc import grpc_process
 
 from bench.fuzz import exchange_raw
 from service.grpc import grpc_predict_v2_pb2 as pb
@@ -295,11 +294,10 @@ def _grpc(channel: grpc.Channel, call: GrpcCall) -> tuple[str, str]:
 
 
 @pytest.fixture(scope="module")
-def channel(server, tmp_path_factory: pytest.TempPathFactory):
-    log = tmp_path_factory.mktemp("grpc-matrix") / "grpc.log"
-    with grpc_process(server.url, log) as (address, _):
-        with grpc.insecure_channel(address, options=[("grpc.max_send_message_length", -1)]) as ch:
-            yield ch
+def channel(server):
+    with grpc.insecure_channel(server.grpc_address,
+                               options=[("grpc.max_send_message_length", -1)]) as ch:
+        yield ch
 
 
 def _cell(text: str) -> str:

@@ -1,11 +1,13 @@
-"""Open Inference Protocol tensors <-> the service's JSON verbs.
+"""Open Inference Protocol tensors <-> the data plane's verb requests and answers.
 
 One OIP model per (served model, verb), named ``NAME.VERB``, each with a fixed signature
 (``signature``) that ModelMetadata reports and ModelInfer checks. A request's tensors are
 decoded from typed ``contents`` or ``raw_input_contents`` and checked (datatype, shape
 against the model's dimension, finite values, raw size) before anything is forwarded, so a
 bad request is answered here with INVALID_ARGUMENT and a message as clear as the HTTP one.
-Options travel as request parameters and become the JSON body's fields.
+Options travel as request parameters and become the request's fields. Tensors become numpy
+arrays and answers' arrays become tensors, raw bytes or typed contents, with no lists of
+Python numbers between.
 
 Counts are checked before anything is iterated, and sizes in exact integers: at most
 ``MAX_TENSORS`` inputs, outputs and raw entries, ``MAX_PARAMETERS`` parameters, ``MAX_DIMS``
@@ -22,13 +24,15 @@ from typing import Any
 
 import grpc
 import numpy as np
+from pydantic import BaseModel
 
+from artifact.families import family
 from service.grpc import grpc_predict_v2_pb2 as pb
+from service.schemas import VERBS, ModelInfo
 
-__all__ = ["OipError", "VERBS", "decode_inputs", "encode_outputs", "request_body",
+__all__ = ["OipError", "decode_inputs", "encode_outputs", "request_fields",
            "response_tensors", "signature", "split_name"]
 
-VERBS = ("sample", "log_likelihood", "anomaly_score")
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 MAX_TENSORS = 8  # inputs, outputs, raw entries: each verb has at most 2 inputs and 4 outputs
@@ -72,16 +76,16 @@ def split_name(oip_name: str) -> tuple[str, str] | None:
     return (model, verb) if dot and model and verb in VERBS else None
 
 
-def signature(verb: str, info: dict) -> tuple[list, list]:
+def signature(verb: str, info: ModelInfo) -> tuple[list, list]:
     """``(inputs, outputs)`` as ``(name, datatype, shape)`` of the OIP model ``NAME.VERB``."""
-    dim = int(info["dim"])
+    dim = info.dim
     if verb == "sample":
         return ([("n", "INT64", [1]), ("seed", "INT64", [1])],
                 [("samples", "FP64", [-1, dim])])
     x = [("x", "FP32", [-1, dim])]
     if verb == "log_likelihood":
         out = [("log_likelihood", "FP64", [-1]), ("bits_per_dim", "FP64", [-1])]
-        if info.get("family") != "flow":  # ODE models: present with method=hutchinson
+        if "hutchinson" in family(info.family).likelihood_methods:  # with method=hutchinson
             out.append(("std_error", "FP64", [-1]))
         return x, out
     return x, [("scores", "FP64", [-1]), ("is_anomaly", "BOOL", [-1]),
@@ -197,7 +201,7 @@ def _one_int(name: str, datatype: str, arr: np.ndarray) -> int:
     return int(arr.reshape(-1)[0])
 
 
-def _rows(model: str, dim: int, datatype: str, arr: np.ndarray) -> list:
+def _rows(model: str, dim: int, datatype: str, arr: np.ndarray) -> np.ndarray:
     if datatype not in X_TYPES:
         raise OipError(INVALID, f"input 'x' has datatype {datatype}; send FP32 (or FP64)")
     if arr.ndim != 2 or arr.shape[1] != dim:
@@ -210,7 +214,7 @@ def _rows(model: str, dim: int, datatype: str, arr: np.ndarray) -> list:
         r, c = np.argwhere(bad)[0]
         raise OipError(INVALID, f"input 'x' has a non-finite value at row {r}, column {c}; "
                        "every value must be a finite number")
-    return arr.astype(np.float64).tolist()
+    return arr.astype(np.float64)
 
 
 def _check_rows(req: pb.ModelInferRequest, max_rows: int) -> None:
@@ -221,9 +225,10 @@ def _check_rows(req: pb.ModelInferRequest, max_rows: int) -> None:
                            "(server limit)")
 
 
-def request_body(model: str, verb: str, info: dict, req: pb.ModelInferRequest,
-                 max_rows: int | None = None) -> tuple[dict, bool]:
-    """The HTTP verb's JSON body for this request (checked), and whether it came raw.
+def request_fields(model: str, verb: str, info: ModelInfo, req: pb.ModelInferRequest,
+                   max_rows: int | None = None) -> tuple[dict, bool]:
+    """The verb request's fields (``x`` a float64 array), checked, and whether the tensors
+    came raw.
 
     ``max_rows``: refuse ``x`` with more rows on its declared shape, before decoding it."""
     if max_rows is not None and len(req.inputs) <= MAX_TENSORS:
@@ -247,29 +252,27 @@ def request_body(model: str, verb: str, info: dict, req: pb.ModelInferRequest,
             body["seed"] = seed
     else:
         if "x" not in tensors:
-            raise OipError(INVALID, f"input 'x' (FP32 [rows, {info['dim']}]) is missing")
-        body["x"] = _rows(model, int(info["dim"]), *tensors["x"])
+            raise OipError(INVALID, f"input 'x' (FP32 [rows, {info.dim}]) is missing")
+        body["x"] = _rows(model, info.dim, *tensors["x"])
     return body, raw
 
 
-def response_tensors(verb: str, answer: dict) -> tuple[list, dict[str, Any]]:
-    """Output tensors ``(name, datatype, array)`` and response parameters of an HTTP answer."""
+def response_tensors(verb: str, answer: BaseModel) -> tuple[list, dict[str, Any]]:
+    """Output tensors ``(name, datatype, array)`` and response parameters of a verb's answer."""
     f64 = np.float64
     if verb == "sample":
-        samples = np.asarray(answer["samples"], dtype=f64)
-        params = {"seed": answer.get("seed"), "steps": answer.get("steps"),
-                  "solver": answer.get("solver")}
-        return [("samples", "FP64", samples)], params
+        params = {"seed": answer.seed, "steps": answer.steps, "solver": answer.solver}
+        return [("samples", "FP64", np.asarray(answer.samples, f64))], params
     if verb == "log_likelihood":
-        out = [("log_likelihood", "FP64", np.asarray(answer["log_likelihood"], f64)),
-               ("bits_per_dim", "FP64", np.asarray(answer["bits_per_dim"], f64))]
-        if answer.get("std_error"):  # Hutchinson only (empty or null when exact)
-            out.append(("std_error", "FP64", np.asarray(answer["std_error"], f64)))
-        return out, {"method": answer.get("method"), "nfe": answer.get("nfe")}
-    return [("scores", "FP64", np.asarray(answer["scores"], f64)),
-            ("is_anomaly", "BOOL", np.asarray(answer["is_anomaly"], bool)),
-            ("percentile", "FP64", np.asarray(answer["percentile"], f64)),
-            ("threshold", "FP64", np.asarray([answer["threshold"]], f64))], {}
+        out = [("log_likelihood", "FP64", np.asarray(answer.log_likelihood, f64)),
+               ("bits_per_dim", "FP64", np.asarray(answer.bits_per_dim, f64))]
+        if len(answer.std_error):  # Hutchinson only (empty when exact)
+            out.append(("std_error", "FP64", np.asarray(answer.std_error, f64)))
+        return out, {"method": answer.method, "nfe": answer.nfe}
+    return [("scores", "FP64", np.asarray(answer.scores, f64)),
+            ("is_anomaly", "BOOL", np.asarray(answer.is_anomaly, bool)),
+            ("percentile", "FP64", np.asarray(answer.percentile, f64)),
+            ("threshold", "FP64", np.asarray([answer.threshold], f64))], {}
 
 
 def _set_param(p: pb.InferParameter, value: Any) -> None:
@@ -298,7 +301,7 @@ def encode_outputs(resp: pb.ModelInferResponse, tensors: list, params: dict[str,
         if raw:
             resp.raw_output_contents.append(np.ascontiguousarray(arr, dtype=dtype).tobytes())
         else:
-            getattr(out.contents, field).extend(arr.reshape(-1).tolist())
+            getattr(out.contents, field).extend(arr.reshape(-1))
     for key, value in params.items():
         if value is not None:
             _set_param(resp.parameters[key], value)

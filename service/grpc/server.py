@@ -1,89 +1,79 @@
-"""gRPC side of genserve: the Open Inference Protocol v2 (KServe v2) over grpcio asyncio.
+"""The gRPC edge: the Open Inference Protocol v2 (KServe v2), served in every worker process.
 
-    python -m service.grpc.server --host 127.0.0.1 --port 8001 --http-url http://127.0.0.1:3000
+The boundary middleware starts one :class:`GrpcEdge` per BentoML worker, on the worker's own
+event loop, once the service instance exists, and stops it (draining calls in flight) when
+the worker stops. Every worker binds ``GENSERVE_GRPC_PORT`` with ``SO_REUSEPORT``, so several
+workers share the port as they share the HTTP one and a client sees one server.
 
-BentoML's service API has no gRPC, so this is its own process. It translates each OIP call
-into the service's HTTP JSON verbs on loopback, and so reaches the very same batched model
-workers: batching, limits, metrics and calibration exist once, on the HTTP side. Each served
-model appears as one OIP model per verb, ``NAME.sample``, ``NAME.log_likelihood`` and
-``NAME.anomaly_score`` (docs/GRPC.md). Tensors are checked here before they are forwarded;
-the HTTP side's answers map to gRPC status codes (400 INVALID_ARGUMENT, 404 NOT_FOUND, 413 and
-429 RESOURCE_EXHAUSTED, 503 or unreachable UNAVAILABLE) with the HTTP message as details;
-an HTTP ``Retry-After`` travels on as trailing metadata ``retry-after``.
-Also served: grpc.health.v1 (SERVING while the HTTP side's /readyz answers 200) and server
-reflection.
-
-Access control (docs/SECURITY.md): with API keys configured (the same ``GENSERVE_API_KEYS*``
-settings as the HTTP side) ``ModelInfer`` needs metadata ``authorization: Bearer <token>``;
-a missing or wrong token is answered UNAUTHENTICATED here, without forwarding. A valid one is
-forwarded, and the HTTP side applies the key's rate limit, so each call counts once. With
-``GENSERVE_TLS_CERTFILE``/``KEYFILE`` the port speaks TLS; ``--health-port`` then serves
-grpc.health.v1 alone in plaintext for the kubelet, whose gRPC probes cannot speak TLS.
+A call converts its tensors at this edge (``service.grpc.convert``: protobuf to numpy and
+back, no JSON) and goes through the worker's data plane (``service.dataplane``) like an HTTP
+request: the same token, rate limit, queue bound, validation, batcher (a batch may mix gRPC
+and HTTP requests), runtime, metrics and access log. Each served model appears as one OIP
+model per verb, ``NAME.sample``, ``NAME.log_likelihood`` and ``NAME.anomaly_score``
+(docs/GRPC.md). Answers keep their HTTP meaning in gRPC status codes (400 INVALID_ARGUMENT,
+401 UNAUTHENTICATED, 404 NOT_FOUND, 413 and 429 RESOURCE_EXHAUSTED, 503 UNAVAILABLE, 504
+DEADLINE_EXCEEDED) with the same message as details; a retry hint travels as trailing
+metadata ``retry-after``. A call whose deadline passes while it is queued is left out of its
+batch. Also served: grpc.health.v1 (SERVING while models are loaded; NOT_SERVING from the
+worker's SIGTERM on, before the drain), server reflection and the repository extension's
+``RepositoryIndex``. With TLS (``GENSERVE_TLS_*``) the port speaks TLS, and
+``GENSERVE_GRPC_HEALTH_PORT`` serves grpc.health.v1 alone in plaintext for the kubelet.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import contextlib
-import json
 import logging
-import os
+import secrets
 import signal
-import ssl
-import sys
 import time
-from collections.abc import Mapping
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
-import aiohttp
 import grpc
 from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
-from pydantic import ValidationError
 
 from artifact import genserve_version
-from service.access_log import access_logger, log_access, rows_in
-from service.auth import KeyFileError, KeyStore
+from service.access_log import rows_in
+from service.dataplane import DataPlane
 from service.grpc import grpc_predict_v2_pb2 as pb
 from service.grpc import grpc_predict_v2_pb2_grpc as pb_grpc
 from service.grpc.convert import (
-    VERBS,
     OipError,
     encode_outputs,
-    request_body,
+    request_fields,
     response_tensors,
     signature,
     split_name,
 )
 from service.grpc.decode import DecodeErrorInterceptor
-from service.settings import Settings, load_settings
+from service.schemas import VERBS, ModelInfo
+from service.settings import Settings
+from service.validation import RequestError
 
-__all__ = ["InferenceServicer", "Reply", "Upstream", "UpstreamError", "main", "serve"]
+__all__ = ["HTTP_CODES", "TOKEN_REQUIRED", "GrpcEdge", "InferenceServicer"]
 
 log = logging.getLogger("genserve.grpc")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
-DEFAULT_PORT = 8001
-DEFAULT_HTTP_URL = "http://127.0.0.1:3000"
 VERSION = "1"  # every OIP model has one version
-MODELS_TTL_S = 5.0
 Code = grpc.StatusCode
 HTTP_CODES = {400: Code.INVALID_ARGUMENT, 401: Code.UNAUTHENTICATED,
               403: Code.PERMISSION_DENIED, 404: Code.NOT_FOUND, 405: Code.UNIMPLEMENTED,
               408: Code.DEADLINE_EXCEEDED, 413: Code.RESOURCE_EXHAUSTED,
-              431: Code.RESOURCE_EXHAUSTED,
               415: Code.INVALID_ARGUMENT, 422: Code.INVALID_ARGUMENT,
               429: Code.RESOURCE_EXHAUSTED, 500: Code.INTERNAL, 502: Code.UNAVAILABLE,
               503: Code.UNAVAILABLE, 504: Code.DEADLINE_EXCEEDED}
 MAX_MESSAGE_BYTES = 64 << 20
 TOKEN_REQUIRED = ("a valid API token is required: send the metadata "
                   "'authorization: Bearer <token>'")
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-class UpstreamError(OipError):
-    """An HTTP answer mapped to a gRPC status, with trailing metadata (``retry-after``)."""
+class CallError(OipError):
+    """A data-plane answer as a gRPC status, with trailing metadata (``retry-after``)."""
 
     def __init__(self, code: grpc.StatusCode, message: str,
                  trailers: tuple[tuple[str, str], ...] = ()) -> None:
@@ -91,255 +81,152 @@ class UpstreamError(OipError):
         self.trailers = trailers
 
 
-def pinned_context(certfile: Path) -> ssl.SSLContext:
-    """Trust exactly the certificate the HTTP side serves (loopback: no host name check)."""
-    context = ssl.create_default_context(cafile=str(certfile))
-    context.check_hostname = False
-    context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN  # a CA-issued leaf pins too
-    return context
-
-
-class Reply:
-    """An HTTP answer read in full: status, headers (names lower-cased) and body."""
-
-    __slots__ = ("content", "headers", "status_code")
-
-    def __init__(self, status_code: int, content: bytes = b"",
-                 headers: Mapping[str, str] | None = None) -> None:
-        self.status_code = status_code
-        self.content = content
-        self.headers = {k.lower(): v for k, v in (headers or {}).items()}
-
-    def json(self) -> Any:
-        return json.loads(self.content)
-
-    @property
-    def text(self) -> str:
-        return self.content.decode("utf-8", "replace")
-
-
-class Upstream:
-    """The HTTP side on loopback: a pooled client, the model list (cached) and readiness.
-
-    ``verify``: for an https URL, an SSL context, a CA bundle path, ``True`` (the system's
-    trust store) or ``False`` (no verification).
-
-    The client is aiohttp's. httpx's (httpcore's pool) checks every pooled connection on every
-    request: at 64 calls in flight it cost this process 9.3 ms of CPU per call against
-    aiohttp's 2.8 (``python -m bench.grpc_ab``, docs/BENCHMARKS.md).
-    """
-
-    def __init__(self, url: str, timeout_s: float = 120.0,
-                 verify: ssl.SSLContext | str | bool = True) -> None:
-        self.url = url.rstrip("/")
-        self.timeout_s = timeout_s
-        if isinstance(verify, str):
-            verify = ssl.create_default_context(cafile=verify)
-        self._ssl: ssl.SSLContext | bool | None = None if verify is True else verify
-        self._session: aiohttp.ClientSession | None = None
-        self._models: dict[str, dict] | None = None
-        self._models_at = 0.0
-        self._lock = asyncio.Lock()
-
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None:  # made on the running loop, at first use
-            connector = aiohttp.TCPConnector(limit=128, limit_per_host=128, ssl=self._ssl,
-                                             keepalive_timeout=30.0)
-            self._session = aiohttp.ClientSession(self.url, connector=connector,
-                                                  trust_env=False)
-        return self._session
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-
-    def _unreachable(self, err: Exception) -> OipError:
-        return OipError(Code.UNAVAILABLE, f"the genserve HTTP service at {self.url} is not "
-                        f"reachable ({type(err).__name__}); is it running and ready?")
-
-    async def _request(self, method: str, path: str, timeout_s: float,
-                       body: bytes | None = None, headers: dict[str, str] | None = None,
-                       ) -> Reply:
-        timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=5.0)
-        async with self.session.request(method, path, data=body, headers=headers,
-                                        timeout=timeout, allow_redirects=False) as resp:
-            return Reply(resp.status, await resp.read(), resp.headers)
-
-    async def ready(self) -> bool:
-        try:
-            return (await self._request("GET", "/readyz", 2.0)).status_code == 200
-        except (aiohttp.ClientError, TimeoutError):
-            return False
-
-    async def models(self, refresh: bool = False) -> dict[str, dict]:
-        """``{name: model info}`` from GET /models, cached for a few seconds."""
-        async with self._lock:
-            fresh = time.monotonic() - self._models_at < (0.5 if refresh else MODELS_TTL_S)
-            if self._models is None or not fresh:
-                try:
-                    resp = await self._request("GET", "/models", 10.0)
-                except (aiohttp.ClientError, TimeoutError) as err:
-                    raise self._unreachable(err) from None
-                if resp.status_code != 200:
-                    raise _http_error(resp)
-                self._models = {m["name"]: m for m in resp.json()["models"]}
-                self._models_at = time.monotonic()
-            return self._models
-
-    async def call(self, verb: str, body: dict, timeout_s: float | None,
-                   authorization: str | None = None) -> dict:
-        """POST the verb; its JSON answer, or OipError carrying the mapped status."""
-        timeout = self.timeout_s if timeout_s is None else max(0.001, timeout_s)
-        headers = {"content-type": "application/json"}
-        if authorization is not None:
-            headers["authorization"] = authorization
-        try:
-            resp = await self._request("POST", f"/{verb}", timeout, json.dumps(body).encode(),
-                                       headers)
-        except TimeoutError:
-            raise OipError(Code.DEADLINE_EXCEEDED, f"/{verb} did not answer within "
-                           f"{timeout:.1f} s") from None
-        except aiohttp.ClientError as err:
-            raise self._unreachable(err) from None
-        if resp.status_code != 200:
-            if resp.status_code == 404:
-                self._models_at = 0.0  # the model set may have changed
-            raise _http_error(resp)
-        return resp.json()
-
-
-def _http_error(resp: Reply) -> UpstreamError:
-    try:
-        message = str(resp.json()["error"])
-    except (ValueError, KeyError, TypeError):
-        message = resp.text.strip()[:500] or f"HTTP {resp.status_code}"
-    code = HTTP_CODES.get(resp.status_code,
-                          Code.INVALID_ARGUMENT if resp.status_code < 500 else Code.INTERNAL)
-    retry_after = resp.headers.get("retry-after", "").strip()
-    trailers = (("retry-after", retry_after[:64]),) if retry_after else ()
-    return UpstreamError(code, message, trailers)
+def _status(status: int, message: str, headers: list[tuple[bytes, bytes]]) -> CallError:
+    if status == 401:  # the token travels as metadata here, not as a header
+        message = TOKEN_REQUIRED
+    code = HTTP_CODES.get(status, Code.INVALID_ARGUMENT if status < 500 else Code.INTERNAL)
+    retry = [v.decode() for k, v in headers if k.lower() == b"retry-after"]
+    return CallError(code, message, (("retry-after", retry[0][:64]),) if retry else ())
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    """inference.GRPCInferenceService over the HTTP side.
+    """inference.GRPCInferenceService over one worker's data plane."""
 
-    ``keys``: the API keys ``ModelInfer`` asks for (None, or a disabled store: open).
-    ``max_rows``: ``x`` with more rows is refused here, before it is decoded.
-    """
+    def __init__(self, plane: DataPlane, settings: Settings) -> None:
+        self.plane = plane
+        self.settings = settings
 
-    def __init__(self, upstream: Upstream, health_servicer: Any = None,
-                 keys: KeyStore | None = None, access: Any = None,
-                 max_rows: int | None = None) -> None:
-        self.up = upstream
-        self.health = health_servicer
-        self.keys = keys
-        self.access = access if access is not None else access_logger(False)
-        self.max_rows = max_rows
-
-    async def _abort(self, context: grpc.aio.ServicerContext, err: OipError) -> None:
-        await context.abort(err.code, err.message, getattr(err, "trailers", ()))
-
-    def _authenticate(self, context: Any) -> tuple[str | None, str | None]:
-        """``(key name, authorization value to forward)``; UNAUTHENTICATED if required."""
-        header = dict(context.invocation_metadata() or ()).get("authorization")
-        if isinstance(header, bytes):
-            header = header.decode("latin-1")
-        if self.keys is None or not self.keys.enabled:
-            return None, header
-        key = self.keys.authenticate(header)
-        if key is None:
-            raise OipError(Code.UNAUTHENTICATED, TOKEN_REQUIRED)
-        return key.name, header
-
-    async def set_health(self, ready: bool) -> None:
-        if self.health is None:
-            return
-        status = (health_pb2.HealthCheckResponse.SERVING if ready
-                  else health_pb2.HealthCheckResponse.NOT_SERVING)
-        for name in ("", SERVICE_NAME):
-            await self.health.set(name, status)
-
-    async def _resolve(self, name: str, version: str) -> tuple[str, str, dict]:
-        """``(model, verb, info)`` of an OIP model name, or NOT_FOUND naming the served ones."""
-        models = await self.up.models()
+    def _resolve(self, name: str, version: str) -> tuple[str, str, ModelInfo]:
+        """``(model, verb, card)`` of an OIP model name, or NOT_FOUND naming the served ones."""
+        cards = self.plane.cards
         parts = split_name(name)
-        if parts is None or parts[0] not in models:
-            models = await self.up.models(refresh=True)
-        if parts is not None and parts[0] in models:
-            info = models[parts[0]]
-            if parts[1] == "anomaly_score" and not info.get("calibration"):
+        if parts is not None and parts[0] in cards:
+            card = cards[parts[0]]
+            if parts[1] == "anomaly_score" and not card.calibrated:
                 raise OipError(Code.NOT_FOUND, f"model '{parts[0]}' has no anomaly "
                                "calibration, so it has no anomaly_score; re-export it")
             if version not in ("", VERSION):
                 raise OipError(Code.NOT_FOUND, f"model '{name}' has no version "
                                f"{version[:16]!r}; its only version is {VERSION!r}")
-            return parts[0], parts[1], info
-        served = ", ".join(_oip_names(models)) or "(none loaded)"
+            return parts[0], parts[1], card
+        served = ", ".join(_oip_names(cards)) or "(none loaded)"
         hint = (f"model '{name}' is served as one OIP model per verb, NAME.VERB; "
-                if name in models else f"unknown model {name[:64]!r}; ")
+                if name in cards else f"unknown model {name[:64]!r}; ")
         raise OipError(Code.NOT_FOUND, f"{hint}served models: {served}")
 
     async def ServerLive(self, request: Any, context: Any) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request: Any, context: Any) -> pb.ServerReadyResponse:
-        ready = await self.up.ready()
-        await self.set_health(ready)
-        return pb.ServerReadyResponse(ready=ready)
+        return pb.ServerReadyResponse(ready=self.plane.ready)
 
     async def ModelReady(self, request: Any, context: Any) -> pb.ModelReadyResponse:
         try:
-            await self._resolve(request.name, request.version)
+            self._resolve(request.name, request.version)
         except OipError:
             return pb.ModelReadyResponse(ready=False)
-        return pb.ModelReadyResponse(ready=await self.up.ready())
+        return pb.ModelReadyResponse(ready=self.plane.ready)
 
     async def ServerMetadata(self, request: Any, context: Any) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(name="genserve", version=genserve_version(),
-                                         extensions=["parameters"])
+                                         extensions=["parameters", "model_repository"])
 
     async def ModelMetadata(self, request: Any, context: Any) -> pb.ModelMetadataResponse:
         try:
-            model, verb, info = await self._resolve(request.name, request.version)
+            _, verb, card = self._resolve(request.name, request.version)
         except OipError as err:
-            return await self._abort(context, err)  # type: ignore[return-value]
-        inputs, outputs = signature(verb, info)
+            return await _abort(context, err)  # type: ignore[return-value]
+        inputs, outputs = signature(verb, card)
         meta = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
-            name=request.name, versions=[VERSION], platform=f"genserve_{info['family']}",
+            name=request.name, versions=[VERSION], platform=f"genserve_{card.family}",
             inputs=[meta(name=n, datatype=d, shape=s) for n, d, s in inputs],
             outputs=[meta(name=n, datatype=d, shape=s) for n, d, s in outputs])
+
+    async def RepositoryIndex(self, request: Any, context: Any) -> pb.RepositoryIndexResponse:
+        """Every OIP model (``NAME.VERB``) and its state; ``ready`` filters to ready ones."""
+        state = "READY" if self.plane.ready else "UNAVAILABLE"
+        models = [pb.RepositoryIndexResponse.ModelIndex(name=name, version=VERSION,
+                                                        state=state)
+                  for name in _oip_names(self.plane.cards)]
+        if request.ready and state != "READY":
+            models = []
+        return pb.RepositoryIndexResponse(models=models)
 
     async def ModelInfer(self, request: Any, context: Any) -> pb.ModelInferResponse:
         started = time.perf_counter()
         parts = split_name(request.model_name)
+        verb = parts[1] if parts else "unknown"
         seen: dict[str, Any] = {"key": None, "model": "unknown", "rows": None, "status": "OK"}
+        admitted = False
         try:
-            seen["key"], authorization = self._authenticate(context)
-            model, verb, info = await self._resolve(request.model_name, request.model_version)
+            header = dict(context.invocation_metadata() or ()).get("authorization")
+            key = self.plane.authenticate(header)
+            seen["key"] = key.name if key else None
+            self.plane.limit(key)
+            model, verb, card = self._resolve(request.model_name, request.model_version)
             seen["model"] = model
-            body, raw = request_body(model, verb, info, request, self.max_rows)
-            seen["rows"] = rows_in(verb, body)
-            answer = await self.up.call(verb, body, context.time_remaining(), authorization)
-            tensors, params = response_tensors(verb, answer)
+            self.plane.admit(verb)
+            admitted = True
+            fields, raw = request_fields(model, verb, card, request, self.settings.max_rows)
+            seen["rows"] = rows_in(verb, fields)
+            call = self.plane.validate(verb, fields)
+            call._ticket.transport = "grpc"
+            outcome = await self._infer(verb, call, context)
+            if outcome.answer is None:
+                error = outcome.error
+                message = error["error"] if "request_id" not in error else \
+                    f"{error['error']} (request_id {error['request_id']})"
+                raise _status(outcome.status, message,
+                              self.plane.hinted(outcome.status, outcome.headers))
+            tensors, params = response_tensors(verb, outcome.answer)
             resp = pb.ModelInferResponse(model_name=request.model_name, model_version=VERSION,
                                          id=request.id)
             encode_outputs(resp, tensors, params, [o.name for o in request.outputs], raw)
+        except RequestError as err:
+            self.plane.refused(verb, err)
+            failure = _status(err.status, err.message, getattr(err, "headers", []))
+            seen["status"] = failure.code.name
+            return await _abort(context, failure)  # type: ignore[return-value]
         except OipError as err:
             seen["status"] = err.code.name
-            return await self._abort(context, err)  # type: ignore[return-value]
+            return await _abort(context, err)  # type: ignore[return-value]
+        except Exception:  # the catch-all: the traceback stays in the server log
+            request_id = secrets.token_hex(8)
+            log.exception("internal error on %s (request_id %s)", request.model_name[:64],
+                          request_id)
+            seen["status"] = Code.INTERNAL.name
+            return await _abort(  # type: ignore[return-value]
+                context, OipError(Code.INTERNAL, f"internal error (request_id {request_id})"))
         finally:
-            log_access(self.access, protocol="grpc", key=seen["key"],
-                       verb=parts[1] if parts else "unknown", model=seen["model"],
-                       rows=seen["rows"], status=seen["status"],
-                       latency_s=time.perf_counter() - started)
+            if admitted:
+                self.plane.release()
+            self.plane.record(protocol="grpc", verb=verb, key=seen["key"], model=seen["model"],
+                              rows=seen["rows"], status=seen["status"], started=started)
         return resp
 
+    async def _infer(self, verb: str, call: Any, context: Any) -> Any:
+        """The data plane's answer, within the call's deadline (and the request timeout): a
+        call still queued when it passes is left out of its batch."""
+        remaining = context.time_remaining()
+        timeout = self.settings.timeout_s if remaining is None else min(
+            remaining, self.settings.timeout_s)
+        try:
+            async with asyncio.timeout(max(timeout, 0.0)):
+                return await self.plane.infer(verb, call)
+        except TimeoutError:
+            call._ticket.abandoned = True
+            raise OipError(Code.DEADLINE_EXCEEDED, f"/{verb} did not answer within "
+                           f"{timeout:.1f} s") from None
 
-def _oip_names(models: dict[str, dict]) -> list[str]:
-    return [f"{name}.{verb}" for name, info in sorted(models.items()) for verb in VERBS
-            if verb != "anomaly_score" or info.get("calibration")]
+
+async def _abort(context: grpc.aio.ServicerContext, err: OipError) -> None:
+    await context.abort(err.code, err.message, getattr(err, "trailers", ()))
+
+
+def _oip_names(cards: dict[str, ModelInfo]) -> list[str]:
+    return [f"{name}.{verb}" for name, card in sorted(cards.items()) for verb in VERBS
+            if verb != "anomaly_score" or card.calibrated]
 
 
 def _reflection_pool() -> descriptor_pool.DescriptorPool:
@@ -351,133 +238,82 @@ def _reflection_pool() -> descriptor_pool.DescriptorPool:
     return pool
 
 
-async def _watch_ready(servicer: InferenceServicer, period_s: float) -> None:
-    while True:
-        await servicer.set_health(await servicer.up.ready())
-        await asyncio.sleep(period_s)
+def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    if settings.tls_certfile is None or settings.tls_keyfile is None:
+        return None
+    pair = (settings.tls_keyfile.read_bytes(), settings.tls_certfile.read_bytes())
+    return grpc.ssl_server_credentials([pair])
 
 
 def _listen(server: grpc.aio.Server, host: str, port: int,
             credentials: grpc.ServerCredentials | None = None) -> int:
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    try:
-        bound = (server.add_secure_port(address, credentials) if credentials
-                 else server.add_insecure_port(address))
-    except RuntimeError as err:
-        raise SystemExit(f"genserve grpc: cannot listen on {address}: {err}") from None
+    bound = (server.add_secure_port(address, credentials) if credentials
+             else server.add_insecure_port(address))
     if not bound:
-        raise SystemExit(f"genserve grpc: cannot listen on {address} (port in use?)")
+        raise RuntimeError(f"gRPC cannot listen on {address} (port in use?)")
     return bound
 
 
-def server_credentials(certfile: Path, keyfile: Path) -> grpc.ServerCredentials:
-    """TLS credentials from PEM files; an unreadable file is a one-line start-up error."""
-    try:
-        pair = (keyfile.read_bytes(), certfile.read_bytes())
-    except OSError as err:
-        raise SystemExit(f"genserve grpc: cannot read TLS file {err.filename}: "
-                         f"{err.strerror}") from None
-    return grpc.ssl_server_credentials([pair])
+class GrpcEdge:
+    """The gRPC servers of one worker (the OIP port, and the plaintext health port when set),
+    on the worker's event loop."""
 
+    def __init__(self, servers: list[grpc.aio.Server], health_servicer: Any, port: int,
+                 grace_s: float) -> None:
+        self.servers, self.health, self.port, self.grace_s = servers, health_servicer, port, \
+            grace_s
+        self._previous: Any = None
 
-async def serve(host: str, port: int, http_url: str, grace_s: float = 5.0,
-                ready_period_s: float = 2.0, settings: Settings | None = None,
-                health_port: int | None = None) -> None:
-    """Run until SIGTERM/SIGINT, then drain in-flight calls for ``grace_s`` seconds.
+    @classmethod
+    async def start(cls, plane: DataPlane, settings: Settings) -> GrpcEdge:
+        options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.so_reuseport", 1)]  # the workers share the port
+        server = grpc.aio.server(options=options, interceptors=[DecodeErrorInterceptor()])
+        health_servicer = health.aio.HealthServicer()
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(
+            InferenceServicer(plane, settings), server)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        names = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(names, server, pool=_reflection_pool())
+        tls = _credentials(settings)
+        port = _listen(server, settings.grpc_host, settings.grpc_port, tls)
+        servers = [server]
+        if settings.grpc_health_port is not None:  # plaintext, grpc.health.v1 only
+            probe = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
+            health_pb2_grpc.add_HealthServicer_to_server(health_servicer, probe)
+            _listen(probe, settings.grpc_host, settings.grpc_health_port)
+            servers.append(probe)
+        for each in servers:
+            await each.start()
+        edge = cls(servers, health_servicer, port, settings.grpc_grace_s)
+        await edge.set_serving(plane.ready)
+        edge._on_sigterm(asyncio.get_running_loop())
+        log.info("gRPC (Open Inference Protocol v2) on %s:%d (%s, API keys %s)",
+                 settings.grpc_host, port, "TLS" if tls else "plaintext",
+                 "required" if plane.keys.enabled else "off")
+        return edge
 
-    ``settings``: API keys, TLS and the access log (``GENSERVE_*``; default: the environment).
-    """
-    settings = settings or load_settings()
-    try:
-        keys = KeyStore.from_settings(settings)
-    except KeyFileError as err:
-        raise SystemExit(f"genserve grpc: {err}") from None
-    tls = (server_credentials(settings.tls_certfile, settings.tls_keyfile)
-           if settings.tls_certfile and settings.tls_keyfile else None)
-    verify: ssl.SSLContext | bool = True
-    if http_url.startswith("https://") and settings.tls_certfile:
-        verify = pinned_context(settings.tls_certfile)
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                                      ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                                      ("grpc.so_reuseport", 0)],
-                             interceptors=[DecodeErrorInterceptor()])
-    upstream = Upstream(http_url, verify=verify)
-    health_servicer = health.aio.HealthServicer()
-    servicer = InferenceServicer(upstream, health_servicer, keys,
-                                 access_logger(settings.access_log), settings.max_rows)
-    await servicer.set_health(False)
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    names = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
-    reflection.enable_server_reflection(names, server, pool=_reflection_pool())
-    bound = _listen(server, host, port, tls)
-    servers = [server]
-    if health_port is not None:  # plaintext, grpc.health.v1 only (kubelet probes)
-        servers.append(grpc.aio.server(options=[("grpc.so_reuseport", 0)]))
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, servers[1])
-        _listen(servers[1], host, health_port)
-    for each in servers:
-        await each.start()
-    scheme = "TLS" if tls else "plaintext"
-    print(f"genserve gRPC (Open Inference Protocol v2) on {host}:{bound} ({scheme}, API keys "
-          f"{'required' if keys.enabled else 'off'}) -> {upstream.url}",
-          file=sys.stderr, flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    watcher = asyncio.create_task(_watch_ready(servicer, ready_period_s))
-    try:
-        await stop.wait()
-    finally:
-        watcher.cancel()
-        await health_servicer.enter_graceful_shutdown()
-        await asyncio.gather(*(each.stop(grace_s) for each in servers))
-        await upstream.close()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
+    async def set_serving(self, serving: bool) -> None:
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, SERVING if serving else NOT_SERVING)
 
+    def _on_sigterm(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Health says NOT_SERVING as soon as the worker is told to stop, before it drains;
+        the worker's own handler (uvicorn's) then runs as before."""
+        previous: Callable[..., Any] | int | None = signal.getsignal(signal.SIGTERM)
 
-def _port(value: str) -> int:
-    port = int(value)
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"port {port} is not in 0..65535")
-    return port
+        def flip(signum: int, frame: Any) -> None:
+            loop.call_soon_threadsafe(
+                lambda: asyncio.ensure_future(self.health.enter_graceful_shutdown()))
+            if callable(previous):
+                previous(signum, frame)
 
+        signal.signal(signal.SIGTERM, flip)
+        self._previous = previous
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m service.grpc.server",
-        description="genserve over gRPC: the Open Inference Protocol v2, forwarding to the "
-                    "genserve HTTP service (one OIP model per served model and verb).")
-    parser.add_argument("--host", default=os.environ.get("GENSERVE_GRPC_HOST", "127.0.0.1"),
-                        help="interface to bind (default 127.0.0.1; env GENSERVE_GRPC_HOST)")
-    parser.add_argument("--port", type=_port,
-                        default=os.environ.get("GENSERVE_GRPC_PORT") or DEFAULT_PORT,
-                        help=f"port (default {DEFAULT_PORT}; env GENSERVE_GRPC_PORT)")
-    parser.add_argument("--http-url", default=os.environ.get("GENSERVE_HTTP_URL")
-                        or DEFAULT_HTTP_URL,
-                        help=f"the genserve HTTP service (default {DEFAULT_HTTP_URL}; "
-                             "env GENSERVE_HTTP_URL)")
-    parser.add_argument("--grace", type=float, default=5.0,
-                        help="seconds to finish in-flight calls on SIGTERM (default 5)")
-    parser.add_argument("--health-port", type=_port, default=None,
-                        help="also serve grpc.health.v1 alone, in plaintext, on this port "
-                             "(for kubelet gRPC probes when the main port speaks TLS)")
-    args = parser.parse_args(argv)
-    if not args.http_url.startswith(("http://", "https://")):
-        parser.error(f"--http-url {args.http_url!r} must start with http:// or https://")
-    try:
-        settings = load_settings()
-    except ValidationError as err:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}"
-                             for e in err.errors())
-        raise SystemExit(f"genserve grpc: invalid GENSERVE_* settings: {problems}") from None
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    asyncio.run(serve(args.host, _port(str(args.port)), args.http_url, args.grace,
-                      settings=settings, health_port=args.health_port))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    async def stop(self) -> None:
+        """NOT_SERVING, then stop accepting calls and finish those in flight (``grace_s``)."""
+        await self.health.enter_graceful_shutdown()
+        await asyncio.gather(*(each.stop(self.grace_s) for each in self.servers))

@@ -2,7 +2,7 @@
 
 Models load once in ``__init__``; each verb is a batchable API whose single, positional-only
 argument is the whole flat JSON body; BentoML's adaptive batcher gathers requests with rows as
-the unit (``service.http.batching``), and the batch is run as one graph call per model and
+the unit (``service.batching``), and the batch is run as one graph call per model and
 option set (``service.verbs``). Requests are validated by ``service.http.boundary`` before
 they can join a batch.
 """
@@ -18,8 +18,8 @@ from starlette.responses import JSONResponse
 
 from artifact.plugins import load_plugins
 from service.auth import security_config
-from service.http.batching import Answers, Parts, error_answer, rows_of
-from service.http.bentoml_glue import bind_api_once, cap_batch_wait, register_containers
+from service.batching import Answers, Parts, error_answer, rows_of
+from service.bentoml_glue import bind_api_once, cap_batch_wait, register_containers
 from service.http.boundary import VERB_PATHS, BoundaryMiddleware
 from service.metrics import (
     ABANDONED,
@@ -151,7 +151,8 @@ class GenServe:
         if rt is None:
             return self._fail(verb, "unknown", group, 404, f"model {name[:64]!r} is not loaded")
         BATCH_ROWS.labels(model=name, verb=verb).observe(sum(rows_of(p) for p in group))
-        BATCH_REQUESTS.labels(model=name, verb=verb).observe(len(group))
+        transports = "+".join(sorted({p._ticket.transport for p in group}))
+        BATCH_REQUESTS.labels(model=name, verb=verb, transports=transports).observe(len(group))
         return self._answer(verb, rt, group)
 
     def _answer(self, verb: str, rt: Any, group: list) -> list[Any]:

@@ -1,73 +1,50 @@
-"""The HTTP boundary: an ASGI middleware that checks every verb request before BentoML sees it.
+"""The HTTP edge: an ASGI middleware in front of BentoML that converts HTTP to the data plane.
 
-In order: the bearer token when access control is on (401, ``service.auth``), the key's
-request rate (429 with ``Retry-After``), the worker's queue bound (503 with ``Retry-After``,
-``service.overload``), then content type, body size, the body's arrival in time (408,
-``service.exchange``), JSON nesting depth, number length, syntax and duplicate keys
-(``service.json_guard``) and the request itself (``service.validation``), each answered with
-``{"error": ...}``, so a bad request never joins a batch. An answer given before the body is
-read lingers over the body, so clients that send the whole body first still read it. A valid
-request goes, already validated into BentoML's input type, straight to BentoML's batcher
-(``service.http.dispatch``), or with ``GENSERVE_FAST_PATH=false`` through BentoML's own route (the
-body is replayed). Any other exception is answered 500 ``{"error": "internal error",
-"request_id": ...}`` and logged with its traceback under that id: no request ends without an
-answer. Every verb request leaves one access log line (``service.access_log``), refused ones
-too.
+A verb request goes through the data plane's checks (``service.dataplane``: token, rate,
+queue bound) before its body is read, then content type, body size, the body's arrival in
+time (408, ``service.http.exchange``), JSON nesting depth, number length, syntax and
+duplicate keys (``service.http.json_guard``) and the request itself (``service.validation``),
+each answered with ``{"error": ...}``, so a bad request never joins a batch. An answer given
+before the body is read lingers over the body, so clients that send the whole body first
+still read it. A valid request, validated into BentoML's input type, goes to the data plane,
+which hands it to BentoML's batcher; with ``GENSERVE_FAST_PATH=false`` it goes through
+BentoML's own HTTP route instead (the body is replayed). Any other exception is answered 500
+``{"error": "internal error", "request_id": ...}`` and logged with its traceback under that
+id: no request ends without an answer. Every verb request leaves one access log line,
+refused ones too.
+
 ``/livez``, ``/readyz`` and ``/models`` stay open; ``/metrics`` asks for its own token when
 ``GENSERVE_METRICS_TOKEN_FILE`` is set. ``/docs.json`` is BentoML's OpenAPI document completed
-with these answers (``service.http.openapi``).
+with these answers (``service.http.openapi``). The middleware also sees the worker's ASGI
+lifespan: once BentoML has made the service instance it starts the worker's gRPC edge
+(``service.grpc.server``), and it stops that edge, draining its calls, when the worker stops.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import secrets
 import time
 from typing import Any
 
-import bentoml
-
-from service.access_log import access_logger, log_access, rows_in
-from service.auth import TOKEN_REQUIRED, ApiKey, KeyStore, RateLimiter
-from service.exchange import Exchange
-from service.http.bentoml_glue import AppFactory
-from service.http.dispatch import Dispatch, being_cancelled
+from service.access_log import rows_in
+from service.auth import KeyStore
+from service.bentoml_glue import AppFactory
+from service.dataplane import DataPlane, Outcome, being_cancelled, unauthorized
+from service.grpc.server import GrpcEdge
+from service.http.exchange import Exchange
+from service.http.json_guard import JsonLimits, parse_json
 from service.http.openapi import complete
-from service.json_guard import JsonLimits, parse_json
-from service.metrics import REQUESTS
-from service.overload import Admission
-from service.schemas import ModelInfo
+from service.schemas import VERBS, ModelInfo
 from service.settings import Settings, load_settings
-from service.validation import Refused, RequestError, validate_verb
+from service.validation import RequestError, validate_verb
 
-__all__ = ["KEY_REQUESTS", "VERB_PATHS", "BoundaryMiddleware", "parse_and_validate"]
-
-# Key names are operator-configured (bounded); "none" = no valid token, "anonymous" = auth off.
-KEY_REQUESTS = bentoml.metrics.Counter(
-    name="genserve_key_requests_total",
-    documentation="Verb requests by API key name, verb and HTTP status",
-    labelnames=["key", "verb", "status"],
-)
+__all__ = ["VERB_PATHS", "BoundaryMiddleware", "parse_and_validate"]
 
 log = logging.getLogger("genserve")
 
-VERB_PATHS = {"/sample": "sample", "/log_likelihood": "log_likelihood",
-              "/anomaly_score": "anomaly_score"}
-
-
-
-
-async def _send_body(send: Any, status: int, headers: list[tuple[bytes, bytes]],
-                     body: bytes) -> None:
-    await send({"type": "http.response.start", "status": status,
-                "headers": [*headers, (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
-
-
-def _unauthorized() -> Refused:
-    return Refused(401, TOKEN_REQUIRED, [(b"www-authenticate", b'Bearer realm="genserve"')])
+VERB_PATHS = {f"/{verb}": verb for verb in VERBS}
 
 
 def parse_and_validate(verb: str, body: bytes, cards: dict[str, ModelInfo], settings: Settings,
@@ -80,39 +57,42 @@ def parse_and_validate(verb: str, body: bytes, cards: dict[str, ModelInfo], sett
     return payload, validate_verb(verb, payload, cards, settings, types)
 
 
+async def _send_body(send: Any, status: int, headers: list[tuple[bytes, bytes]],
+                     body: bytes) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
 class BoundaryMiddleware:
     def __init__(self, app: Any, settings: Settings | None = None) -> None:
         self.app = app
         self.settings = settings or load_settings()
-        self._factory: AppFactory | None = None
+        self._plane: DataPlane | None = None
         self._docs_body: bytes | None = None  # the completed document, encoded once
-        self._fast: tuple[Dispatch | None] | None = None
-        self.keys = KeyStore.from_settings(self.settings)
         self.metrics_keys = KeyStore.for_metrics(self.settings)
-        self.limiter = RateLimiter(self.settings.rate_limit_rps, self.settings.rate_limit_burst,
-                                   workers=self.settings.workers)
-        self.access = access_logger(self.settings.access_log)
-        self.admission = Admission(self.settings)
         self.json_limits = JsonLimits(self.settings.max_json_depth,
                                       self.settings.max_number_chars)
+        self.grpc: GrpcEdge | None = None
 
     @property
-    def factory(self) -> AppFactory:
-        """BentoML's app behind this middleware (looked up at the first request: BentoML
-        builds its app after the middleware)."""
-        if self._factory is None:
-            self._factory = AppFactory.find(self.app, VERB_PATHS)
-            if self._factory is None:
-                raise RuntimeError("BentoML's app has a shape service.http.bentoml_glue does "
-                                   "not know; see tests/test_bentoml_glue.py")
-        return self._factory
-
-    @property
-    def cards(self) -> dict[str, ModelInfo]:
-        """The served models' cards, from the service instance's model set (loaded once)."""
-        return self.factory.instance.model_set.cards
+    def plane(self) -> DataPlane:
+        """The worker's data plane (made at the first use: BentoML builds its app after the
+        middleware)."""
+        if self._plane is None:
+            factory = AppFactory.find(self.app, VERB_PATHS)
+            if factory is None:
+                raise RuntimeError("BentoML's app has a shape service.bentoml_glue does not "
+                                   "know; see tests/test_bentoml_glue.py")
+            self._plane = DataPlane(factory, self.settings)
+            log.info("verb requests go %s", "straight to BentoML's batcher (fast path)"
+                     if self.settings.fast_path else "through BentoML's HTTP route")
+        return self._plane
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            return await self.app(scope, self._lifespan_receive(receive),
+                                  self._lifespan_send(send))
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         exchange = Exchange(scope, receive, send, self.settings)
@@ -125,13 +105,36 @@ class BoundaryMiddleware:
         except Exception:
             await _internal_error(exchange, path)
 
+    # -- the worker's lifespan: the gRPC edge starts after BentoML's instance exists ---------
+    def _lifespan_send(self, send: Any) -> Any:
+        async def sent(message: dict) -> None:
+            if message["type"] == "lifespan.startup.complete" and self.settings.grpc:
+                try:
+                    self.grpc = await GrpcEdge.start(self.plane, self.settings)
+                except Exception as err:  # the port taken, bad TLS files: the worker fails
+                    log.exception("the gRPC edge did not start")
+                    message = {"type": "lifespan.startup.failed", "message": str(err)}
+            await send(message)
+
+        return sent
+
+    def _lifespan_receive(self, receive: Any) -> Any:
+        async def received() -> dict:
+            message = await receive()
+            if message["type"] == "lifespan.shutdown" and self.grpc is not None:
+                await self.grpc.stop()  # drains gRPC calls in flight
+                self.grpc = None
+            return message
+
+        return received
+
+    # -- everything but the verbs --------------------------------------------------------
     async def _route(self, path: str, scope: dict, exchange: Exchange) -> None:
-        """Everything but the verbs: ``/metrics``'s token, ``GET /models``, ``/docs.json``,
-        and BentoML's own routes."""
+        """``/metrics``'s token, ``GET /models``, ``/docs.json``, and BentoML's own routes."""
         receive, send = exchange.receive, exchange.send
         if path == "/metrics" and self.metrics_keys.enabled:
             if self.metrics_keys.authenticate(_header(scope, b"authorization")) is None:
-                err = _unauthorized()
+                err = unauthorized()
                 return await exchange.answer(401, {"error": err.message}, err.headers)
         if path == "/models" and scope.get("method") == "GET":
             return await self._get_models(scope, receive, send)
@@ -139,64 +142,58 @@ class BoundaryMiddleware:
             return await self._docs(scope, receive, send)
         return await self.app(scope, receive, send)
 
+    # -- the verbs -----------------------------------------------------------------------
     async def _verb(self, verb: str, scope: dict, exchange: Exchange) -> None:
         started = time.perf_counter()
         seen: dict[str, Any] = {"key": None, "model": "unknown", "rows": None, "status": 500}
         admitted = False
+        plane: DataPlane | None = None
         try:
-            key = self._authenticate(scope)
+            plane = self.plane
+            key = plane.authenticate(_header(scope, b"authorization"))
             seen["key"] = key.name if key else None
-            self._limit(key)
-            self.admission.admit(verb)
+            plane.limit(key)
+            plane.admit(verb)
             admitted = True
-            dispatch = self._dispatch()
-            body, payload, request = await self._checked_body(
-                scope, exchange, verb, dispatch.types if dispatch else None)
-            if isinstance(payload, dict) and payload.get("model") in self.cards:
+            body, payload, request = await self._checked_body(scope, exchange, verb, plane)
+            if isinstance(payload, dict) and payload.get("model") in plane.cards:
                 seen["model"] = payload["model"]
             seen["rows"] = rows_in(verb, payload)
-            if dispatch is None:
+            if not self.settings.fast_path:
                 await self.app(scope, _replay(body, exchange.receive),
-                               self._watch(exchange.send, seen))
+                               self._watch(exchange.send, seen, plane))
             else:
-                seen["status"], headers, answer = await dispatch(verb, request)
-                await _send_body(exchange.send, seen["status"],
-                                 self.admission.hinted(seen["status"], headers), answer)
+                outcome = await plane.infer(verb, request)
+                seen["status"] = outcome.status
+                await _send_body(exchange.send, outcome.status,
+                                 plane.hinted(outcome.status, self._headers(plane)),
+                                 _encode(outcome))
         except RequestError as err:
             seen["status"] = err.status
-            REQUESTS.labels(model="unknown", verb=verb, status=str(err.status)).inc()
+            if plane is not None:
+                plane.refused(verb, err)
             extra = getattr(err, "extra", {})
             await exchange.answer(err.status, {"error": err.message, **extra},
                                   getattr(err, "headers", []))
         except Exception:
             seen["status"] = 500
-            REQUESTS.labels(model="unknown", verb=verb, status="500").inc()
             await _internal_error(exchange, f"/{verb}")
         finally:
             if admitted:
-                self.admission.release()
+                plane.release()
             if being_cancelled():
                 # BentoML's timeout cancelled the request and answered 504 itself (whatever
                 # the batcher made of the cancellation): log and count what the client got
                 seen["status"] = 504
-            label = seen["key"] or ("none" if self.keys.enabled else "anonymous")
-            KEY_REQUESTS.labels(key=label, verb=verb, status=str(seen["status"])).inc()
-            log_access(self.access, protocol="http", key=seen["key"], verb=verb,
-                       model=seen["model"], rows=seen["rows"], status=seen["status"],
-                       latency_s=time.perf_counter() - started)
+            if plane is not None:
+                plane.record(protocol="http", verb=verb, key=seen["key"], model=seen["model"],
+                             rows=seen["rows"], status=seen["status"], started=started)
 
-    def _dispatch(self) -> Dispatch | None:
-        """``service.http.dispatch`` when on and BentoML's app has the shape it knows (looked up
-        once, at the first verb request: BentoML builds its app after the middleware)."""
-        if self._fast is None:
-            found = Dispatch(self.factory, VERB_PATHS.values()) if self.settings.fast_path \
-                else None
-            self._fast = (found,)
-            log.info("verb requests go %s", "straight to BentoML's batcher (fast path)"
-                     if found else "through BentoML's HTTP route")
-        return self._fast[0]
+    def _headers(self, plane: DataPlane) -> list[tuple[bytes, bytes]]:
+        server = f"BentoML Service/{plane.factory.service_name}".encode()
+        return [(b"content-type", b"application/json"), (b"server", server)]
 
-    def _watch(self, send: Any, seen: dict[str, Any]) -> Any:
+    def _watch(self, send: Any, seen: dict[str, Any], plane: DataPlane) -> Any:
         """BentoML's route's ``send``: notes the status for the access log and adds the
         ``Retry-After`` hint to a 503."""
 
@@ -204,34 +201,16 @@ class BoundaryMiddleware:
             if message["type"] == "http.response.start":
                 seen["status"] = message["status"]
                 headers = list(message.get("headers") or [])
-                hinted = self.admission.hinted(seen["status"], headers)
+                hinted = plane.hinted(seen["status"], headers)
                 if hinted is not headers:
                     message = dict(message, headers=hinted)
             await send(message)
 
         return watched
 
-    def _authenticate(self, scope: dict) -> ApiKey | None:
-        """The caller's key (None with access control off), or 401."""
-        if not self.keys.enabled:
-            return None
-        key = self.keys.authenticate(_header(scope, b"authorization"))
-        if key is None:
-            raise _unauthorized()
-        return key
-
-    def _limit(self, key: ApiKey | None) -> None:
-        """Take one request from the key's token bucket, or 429 with a retry hint."""
-        wait = self.limiter.acquire(key.name if key else "anonymous", key)
-        if wait > 0:
-            retry = max(1, math.ceil(wait))
-            raise Refused(429, f"the request rate limit of this API key is reached; retry "
-                          f"after {retry} s", [(b"retry-after", str(retry).encode())],
-                          retry_after_s=retry)
-
     async def _checked_body(self, scope: dict, exchange: Exchange, verb: str,
-                            types: dict[str, type] | None) -> tuple[bytes, Any, Any]:
-        """The body, its JSON and the validated request (built as ``types[verb]``)."""
+                            plane: DataPlane) -> tuple[bytes, Any, Any]:
+        """The body, its JSON and the validated request (BentoML's input type)."""
         if scope.get("method") != "POST":
             raise RequestError(405, f"use POST for /{verb}")
         headers = dict(scope.get("headers") or [])
@@ -244,8 +223,8 @@ class BoundaryMiddleware:
             raise RequestError(413, f"request body is {exchange.declared} bytes; the limit is "
                                f"{limit}")
         body = await exchange.read_body(limit)
-        payload, request = parse_and_validate(verb, body, self.cards, self.settings, types,
-                                              self.json_limits)
+        payload, request = parse_and_validate(verb, body, plane.cards, self.settings,
+                                              plane.types, self.json_limits)
         return body, payload, request
 
     async def _docs(self, scope: dict, receive: Any, send: Any) -> None:
@@ -273,6 +252,12 @@ class BoundaryMiddleware:
         scope = dict(scope, method="POST",
                      headers=[(b"content-type", b"application/json")])
         await self.app(scope, _replay(b"{}", receive), send)
+
+
+def _encode(outcome: Outcome) -> bytes:
+    if outcome.answer is not None:
+        return outcome.answer.model_dump_json().encode()
+    return json.dumps(outcome.error).encode()
 
 
 def _header(scope: dict, name: bytes) -> bytes | None:

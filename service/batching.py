@@ -5,19 +5,21 @@ answer an ``Answers`` list with one answer per part, errors included, so a part 
 be served fails alone. A request larger than the room left in a batch is split at a row
 boundary (:func:`split_request`), keeping its row offset so that seeded rows do not change,
 and the two halves' answers are merged back (:func:`merge_answers`).
-``service.http.bentoml_glue`` registers these with BentoML's batcher.
+``service.bentoml_glue`` registers these with BentoML's batcher.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 from pydantic import BaseModel
 from starlette.responses import JSONResponse, Response
 
 from service.schemas import SampleRequest
 
-__all__ = ["Answers", "Parts", "error_answer", "merge_answers", "rows_of", "split_request"]
+__all__ = ["Answers", "ErrorAnswer", "Parts", "error_answer", "merge_answers", "rows_of",
+           "split_request"]
 
 
 class Parts(list):
@@ -32,8 +34,17 @@ def rows_of(req: BaseModel) -> int:
     return int(req.n) if isinstance(req, SampleRequest) else len(req.x)
 
 
-def error_answer(status: int, message: str, **extra: Any) -> JSONResponse:
-    return JSONResponse({"error": message, **extra}, status_code=status)
+class ErrorAnswer(JSONResponse):
+    """A part's error answer: JSON ``{"error": ...}`` with its status, and that payload kept
+    for transports other than HTTP."""
+
+    def __init__(self, status: int, payload: dict[str, Any]) -> None:
+        super().__init__(payload, status_code=status)
+        self.payload = payload
+
+
+def error_answer(status: int, message: str, **extra: Any) -> ErrorAnswer:
+    return ErrorAnswer(status, {"error": message, **extra})
 
 
 def split_request(req: BaseModel, k: int) -> list[BaseModel]:
@@ -57,8 +68,8 @@ def merge_answers(first: Any, second: Any) -> Any:
     update = {}
     for name, value in first:
         other = getattr(second, name)
-        if isinstance(value, list):
-            update[name] = value + other
+        if isinstance(value, np.ndarray | list):
+            update[name] = np.concatenate([np.asarray(value), np.asarray(other)])
         elif name == "nfe":
             update[name] = max(value, other)
     return first.model_copy(update=update)

@@ -8,7 +8,7 @@ installed BentoML no longer has what a piece touches.
   batch's size through a "data container" registered per type. Ours count rows (``n`` for
   sampling, ``len(x)`` otherwise), hand the API one ``Parts`` list per batch, split one
   request in two at a row boundary, and merge the two halves' answers
-  (``service.http.batching`` holds the logic).
+  (``service.batching`` holds the logic).
 * ``batch-wait-cap``: BentoML's adaptive dispatcher learns how long to hold a request back
   to wait for company from the queueing time of recent batches, which includes time spent
   behind a running batch; after a burst of slow requests a lone request is held for
@@ -31,7 +31,7 @@ from _bentoml_sdk.method import APIMethod
 from bentoml._internal.marshal.dispatcher import Optimizer
 from bentoml._internal.runner.container import DataContainer, DataContainerRegistry
 
-from service.http.batching import Answers, Parts, merge_answers, rows_of, split_request
+from service.batching import Answers, Parts, merge_answers, rows_of, split_request
 
 __all__ = ["PATCHES", "AppFactory", "Patch", "bind_api_once", "cap_batch_wait",
            "register_containers"]
