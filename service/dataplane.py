@@ -21,6 +21,7 @@ import asyncio
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,18 +76,38 @@ def unauthorized() -> Refused:
 
 
 class DataPlane:
-    """One worker's data plane over BentoML's app (``factory``) and the settings."""
+    """One worker's data plane over BentoML's app and the settings.
 
-    def __init__(self, factory: AppFactory, settings: Settings) -> None:
-        self.factory = factory
+    ``find_app``: returns BentoML's app factory, looked up at the first use (BentoML builds
+    its app after the middleware that makes this data plane).
+    """
+
+    def __init__(self, find_app: Callable[[], AppFactory | None], settings: Settings) -> None:
+        self._find_app = find_app
+        self._factory: AppFactory | None = None
+        self._types: dict[str, type] | None = None
         self.settings = settings
         self.keys = KeyStore.from_settings(settings)
         self.limiter = RateLimiter(settings.rate_limit_rps, settings.rate_limit_burst,
                                    workers=settings.workers)
         self.admission = Admission(settings)
         self.access = access_logger(settings.access_log)
-        # BentoML's input type per verb: requests are validated straight into it
-        self.types = {verb: factory.input_type(verb) for verb in VERBS}
+
+    @property
+    def factory(self) -> AppFactory:
+        if self._factory is None:
+            self._factory = self._find_app()
+            if self._factory is None:
+                raise RuntimeError("BentoML's app has a shape service.bentoml_glue does not "
+                                   "know; see tests/test_bentoml_glue.py")
+        return self._factory
+
+    @property
+    def types(self) -> dict[str, type]:
+        """BentoML's input type per verb: requests are validated straight into it."""
+        if self._types is None:
+            self._types = {verb: self.factory.input_type(verb) for verb in VERBS}
+        return self._types
 
     @property
     def cards(self) -> dict[str, ModelInfo]:

@@ -333,10 +333,10 @@ def test_a_connection_over_the_bound_with_all_busy_is_503(hostile: Server) -> No
 
 
 def test_the_glue_finds_everything_it_touches_in_uvicorn() -> None:
-    from service.server_glue import TOUCHES, missing
+    from service.http.uvicorn_glue import TOUCHES, missing
 
     gone = missing()
-    assert not gone, "uvicorn lacks what service/server_glue.py touches: " + "; ".join(
+    assert not gone, "uvicorn lacks what service/http/uvicorn_glue.py touches: " + "; ".join(
         f"{name} ({TOUCHES[name]})" for name in gone)
 
 

@@ -42,7 +42,7 @@ from service.schemas import (
     SampleRequest,
     SampleResponse,
 )
-from service.server_glue import install as install_connection_guards
+from service.http.uvicorn_glue import install as install_connection_guards
 from service.settings import SettingsError, load_settings
 from service.verbs import GROUP_KEYS, RUNNERS
 

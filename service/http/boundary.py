@@ -77,14 +77,10 @@ class BoundaryMiddleware:
 
     @property
     def plane(self) -> DataPlane:
-        """The worker's data plane (made at the first use: BentoML builds its app after the
-        middleware)."""
+        """The worker's data plane (made at the first use)."""
         if self._plane is None:
-            factory = AppFactory.find(self.app, VERB_PATHS)
-            if factory is None:
-                raise RuntimeError("BentoML's app has a shape service.bentoml_glue does not "
-                                   "know; see tests/test_bentoml_glue.py")
-            self._plane = DataPlane(factory, self.settings)
+            self._plane = DataPlane(lambda: AppFactory.find(self.app, VERB_PATHS),
+                                    self.settings)
             log.info("verb requests go %s", "straight to BentoML's batcher (fast path)"
                      if self.settings.fast_path else "through BentoML's HTTP route")
         return self._plane

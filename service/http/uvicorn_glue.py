@@ -126,7 +126,7 @@ class _Refused(Exception):
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with the guards listed in ``service.server_glue``."""
+    """uvicorn's httptools protocol with the guards listed in ``service.http.uvicorn_glue``."""
 
     settings: Settings | None = None
 
