@@ -41,6 +41,7 @@ bench: install
 	$(BIN)/python -m bench.families
 	$(BIN)/python -m bench.runtimes --threads 1 2
 	$(BIN)/python -m bench.serving
+	$(BIN)/python -m bench.grpc
 	$(BIN)/python -m bench.anomaly
 	$(BIN)/python -m bench.images
 	$(BIN)/python -m bench.soak

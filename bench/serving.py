@@ -62,62 +62,6 @@ def wrk(url: str, body: dict, connections: int, duration: int) -> dict:
     }
 
 
-def grpc_load(target: str, body: dict, concurrency: int, duration: int) -> dict:
-    """A bounded asyncio gRPC load (raw FP32 contents, the way tritonclient sends them).
-
-    wrk does not speak gRPC, so this client is Python: its own CPU use is reported, since on
-    2 cores it competes with the server.
-    """
-    import asyncio
-    import resource
-
-    import grpc
-
-    from service.grpc import grpc_predict_v2_pb2 as pb
-    from service.grpc import grpc_predict_v2_pb2_grpc as pb_grpc
-
-    x = np.asarray(body["x"], dtype=np.float32)
-    req = pb.ModelInferRequest(model_name=f"{body['model']}.log_likelihood")
-    req.inputs.add(name="x", datatype="FP32", shape=list(x.shape))
-    req.raw_input_contents.append(x.tobytes())
-    for key in ("steps", "solver"):
-        if key in body:
-            value = body[key]
-            param = req.parameters[key]
-            if isinstance(value, int):
-                param.int64_param = value
-            else:
-                param.string_param = value
-    latencies: list[float] = []
-    errors = 0
-
-    async def worker(stub: pb_grpc.GRPCInferenceServiceStub, stop_at: float) -> None:
-        nonlocal errors
-        while time.perf_counter() < stop_at:
-            start = time.perf_counter()
-            try:
-                await stub.ModelInfer(req, timeout=30)
-                latencies.append(time.perf_counter() - start)
-            except grpc.aio.AioRpcError:
-                errors += 1
-
-    async def main() -> float:
-        async with grpc.aio.insecure_channel(target) as channel:
-            stub = pb_grpc.GRPCInferenceServiceStub(channel)
-            begin = time.perf_counter()
-            await asyncio.gather(*(worker(stub, begin + duration) for _ in range(concurrency)))
-            return time.perf_counter() - begin
-
-    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
-    elapsed = asyncio.run(main())
-    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
-    cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
-    lat = np.array(latencies) * 1e3
-    return {"rps": len(latencies) / elapsed, "p50_ms": float(np.percentile(lat, 50)),
-            "p99_ms": float(np.percentile(lat, 99)), "errors": errors,
-            "client_cpu_share": cpu / elapsed}
-
-
 def _ms(text: str) -> float:
     value, unit = re.match(r"([\d.]+)(\w+)", text).groups()
     return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}[unit]
@@ -163,69 +107,6 @@ def scenarios(models: Path) -> list[dict]:
         {"name": "otcfm PF-ODE (rk4 x16), 64-row", "body": ode | {"x": many}, "rows": 64},
         {"name": "nsf exact, 64-row", "body": flow | {"x": many}, "rows": 64},
     ]
-
-
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process so far (from /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def start_forwarder(http_url: str, module: str = "service.grpc.server",
-                    ) -> tuple[subprocess.Popen, int]:
-    """The gRPC forwarder ``module`` (``python -m``) on a free port in front of ``http_url``."""
-    import sys
-
-    from service.devserver import free_port
-
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", module, "--port", str(port), "--http-url", http_url],
-        cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    return proc, port
-
-
-def forwarder_load(proc: subprocess.Popen, port: int, body: dict, concurrency: int,
-                   duration: int, drain_s: float = 0.0) -> dict:
-    """``grpc_load`` through the forwarder ``proc`` after a 2 s warm-up (and ``drain_s`` for
-    its queue to empty), plus the forwarder's CPU per call, read from /proc around the run."""
-    grpc_load(f"127.0.0.1:{port}", body, concurrency, 2)  # warm-up
-    time.sleep(drain_s)
-    cpu0 = _cpu_seconds(proc.pid)
-    r = grpc_load(f"127.0.0.1:{port}", body, concurrency, duration)
-    calls = r["rps"] * duration
-    r["forwarder_cpu_ms_per_call"] = 1e3 * (_cpu_seconds(proc.pid) - cpu0) / max(calls, 1)
-    return r
-
-
-def run_grpc(models: Path, duration: int, concurrency: list[int]) -> list[dict]:
-    """gRPC rows: the OIP server in front of the batched HTTP service, 1-row requests.
-
-    Each cell measures HTTP (wrk, straight to the service) and gRPC (through the forwarder)
-    one after the other on the same server, so the two columns are side by side; the
-    forwarder's own CPU per call is read from /proc around the gRPC run.
-    """
-    from service.devserver import stop
-
-    rows = []
-    log = Path(tempfile.mkdtemp()) / "server.log"
-    env = {"GENSERVE_MAX_LATENCY_MS": "30000"}
-    with running_server(models, log, env=env) as server:
-        grpc_proc, port = start_forwarder(server.url)
-        try:
-            time.sleep(3)
-            for s in scenarios(models)[:2]:
-                for c in concurrency:
-                    http = _measured(f"{server.url}/log_likelihood", s["body"], c, duration)
-                    r = forwarder_load(grpc_proc, port, s["body"], c, duration, drain_s=2)
-                    r |= {"scenario": s["name"], "concurrency": c,
-                          "rows_per_s": r["rps"] * s["rows"],
-                          "http": http | {"rows_per_s": http["rps"] * s["rows"]}}
-                    rows.append(r)
-                    print(json.dumps(r), flush=True)
-        finally:
-            stop(grpc_proc, grace_s=10)
-    return rows
 
 
 def lone_latency_ms(url: str, body: dict, requests: int = 40) -> float:
@@ -388,8 +269,6 @@ def side_by_side(models: Path, duration: int, rounds: int = SIDE_ROUNDS) -> list
 def run(models: Path, duration: int, concurrency: list[int]) -> dict:
     """One worker at each concurrency, then ``WORKERS`` workers at the highest; the ceiling
     blocks bracket both."""
-    import os
-
     results: dict = {"ceiling": {}, "ceiling_blocks": {}, "served": [],
                      "load_before": os.getloadavg()[0]}
     measure_ceilings(models, results["ceiling_blocks"])
@@ -444,7 +323,7 @@ def markdown(results: dict, command: str) -> str:
          "batched / ceiling", "non-2xx / timeouts"], rows)
     return f"""## Serving: `/log_likelihood` over HTTP on loopback
 
-Reproduce: `{command}` ({machine_line()}; 1-minute load average
+Reproduce: `{command}` ({results.get('machine') or machine_line()}; 1-minute load average
 {results.get("load_before", nan):.1f} before and {results.get("load_after", nan):.1f}
 after the run — other jobs shared the 2 cores). One BentoML worker, ONNX Runtime; load from
 `wrk` (2 threads) on the same 2 cores, so client and server share the machine. The ceiling is the
@@ -490,7 +369,7 @@ spinning threads here), which makes it sensitive to anything else on the 2 cores
 have read from about 14 000 to 84 000 rows/s for 64 rows across runs, hence the median of ten
 blocks spread over the run, with the range in the table.
 {side_section(results)}{paths_section(results)}{workers_section(results)}{burst_section(results)}\
-{grpc_section(results)}"""
+"""
 
 
 def verdicts(results: dict, key: str = "served") -> str:
@@ -694,44 +573,6 @@ learned wait (`GENSERVE_MAX_BATCH_WAIT_MS`, `service.batching.cap_batch_wait`):
 """
 
 
-def grpc_section(results: dict) -> str:
-    if not results.get("grpc"):
-        return ""
-    rows = []
-    for r in results["grpc"]:
-        http = r.get("http") or next(  # runs before 2026-11-23 took HTTP from the main table
-            h for h in results["served"] if h["scenario"] == r["scenario"]
-            and h["batching"] and h["concurrency"] == r["concurrency"])
-        fwd = r.get("forwarder_cpu_ms_per_call")
-        rows.append([r["scenario"], r["concurrency"], round(r["rows_per_s"]),
-                     f"{r['p50_ms']:.1f} / {r['p99_ms']:.1f}", f"{r['client_cpu_share']:.0%}",
-                     "-" if fwd is None else f"{fwd:.2f}",
-                     round(http["rows_per_s"]), f"{http['p50_ms']:.1f} / {http['p99_ms']:.1f}",
-                     f"{r['rows_per_s'] / http['rows_per_s']:.2f}", r["errors"]])
-    table = markdown_table(
-        ["request", "conc.", "gRPC rows/s", "gRPC p50/p99 ms", "gRPC client CPU (of 1 core)",
-         "forwarder CPU ms/call", "HTTP rows/s (wrk)", "HTTP p50/p99 ms", "gRPC / HTTP",
-         "gRPC errors"], rows)
-    measured = ""
-    if results.get("grpc_command"):
-        measured = f"Reproduce: `{results['grpc_command']}` ({results['grpc_machine']}).\n\n"
-    return f"""
-### gRPC (Open Inference Protocol) next to HTTP, batching on
-
-{measured}The gRPC server forwards to the same batched HTTP workers (one extra loopback
-hop, aiohttp's pooled client). Each row measures HTTP (wrk, straight to the service), then
-gRPC, on the same server. The gRPC load comes from a Python asyncio client
-(`bench.serving.grpc_load`, raw FP32 contents), whose own CPU use is shown: on 2 cores it
-and the forwarder compete with the server, so gRPC figures are a lower bound next to wrk's
-HTTP ones. The forwarder's CPU per call is read from /proc around the gRPC run. The previous
-run (httpx as the forwarder's client, 2026-11-23) gave nsf 1-row gRPC 98 / 177 / 120 rows/s
-at concurrency 1 / 8 / 64 on a quieter machine; the next section compares the two clients
-side by side.
-
-{table}
-"""
-
-
 def main(argv: list[str] | None = None) -> int:
     import signal
     import sys
@@ -742,11 +583,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", type=Path, default=ROOT / "exported_models")
     p.add_argument("--duration", type=int, default=15, help="seconds per load (15)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64])
-    p.add_argument("--no-grpc", action="store_true", help="skip the gRPC rows")
     p.add_argument("--from-json", action="store_true",
                    help="re-render the section from docs/bench/serving.json; measure nothing")
-    p.add_argument("--grpc-only", action="store_true",
-                   help="keep docs/bench/serving.json's HTTP figures, (re)measure gRPC")
     ns = p.parse_args(argv)
     if shutil.which("wrk") is None:
         raise SystemExit("bench.serving needs wrk (apt-get install wrk)")
@@ -757,19 +595,10 @@ def main(argv: list[str] | None = None) -> int:
         write_section("serving", markdown(results, results.get("command", "python -m "
                                                                "bench.serving")))
         return 0
-    if ns.grpc_only:  # add gRPC rows to the HTTP figures of an earlier run
-        results = json.loads((out / "serving.json").read_text())
-    else:
-        results = run(ns.models, ns.duration, ns.concurrency)
-    if not ns.no_grpc:
-        results["grpc"] = run_grpc(ns.models, ns.duration, ns.concurrency)
+    results = run(ns.models, ns.duration, ns.concurrency)
     command = ("python -m bench.serving " + " ".join(
         sys.argv[1:] if argv is None else argv)).strip()
-    if not ns.no_grpc:  # the gRPC rows name the run that measured them
-        results["grpc_command"], results["grpc_machine"] = command, machine_line()
-    if ns.grpc_only:
-        command = results.get("command", "python -m bench.serving")
-    results["command"] = command
+    results["command"], results["machine"] = command, machine_line()
     (out / "serving.json").write_text(json.dumps(results, indent=2))
     write_section("serving", markdown(results, command.strip()))
     return 0
