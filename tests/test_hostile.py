@@ -375,9 +375,11 @@ def _many_inputs(count: int) -> pb.ModelInferRequest:
 GRPC_CASES = {  # case: (request, code, words in the details)
     "nested 200 000 deep": (lambda: _nested(200_000), "INVALID_ARGUMENT", "not a valid"),
     "shape overflowing int64": (lambda: _x_request([1, 2**32, 2**32]), "RESOURCE_EXHAUSTED",
-                                "18446744073709551616 values"),
+                                "multiply to 18446744073709551616"),
     "shape product just over 2**63": (lambda: _x_request([1, 3037000500, 3037000500]),
-                                      "RESOURCE_EXHAUSTED", "9223372037000250000 values"),
+                                      "RESOURCE_EXHAUSTED", "multiply to 9223372037000250000"),
+    "an empty shape too big to make": (lambda: _x_request([0, 2**40, 2**40]),
+                                       "RESOURCE_EXHAUSTED", f"multiply to {2**80}"),
     "2 million shape entries": (lambda: _x_request([1] * 2_000_000), "INVALID_ARGUMENT",
                                 "2000000 dimensions"),
     "200 000 inputs": (lambda: _many_inputs(200_000), "INVALID_ARGUMENT", "200000 inputs"),

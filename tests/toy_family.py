@@ -13,8 +13,8 @@ from torch import Tensor, nn
 
 from artifact.families import FamilySpec, register_family
 from numerics.likelihood import standard_normal_log_prob
-from service.runtime.flow import FlowRuntime
 from service.runtime.base import register_runtime
+from service.runtime.flow import FlowRuntime
 from training.config import ModelConfig
 from training.flows.base import ExactDensity
 from training.registry import ModelType, register_model_type

@@ -11,10 +11,11 @@ Python numbers between.
 
 Counts are checked before anything is iterated, and sizes in exact integers: at most
 ``MAX_TENSORS`` inputs, outputs and raw entries, ``MAX_PARAMETERS`` parameters, ``MAX_DIMS``
-dimensions per shape, and a shape's product (which would overflow int64) at most
-``MAX_VALUES``; values must sit in the contents field of their datatype; with ``max_rows``
-given, ``x`` is refused on its declared rows before it is decoded (RESOURCE_EXHAUSTED, as
-HTTP's 413). A request with millions of entries is answered as fast as a small one.
+dimensions per shape, and a shape's product (which would overflow int64; empty dimensions
+counted as 1) at most ``MAX_VALUES``; values must sit in the contents field of their
+datatype; with ``max_rows`` given, ``x`` is refused on its declared rows before it is
+decoded (RESOURCE_EXHAUSTED, as HTTP's 413). A request with millions of entries is answered
+as fast as a small one.
 """
 
 from __future__ import annotations
@@ -112,11 +113,13 @@ def _shape(t: Any) -> tuple[list[int], int]:
     if any(s < 0 for s in shape):
         raise OipError(INVALID, f"input '{t.name[:32]}' has shape {shape}; a request's shape "
                        "must not contain negative sizes")
-    size = math.prod(shape)
-    if size > MAX_VALUES:
-        raise OipError(EXHAUSTED, f"input '{t.name[:32]}' has shape {shape}: {size} values; "
-                       f"at most {MAX_VALUES} are allowed")
-    return shape, size
+    # its sizes with empty dimensions taken as 1: numpy refuses to shape even an empty array
+    # whose other sizes multiply past its index range
+    span = math.prod(max(s, 1) for s in shape)
+    if span > MAX_VALUES:
+        raise OipError(EXHAUSTED, f"input '{t.name[:32]}' has shape {shape}, whose sizes "
+                       f"multiply to {span}; at most {MAX_VALUES} are allowed")
+    return shape, math.prod(shape)
 
 
 def _typed(t: Any, field: str) -> Any:

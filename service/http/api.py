@@ -21,6 +21,7 @@ from service.auth import security_config
 from service.batching import Answers, Parts, error_answer, rows_of
 from service.bentoml_glue import bind_api_once, cap_batch_wait, register_containers
 from service.http.boundary import VERB_PATHS, BoundaryMiddleware
+from service.http.uvicorn_glue import install as install_connection_guards
 from service.metrics import (
     ABANDONED,
     ANOMALIES,
@@ -42,7 +43,6 @@ from service.schemas import (
     SampleRequest,
     SampleResponse,
 )
-from service.http.uvicorn_glue import install as install_connection_guards
 from service.settings import SettingsError, load_settings
 from service.verbs import GROUP_KEYS, RUNNERS
 

@@ -267,7 +267,7 @@ async def _internal_error(exchange: Exchange, path: str) -> None:
     """The catch-all: the traceback goes to the server log under a request id, the client
     gets the id and no detail (nothing if an answer has already started)."""
     request_id = secrets.token_hex(8)
-    log.exception("internal error on %s (request_id %s)", path[:64], request_id)
+    log.exception("internal error on %r (request_id %s)", path[:64], request_id)
     await exchange.answer(500, {"error": "internal error", "request_id": request_id},
                           close=True)
 

@@ -52,7 +52,7 @@ class Exchange:
             elif name == b"transfer-encoding":
                 chunked = True
             elif name == b"expect":
-                self.expects_continue = True
+                self.expects_continue = value.lower() == b"100-continue"
         self.read = 0  # body bytes received so far
         self.done = not chunked and not self.declared  # the whole body has been received
         self.gone = False  # the client disconnected
