@@ -123,13 +123,15 @@ class Server:
 
 @contextlib.contextmanager
 def running_server(models_dir: Path, log: Path, env: dict[str, str] | None = None,
-                   startup_s: float = 180, service: str | None = None) -> Iterator[Server]:
+                   startup_s: float = 180, service: str | None = None,
+                   root: Path = ROOT) -> Iterator[Server]:
     """Start ``genserve serve`` on a loopback port it binds itself (its gRPC edge on a port
     reserved here, ``Server.grpc_address``), wait for ``/readyz``, stop it on exit.
 
     ``service``: another BentoML service to serve with ``bentoml serve`` instead
     (``bench.noop_service:NoOp`` for the framework's own request-rate ceiling in
-    ``bench.serving``).
+    ``bench.serving``). ``root``: the checkout whose code serves (another revision's worktree
+    in ``bench.revisions``).
 
     With ``GENSERVE_TLS_CERTFILE`` in ``env`` the server speaks https, and the handle trusts
     that (self-signed) certificate. Each server gets its own ``BENTOML_HOME`` (unless ``env``
@@ -144,7 +146,7 @@ def running_server(models_dir: Path, log: Path, env: dict[str, str] | None = Non
             full_env["GENSERVE_GRPC_PORT"] = str(
                 held.enter_context(reserve_port()).getsockname()[1])
         try:
-            server = _start(service, full_env, log, startup_s)
+            server = _start(service, full_env, log, startup_s, root)
             if service is None:
                 server.grpc_address = f"127.0.0.1:{full_env['GENSERVE_GRPC_PORT']}"
             try:
@@ -155,7 +157,8 @@ def running_server(models_dir: Path, log: Path, env: dict[str, str] | None = Non
             shutil.rmtree(home, ignore_errors=True)
 
 
-def _start(service: str | None, env: dict[str, str], log: Path, startup_s: float) -> Server:
+def _start(service: str | None, env: dict[str, str], log: Path, startup_s: float,
+           root: Path) -> Server:
     command = ([sys.executable, "-m", "cli", "serve"] if service is None
                else [sys.executable, "-m", "bentoml", "serve", service])
     grpc_ports = {int(env[k]) for k in ("GENSERVE_GRPC_PORT", "GENSERVE_GRPC_HEALTH_PORT")
@@ -165,7 +168,7 @@ def _start(service: str | None, env: dict[str, str], log: Path, startup_s: float
         with open(log, "w") as fh:
             proc = subprocess.Popen(
                 [*command, "--host", "127.0.0.1", "--port", "0"],
-                stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True,
+                stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=root, start_new_session=True,
             )
         try:
             return _wait_ready(proc, log, env.get("GENSERVE_TLS_CERTFILE"), startup_s,
