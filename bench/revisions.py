@@ -3,13 +3,13 @@
     python -m bench.revisions --before main [--rounds 3] [--duration 6]
 
 Checks ``--before`` out into a temporary git worktree and serves the same committed models
-from each revision in turn: ``bentoml serve service.api:GenServe`` there (HTTP only, as that
-revision's service module is named), ``genserve serve`` here (its default: gRPC served by the
-same worker). Each round takes every ``bench.serving`` scenario (nsf and the PF-ODE, 1-row and
-64-row ``log_likelihood``) at each concurrency on a fresh server of each revision, the
-revisions alternating which goes first; every load is ``wrk`` after a warm-up and a drain
-(``bench.serving._measured``). The after/before ratio is taken within each round and its
-median reported (the machine is shared: ratios, not absolutes). Writes
+from each revision in turn with ``genserve serve`` (its default: gRPC served by the same
+worker); a revision from before the ``cli`` package is served by ``bentoml serve
+service.api:GenServe`` (HTTP only). Each round takes every ``bench.serving`` scenario (nsf
+and the PF-ODE, 1-row and 64-row ``log_likelihood``) at each concurrency on a fresh server of
+each revision, the revisions alternating which goes first; every load is ``wrk`` after a
+warm-up and a drain (``bench.serving._measured``). The after/before ratio is taken within
+each round and its median reported (the machine is shared: ratios, not absolutes). Writes
 docs/bench/revisions.json and the "revisions" section of docs/BENCHMARKS.md.
 """
 
@@ -50,10 +50,23 @@ def worktree(ref: str) -> Iterator[tuple[Path, str]]:
                        check=False, capture_output=True)
 
 
+def _head() -> str:
+    """This checkout's short hash, marked when files differ from it."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, check=True, capture_output=True,
+                              text=True).stdout.strip()
+    return git("rev-parse", "--short", "HEAD") + (" + changes" if git("status", "--porcelain",
+                                                                       "--untracked-files=no")
+                                                   else "")
+
+
 def measure(before: Path, rounds: int, duration: int, concurrency: list[int]) -> list[dict]:
     models = ROOT / "exported_models"
     logs = Path(tempfile.mkdtemp(prefix="revisions-"))
-    sides = {"before": {"service": "service.api:GenServe", "root": before},
+    # a revision with the `cli` package serves as `genserve serve` does; an older one's
+    # service module is served by BentoML alone (HTTP only)
+    old = None if (before / "cli" / "serve.py").exists() else "service.api:GenServe"
+    sides = {"before": {"service": old, "root": before},
              "after": {"service": None, "root": ROOT}}
     rows = []
     for k in range(rounds):
@@ -105,13 +118,13 @@ def markdown(data: dict) -> str:
                "Slower in every round: " + "; ".join(
                    f"{s['scenario']} at {s['concurrency']} ({s['ratio']:.2f}x)" for s in slower)
                + ".")
-    return f"""## Serving speed across a change: {data['before']} (before) and this checkout
+    return f"""## Serving speed across a change: {data['before']} (before), {data['after']} (after)
 
 Reproduce: `{data['command']}` ({data['machine']}). The same committed models served by each
-revision on a fresh server (before: `bentoml serve service.api:GenServe` in a worktree of
-{data['before']}; after: `genserve serve`, gRPC on), {data['rounds']} rounds, the revisions
-alternating which goes first; `wrk` for {data['duration']} s after a warm-up, 1 worker.
-Medians over the rounds; the ratio is the median of per-round ratios.
+revision on a fresh server ({data.get('before_served', 'genserve serve')} in a worktree of
+the before revision; `genserve serve`, gRPC on, in the after one), {data['rounds']} rounds,
+the revisions alternating which goes first; `wrk` for {data['duration']} s after a warm-up,
+1 worker. Medians over the rounds; the ratio is the median of per-round ratios.
 
 {table}
 
@@ -123,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `finally` stops the servers
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--before", required=True, help="git revision to compare against")
+    p.add_argument("--before", help="git revision to compare against (required to measure)")
     p.add_argument("--rounds", type=int, default=3, help="rounds (3)")
     p.add_argument("--duration", type=int, default=6, help="seconds per load (6)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64])
@@ -133,12 +146,16 @@ def main(argv: list[str] | None = None) -> int:
     if ns.from_json:
         data = json.loads(JSON.read_text())
     else:
+        if ns.before is None:
+            p.error("--before is required (or --from-json)")
         with worktree(ns.before) as (path, short):
             rows = measure(path, ns.rounds, ns.duration, ns.concurrency)
+            served = ("genserve serve" if (path / "cli" / "serve.py").exists()
+                      else "`bentoml serve service.api:GenServe` (HTTP only)")
         data = {"command": "python -m bench.revisions " + " ".join(
             sys.argv[1:] if argv is None else argv), "machine": machine_line(),
-            "before": f"{ns.before} ({short})", "rounds": ns.rounds, "duration": ns.duration,
-            "rows": rows, "summary": summary(rows)}
+            "before": f"{ns.before} ({short})", "after": _head(), "before_served": served,
+            "rounds": ns.rounds, "duration": ns.duration, "rows": rows, "summary": summary(rows)}
         JSON.write_text(json.dumps(data, indent=1) + "\n")
     write_section("revisions", markdown(data))
     return 0
