@@ -31,7 +31,7 @@ from bench.serving import _measured, scenarios
 from service.devserver import running_server
 
 ROOT = Path(__file__).resolve().parents[1]
-JSON = ROOT / "docs" / "bench" / "revisions.json"
+BENCH = ROOT / "docs" / "bench"
 ENV = {"GENSERVE_MAX_LATENCY_MS": "30000"}  # as bench.serving: overload answers are not a rate
 
 
@@ -140,11 +140,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="rounds (3)")
     p.add_argument("--duration", type=int, default=6, help="seconds per load (6)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64])
+    p.add_argument("--section", default="revisions",
+                   help="the docs/BENCHMARKS.md section and docs/bench/SECTION.json (revisions)")
     p.add_argument("--from-json", action="store_true",
-                   help="re-render the section from docs/bench/revisions.json; measure nothing")
+                   help="re-render the section from its JSON; measure nothing")
     ns = p.parse_args(argv)
+    path = BENCH / f"{ns.section}.json"
     if ns.from_json:
-        data = json.loads(JSON.read_text())
+        data = json.loads(path.read_text())
     else:
         if ns.before is None:
             p.error("--before is required (or --from-json)")
@@ -156,8 +159,8 @@ def main(argv: list[str] | None = None) -> int:
             sys.argv[1:] if argv is None else argv), "machine": machine_line(),
             "before": f"{ns.before} ({short})", "after": _head(), "before_served": served,
             "rounds": ns.rounds, "duration": ns.duration, "rows": rows, "summary": summary(rows)}
-        JSON.write_text(json.dumps(data, indent=1) + "\n")
-    write_section("revisions", markdown(data))
+        path.write_text(json.dumps(data, indent=1) + "\n")
+    write_section(ns.section, markdown(data))
     return 0
 
 
