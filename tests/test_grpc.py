@@ -63,6 +63,24 @@ def stub(grpc_address: str):
         yield pb_grpc.GRPCInferenceServiceStub(channel)
 
 
+@pytest.fixture(scope="module")
+def two_workers(served_models: Path, tmp_path_factory: pytest.TempPathFactory):
+    log = tmp_path_factory.mktemp("grpc-2w") / "server.log"
+    env = {"GENSERVE_WORKERS": "2", "GENSERVE_MAX_BATCH_WAIT_MS": "50",
+           "GENSERVE_MAX_ROWS": "500", "GENSERVE_MAX_STEPS": "200"}
+    with running_server(served_models, log, env=env) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client2(two_workers):
+    """tritonclient against the 2-worker server: the verbs' answers equal HTTP's whichever
+    worker takes each call."""
+    c = triton.InferenceServerClient(two_workers.grpc_address)
+    yield c
+    c.close()
+
+
 def _input(name: str, array: np.ndarray, datatype: str) -> triton.InferInput:
     t = triton.InferInput(name, list(array.shape), datatype)
     t.set_data_from_numpy(array)
@@ -90,14 +108,14 @@ def _code(call) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode[info.value.status().rsplit(".", 1)[-1]], info.value.message()
 
 
-# --- every verb, every family: the numbers HTTP gives ---------------------------------------
+# --- every verb, every family, 2 workers: the numbers HTTP gives -------------------------
 
 
 @pytest.mark.parametrize("model", MODELS)
-def test_log_likelihood_matches_http(model: str, client, server) -> None:
+def test_log_likelihood_matches_http(model: str, client2, two_workers) -> None:
     opts = LL_OPTS[model]
-    result = client.infer(f"{model}.log_likelihood", [_x()], parameters=opts)
-    http = _http(server, "log_likelihood", {"model": model, "x": X.tolist(), **opts})
+    result = client2.infer(f"{model}.log_likelihood", [_x()], parameters=opts)
+    http = _http(two_workers, "log_likelihood", {"model": model, "x": X.tolist(), **opts})
     np.testing.assert_array_equal(result.as_numpy("log_likelihood"), http["log_likelihood"])
     np.testing.assert_array_equal(result.as_numpy("bits_per_dim"), http["bits_per_dim"])
     assert result.as_numpy("std_error") is None
@@ -106,18 +124,18 @@ def test_log_likelihood_matches_http(model: str, client, server) -> None:
     assert params["nfe"].int64_param == http["nfe"]
 
 
-def test_hutchinson_log_likelihood_has_std_error(client, server) -> None:
+def test_hutchinson_log_likelihood_has_std_error(client2, two_workers) -> None:
     opts = {"method": "hutchinson", "probes": 4, "seed": 3, "steps": 6, "solver": "rk4"}
-    result = client.infer("moons-cfm.log_likelihood", [_x()], parameters=opts)
-    http = _http(server, "log_likelihood", {"model": "moons-cfm", "x": X.tolist(), **opts})
+    result = client2.infer("moons-cfm.log_likelihood", [_x()], parameters=opts)
+    http = _http(two_workers, "log_likelihood", {"model": "moons-cfm", "x": X.tolist(), **opts})
     np.testing.assert_array_equal(result.as_numpy("log_likelihood"), http["log_likelihood"])
     np.testing.assert_array_equal(result.as_numpy("std_error"), http["std_error"])
 
 
 @pytest.mark.parametrize("model", MODELS)
-def test_anomaly_score_matches_http(model: str, client, server) -> None:
-    result = client.infer(f"{model}.anomaly_score", [_x()])
-    http = _http(server, "anomaly_score", {"model": model, "x": X.tolist()})
+def test_anomaly_score_matches_http(model: str, client2, two_workers) -> None:
+    result = client2.infer(f"{model}.anomaly_score", [_x()])
+    http = _http(two_workers, "anomaly_score", {"model": model, "x": X.tolist()})
     np.testing.assert_array_equal(result.as_numpy("scores"), http["scores"])
     np.testing.assert_array_equal(result.as_numpy("percentile"), http["percentile"])
     np.testing.assert_array_equal(result.as_numpy("is_anomaly"), http["is_anomaly"])
@@ -136,11 +154,11 @@ def test_anomaly_target_fpr_parameter(client, server) -> None:
 
 
 @pytest.mark.parametrize("model", MODELS)
-def test_sample_matches_http(model: str, client, server) -> None:
+def test_sample_matches_http(model: str, client2, two_workers) -> None:
     opts = SAMPLE_OPTS[model]
     seed = _input("seed", np.array([11], dtype=np.int64), "INT64")
-    result = client.infer(f"{model}.sample", [_n(5), seed], parameters=opts)
-    http = _http(server, "sample", {"model": model, "n": 5, "seed": 11, **opts})
+    result = client2.infer(f"{model}.sample", [_n(5), seed], parameters=opts)
+    http = _http(two_workers, "sample", {"model": model, "n": 5, "seed": 11, **opts})
     samples = result.as_numpy("samples")
     assert samples.shape == (5, 2) and samples.dtype == np.float64
     np.testing.assert_array_equal(samples, http["samples"])
@@ -148,7 +166,7 @@ def test_sample_matches_http(model: str, client, server) -> None:
     assert params["seed"].int64_param == 11
     assert params["solver"].string_param == http["solver"]
     # the seed as a parameter is the same request
-    again = client.infer(f"{model}.sample", [_n(5)], parameters={"seed": 11, **opts})
+    again = client2.infer(f"{model}.sample", [_n(5)], parameters={"seed": 11, **opts})
     np.testing.assert_array_equal(again.as_numpy("samples"), samples)
 
 
@@ -331,13 +349,6 @@ def test_repository_index_lists_every_oip_model(client) -> None:
 # --- two workers, one port: gRPC and HTTP in the same batches -------------------------------
 
 
-@pytest.fixture(scope="module")
-def two_workers(served_models: Path, tmp_path_factory: pytest.TempPathFactory):
-    log = tmp_path_factory.mktemp("grpc-2w") / "server.log"
-    env = {"GENSERVE_WORKERS": "2", "GENSERVE_MAX_BATCH_WAIT_MS": "50",
-           "GENSERVE_MAX_ROWS": "500", "GENSERVE_MAX_STEPS": "200"}
-    with running_server(served_models, log, env=env) as s:
-        yield s
 
 
 def test_two_workers_share_one_grpc_port_and_no_other_process_serves_it(two_workers) -> None:
