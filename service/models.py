@@ -28,7 +28,8 @@ def model_info(rt: ModelRuntime) -> ModelInfo:
     m = rt.manifest
     return ModelInfo(
         name=m.name, family=m.family, model_type=m.model_type, dim=m.dim,
-        graphs=sorted(m.graphs), runtime=rt.format, solvers=list(rt.solvers()),
+        graphs=sorted(m.graphs), runtime=rt.format, devices=rt.devices(),
+        solvers=list(rt.solvers()),
         shape=list(m.event_shape), defaults=m.defaults.model_dump(),
         calibration=None if m.calibration is None else {
             "target_fpr": m.calibration.target_fpr,
@@ -59,7 +60,7 @@ class ModelSet:
                 continue
             try:
                 rt = open_runtime(folder, runtime=settings.runtime, threads=settings.threads,
-                                  device=settings.device)
+                                  device=settings.placement())
             except (ManifestError, RuntimeError, OSError, ValueError) as err:
                 out.failed[folder.name] = str(err)
                 log.error("refused model %s: %s", folder.name, err)
@@ -69,8 +70,9 @@ class ModelSet:
                 continue
             out.runtimes[rt.name] = rt
             out.cards[rt.name] = model_info(rt)
-            log.info("loaded model %s (%s %s, %s)", rt.name, rt.family,
-                     rt.manifest.model_type, rt.format)
+            where = ", ".join(sorted(set(rt.devices().values())))
+            log.info("loaded model %s (%s %s, %s on %s)", rt.name, rt.family,
+                     rt.manifest.model_type, rt.format, where)
         return out
 
     def info(self) -> list[ModelInfo]:

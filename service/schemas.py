@@ -201,6 +201,8 @@ class ModelInfo(BaseModel):
                              description="one row's shape: [dim], or [C, H, W] for images")
     graphs: list[str]
     runtime: str
+    devices: dict[str, str] = Field(default_factory=dict,
+                                    description="where each graph runs: cpu or cuda:N")
     solvers: list[str]
     defaults: dict[str, Any]
     calibration: dict[str, Any] | None

@@ -8,9 +8,17 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
-__all__ = ["Settings", "SettingsError", "load_settings"]
+from service.runtime.graphs import Placement
+
+__all__ = ["CPU_BATCH_ROWS", "CUDA_BATCH_ROWS", "Settings", "SettingsError", "load_settings"]
 
 ENV_PREFIX = "GENSERVE_"
+CPU_BATCH_ROWS = 4096
+CUDA_BATCH_ROWS = 16384
+"""Rows per adaptive batch when the models run on CUDA. Provisional: no GPU has measured it
+yet. ``make gpu-check`` on a lent GPU times the PF-ODE log-likelihood at 1024 to 65536 rows
+per call and reports the smallest batch within 10 % of the best rows/s (docs/BENCHMARKS.md,
+"GPU"); that figure replaces this one."""
 
 
 class Settings(BaseModel):
@@ -23,6 +31,12 @@ class Settings(BaseModel):
                                "that register model families or types (comma-separated)")
     runtime: Literal["auto", "onnx", "torchscript"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    device_id: int = Field(0, ge=0, description="CUDA device index the graphs run on")
+    provider: Literal["CUDAExecutionProvider", "TensorrtExecutionProvider"] = Field(
+        "CUDAExecutionProvider", description="ONNX Runtime GPU execution provider tried first")
+    gpu_memory_mb: int | None = Field(None, ge=64, description="GPU memory cap per worker "
+                                      "process (ONNX Runtime gpu_mem_limit per graph, torch's "
+                                      "memory fraction)")
     threads: int | None = Field(None, ge=1, description="intra-op threads per graph session")
     workers: int = Field(1, ge=1, le=64, description="BentoML worker processes")
     grpc: bool = Field(True, description="serve gRPC (Open Inference Protocol v2) beside HTTP")
@@ -38,7 +52,8 @@ class Settings(BaseModel):
     batching: bool = Field(True, description="adaptive batching on (off: one request per call)")
     fast_path: bool = Field(True, description="the boundary hands validated verb requests to "
                             "BentoML's batcher directly (false: through BentoML's HTTP route)")
-    max_batch_rows: int = Field(4096, ge=2, description="adaptive batching: rows per batch")
+    max_batch_rows: int | None = Field(None, ge=2, description="adaptive batching: rows per "
+                                       "batch (unset: batch_rows_default(on_cuda))")
     max_latency_ms: int = Field(10000, ge=1, description="adaptive batching: queueing bound")
     max_batch_wait_ms: float = Field(5.0, ge=0, description="adaptive batching: longest a "
                                      "request is held back to wait for others")
@@ -84,6 +99,17 @@ class Settings(BaseModel):
                           "(BentoML's tracing config picks the exporter)")
     tls_certfile: Path | None = Field(None, description="TLS certificate (PEM) for HTTP and gRPC")
     tls_keyfile: Path | None = Field(None, description="TLS private key (PEM) for HTTP and gRPC")
+
+    def placement(self) -> Placement:
+        """Where the graphs run (``service.runtime.graphs``)."""
+        return Placement(device=self.device, device_id=self.device_id,
+                         memory_mb=self.gpu_memory_mb, provider=self.provider)
+
+    def batch_rows(self, on_cuda: bool) -> int:
+        """Rows per adaptive batch: ``max_batch_rows`` when set, else the device's default."""
+        if self.max_batch_rows is not None:
+            return self.max_batch_rows
+        return CUDA_BATCH_ROWS if on_cuda else CPU_BATCH_ROWS
 
     @model_validator(mode="after")
     def _tls_pair(self) -> Settings:

@@ -34,6 +34,7 @@ from service.metrics import (
 )
 from service.models import ModelSet
 from service.runtime import InputError
+from service.runtime.graphs import serves_on_cuda
 from service.schemas import (
     AnomalyScoreRequest,
     AnomalyScoreResponse,
@@ -67,7 +68,8 @@ install_connection_guards(SETTINGS)  # header deadline and size, connection boun
 def _batching() -> dict[str, Any]:
     if not SETTINGS.batching:
         return {}
-    return {"batchable": True, "max_batch_size": SETTINGS.max_batch_rows,
+    on_cuda = serves_on_cuda(SETTINGS.placement(), SETTINGS.runtime)
+    return {"batchable": True, "max_batch_size": SETTINGS.batch_rows(on_cuda),
             "max_latency_ms": SETTINGS.max_latency_ms}
 
 

@@ -24,7 +24,8 @@ import numpy as np
 from artifact.calibration import percentile, threshold_at
 from artifact.families import FamilySpec, family
 from artifact.manifest import Manifest, ManifestError, read_manifest
-from service.runtime.graphs import GraphExecutor, open_graph
+from numerics.arrays import Array
+from service.runtime.graphs import GraphExecutor, Placement, open_graph
 
 __all__ = [
     "RUNTIMES",
@@ -118,13 +119,14 @@ class ModelRuntime:
         manifest: its manifest, already read and verified.
         runtime: ``"onnx"``, ``"torchscript"`` or ``"auto"`` (ONNX when present).
         threads: intra-op threads per graph session (None: the library's default).
-        device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
+        device: ``"cpu"``, ``"cuda"``, ``"auto"``, or a full
+            :class:`~service.runtime.graphs.Placement` (device id, memory cap, provider).
     """
 
     spec: ClassVar[FamilySpec]
 
     def __init__(self, directory: str | Path, manifest: Manifest, *, runtime: str = "auto",
-                 threads: int | None = None, device: str = "auto") -> None:
+                 threads: int | None = None, device: str | Placement = "auto") -> None:
         self.directory = Path(directory)
         self.manifest = manifest
         formats = manifest.formats()
@@ -141,6 +143,10 @@ class ModelRuntime:
             name: open_graph(self.directory, by_fmt[fmt], threads=threads, device=device)
             for name, by_fmt in manifest.graphs.items()
         }
+        executors = list(self.graphs.values())
+        # one device for every graph (the usual case): solver states live there
+        self._stage: Callable[[np.ndarray], Array] = executors[0].stage \
+            if len({e.where for e in executors}) == 1 else np.asarray
 
     @property
     def name(self) -> str:
@@ -154,11 +160,22 @@ class ModelRuntime:
     def family(self) -> str:
         return self.manifest.family
 
+    def devices(self) -> dict[str, str]:
+        """Where each graph runs: ``{graph: "cpu" | "cuda:N"}``."""
+        return {name: g.where for name, g in sorted(self.graphs.items())}
+
+    def stage(self, a: np.ndarray) -> Array:
+        """``a`` as the graphs' own device array (a torch tensor on their device for
+        TorchScript, and for ONNX Runtime on a GPU with torch installed; else ``a``), for
+        solver states that stay on the device between graph calls."""
+        return self._stage(a)
+
     def solvers(self) -> tuple[str, ...]:
         """The ``solver`` values ``sample`` accepts."""
         return self.spec.sample_solvers
 
-    def call(self, graph: str, *inputs: np.ndarray) -> tuple[np.ndarray, ...]:
+    def call(self, graph: str, *inputs: Array) -> tuple[Array, ...]:
+        """Run one graph; numpy in, numpy out, or :meth:`stage`'s arrays in and out."""
         if self.observer is None:
             return self.graphs[graph](*inputs)
         start = time.perf_counter()
@@ -280,7 +297,7 @@ def register_runtime(name: str) -> Callable[[type[ModelRuntime]], type[ModelRunt
 
 def open_runtime(directory: str | Path, *, manifest: Manifest | None = None,
                  runtime: str = "auto", threads: int | None = None,
-                 device: str = "auto") -> ModelRuntime:
+                 device: str | Placement = "auto") -> ModelRuntime:
     """The runtime of the model in ``directory`` (its manifest read and verified here unless
     given), of the class registered for its family."""
     manifest = manifest or read_manifest(directory, verify=True)

@@ -5,6 +5,11 @@ log-likelihood integrates the probability-flow ODE with the exact divergence
 (``velocity_div``) or Hutchinson's estimate (``velocity_jvp``) (``numerics.likelihood``).
 Diffusion adds the DDPM / DDIM / DPM-Solver++ samplers over the eps prediction recovered
 from the exported velocity and the manifest's noise schedule.
+
+The ODE solvers' state lives where the graphs run (``ModelRuntime.stage``: a torch tensor on
+the GPU for TorchScript on CUDA), so a PF-ODE solve copies its rows to the device once and its
+answer back once, not at every step. The diffusion samplers draw their noise per request on
+the host and keep their state there.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from artifact.manifest import Manifest
+from numerics.arrays import Array, asarray_like, to_numpy
 from numerics.likelihood import log_likelihood_exact, log_likelihood_hutchinson
 from numerics.samplers import SAMPLERS, diffusion_sample
 from numerics.schedules import make_schedule, pf_ode_eps
@@ -31,8 +37,8 @@ class OdeRuntime(ModelRuntime):
     def _generate(self, z: np.ndarray, requests: Sequence[SeededRows], solver: str,
                   steps: int | None) -> np.ndarray:
         d = self.manifest.defaults
-        return integrate(self._velocity, z, 1.0, self.manifest.time.t_min, method=solver,
-                         steps=steps, rtol=d.rtol, atol=d.atol).x
+        return to_numpy(integrate(self._velocity, self.stage(z), 1.0, self.manifest.time.t_min,
+                                  method=solver, steps=steps, rtol=d.rtol, atol=d.atol).x)
 
     def _log_prob(self, u: np.ndarray, method: str, steps: int | None, solver: str | None,
                   probes: int | None, seeds: np.ndarray, rows: np.ndarray,
@@ -40,25 +46,28 @@ class OdeRuntime(ModelRuntime):
         d, t = self.manifest.defaults, self.manifest.time
         common = {"t0": t.t_min, "t1": t.t_max, "steps": steps, "rtol": d.rtol, "atol": d.atol,
                   "method": solver or ("dopri5" if steps is None else "rk4")}
+        x = self.stage(u)  # the state stays on the graphs' device until the answer
         if method == "exact":
-            res = log_likelihood_exact(self._velocity_div, u, **common)
+            res = log_likelihood_exact(self._velocity_div, x, **common)
         else:
-            res = log_likelihood_hutchinson(self._velocity_jvp, u, probes=probes or d.probes,
+            res = log_likelihood_hutchinson(self._velocity_jvp, x, probes=probes or d.probes,
                                             seed=seeds, rows=rows, **common)
-        return np.asarray(res.log_prob), res.std_error, int(res.nfe)
+        se = None if res.std_error is None else to_numpy(res.std_error)
+        return to_numpy(res.log_prob), se, int(res.nfe)
 
-    def _velocity(self, x: np.ndarray, t: np.ndarray) -> np.ndarray:
+    # The velocity callables take and return the solver's arrays (numpy, or torch tensors on
+    # the graphs' device); graphs compute in float32, the solvers in float64.
+    def _velocity(self, x: Array, t: Array) -> Array:
         (v,) = self.call("velocity", x, t)
-        return v.astype(np.float64)
+        return asarray_like(v, x)
 
-    def _velocity_div(self, x: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _velocity_div(self, x: Array, t: Array) -> tuple[Array, Array]:
         v, div = self.call("velocity_div", x, t)
-        return v.astype(np.float64), div.astype(np.float64)
+        return asarray_like(v, x), asarray_like(div, x)
 
-    def _velocity_jvp(self, x: np.ndarray, t: np.ndarray,
-                      e: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _velocity_jvp(self, x: Array, t: Array, e: Array) -> tuple[Array, Array]:
         v, jvp = self.call("velocity_jvp", x, t, e)
-        return v.astype(np.float64), jvp.astype(np.float64)
+        return asarray_like(v, x), asarray_like(jvp, x)
 
 
 @register_runtime("flow_matching")
