@@ -36,6 +36,11 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, help="seed for initialisation and batches (0)")
     g.add_argument("--dist-backend", dest="dist_backend", choices=["auto", "gloo", "nccl"],
                    help="data-parallel backend under torchrun (auto: nccl with CUDA, else gloo)")
+    g.add_argument("--device", choices=["cpu", "cuda", "auto"],
+                   help="one process's device (cpu; auto: CUDA when torch sees it)")
+    g.add_argument("--amp", choices=["auto", "off", "bf16"],
+                   help="bfloat16 autocast of the loss (auto: on CUDA for diffusion and flow "
+                        "matching)")
 
 
 def add_progress_arg(p: argparse.ArgumentParser) -> None:

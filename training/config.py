@@ -69,3 +69,10 @@ class TrainConfig(_Strict):
     progress: bool = True
     dist_backend: Literal["auto", "gloo", "nccl"] = Field(
         "auto", description="data-parallel backend under torchrun (auto: nccl with CUDA)")
+    device: Literal["cpu", "cuda", "auto"] = Field(
+        "cpu", description="one process's device (auto: CUDA when torch sees it); under "
+        "torchrun the backend decides (nccl: cuda:LOCAL_RANK)")
+    amp: Literal["auto", "off", "bf16"] = Field(
+        "auto", description="bfloat16 autocast of the training loss's forward pass (auto: on "
+        "CUDA for the models that declare it safe, the continuous-time families; off "
+        "elsewhere, flows sum log-determinants that need float32)")

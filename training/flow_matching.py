@@ -183,7 +183,7 @@ class ReflowMatcher(ConditionalFlowMatcher):
         a = self.u_shape
         if a == 0:
             return super().sample_time(n, generator, like)
-        u = torch.rand(n, generator=generator, dtype=torch.float64)
+        u = torch.rand(n, generator=generator, dtype=torch.float64, device=like.device)
         sinh_a = torch.sinh(torch.tensor(a, dtype=torch.float64))
         t = (torch.asinh((2 * u - 1) * sinh_a) / a + 1) / 2
         return t.to(dtype=like.dtype, device=like.device)
@@ -191,7 +191,9 @@ class ReflowMatcher(ConditionalFlowMatcher):
     def pair(
         self, x: Tensor, z: Tensor, generator: torch.Generator | None = None
     ) -> tuple[Tensor, Tensor]:
-        idx = torch.randint(len(self.x), (len(x),), generator=generator)
+        # drawn where the generator lives (the training device), the bank stays on the CPU
+        idx = torch.randint(len(self.x), (len(x),), generator=generator, device=x.device)
+        idx = idx.to(self.x.device)
         return self.x[idx].to(x), self.z[idx].to(x)
 
 

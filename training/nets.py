@@ -137,6 +137,10 @@ class VelocityModel(nn.Module):
     network passes (images)."""
     ode_name: str = "ODE"
     """How the sampling ODE is called (diffusion: the probability-flow ODE)."""
+    amp_safe: bool = True
+    """``TrainConfig.amp="auto"`` trains it under bfloat16 autocast on CUDA: the loss is a
+    mean squared error of one network output, which bfloat16 matmuls and convolutions keep
+    (the loss itself is reduced in float32)."""
 
     def training_loss(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         raise NotImplementedError

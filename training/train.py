@@ -4,6 +4,11 @@ AdamW, linear warmup then cosine decay, gradient clipping, optional EMA of the w
 periodic validation with early stopping, and the best validation state kept. Seeded: the
 same config and data give the same weights.
 
+One process trains on ``TrainConfig.device`` (the CPU by default, or a CUDA device), with
+the loss's forward pass under bfloat16 autocast where ``TrainConfig.amp`` says so (on CUDA
+for models that declare ``amp_safe``: the continuous-time families); validation, the
+optimizer and the weights stay float32, and the trained weights come back to the CPU.
+
 Data parallel when started by torchrun (``training.distributed``): each rank trains on its
 own slice of the same global batch, DistributedDataParallel averages the gradients, rank 0
 validates (and broadcasts) and is the only one with a progress bar. A single process runs
@@ -12,6 +17,7 @@ exactly the loop it always ran.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -26,7 +32,8 @@ from service.progress import progress_bar
 from training.config import TrainConfig
 from training.distributed import DistContext, all_reduce_mean, broadcast_float, setup
 
-__all__ = ["TrainResult", "batch_indices", "lr_lambda", "train_model"]
+__all__ = ["TrainResult", "autocast", "batch_indices", "lr_lambda", "train_model",
+           "training_device"]
 
 
 @dataclass
@@ -59,6 +66,32 @@ def lr_lambda(cfg: TrainConfig) -> Any:
         return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
     return factor
+
+
+def training_device(name: str) -> torch.device:
+    """The device of a one-process run: ``"cpu"``, ``"cuda"`` (the current CUDA device, or an
+    error naming the fix) or ``"auto"`` (CUDA when torch sees it, else the CPU)."""
+    if name == "cpu":
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    if name == "cuda":
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise ValueError(f"--device cuda but torch {torch.__version__} ({build}) sees no CUDA "
+                         "device; train with --device cpu or auto")
+    return torch.device("cpu")
+
+
+def autocast(amp: str, model: nn.Module,
+             device: torch.device) -> contextlib.AbstractContextManager:
+    """The context the training loss's forward pass runs in: bfloat16 autocast for
+    ``amp="bf16"``, and for ``"auto"`` on CUDA when ``model`` declares ``amp_safe``; else none.
+    bfloat16 has float32's exponent range, so no loss scaling is needed."""
+    if amp == "auto":
+        amp = "bf16" if device.type == "cuda" and getattr(model, "amp_safe", False) else "off"
+    if amp == "off":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def batch_indices(rows: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:
@@ -168,19 +201,22 @@ def train_model(
     the CPU.
     """
     ctx = dist_ctx if dist_ctx is not None else setup(cfg.dist_backend)
+    device = ctx.device if ctx.enabled else training_device(cfg.device)
+    moved = device.type != "cpu"
     generator = torch.Generator().manual_seed(cfg.seed)
-    index_gen = noise_gen = generator  # one process: one stream, as it always was
+    index_gen = noise_gen = generator  # one CPU process: one stream, as it always was
     local_batch = cfg.batch_size
-    if ctx.enabled:
-        # the same global batch on every rank; the model's own noise differs per rank
+    if ctx.enabled or moved:
+        # the same global batch on every rank; the model's own noise differs per rank and is
+        # drawn on the device (batch indices stay on the CPU stream)
         local_batch = _local_batch_size(cfg, ctx)
-        model.to(ctx.device)
-        preprocess.to(ctx.device)
-        noise_gen = torch.Generator(device=ctx.device).manual_seed(
+        model.to(device)
+        preprocess.to(device)
+        noise_gen = torch.Generator(device=device).manual_seed(
             cfg.seed + 1_000_003 * (ctx.rank + 1))
     dtype = next(model.parameters()).dtype
-    xt = torch.as_tensor(x_train, dtype=dtype, device=ctx.device if ctx.enabled else None)
-    xv = torch.as_tensor(x_val, dtype=dtype, device=ctx.device if ctx.enabled else None)
+    xt = torch.as_tensor(x_train, dtype=dtype, device=device)
+    xv = torch.as_tensor(x_val, dtype=dtype, device=device)
     loss_fn: nn.Module | None = None
     if ctx.enabled:
         _data_dependent_init(model, preprocess, xt, cfg.batch_size, index_gen, noise_gen)
@@ -203,13 +239,15 @@ def train_model(
         model.train()
         idx = batch_indices(len(xt), cfg.batch_size, index_gen)
         if loss_fn is None:
-            u, _ = preprocess(xt[idx], generator=noise_gen)
-            loss = model.training_loss(u, noise_gen)
+            u, _ = preprocess(xt[idx.to(device)], generator=noise_gen)
+            with autocast(cfg.amp, model, device):
+                loss = model.training_loss(u, noise_gen).float()
             loss_value = float(loss.detach())
         else:  # this rank's slice of the global batch; the logged loss is the global mean
-            mine = idx[ctx.rank * local_batch:(ctx.rank + 1) * local_batch].to(ctx.device)
+            mine = idx[ctx.rank * local_batch:(ctx.rank + 1) * local_batch].to(device)
             u, _ = preprocess(xt[mine], generator=noise_gen)
-            loss = loss_fn(u, noise_gen)
+            with autocast(cfg.amp, model, device):
+                loss = loss_fn(u, noise_gen).float()
             loss_value = all_reduce_mean(float(loss.detach()), ctx)
         if not math.isfinite(loss_value):
             raise FloatingPointError(
@@ -249,7 +287,7 @@ def train_model(
     bar.close()
     if best_state is not None:
         model.load_state_dict(best_state)
-    if ctx.enabled:
+    if ctx.enabled or moved:
         model.to("cpu")
         preprocess.to("cpu")
     model.eval()
