@@ -9,7 +9,7 @@ GRPC_PORT ?= 8001
 # test processes (pytest-xdist): CI has 2 cores; each worker builds the fixtures it needs
 TEST_WORKERS ?= 2
 
-.PHONY: install serve test models bench lint clean
+.PHONY: install serve test models bench lint clean gpu-wheels gpu-check
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,29 @@ bench: install
 	$(BIN)/python -m bench.anomaly
 	$(BIN)/python -m bench.images
 	$(BIN)/python -m bench.soak
+
+## gpu-wheels: the wheels the GPU path imports that the lent GPU machine lacks (CPython 3.12,
+## x86-64), at the versions installed here, into $(GPU_WHEELS) (git-ignored; docs/DEPLOY.md)
+GPU_WHEELS ?= .gpu-wheels
+GPU_PYTHON ?= python3
+GPU_SITE   ?= /tmp/genserve-gpu-site
+gpu-wheels: install
+	rm -rf $(GPU_WHEELS) && mkdir -p $(GPU_WHEELS)
+	$(BIN)/python -m bench.gpu_check --requirements > $(GPU_WHEELS)/requirements.txt
+	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+	  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+	  --platform manylinux2014_x86_64 --platform any -d $(GPU_WHEELS) \
+	  -r $(GPU_WHEELS)/requirements.txt
+	du -sh $(GPU_WHEELS)
+
+## gpu-check: on the lent GPU machine (its own python3; the tree carries $(GPU_WHEELS)): the
+## gpu-marked tests and the CPU-vs-CUDA benchmark, one table, JSON to $$OUT (bench/gpu_check.py)
+gpu-check:
+	@if ls $(GPU_WHEELS)/*.whl >/dev/null 2>&1; then \
+	  $(GPU_PYTHON) -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+	    --upgrade --target $(GPU_SITE) $(GPU_WHEELS)/*.whl; fi
+	PYTHONPATH=$(GPU_SITE)$${PYTHONPATH:+:$$PYTHONPATH} PYTHONUNBUFFERED=1 \
+	  $(GPU_PYTHON) -m bench.gpu_check --out $${OUT:-.}/gpu-check.json
 
 lint: install
 	$(BIN)/python -m ruff check numerics artifact service training report cli tests bench

@@ -146,8 +146,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         import torch
 
         if not torch.cuda.is_available():
+            build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+            reason = (f"needs a CUDA device; torch {torch.__version__} ({build}) sees none "
+                      "(make gpu-check runs these on a lent GPU machine)")
             for item in gpu_items:
-                item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
+                item.add_marker(pytest.mark.skip(reason=reason))
 
 
 _SKIPPED: list[pytest.TestReport | pytest.CollectReport] = []

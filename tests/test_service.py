@@ -93,6 +93,8 @@ def test_models_listing_and_refused_folder(server) -> None:
     assert "sha256" in listing["failed"]["broken"]
     ddpm = next(m for m in listing["models"] if m["name"] == "moons-ddpm")
     assert "dpmpp2m" in ddpm["solvers"] and ddpm["calibration"]["target_fpr"] == 0.01
+    # where each graph runs (no GPU here: GENSERVE_DEVICE=auto falls to the CPU)
+    assert ddpm["devices"] == {g: "cpu" for g in ddpm["graphs"]}
     assert server.get("/readyz")[0] == 200 and server.get("/livez")[0] == 200
 
 
