@@ -47,6 +47,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
+import torch
+from packaging.requirements import Requirement
+
+from bench.images import CONFIGS, DATA
+from bench.report import markdown_table, write_results, write_section
+from bench.runtimes import time_interleaved
+from service.runtime import open_runtime
+from training.config import ModelConfig, TrainConfig
+from training.data import load_data
+from training.export import export_checkpoint
+from training.fit import fit
 
 ROOT = Path(__file__).resolve().parents[1]
 RAW = ROOT / "docs" / "bench" / "gpu.json"
@@ -104,8 +116,6 @@ def _normal(name: str) -> str:
 
 def _requires(dist: str) -> set[str]:
     """``dist``'s own requirements (no extras, markers true here), normalised names."""
-    from packaging.requirements import Requirement
-
     out = set()
     for raw in metadata.requires(dist) or []:
         req = Requirement(raw)
@@ -131,30 +141,12 @@ def closure(names: set[str] | tuple[str, ...]) -> set[str]:
 
 
 def _import_gpu_path() -> None:
-    """Import what a GPU run imports: the tests as pytest collects them (plugins off), and
-    the modules steps 2-4 use."""
-    import pytest
-
+    """Import what a GPU run imports beyond this module's own imports: the tests as pytest
+    collects them (plugins off), and the image set's loader (scikit-learn's digits)."""
     code = pytest.main(["--collect-only", "-q", "-p", "no:cacheprovider", str(ROOT / TESTS)])
     if code not in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
         raise SystemExit(f"collecting {TESTS} failed ({code})")
-    _bench_modules()
-    from bench.images import DATA
-    from training.data import load_data
-
-    load_data(DATA, n=10)  # the image set's loader (scikit-learn's bundled digits)
-
-
-def _bench_modules() -> Any:
-    import torch
-
-    from bench.runtimes import time_interleaved
-    from service.runtime import open_runtime
-    from training.config import ModelConfig, TrainConfig
-    from training.export import export_checkpoint
-    from training.fit import fit
-
-    return torch, time_interleaved, open_runtime, ModelConfig, TrainConfig, export_checkpoint, fit
+    load_data(DATA, n=10)
 
 
 def imported_distributions() -> set[str]:
@@ -210,7 +202,6 @@ def _run_tests(budget_s: float) -> dict[str, Any]:
 
 
 def _build(root: Path, name: str, steps: int) -> Path:
-    torch, _, _, ModelConfig, TrainConfig, export_checkpoint, fit = _bench_modules()
     kind, cfg = MODELS[name]
     ckpt = fit(kind, "moons", rows=10_000, model_cfg=ModelConfig(**cfg),
                train_cfg=TrainConfig(steps=steps, progress=False, eval_every=steps))
@@ -220,7 +211,6 @@ def _build(root: Path, name: str, steps: int) -> Path:
 
 def _log_likelihood(root: Path, gpu: str, steps: int, repeats: int, ll_rows: tuple[int, ...],
                     sweep: tuple[int, ...]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    _, time_interleaved, open_runtime, *_ = _bench_modules()
     rows_out, sweep_out = [], []
     rng = np.random.default_rng(0)
     for name in MODELS:
@@ -273,9 +263,6 @@ def _training(gpu: str, steps: dict[str, int]) -> list[dict[str, Any]]:
     """``ddpm_image`` as bench.images trains it (its architecture, batch, EMA), a few steps on
     each device after a 2-step warm-up; steps/s over the timed run, its final validation
     included."""
-    from bench.images import CONFIGS, DATA
-
-    _, _, _, ModelConfig, TrainConfig, _, fit = _bench_modules()
     kind = IMAGE
     spec = CONFIGS[kind]
     train = {k: v for k, v in spec["train"].items() if k != "steps"}
@@ -294,8 +281,6 @@ def _training(gpu: str, steps: dict[str, int]) -> list[dict[str, Any]]:
 
 def measure(gpu: str, *, dry_run: bool) -> dict[str, Any]:
     """Steps 2-4 (see the module's docstring), ``gpu`` standing for the CUDA device."""
-    import torch
-
     small = dry_run
     if small:  # this code on a small shared CPU: one thread, no stalls from oversubscription
         torch.set_num_threads(1)
@@ -317,8 +302,6 @@ def measure(gpu: str, *, dry_run: bool) -> dict[str, Any]:
 
 
 def table(result: dict[str, Any]) -> str:
-    from bench.report import markdown_table
-
     rows: list[list[object]] = [
         [f"`log_likelihood` {r['model']}, {r['rows']} rows", "rows/s", r["cpu_rows_s"],
          r["cuda_rows_s"], r["ratio"]] for r in result["log_likelihood"]]
@@ -388,8 +371,6 @@ def section(result: dict[str, Any] | None) -> str:
 
 def write(path: Path | None) -> None:
     """``path``'s result (or none) into docs/BENCHMARKS.md; the JSON to docs/bench/gpu.json."""
-    from bench.report import write_results, write_section
-
     if path is None:
         write_section(SECTION, section(None))
         return
@@ -427,8 +408,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     start = time.perf_counter()
-    import torch
-
     if ns.dry_run:
         result = measure("cpu", dry_run=True)
         print(table(result))
