@@ -170,7 +170,7 @@ def test_chunked_equals_unchunked(fitted: tuple[Path, dict], tmp_path: Path) -> 
     assert lines[0] == ",".join(HEADER) and len(lines) == 1 + len(x)
     for src in (csv_in, tmp_path / "in.npy", tmp_path / "in.npz", tmp_path / "inz.npz"):
         for chunk in (7, 1, 100, 33):
-            out = tmp_path / f"{src.stem}-{chunk}.csv"
+            out = tmp_path / f"{src.name}-{chunk}.csv"
             info = score_file(model_dir, src, out, chunk_rows=chunk, batch_rows=32, runtime=rt)
             assert info["rows"] == len(x)
             assert out.read_text() == reference, (src.name, chunk)  # row for row, same order
@@ -196,7 +196,7 @@ def test_bad_files_fail_clearly_and_leave_no_output(fitted: tuple[Path, dict],
         "text.csv": ("1,2,3,4,5\n1,2,x,4,5\n", "row 2, column 3"),
         "nan.csv": ("1,2,3,4,5\n1,2,3,nan,5\n", "row 2, column 4"),
         "empty.csv": ("a,b,c,d,e\n", "no data rows"),
-        "data.txt": ("1,2,3,4,5\n", ".csv, .npy or .npz"),
+        "data.txt": ("1,2,3,4,5\n", ".csv, .npy, .npz or .parquet"),
     }
     for name, (text, message) in cases.items():
         (tmp_path / name).write_text(text)
@@ -217,10 +217,12 @@ def test_bad_files_fail_clearly_and_leave_no_output(fitted: tuple[Path, dict],
         score_file(model_dir, tmp_path / "nox.npz", out)
     with pytest.raises(DataError, match="not found"):
         score_file(model_dir, tmp_path / "missing.csv", out)
-    # an existing output is replaced only by a complete one
+    # an existing output is refused without overwrite, and replaced only by a complete one
     out.write_text("keep me\n")
-    with pytest.raises(DataError):
-        score_file(model_dir, tmp_path / "inf.npy", out, chunk_rows=7)
+    with pytest.raises(DataError, match="exists; pass --overwrite"):
+        score_file(model_dir, tmp_path / "x.npy", out)
+    with pytest.raises(DataError, match="row 18, column 3"):
+        score_file(model_dir, tmp_path / "inf.npy", out, chunk_rows=7, overwrite=True)
     assert out.read_text() == "keep me\n"
 
 

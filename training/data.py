@@ -429,7 +429,7 @@ def _resolve_path(key: str) -> Path:
         extra = f" ('{key}' exists, but its suffix is not supported)" if path.exists() else ""
         raise DataError(
             f"unknown data set '{key}'{extra}; choose one of {', '.join(DATASETS)}, "
-            f"or give a file path ending in .npy, .npz or .csv"
+            f"or give a file path ending in .npy, .npz, .csv or .parquet"
         )
     if not path.is_file():
         raise DataError(f"data file '{key}' not found; check the path (cwd: {os.getcwd()})")
