@@ -47,7 +47,7 @@ bench: install
 	$(BIN)/python -m bench.soak
 
 lint: install
-	$(BIN)/python -m ruff check numerics artifact service training report cli tests bench
+	$(BIN)/python -m ruff check numerics artifact service training genserve report cli tests bench
 	$(BIN)/lint-imports
 
 clean:
