@@ -120,6 +120,8 @@ def score(ns: argparse.Namespace) -> int:
 
 def _score_spark(ns: argparse.Namespace) -> dict:
     try:
+        from pyspark.sql import SparkSession
+
         from genserve import spark as engine
     except ImportError:
         raise DataError("--engine spark needs pyspark, which is not installed; install it "
@@ -129,6 +131,7 @@ def _score_spark(ns: argparse.Namespace) -> dict:
                         f"(--in-table); '{ns.in_path}' is not Parquet")
     conf = dict(ns.spark_conf)
     conf.setdefault("spark.ui.showConsoleProgress", str(not ns.no_progress).lower())
+    owned = SparkSession.getActiveSession() is None  # else a caller's, left running
     spark = engine.session(ns.master, conf)
     try:
         spark.sparkContext.setLogLevel(ns.spark_log_level)
@@ -138,4 +141,5 @@ def _score_spark(ns: argparse.Namespace) -> dict:
                                 overwrite=ns.overwrite, target_fpr=ns.target_fpr,
                                 per_dim=ns.per_dim)
     finally:
-        spark.stop()
+        if owned:
+            spark.stop()
