@@ -25,11 +25,12 @@ install: $(STAMP)
 serve: install
 	$(BIN)/genserve serve --host $(HOST) --port $(PORT) --grpc-port $(GRPC_PORT)
 
-## test: the executable specification, 2 processes. Fails on pytest's exit 5 (no tests), and
-## on any skipped test that is not marked gpu (tests/conftest.py): the spec runs whole.
+## test: the executable specification, 2 processes (an xdist_group's tests share one). Fails
+## on pytest's exit 5 (no tests), and on any skipped test that is not marked gpu
+## (tests/conftest.py): the spec runs whole.
 test: install
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist load --durations=15
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadgroup --durations=15
 
 ## models: rebuild the committed default artifacts in exported_models/ (seeded)
 models: install
