@@ -39,7 +39,7 @@ from typing import Any, TextIO
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 from numpy.lib import format as npformat
 
 __all__ = ["FORMATS", "SUFFIXES", "DataError", "Features", "Table", "bad_value",
@@ -263,9 +263,21 @@ def table_format(path: str | os.PathLike[str], in_format: str | None = None) -> 
     return fmt
 
 
-def _parquet(path: Path) -> pads.Dataset:
+def _parquet_files(path: Path) -> list[Path]:
+    """A Parquet file, or a directory's part files in name order (names starting with ``_``
+    or ``.`` are a writer's bookkeeping, e.g. ``_SUCCESS``, and are left out)."""
+    if path.is_file():
+        return [path]
+    files = sorted(p for p in path.rglob("*") if p.is_file() and not any(
+        part.startswith(("_", ".")) for part in p.relative_to(path).parts))
+    if not files:
+        raise DataError(f"{path} is a directory without Parquet part files")
+    return files
+
+
+def _parquet_file(path: Path) -> pq.ParquetFile:
     try:
-        return pads.dataset(path, format="parquet")
+        return pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as err:
         raise DataError(f"could not read {path} as Parquet: {one_line(err)}") from None
 
@@ -299,22 +311,23 @@ def iter_batches(path: str | os.PathLike[str], chunk_rows: int = DEFAULT_CHUNK_R
                  columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
     """Arrow record batches of ``<= chunk_rows`` rows of a table, in file order.
 
-    Parquet is read natively, only ``columns`` (None: all), one row group's columns at a time
-    at most, so memory is bounded by the writer's row group size whatever the file's. CSV,
+    Parquet is read natively (a directory: its part files in name order), only ``columns``
+    (None: all), one row group's columns at a time at most, so memory is bounded by the
+    writer's row group size whatever the file's. CSV,
     NPY and NPZ are read by :func:`iter_table` (same checks and messages) into float64
     columns named by the CSV header, else ``x1 .. xD``.
     """
     path = Path(path)
     fmt = table_format(path, in_format)
     if fmt == "parquet":
-        dataset = _parquet(path)
-        if columns is not None:
-            check_columns(dataset.schema, columns, "the column list")
-        try:
-            yield from dataset.to_batches(columns=columns, batch_size=chunk_rows,
-                                          batch_readahead=1, fragment_readahead=1)
-        except (pa.ArrowException, OSError) as err:
-            raise DataError(f"could not read {path} as Parquet: {one_line(err)}") from None
+        for file in _parquet_files(path):
+            source = _parquet_file(file)
+            if columns is not None:
+                check_columns(source.schema_arrow, columns, "the column list")
+            try:
+                yield from source.iter_batches(batch_size=chunk_rows, columns=columns)
+            except (pa.ArrowException, OSError) as err:
+                raise DataError(f"could not read {file} as Parquet: {one_line(err)}") from None
         return
     header: list[str] = []
     for block in iter_table(path, chunk_rows, columns=header, in_format=fmt):
@@ -331,7 +344,7 @@ def table_schema(path: str | os.PathLike[str], in_format: str | None = None) -> 
     is checked up to its first data row here)."""
     fmt = table_format(path, in_format)
     if fmt == "parquet":
-        return _parquet(Path(path)).schema
+        return _parquet_file(_parquet_files(Path(path))[0]).schema_arrow
     with closing(iter_batches(path, 1, in_format=fmt)) as batches:
         return next(batches).schema
 
@@ -375,7 +388,9 @@ def features(batch: pa.RecordBatch, names: list[str]) -> Features:
         x[:, j] = _as_float(batch.column(name), name)
     finite = np.isfinite(x)
     bad = ~finite.all(axis=1)
-    column = np.where(bad, np.argmin(finite, axis=1), -1)
+    column = np.full(len(x), -1)
+    if bad.any():
+        column[bad] = np.argmin(finite[bad], axis=1)
     return Features(x, bad, column)
 
 
@@ -394,7 +409,7 @@ def bad_value(batch: pa.RecordBatch, name: str, row: int) -> str:
 
 def _parquet_blocks(r: _Reader, columns: list[str], chunk_rows: int) -> Iterator[np.ndarray]:
     """Every numeric column of a Parquet table, finite values only (as the other formats)."""
-    names = numeric_columns(_parquet(r.path).schema)
+    names = numeric_columns(table_schema(r.path, "parquet"))
     if not names:
         raise DataError(f"{r.path} has no numeric columns; store the features as numbers")
     columns.extend(names)

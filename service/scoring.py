@@ -281,13 +281,27 @@ def _cell(v: object) -> str:
 
 
 class _ParquetSink:
+    """Row groups of about ``ROW_GROUP`` rows, whatever the batches' size (small row groups
+    cost writing time and file size)."""
+
+    ROW_GROUP = 65_536
+
     def __init__(self, path: str, schema: pa.Schema) -> None:
         self.writer = pq.ParquetWriter(path, schema)
+        self.held: list[pa.RecordBatch] = []
 
     def write(self, batch: pa.RecordBatch) -> None:
-        self.writer.write_batch(batch)
+        self.held.append(batch)
+        if sum(b.num_rows for b in self.held) >= self.ROW_GROUP:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.held:
+            self.writer.write_table(pa.Table.from_batches(self.held))
+            self.held = []
 
     def close(self) -> None:
+        self.flush()
         self.writer.close()
 
 
