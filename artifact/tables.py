@@ -276,8 +276,10 @@ def _parquet_files(path: Path) -> list[Path]:
 
 
 def _parquet_file(path: Path) -> pq.ParquetFile:
+    """``path`` opened for reading row group by row group (``pre_buffer`` would read every
+    row group of the file ahead: memory growing with the file, and slower here)."""
     try:
-        return pq.ParquetFile(path)
+        return pq.ParquetFile(path, pre_buffer=False)
     except (pa.ArrowException, OSError) as err:
         raise DataError(f"could not read {path} as Parquet: {one_line(err)}") from None
 
@@ -363,6 +365,8 @@ class Features:
 
 def _as_float(values: pa.Array | pa.ChunkedArray, name: str) -> np.ndarray:
     t = values.type
+    if pa.types.is_float64(t) and values.null_count == 0:
+        return values.to_numpy(zero_copy_only=False)  # no copy for a plain column
     if _is_numeric(t):
         return pc.cast(values, pa.float64(), safe=False).to_numpy(zero_copy_only=False)
     if pa.types.is_string(t) or pa.types.is_large_string(t):

@@ -387,3 +387,25 @@ def test_smoothing_search_keeps_the_validation_rows_and_the_lowest_nll(tmp_path:
     line = next(t for t in capsys.readouterr().err.splitlines() if "candidates by" in t)
     assert line.split("candidates by validation NLL: ")[1].startswith("maf/0 ")
     assert line.count("maf/") == 1 and "smoothing" not in line
+
+
+def test_manifest_names_the_columns_scoring_reads(fitted: tuple[Path, dict],
+                                                  tmp_path: Path) -> None:
+    """A model fitted on a CSV with a header records its column names; scoring a Parquet
+    table takes those columns by name, whatever their order and the other columns."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from service.runtime import open_runtime
+
+    model_dir, _ = fitted
+    rt = open_runtime(model_dir)
+    assert rt.manifest.data.columns == ["a", "b", "c", "d", "e"]
+    x = np.concatenate([normal_rows(40, 12), planted_outliers(4, 13)])
+    cols = {"id": pa.array(np.arange(len(x))), "z": pa.array(np.ones(len(x)))}
+    cols.update({name: pa.array(x[:, j]) for j, name in reversed(list(enumerate("abcde")))})
+    pq.write_table(pa.table(cols), tmp_path / "t.parquet")
+    info = score_file(model_dir, tmp_path / "t.parquet", tmp_path / "s.csv", keep=["id"])
+    out = read_scores(tmp_path / "s.csv")
+    np.testing.assert_array_equal(out["score"], rt.anomaly_score(x).scores)
+    assert info["rows"] == len(x) and info["anomalies"] >= 4
