@@ -151,7 +151,7 @@ def measure(engine: str, rows: int, source: Path, out: Path, repeats: int) -> di
     cmd = [sys.executable, "-m", "bench.spark", "--one", engine, "--rows", str(rows),
            "--source", str(source), "--out", str(out), "--repeats", str(repeats)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    peak = 0
+    peak, cpu = 0, {}
     root = psutil.Process(proc.pid)
     while proc.poll() is None:
         total = 0
@@ -159,6 +159,8 @@ def measure(engine: str, rows: int, source: Path, out: Path, repeats: int) -> di
             for p in [root, *root.children(recursive=True)]:
                 try:
                     total += p.memory_info().rss
+                    times = p.cpu_times()
+                    cpu[p.pid] = times.user + times.system
                 except psutil.NoSuchProcess:
                     pass
         except psutil.NoSuchProcess:
@@ -170,8 +172,11 @@ def measure(engine: str, rows: int, source: Path, out: Path, repeats: int) -> di
         raise SystemExit(f"{engine} failed (exit {proc.returncode})")
     result = json.loads(stdout.strip().splitlines()[-1])
     median = float(np.median(result["seconds"]))
+    # CPU seconds of the whole process tree (last sample of each process) over all its runs,
+    # per second of timed run: how many cores the engine kept busy (start-up included)
     result.update(engine=engine, rows=rows, median_s=median, rows_per_s=rows / median,
-                  peak_rss_mb=peak / 2**20)
+                  peak_rss_mb=peak / 2**20, cpu_s=sum(cpu.values()),
+                  cores_busy=sum(cpu.values()) / sum(result["seconds"]))
     log(f"{engine} @ {rows}: {rows / median:,.0f} rows/s (median of "
         f"{len(result['seconds'])}), peak RSS {peak / 2**20:.0f} MB")
     return result
@@ -187,6 +192,7 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
     for r in results:
         rows.append([r["engine"], f"{r['rows']:,}", f"{r['rows_per_s']:,.0f}",
                      f"{r['rows_per_s'] / ceiling:.2f}", f"{r['peak_rss_mb']:.0f}",
+                     f"{r['cores_busy']:.2f}",
                      " / ".join(f"{s:.1f}" for s in r["seconds"])])
     pq_ratio = by[("process-parquet", args.rows)]["rows_per_s"] / ceiling
     l1 = by[("spark-local[1]", args.rows)]["rows_per_s"]
@@ -223,10 +229,11 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
         "process, median of the timed runs, peak = resident memory of the process and its "
         "children (JVM, Python workers) sampled every 0.1 s. The Spark session's start "
         "(about 10-30 s here) is not timed; the job's is, Python workers and model loads "
-        "included.",
+        "included. CPU s / run s: the CPU time of the process tree (all runs, start-up "
+        "included) over the timed seconds, about how many cores it kept busy.",
         "",
         markdown_table(["engine", "rows", "rows/s", "of ceiling", "peak RSS MB",
-                        "runs (s)"], rows),
+                        "CPU s / run s", "runs (s)"], rows),
         "",
         *verdict,
         "",
