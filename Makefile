@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first, pinned, so pip takes the local CPU build and never a CUDA one
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[cpu,dev]'
+	$(BIN)/python -m pip install -q -e '.[cpu,dev,spark]'
 	rm -f $(VENV)/.installed-* && touch $@
 
 install: $(STAMP)
@@ -25,11 +25,12 @@ install: $(STAMP)
 serve: install
 	$(BIN)/genserve serve --host $(HOST) --port $(PORT) --grpc-port $(GRPC_PORT)
 
-## test: the executable specification, 2 processes. Fails on pytest's exit 5 (no tests), and
-## on any skipped test that is not marked gpu (tests/conftest.py): the spec runs whole.
+## test: the executable specification, 2 processes (an xdist_group's tests share one). Fails
+## on pytest's exit 5 (no tests), and on any skipped test that is not marked gpu
+## (tests/conftest.py): the spec runs whole.
 test: install
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist load --durations=15
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadgroup --durations=15
 
 ## models: rebuild the committed default artifacts in exported_models/ (seeded)
 models: install
@@ -70,7 +71,7 @@ gpu-check:
 	  $(GPU_PYTHON) -m bench.gpu_check --out $${OUT:-.}/gpu-check.json
 
 lint: install
-	$(BIN)/python -m ruff check numerics artifact service training report cli tests bench
+	$(BIN)/python -m ruff check numerics artifact service training genserve report cli tests bench
 	$(BIN)/lint-imports
 
 clean:

@@ -93,6 +93,15 @@ class DataInfo(_Model):
     levels: int | None = None
     mean: list[float] = Field(default_factory=list)
     std: list[float] = Field(default_factory=list)
+    columns: list[str] = Field(default_factory=list, description="the training table's "
+                               "column names in the model's order (bulk scoring's default "
+                               "feature columns); empty when the table had none")
+
+    @model_validator(mode="after")
+    def _one_name_per_column(self) -> DataInfo:
+        if self.columns and len(self.columns) != self.dim:
+            raise ValueError(f"data.columns names {len(self.columns)} columns; dim={self.dim}")
+        return self
 
 
 class Manifest(_Model):

@@ -1,13 +1,20 @@
-"""Tables of rows from ``.csv``, ``.npy`` and ``.npz`` files: the one reader of training data
-and of bulk scoring's input.
+"""Tables of rows from ``.csv``, ``.npy``, ``.npz`` and Parquet files: the one reader of
+training data and of bulk scoring's input.
 
 Every file is read as a stream of ``(rows, columns)`` float64 blocks (:func:`iter_table`), so
 memory is bounded by one block whatever the file's size: CSV line by line, ``.npy``
-memory-mapped, and an ``.npz``'s member ``X`` read sequentially from the archive.
+memory-mapped, an ``.npz``'s member ``X`` read sequentially from the archive, and Parquet (a
+file or a directory of part files) by record batches, all its numeric columns in file order.
 :func:`read_table` collects the blocks (and an ``.npz``'s labels ``y``). The same checks, with
 the same messages, hold for every caller: real numbers only, finite values, one width for
 every row (and the model's, when one is named), at least one row. A CSV's delimiter (comma,
 semicolon or tab) is sniffed, and a first row that is not all numbers is its header.
+
+Bulk scoring reads named columns with :func:`iter_batches` (Arrow record batches of any of
+these formats, columns named by the CSV header, by Parquet's schema, or ``x1 .. xD``) and turns
+a batch's feature columns into numbers with :func:`features`, which marks the rows it cannot
+use (missing, not a number, NaN/Inf) instead of stopping, so the caller decides what a bad row
+does.
 
 Example:
     >>> import numpy as np, tempfile, pathlib
@@ -20,19 +27,27 @@ Example:
 from __future__ import annotations
 
 import csv
+import math
 import os
 import zipfile
 from collections.abc import Iterator
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from numpy.lib import format as npformat
 
-__all__ = ["SUFFIXES", "DataError", "Table", "csv_delimiter", "iter_table", "read_table"]
+__all__ = ["FORMATS", "SUFFIXES", "DataError", "Features", "Table", "bad_value",
+           "check_columns", "csv_delimiter", "features", "iter_batches", "iter_table",
+           "numeric_columns", "read_table", "table_format", "table_schema"]
 
-SUFFIXES = (".npy", ".npz", ".csv")
+SUFFIXES = (".npy", ".npz", ".csv", ".parquet")
+FORMATS = ("csv", "npy", "npz", "parquet")
 CSV_DELIMITERS = ",;\t"
 DEFAULT_CHUNK_ROWS = 65_536
 
@@ -195,33 +210,225 @@ def _npz_blocks(r: _Reader, chunk_rows: int) -> Iterator[np.ndarray]:
 
 
 def iter_table(path: str | os.PathLike[str], chunk_rows: int = DEFAULT_CHUNK_ROWS, *,
-               dim: int | None = None,
-               columns: list[str] | None = None) -> Iterator[np.ndarray]:
+               dim: int | None = None, columns: list[str] | None = None,
+               in_format: str | None = None) -> Iterator[np.ndarray]:
     """``(rows <= chunk_rows, columns)`` float64 blocks of a table file, in file order.
 
     Args:
-        path: a ``.csv``, ``.npy`` or ``.npz`` (member ``X``) file.
+        path: a ``.csv``, ``.npy``, ``.npz`` (member ``X``) or Parquet file (or a directory of
+            Parquet part files: every numeric column, in the schema's order).
         chunk_rows: rows per block (memory is bounded by one block).
         dim: the width a model expects (None: any width).
-        columns: a list that receives a CSV's header cells.
+        columns: a list that receives a CSV's header cells (a Parquet file's column names).
+        in_format: one of :data:`FORMATS` (None: from the suffix).
     """
     path = Path(path)
-    if path.suffix.lower() not in SUFFIXES:
-        raise DataError(f"cannot read '{path}': a table file must end in .csv, .npy or .npz")
-    if not path.is_file():
-        raise DataError(f"data file '{path}' not found; check the path (cwd: {os.getcwd()})")
+    fmt = table_format(path, in_format)
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1; got {chunk_rows}")
     r = _Reader(path, dim)
-    suffix = path.suffix.lower()
-    if suffix == ".csv":
+    if fmt == "csv":
         yield from _csv_blocks(r, columns if columns is not None else [], chunk_rows)
         return
-    blocks = _npy_blocks(r, chunk_rows) if suffix == ".npy" else _npz_blocks(r, chunk_rows)
+    if fmt == "parquet":
+        yield from _parquet_blocks(r, columns if columns is not None else [], chunk_rows)
+        return
+    blocks = _npy_blocks(r, chunk_rows) if fmt == "npy" else _npz_blocks(r, chunk_rows)
     try:
         yield from blocks
     except (zipfile.BadZipFile, OSError, EOFError) as err:
-        raise DataError(f"could not read {path} as {suffix}: {err}") from None
+        raise DataError(f"could not read {path} as .{fmt}: {err}") from None
+
+
+def table_format(path: str | os.PathLike[str], in_format: str | None = None) -> str:
+    """The format of the table at ``path`` (one of :data:`FORMATS`): ``in_format`` when given,
+    else from the suffix (a directory is a Parquet data set); the path must exist."""
+    path = Path(path)
+    if in_format is not None and in_format not in FORMATS:
+        raise DataError(f"unknown input format {in_format!r}; choose one of "
+                        f"{', '.join(FORMATS)}")
+    if not path.exists():
+        raise DataError(f"data file '{path}' not found; check the path (cwd: {os.getcwd()})")
+    if in_format is not None:
+        fmt = in_format
+    elif path.is_dir():
+        fmt = "parquet"
+    elif path.suffix.lower() in (*SUFFIXES, ".pq"):
+        fmt = "parquet" if path.suffix.lower() == ".pq" else path.suffix.lower()[1:]
+    else:
+        raise DataError(f"cannot read '{path}': a table file must end in .csv, .npy, .npz or "
+                        ".parquet (or name its format with --in-format)")
+    if path.is_dir() and fmt != "parquet":
+        raise DataError(f"'{path}' is a directory; only a Parquet data set can be a directory")
+    return fmt
+
+
+def _parquet_files(path: Path) -> list[Path]:
+    """A Parquet file, or a directory's part files in name order (names starting with ``_``
+    or ``.`` are a writer's bookkeeping, e.g. ``_SUCCESS``, and are left out)."""
+    if path.is_file():
+        return [path]
+    files = sorted(p for p in path.rglob("*") if p.is_file() and not any(
+        part.startswith(("_", ".")) for part in p.relative_to(path).parts))
+    if not files:
+        raise DataError(f"{path} is a directory without Parquet part files")
+    return files
+
+
+def _parquet_file(path: Path) -> pq.ParquetFile:
+    """``path`` opened for reading row group by row group (``pre_buffer`` would read every
+    row group of the file ahead: memory growing with the file, and slower here)."""
+    try:
+        return pq.ParquetFile(path, pre_buffer=False)
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(f"could not read {path} as Parquet: {one_line(err)}") from None
+
+
+def one_line(err: BaseException) -> str:
+    """The first line of an Arrow error (its messages carry C++ context on later lines)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _is_numeric(t: pa.DataType) -> bool:
+    return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t)
+
+
+def numeric_columns(schema: pa.Schema) -> list[str]:
+    """The names of ``schema``'s numeric columns (integer, float, decimal), in order."""
+    return [f.name for f in schema if _is_numeric(f.type)]
+
+
+def check_columns(schema: pa.Schema, names: list[str], what: str) -> None:
+    """Raise ``DataError`` naming the missing ones and the available ones unless every name in
+    ``names`` is a column of ``schema``; ``what`` says which list they came from."""
+    missing = [n for n in names if n not in schema.names]
+    if missing:
+        raise DataError(f"{what} names columns that are not in the input: "
+                        f"{', '.join(missing)}; available: {', '.join(schema.names)}")
+
+
+def iter_batches(path: str | os.PathLike[str], chunk_rows: int = DEFAULT_CHUNK_ROWS, *,
+                 in_format: str | None = None,
+                 columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
+    """Arrow record batches of ``<= chunk_rows`` rows of a table, in file order.
+
+    Parquet is read natively (a directory: its part files in name order), only ``columns``
+    (None: all), one row group's columns at a time at most, so memory is bounded by the
+    writer's row group size whatever the file's. CSV,
+    NPY and NPZ are read by :func:`iter_table` (same checks and messages) into float64
+    columns named by the CSV header, else ``x1 .. xD``.
+    """
+    path = Path(path)
+    fmt = table_format(path, in_format)
+    if fmt == "parquet":
+        for file in _parquet_files(path):
+            source = _parquet_file(file)
+            if columns is not None:
+                check_columns(source.schema_arrow, columns, "the column list")
+            try:
+                yield from source.iter_batches(batch_size=chunk_rows, columns=columns)
+            except (pa.ArrowException, OSError) as err:
+                raise DataError(f"could not read {file} as Parquet: {one_line(err)}") from None
+        return
+    header: list[str] = []
+    for block in iter_table(path, chunk_rows, columns=header, in_format=fmt):
+        names = header or [f"x{i + 1}" for i in range(block.shape[1])]
+        batch = pa.RecordBatch.from_arrays(list(block.T), names=names)
+        if columns is not None:
+            check_columns(batch.schema, columns, "the column list")
+            batch = batch.select(columns)
+        yield batch
+
+
+def table_schema(path: str | os.PathLike[str], in_format: str | None = None) -> pa.Schema:
+    """The Arrow schema :func:`iter_batches` gives the table at ``path`` (a CSV, NPY or NPZ
+    is checked up to its first data row here)."""
+    fmt = table_format(path, in_format)
+    if fmt == "parquet":
+        return _parquet_file(_parquet_files(Path(path))[0]).schema_arrow
+    with closing(iter_batches(path, 1, in_format=fmt)) as batches:
+        return next(batches).schema
+
+
+@dataclass
+class Features:
+    """A batch's feature columns as numbers: ``x: (rows, columns)`` float64 (NaN where a value
+    is missing or not a number), ``bad: (rows,)`` rows that cannot be scored, and
+    ``column: (rows,)`` each bad row's first bad column (an index into the names; -1 if
+    fine)."""
+
+    x: np.ndarray
+    bad: np.ndarray
+    column: np.ndarray
+
+
+def _as_float(values: pa.Array | pa.ChunkedArray, name: str) -> np.ndarray:
+    t = values.type
+    if pa.types.is_float64(t) and values.null_count == 0:
+        return values.to_numpy(zero_copy_only=False)  # no copy for a plain column
+    if _is_numeric(t):
+        return pc.cast(values, pa.float64(), safe=False).to_numpy(zero_copy_only=False)
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        try:
+            return pc.cast(values, pa.float64()).to_numpy(zero_copy_only=False)
+        except pa.ArrowInvalid:  # some cell is not a number: parse cell by cell
+            return np.array([_number(v) for v in values.to_pylist()], dtype=np.float64)
+    raise DataError(f"column '{name}' has type {t}; a feature column must hold numbers (or "
+                    "text of numbers)")
+
+
+def _number(cell: str | None) -> float:
+    try:
+        return float(cell) if cell is not None else math.nan
+    except ValueError:
+        return math.nan
+
+
+def features(batch: pa.RecordBatch, names: list[str]) -> Features:
+    """The columns ``names`` of ``batch`` as numbers, with the rows that cannot be scored."""
+    x = np.empty((batch.num_rows, len(names)), dtype=np.float64)
+    for j, name in enumerate(names):
+        x[:, j] = _as_float(batch.column(name), name)
+    finite = np.isfinite(x)
+    bad = ~finite.all(axis=1)
+    column = np.full(len(x), -1)
+    if bad.any():
+        column[bad] = np.argmin(finite[bad], axis=1)
+    return Features(x, bad, column)
+
+
+def bad_value(batch: pa.RecordBatch, name: str, row: int) -> str:
+    """Why the value of column ``name`` in ``row`` of ``batch`` cannot be scored, in words."""
+    value = batch.column(name)[row].as_py()
+    if value is None:
+        return f"column '{name}' is missing"
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return f"column '{name}' holds {value!r}, which is not a number"
+    return f"column '{name}' is {float(value)}; NaN/Inf values cannot be scored"
+
+
+def _parquet_blocks(r: _Reader, columns: list[str], chunk_rows: int) -> Iterator[np.ndarray]:
+    """Every numeric column of a Parquet table, finite values only (as the other formats)."""
+    names = numeric_columns(table_schema(r.path, "parquet"))
+    if not names:
+        raise DataError(f"{r.path} has no numeric columns; store the features as numbers")
+    columns.extend(names)
+    r.check_width(len(names))
+    for batch in iter_batches(r.path, chunk_rows, in_format="parquet", columns=names):
+        feats = features(batch, names)
+        if feats.bad.any():
+            i = int(np.argmax(feats.bad))
+            name = names[feats.column[i]]
+            raise DataError(f"{r.path}: row {r.rows + i + 1}: {bad_value(batch, name, i)} "
+                            "(remove or impute it)")
+        r.rows += batch.num_rows
+        yield feats.x
+    if not r.rows:
+        raise r.none_read("no rows")
 
 
 def read_table(path: str | os.PathLike[str], *, dim: int | None = None) -> Table:

@@ -6,8 +6,9 @@ import argparse
 import json
 import sys
 
+from artifact.tables import FORMATS, DataError, table_format
 from cli.options import add_progress_arg
-from service.scoring import score_file
+from service.scoring import ON_BAD_ROW, score_file
 from training.anomaly import fit_anomaly, format_summary
 
 __all__ = ["register"]
@@ -37,15 +38,58 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_progress_arg(p)
     p.set_defaults(run=fit)
 
-    p = sub.add_parser("score", help="score a file in chunks: CSV of score, percentile, "
-                       "is_anomaly per row (the numbers /anomaly_score returns)")
+    p = sub.add_parser("score", help="score a table in bounded batches: CSV or Parquet of "
+                       "score, percentile, is_anomaly per row (the numbers /anomaly_score "
+                       "returns), in one process or on Spark")
     p.add_argument("--model", required=True, help="artifact directory")
-    p.add_argument("--in", dest="in_path", required=True, help=".csv/.npy/.npz rows to score")
-    p.add_argument("--out", required=True, help="CSV to write (atomically)")
+    p.add_argument("--in", dest="in_path",
+                   help=".csv/.npy/.npz/.parquet rows to score (a directory: Parquet parts)")
+    p.add_argument("--in-format", choices=FORMATS, help="the input's format (default: from "
+                   "its suffix)")
+    p.add_argument("--out", help="file to write atomically: .csv or .parquet by its suffix "
+                   "(Spark: a Parquet directory)")
+    p.add_argument("--cols", type=_names, help="feature columns a,b,... in the model's order "
+                   "(default: the names the manifest records, else every numeric column "
+                   "that is not kept)")
+    p.add_argument("--keep-cols", type=_names, default=[], help="key columns id,ts,... "
+                   "copied to the output before the scores")
+    p.add_argument("--on-bad-row", choices=ON_BAD_ROW, default="error",
+                   help="a row with a missing, non-numeric, NaN or Inf feature: stop naming "
+                   "it (error, default), leave it out (skip), or write it with null scores "
+                   "and a reason column (flag)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--chunk-rows", type=int, default=65536, help="rows read at a time")
     p.add_argument("--per-dim", action="store_true", help="scores in nats per dimension")
     p.add_argument("--target-fpr", type=float, help="override the calibrated rate")
+    g = p.add_argument_group("engine (--engine spark needs the [spark] extra)")
+    g.add_argument("--engine", choices=["process", "spark"], default="process",
+                   help="process: this process, streaming (default); spark: Apache Spark "
+                   "(mapInArrow on the executors)")
+    g.add_argument("--master", default="local[*]", help="Spark master (local[*] or a "
+                   "cluster URL)")
+    g.add_argument("--spark-conf", action="append", default=[], type=_conf, metavar="K=V",
+                   help="a Spark setting (repeatable)")
+    g.add_argument("--spark-log-level", default="OFF", help="Spark's log level on the "
+                   "driver (OFF: errors come as one line; WARN or INFO for Spark's own)")
+    g.add_argument("--in-table", help="Spark: read this table instead of --in")
+    g.add_argument("--out-table", help="Spark: write this table instead of --out")
+    add_progress_arg(p)
     p.set_defaults(run=score)
+
+
+def _names(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of column "
+                                         "names")
+    return names
+
+
+def _conf(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    return key.strip(), value
 
 
 def fit(ns: argparse.Namespace) -> int:
@@ -59,7 +103,43 @@ def fit(ns: argparse.Namespace) -> int:
 
 
 def score(ns: argparse.Namespace) -> int:
-    out = score_file(ns.model, ns.in_path, ns.out, chunk_rows=ns.chunk_rows,
-                     per_dim=ns.per_dim, target_fpr=ns.target_fpr)
+    if ns.engine == "spark":
+        out = _score_spark(ns)
+    else:
+        if ns.in_table or ns.out_table:
+            raise DataError("--in-table and --out-table need --engine spark")
+        if ns.in_path is None or ns.out is None:
+            raise DataError("name the input (--in) and the output (--out)")
+        out = score_file(ns.model, ns.in_path, ns.out, in_format=ns.in_format, cols=ns.cols,
+                         keep=ns.keep_cols, on_bad_row=ns.on_bad_row, overwrite=ns.overwrite,
+                         chunk_rows=ns.chunk_rows, per_dim=ns.per_dim,
+                         target_fpr=ns.target_fpr, progress=not ns.no_progress)
     print(json.dumps(out), file=sys.stderr)
     return 0
+
+
+def _score_spark(ns: argparse.Namespace) -> dict:
+    try:
+        from pyspark.sql import SparkSession
+
+        from genserve import spark as engine
+    except ImportError:
+        raise DataError("--engine spark needs pyspark, which is not installed; install it "
+                        "with pip install 'genserve[spark]' (and a Java 17+ runtime)") from None
+    if ns.in_path is not None and table_format(ns.in_path, ns.in_format) != "parquet":
+        raise DataError(f"--engine spark reads Parquet (a file or a directory) or a table "
+                        f"(--in-table); '{ns.in_path}' is not Parquet")
+    conf = dict(ns.spark_conf)
+    conf.setdefault("spark.ui.showConsoleProgress", str(not ns.no_progress).lower())
+    owned = SparkSession.getActiveSession() is None  # else a caller's, left running
+    spark = engine.session(ns.master, conf)
+    try:
+        spark.sparkContext.setLogLevel(ns.spark_log_level)
+        return engine.score_job(spark, ns.model, in_path=ns.in_path, in_table=ns.in_table,
+                                out_path=ns.out, out_table=ns.out_table, cols=ns.cols,
+                                keep=ns.keep_cols, on_bad_row=ns.on_bad_row,
+                                overwrite=ns.overwrite, target_fpr=ns.target_fpr,
+                                per_dim=ns.per_dim)
+    finally:
+        if owned:
+            spark.stop()

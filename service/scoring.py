@@ -1,43 +1,228 @@
-"""Bulk scoring: a whole file's anomaly scores through the served runtime, one CSV row per
-input row (``genserve score``).
+"""Bulk scoring: a whole table's anomaly scores through the served runtime (``genserve
+score``), one output row per input row, as CSV or Parquet.
 
-The numbers are those ``POST /anomaly_score`` returns for the same rows. The file is read in
-bounded chunks (``artifact.tables``) and scored in graph calls of a fixed number of rows
-aligned to the start of the file, so the output depends neither on the chunk size nor on
-memory.
+The numbers are those ``POST /anomaly_score`` returns for the same rows. The input is read in
+bounded record batches (``artifact.tables.iter_batches``: Parquet natively, CSV/NPY/NPZ
+through the same reader as training data) and scored in graph calls of a fixed number of
+rows aligned to the start of the file, so the output depends neither on the chunk size nor on
+memory. :func:`score_batch` is the one step from an input batch to an output batch; the
+single-process engine here and the Spark engine (``genserve.spark``) both call it.
+
+Output columns: the kept key columns (``keep``), then ``score``, ``percentile``,
+``is_anomaly``, and with ``on_bad_row="flag"`` a ``reason`` (null for scored rows). A row
+whose feature values are missing, not numbers, NaN or Inf is a bad row: ``error`` stops at the
+first one (naming its keys and column), ``skip`` leaves it out, ``flag`` writes it with null
+scores and the reason.
 """
 
 from __future__ import annotations
 
 import csv
-import io
 import os
+import queue
+import shutil
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-from artifact.tables import DataError, iter_table
+from artifact.manifest import Manifest
+from artifact.tables import (
+    DataError,
+    bad_value,
+    check_columns,
+    features,
+    iter_batches,
+    numeric_columns,
+    table_format,
+    table_schema,
+)
 from service.progress import progress_bar
 from service.runtime import InputError, ModelRuntime, open_runtime
 
-__all__ = ["HEADER", "read_scores", "reblock", "score_file"]
+__all__ = ["HEADER", "ON_BAD_ROW", "OUT_FORMATS", "REASON", "ScoreCounts", "ScorePlan",
+           "check_output", "out_format", "plan_scoring", "read_ahead", "read_scores", "reblock",
+           "score_batch", "score_file"]
 
 HEADER = ("score", "percentile", "is_anomaly")
+REASON = "reason"
+ON_BAD_ROW = ("error", "skip", "flag")
+OUT_FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+
+Rows = TypeVar("Rows", np.ndarray, pa.RecordBatch)
 
 
-def _fmt(v: float) -> str:
-    return repr(float(v))
+@dataclass(frozen=True)
+class ScorePlan:
+    """What one scoring job reads and writes, checked against the input's schema and the
+    model before any row is read (:func:`plan_scoring`).
+
+    Args:
+        cols: the feature columns, in the order the model takes them.
+        keep: key columns copied to the output before the scores.
+        on_bad_row: ``error``, ``skip`` or ``flag`` (see the module docstring).
+        target_fpr: flag at this false-positive rate instead of the calibrated one.
+        per_dim: ``score`` as NLL per column (nats/dim); flags and percentiles unchanged.
+        dim: the model's width (``per_dim``'s divisor).
+    """
+
+    cols: tuple[str, ...]
+    keep: tuple[str, ...] = ()
+    on_bad_row: str = "error"
+    target_fpr: float | None = None
+    per_dim: bool = False
+    dim: int = 1
+
+    @property
+    def read(self) -> list[str]:
+        """The input columns a job reads: keys, then features not already among them."""
+        return list(dict.fromkeys((*self.keep, *self.cols)))
+
+    def output_schema(self, schema: pa.Schema) -> pa.Schema:
+        """The output's schema for an input of ``schema``."""
+        fields = [schema.field(k) for k in self.keep]
+        fields += [pa.field("score", pa.float64()), pa.field("percentile", pa.float64()),
+                   pa.field("is_anomaly", pa.bool_())]
+        if self.on_bad_row == "flag":
+            fields.append(pa.field(REASON, pa.string()))
+        return pa.schema(fields)
 
 
-def reblock(chunks: Iterator[np.ndarray], size: int) -> Iterator[np.ndarray]:
-    """Regroup a stream of row blocks into blocks of exactly ``size`` rows (the last may be
-    shorter), aligned to the start of the stream."""
-    parts: list[np.ndarray] = []
+def plan_scoring(schema: pa.Schema, manifest: Manifest, *, cols: Sequence[str] | None = None,
+                 keep: Sequence[str] = (), on_bad_row: str = "error",
+                 target_fpr: float | None = None, per_dim: bool = False) -> ScorePlan:
+    """The plan for scoring a table of ``schema`` with the model of ``manifest``.
+
+    ``cols`` defaults to the column names the manifest records, else every numeric column
+    that is not a key, in the input's order. Raises ``DataError`` (one line: what is wrong,
+    what is allowed) on an unknown mode, absent columns, a width other than the model's, key
+    names that clash with the output's, or a model without anomaly calibration.
+    """
+    if on_bad_row not in ON_BAD_ROW:
+        raise DataError(f"unknown --on-bad-row {on_bad_row!r}; choose one of "
+                        f"{', '.join(ON_BAD_ROW)}")
+    if manifest.calibration is None:
+        raise DataError(f"model '{manifest.name}' has no anomaly calibration; export it with "
+                        "fit-anomaly or `genserve export` (which calibrates)")
+    if target_fpr is not None and not 0.0 < target_fpr < 1.0:
+        raise DataError(f"target_fpr must be in (0, 1); got {target_fpr}")
+    keep = tuple(keep)
+    check_columns(schema, list(keep), "--keep-cols")
+    clash = [k for k in keep if k in (*HEADER, REASON)]
+    if clash:
+        raise DataError(f"--keep-cols {', '.join(clash)} would clash with the output columns "
+                        f"{', '.join((*HEADER, REASON))}; rename them first")
+    if cols is None:
+        recorded = manifest.data.columns
+        if recorded and all(c in schema.names for c in recorded):
+            cols = recorded
+        else:
+            cols = [c for c in numeric_columns(schema) if c not in keep]
+        how = "; choose them with --cols"
+    else:
+        check_columns(schema, list(cols), "--cols")
+        how = ""
+    if len(cols) != manifest.dim:
+        raise DataError(f"the selected rows have {len(cols)} columns, but the model expects "
+                        f"{manifest.dim} ({', '.join(cols) or 'no numeric columns'}){how}")
+    return ScorePlan(tuple(cols), keep, on_bad_row, target_fpr, per_dim, manifest.dim)
+
+
+@dataclass
+class ScoreCounts:
+    """Rows read, scored, bad (skipped or flagged by ``on_bad_row``) and anomalous."""
+
+    rows: int = 0
+    scored: int = 0
+    bad: int = 0
+    anomalies: int = 0
+
+    def add(self, other: ScoreCounts) -> None:
+        for name, value in asdict(other).items():
+            setattr(self, name, getattr(self, name) + value)
+
+
+def _row_name(batch: pa.RecordBatch, plan: ScorePlan, row: int,
+              locate: Callable[[int], str]) -> str:
+    if plan.keep:
+        return "row " + ", ".join(f"{k}={batch.column(k)[row].as_py()!r}" for k in plan.keep)
+    return locate(row)
+
+
+def score_batch(rt: ModelRuntime, batch: pa.RecordBatch, plan: ScorePlan, *,
+                locate: Callable[[int], str] = lambda i: f"row {i + 1}",
+                ) -> tuple[pa.RecordBatch, ScoreCounts]:
+    """One input batch's output batch (``plan.output_schema``) and counts.
+
+    ``locate(i)`` names the batch's row ``i`` in an error when there are no key columns
+    (e.g. its line in the file). Raises ``DataError`` at the first bad row under
+    ``on_bad_row="error"``.
+    """
+    feats = features(batch, list(plan.cols))
+    bad = feats.bad
+    n_bad = int(bad.sum())
+    if n_bad and plan.on_bad_row == "error":
+        i = int(np.argmax(bad))
+        what = bad_value(batch, plan.cols[feats.column[i]], i)
+        raise DataError(f"{_row_name(batch, plan, i, locate)}: {what}; choose --on-bad-row "
+                        "skip or flag to score the other rows")
+    good = ~bad
+    x = feats.x[good] if n_bad else feats.x
+    scores = np.empty(0)
+    percentile, flags = np.empty(0), np.empty(0, dtype=bool)
+    if len(x):
+        try:
+            res = rt.anomaly_score(x, target_fpr=plan.target_fpr)
+        except InputError as err:
+            raise DataError(str(err)) from None
+        scores = res.scores / plan.dim if plan.per_dim else res.scores
+        percentile, flags = res.percentile, res.is_anomaly
+    keys = [batch.column(k) for k in plan.keep]
+    if n_bad and plan.on_bad_row == "skip":
+        mask = pa.array(good)
+        keys = [k.filter(mask) for k in keys]
+    if n_bad and plan.on_bad_row == "flag":
+        outs = [_spread(v, good) for v in (scores, percentile, flags)]
+        arrays = [pa.array(v, mask=bad) for v in outs]
+    else:
+        arrays = [pa.array(scores), pa.array(percentile), pa.array(flags)]
+    if plan.on_bad_row == "flag":
+        reasons = [None] * batch.num_rows
+        for i in np.flatnonzero(bad):
+            reasons[i] = bad_value(batch, plan.cols[feats.column[i]], int(i))
+        arrays.append(pa.array(reasons, type=pa.string()))
+    out = pa.RecordBatch.from_arrays([*keys, *arrays],
+                                     schema=plan.output_schema(batch.schema))
+    counts = ScoreCounts(rows=batch.num_rows, scored=len(x), bad=n_bad,
+                         anomalies=int(flags.sum()))
+    return out, counts
+
+
+def _spread(values: np.ndarray, good: np.ndarray) -> np.ndarray:
+    full = np.zeros(len(good), dtype=values.dtype)
+    full[good] = values
+    return full
+
+
+def reblock(chunks: Iterator[Rows], size: int) -> Iterator[Rows]:
+    """Regroup a stream of row blocks (arrays or record batches) into blocks of exactly
+    ``size`` rows (the last may be shorter), aligned to the start of the stream."""
+    parts: list[Any] = []
     held = 0
+
+    def joined() -> Any:
+        if len(parts) == 1:
+            return parts[0]
+        return np.concatenate(parts) if isinstance(parts[0], np.ndarray) else (
+            pa.concat_batches(parts))
+
     for chunk in chunks:
         while len(chunk):
             take = chunk[: size - held]
@@ -45,10 +230,133 @@ def reblock(chunks: Iterator[np.ndarray], size: int) -> Iterator[np.ndarray]:
             parts.append(take)
             held += len(take)
             if held == size:
-                yield parts[0] if len(parts) == 1 else np.concatenate(parts)
+                yield joined()
                 parts, held = [], 0
     if held:
-        yield parts[0] if len(parts) == 1 else np.concatenate(parts)
+        yield joined()
+
+
+_END = object()
+
+
+def read_ahead(items: Iterator[Rows], depth: int = 1) -> Iterator[Rows]:
+    """``items``, drawn ``depth`` ahead in a thread: Arrow's Parquet decoding releases the
+    GIL, so reading the next batch overlaps scoring this one. An error of ``items`` is
+    raised here; the thread stops when the consumer does."""
+    ready: queue.Queue[tuple[Any, BaseException | None]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(entry: tuple[Any, BaseException | None]) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((item, None)):
+                    return
+            put((_END, None))
+        except BaseException as err:  # handed to the consumer, raised there
+            put((_END, err))
+
+    thread = threading.Thread(target=produce, name="read-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, err = ready.get()
+            if err is not None:
+                raise err
+            if item is _END:
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+def out_format(path: str | os.PathLike[str]) -> str:
+    """``csv`` or ``parquet``, from an output path's suffix."""
+    fmt = OUT_FORMATS.get(Path(path).suffix.lower())
+    if fmt is None:
+        raise DataError(f"cannot write '{path}': the output must end in "
+                        f"{', '.join(OUT_FORMATS)}")
+    return fmt
+
+
+def check_output(path: str | os.PathLike[str], overwrite: bool) -> None:
+    """Refuse an output path that exists unless ``overwrite``."""
+    if Path(path).exists() and not overwrite:
+        raise DataError(f"output '{path}' exists; pass --overwrite to replace it (it is "
+                        "replaced only when the whole job succeeds)")
+
+
+class _Sink(Protocol):
+    def write(self, batch: pa.RecordBatch) -> None: ...
+    def close(self) -> None: ...
+
+
+class _CsvSink:
+    """Floats printed with ``repr`` (they parse back to the same floats), flags as
+    ``true``/``false``, nulls as empty cells."""
+
+    def __init__(self, path: str, schema: pa.Schema) -> None:
+        self.fh = open(path, "w", newline="")  # closed by close()
+        self.writer = csv.writer(self.fh, lineterminator="\n")
+        self.writer.writerow(schema.names)
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        columns = [[_cell(v) for v in column.to_pylist()] for column in batch.columns]
+        self.writer.writerows(zip(*columns, strict=True))
+
+    def close(self) -> None:
+        self.fh.close()
+
+
+def _cell(v: object) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return repr(v) if isinstance(v, float) else str(v)
+
+
+class _ParquetSink:
+    """Row groups of about ``ROW_GROUP`` rows, whatever the batches' size (small row groups
+    cost writing time and file size). Dictionary encoding only for text keys: on scores and
+    numeric keys (nearly all values distinct) it quadruples the writing time for nothing."""
+
+    ROW_GROUP = 65_536
+
+    def __init__(self, path: str, schema: pa.Schema) -> None:
+        text = [f.name for f in schema if pa.types.is_string(f.type)
+                or pa.types.is_large_string(f.type) or pa.types.is_dictionary(f.type)]
+        self.writer = pq.ParquetWriter(path, schema, use_dictionary=text or False)
+        self.held: list[pa.RecordBatch] = []
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        self.held.append(batch)
+        if sum(b.num_rows for b in self.held) >= self.ROW_GROUP:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.held:
+            self.writer.write_table(pa.Table.from_batches(self.held))
+            self.held = []
+
+    def close(self) -> None:
+        self.flush()
+        self.writer.close()
+
+
+@dataclass
+class _Job:
+    counts: ScoreCounts = field(default_factory=ScoreCounts)
+    start: float = field(default_factory=time.perf_counter)
 
 
 def score_file(
@@ -56,6 +364,11 @@ def score_file(
     in_path: str | os.PathLike[str],
     out_path: str | os.PathLike[str],
     *,
+    in_format: str | None = None,
+    cols: Sequence[str] | None = None,
+    keep: Sequence[str] = (),
+    on_bad_row: str = "error",
+    overwrite: bool = False,
     chunk_rows: int = 65_536,
     batch_rows: int = 4096,
     per_dim: bool = False,
@@ -63,88 +376,101 @@ def score_file(
     runtime: ModelRuntime | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Score every row of ``in_path`` with the artifact in ``model_dir``; write a CSV.
+    """Score every row of ``in_path`` with the artifact in ``model_dir``; write CSV or
+    Parquet (by ``out_path``'s suffix), one line per input row in input order (``skip``
+    leaves bad rows out).
 
-    The output has the header ``score,percentile,is_anomaly`` and one line per input row, in
-    input order; it is written to a temporary file beside ``out_path`` and moved into place
-    only when every row is scored (a failure leaves no partial output and an existing
-    ``out_path`` untouched). The numbers are those of ``ModelRuntime.anomaly_score`` (what
-    ``POST /anomaly_score`` returns for the same rows), printed with ``repr`` so that they
-    parse back to the same floats.
+    The output is written to a temporary file beside ``out_path`` and moved into place only
+    when every row is scored: a failure or an interruption leaves no partial output, and an
+    existing ``out_path`` (replaced only with ``overwrite``) untouched. The numbers are those
+    of ``ModelRuntime.anomaly_score`` (what ``POST /anomaly_score`` returns for the same rows).
 
-    Memory is bounded by ``max(chunk_rows, batch_rows)`` rows. The file is read in chunks of
-    ``chunk_rows`` and scored in graph calls of ``batch_rows`` rows aligned to the start of
-    the file, so the output does not depend on ``chunk_rows`` at all, bit for bit. (Float32
-    graphs round a row's result slightly differently in batches of other sizes, ~1e-7
-    relative: the service, which batches requests together, agrees to that rounding.)
+    Memory is bounded by ``max(chunk_rows, batch_rows)`` rows (and a Parquet input's row
+    group). The input is read in chunks of ``chunk_rows`` and scored in graph calls of
+    ``batch_rows`` rows aligned to the start of the file, so the output does not depend on
+    ``chunk_rows`` at all, bit for bit. (Float32 graphs round a row's result slightly
+    differently in batches of other sizes, ~1e-7 relative: the service, which batches
+    requests together, agrees to that rounding.)
 
     Args:
+        in_format: ``csv``, ``npy``, ``npz`` or ``parquet`` (None: from the suffix; a
+            directory is a Parquet data set).
+        cols: feature columns (None: see :func:`plan_scoring`).
+        keep: key columns copied to the output.
+        on_bad_row: ``error``, ``skip`` or ``flag``.
+        overwrite: replace an existing ``out_path``.
         chunk_rows: rows read from the file at a time.
         batch_rows: rows per graph call.
-        per_dim: report ``score`` as NLL per column (nats/dim); flags and percentiles are
-            unchanged.
+        per_dim: report ``score`` as NLL per column (nats/dim).
         target_fpr: flag at this false-positive rate instead of the calibrated one.
         runtime: an open ``service.runtime.ModelRuntime`` to reuse (else opened here).
         progress: a progress bar (rows scored).
     Returns:
-        ``{"rows", "flagged", "threshold", "seconds", "out", "per_dim"}``.
+        ``{"rows", "scored", "bad", "anomalies", "on_bad_row", "threshold", "seconds", "out",
+        "per_dim"}``.
     """
     if chunk_rows < 1 or batch_rows < 1:
         raise ValueError(f"chunk_rows and batch_rows must be >= 1; got {chunk_rows}, "
                          f"{batch_rows}")
+    out_path = Path(out_path)
+    fmt = out_format(out_path)
+    check_output(out_path, overwrite)
+    in_format = table_format(in_path, in_format)
     rt = runtime if runtime is not None else open_runtime(model_dir)
-    if rt.manifest.calibration is None:
-        raise DataError(f"model '{rt.name}' has no anomaly calibration; export it with "
-                        "fit-anomaly or `genserve export` (which calibrates)")
+    schema = table_schema(in_path, in_format)
+    plan = plan_scoring(schema, rt.manifest, cols=cols, keep=keep,
+                        on_bad_row=on_bad_row, target_fpr=target_fpr, per_dim=per_dim)
     threshold = (rt.manifest.calibration.threshold if target_fpr is None
                  else rt.threshold_at(target_fpr))
-    out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    dim = rt.dim
-    scale = 1.0 / dim if per_dim else 1.0
-    rows = flagged = 0
-    start = time.perf_counter()
+    job = _Job()
     bar = progress_bar(desc="score", unit="rows", disable=not progress)
     fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", newline="") as fh:
-            fh.write(",".join(HEADER) + "\n")
-            blocks = iter_table(in_path, chunk_rows, dim=dim)
-            for block in reblock(blocks, batch_rows):
-                try:
-                    res = rt.anomaly_score(block, target_fpr=target_fpr)
-                except InputError as err:
-                    raise DataError(f"{in_path}: {err}") from None
-                buf = io.StringIO()
-                for s, p, a in zip(res.scores * scale, res.percentile, res.is_anomaly,
-                                   strict=True):
-                    buf.write(f"{_fmt(s)},{_fmt(p)},{'true' if a else 'false'}\n")
-                fh.write(buf.getvalue())
-                rows += len(block)
-                flagged += int(res.is_anomaly.sum())
-                bar.update(len(block))
-        if rows == 0:
+        sink: _Sink = (_CsvSink if fmt == "csv" else _ParquetSink)(
+            tmp, plan.output_schema(schema))
+        try:
+            blocks = read_ahead(iter_batches(in_path, chunk_rows, in_format=in_format,
+                                             columns=plan.read))
+            for batch in reblock(blocks, batch_rows):
+                done = job.counts.rows
+                out, counts = score_batch(rt, batch, plan,
+                                          locate=lambda i, d=done: f"row {d + i + 1}")
+                sink.write(out)
+                job.counts.add(counts)
+                bar.update(batch.num_rows)
+        finally:
+            sink.close()
+        if job.counts.rows == 0:
             raise DataError(f"{in_path} has no data rows; it needs at least one row")
+        if out_path.is_dir():  # an earlier Spark output, replaced as asked (--overwrite)
+            shutil.rmtree(out_path)
         os.replace(tmp, out_path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, DataError) and not str(err).startswith(str(in_path)):
+            raise DataError(f"{in_path}: {err}") from None
         raise
     finally:
         bar.close()
-    return {"rows": rows, "flagged": flagged, "threshold": threshold * scale,
-            "seconds": round(time.perf_counter() - start, 3), "out": str(out_path),
+    scale = 1.0 / rt.dim if per_dim else 1.0
+    return {**asdict(job.counts), "on_bad_row": on_bad_row, "threshold": threshold * scale,
+            "seconds": round(time.perf_counter() - job.start, 3), "out": str(out_path),
             "per_dim": per_dim}
 
 
 def read_scores(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
-    """Read a ``score_file`` output back: ``{"score", "percentile", "is_anomaly"}`` arrays."""
+    """Read a CSV written by ``score_file`` back: its ``score``, ``percentile`` and
+    ``is_anomaly`` columns as arrays (NaN and False where a flagged bad row has none)."""
     with open(path, newline="") as fh:
         reader = csv.reader(fh)
         header = next(reader)
-        if tuple(header) != HEADER:
-            raise DataError(f"{path}: header {header} is not {list(HEADER)}")
-        cols = list(zip(*reader, strict=True)) or [(), (), ()]
-    return {"score": np.array(cols[0], dtype=np.float64),
-            "percentile": np.array(cols[1], dtype=np.float64),
-            "is_anomaly": np.array([v == "true" for v in cols[2]], dtype=bool)}
-
+        if not set(HEADER) <= set(header):
+            raise DataError(f"{path}: header {header} lacks {list(HEADER)}")
+        cols = list(zip(*reader, strict=True)) or [()] * len(header)
+    by_name = dict(zip(header, cols, strict=True))
+    return {"score": np.array([v or "nan" for v in by_name["score"]], dtype=np.float64),
+            "percentile": np.array([v or "nan" for v in by_name["percentile"]],
+                                   dtype=np.float64),
+            "is_anomaly": np.array([v == "true" for v in by_name["is_anomaly"]], dtype=bool)}

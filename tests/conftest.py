@@ -114,6 +114,23 @@ def server(served_models: Path, tmp_path_factory: pytest.TempPathFactory):
 Metrics = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
+@pytest.fixture(scope="session")
+def spark(tmp_path_factory: pytest.TempPathFactory):
+    """One local Spark session per test process (starting one takes seconds): two cores, no
+    UI, tables in a temporary warehouse, and Arrow batches of 256 rows so that a few thousand
+    rows make many batches."""
+    from genserve.spark import session
+
+    s = session("local[2]", {
+        "spark.ui.enabled": "false", "spark.ui.showConsoleProgress": "false",
+        "spark.sql.shuffle.partitions": "2", "spark.driver.memory": "1g",
+        "spark.sql.execution.arrow.maxRecordsPerBatch": "256",
+        "spark.sql.warehouse.dir": str(tmp_path_factory.mktemp("warehouse"))})
+    s.sparkContext.setLogLevel("OFF")
+    yield s
+    s.stop()
+
+
 def parse_metrics(text: str) -> Metrics:
     """``{(sample name, sorted labels): value}`` of a Prometheus text exposition."""
     return {(s.name, tuple(sorted(s.labels.items()))): s.value

@@ -170,7 +170,7 @@ def test_chunked_equals_unchunked(fitted: tuple[Path, dict], tmp_path: Path) -> 
     assert lines[0] == ",".join(HEADER) and len(lines) == 1 + len(x)
     for src in (csv_in, tmp_path / "in.npy", tmp_path / "in.npz", tmp_path / "inz.npz"):
         for chunk in (7, 1, 100, 33):
-            out = tmp_path / f"{src.stem}-{chunk}.csv"
+            out = tmp_path / f"{src.name}-{chunk}.csv"
             info = score_file(model_dir, src, out, chunk_rows=chunk, batch_rows=32, runtime=rt)
             assert info["rows"] == len(x)
             assert out.read_text() == reference, (src.name, chunk)  # row for row, same order
@@ -196,7 +196,7 @@ def test_bad_files_fail_clearly_and_leave_no_output(fitted: tuple[Path, dict],
         "text.csv": ("1,2,3,4,5\n1,2,x,4,5\n", "row 2, column 3"),
         "nan.csv": ("1,2,3,4,5\n1,2,3,nan,5\n", "row 2, column 4"),
         "empty.csv": ("a,b,c,d,e\n", "no data rows"),
-        "data.txt": ("1,2,3,4,5\n", ".csv, .npy or .npz"),
+        "data.txt": ("1,2,3,4,5\n", ".csv, .npy, .npz or .parquet"),
     }
     for name, (text, message) in cases.items():
         (tmp_path / name).write_text(text)
@@ -217,10 +217,12 @@ def test_bad_files_fail_clearly_and_leave_no_output(fitted: tuple[Path, dict],
         score_file(model_dir, tmp_path / "nox.npz", out)
     with pytest.raises(DataError, match="not found"):
         score_file(model_dir, tmp_path / "missing.csv", out)
-    # an existing output is replaced only by a complete one
+    # an existing output is refused without overwrite, and replaced only by a complete one
     out.write_text("keep me\n")
-    with pytest.raises(DataError):
-        score_file(model_dir, tmp_path / "inf.npy", out, chunk_rows=7)
+    with pytest.raises(DataError, match="exists; pass --overwrite"):
+        score_file(model_dir, tmp_path / "x.npy", out)
+    with pytest.raises(DataError, match="row 18, column 3"):
+        score_file(model_dir, tmp_path / "inf.npy", out, chunk_rows=7, overwrite=True)
     assert out.read_text() == "keep me\n"
 
 
@@ -385,3 +387,25 @@ def test_smoothing_search_keeps_the_validation_rows_and_the_lowest_nll(tmp_path:
     line = next(t for t in capsys.readouterr().err.splitlines() if "candidates by" in t)
     assert line.split("candidates by validation NLL: ")[1].startswith("maf/0 ")
     assert line.count("maf/") == 1 and "smoothing" not in line
+
+
+def test_manifest_names_the_columns_scoring_reads(fitted: tuple[Path, dict],
+                                                  tmp_path: Path) -> None:
+    """A model fitted on a CSV with a header records its column names; scoring a Parquet
+    table takes those columns by name, whatever their order and the other columns."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from service.runtime import open_runtime
+
+    model_dir, _ = fitted
+    rt = open_runtime(model_dir)
+    assert rt.manifest.data.columns == ["a", "b", "c", "d", "e"]
+    x = np.concatenate([normal_rows(40, 12), planted_outliers(4, 13)])
+    cols = {"id": pa.array(np.arange(len(x))), "z": pa.array(np.ones(len(x)))}
+    cols.update({name: pa.array(x[:, j]) for j, name in reversed(list(enumerate("abcde")))})
+    pq.write_table(pa.table(cols), tmp_path / "t.parquet")
+    info = score_file(model_dir, tmp_path / "t.parquet", tmp_path / "s.csv", keep=["id"])
+    out = read_scores(tmp_path / "s.csv")
+    np.testing.assert_array_equal(out["score"], rt.anomaly_score(x).scores)
+    assert info["rows"] == len(x) and info["anomalies"] >= 4

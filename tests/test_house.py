@@ -11,7 +11,7 @@ from pathlib import Path
 from service.settings import ENV_PREFIX, Settings
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("numerics", "artifact", "service", "training", "report", "cli")
+PACKAGES = ("numerics", "artifact", "service", "training", "genserve", "report", "cli")
 SETTING = re.compile(r"\bGENSERVE_[A-Z][A-Z0-9_]*[A-Z0-9]\b")
 
 

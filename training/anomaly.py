@@ -260,12 +260,15 @@ def _copies(rows: int, aim: int) -> int:
 # --------------------------------------------------------------------------- data
 
 
-def _as_rows(data: Any) -> tuple[np.ndarray, str, str, str]:
-    """``(x, name, source, note)`` from a path (``.csv/.npy/.npz``) or an array."""
+def _as_rows(data: Any) -> tuple[np.ndarray, str, str, str, list[str]]:
+    """``(x, name, source, note, column names)`` from a path (``.csv/.npy/.npz/.parquet``) or
+    an array."""
     note = ""
+    columns: list[str] = []
     if isinstance(data, (str, os.PathLike)):
         dataset = load_data(data)
         x, name, source = dataset.x, dataset.name, dataset.source
+        columns = list(dataset.columns)
         if dataset.y is not None:  # a labelled .npz: train on the rows labelled normal (0)
             normal = np.asarray(dataset.y) == 0
             if not normal.any():
@@ -291,7 +294,7 @@ def _as_rows(data: Any) -> tuple[np.ndarray, str, str, str]:
         name, source = "array", "array"
     if len(x) < MIN_ROWS:
         raise DataError(f"fit-anomaly needs at least {MIN_ROWS} normal rows, got {len(x)}")
-    return x, name, source, note
+    return x, name, source, note, columns
 
 
 def _split(rows: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -338,7 +341,7 @@ def prepare(
     steps: int | None = None,
 ) -> Prepared:
     """Load, split, classify columns, choose the plan and draw the training noise."""
-    x, data_name, source, note = _as_rows(data)
+    x, data_name, source, note, columns = _as_rows(data)
     rows, dim = x.shape
     train_idx, val_idx, cal_idx = _split(rows, seed)
     x_train, x_val = x[train_idx], x[val_idx]
@@ -369,7 +372,7 @@ def prepare(
     xv = noise.apply_discrete(x_sel, val_copies, rng)
     summary = DataSummary(name=data_name, source=source, rows=rows, dim=dim,
                           split_seed=seed, mean=x_train.mean(0).tolist(),
-                          std=x_train.std(0).tolist())
+                          std=x_train.std(0).tolist(), columns=columns)
     info = {"total": rows, "train": len(x_train), "val": len(x_val), "calibration": len(x_cal),
             "calibration_is_val": cal_idx is None, "train_noisy_copies": len(xt) // len(x_train),
             "val_copies": val_copies, "val_for_selection": len(x_sel)}

@@ -64,6 +64,7 @@ class DataSummary(BaseModel):
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
     mean: list[float] = Field(default_factory=list)
     std: list[float] = Field(default_factory=list)
+    columns: list[str] = Field(default_factory=list)  # the file's column names, if it had any
 
     def true_log_density(self) -> Any:
         """The exact ``log p(x)`` of the data trained on (``training.data.LogDensity``), or

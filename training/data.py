@@ -57,6 +57,7 @@ class Dataset:
         levels: integer data takes values ``0..levels-1``; ``None`` for continuous data.
         source: ``"named"`` or the file path.
         shape: ``(C, H, W)`` of one row for image data (rows are flattened in C-order).
+        columns: the file's column names (a CSV header, Parquet's numeric columns), or ``()``.
     """
 
     x: np.ndarray
@@ -65,6 +66,7 @@ class Dataset:
     levels: int | None
     source: str
     shape: tuple[int, int, int] | None = None
+    columns: tuple[str, ...] = ()
 
     @property
     def dim(self) -> int:
@@ -394,7 +396,8 @@ def load_data(
         data = _load_file(_resolve_path(key), n, rng)
     if levels is not None:
         check_levels(data.x, levels, data.source if data.source != "named" else key)
-        data = Dataset(data.x, data.y, data.name, levels, data.source, data.shape)
+        data = Dataset(data.x, data.y, data.name, levels, data.source, data.shape,
+                       data.columns)
     return data
 
 
@@ -429,7 +432,7 @@ def _resolve_path(key: str) -> Path:
         extra = f" ('{key}' exists, but its suffix is not supported)" if path.exists() else ""
         raise DataError(
             f"unknown data set '{key}'{extra}; choose one of {', '.join(DATASETS)}, "
-            f"or give a file path ending in .npy, .npz or .csv"
+            f"or give a file path ending in .npy, .npz, .csv or .parquet"
         )
     if not path.is_file():
         raise DataError(f"data file '{key}' not found; check the path (cwd: {os.getcwd()})")
@@ -444,7 +447,7 @@ def _load_file(path: Path, n: int | None, rng: np.random.Generator) -> Dataset:
             raise DataError(f"{path} has {len(x)} rows; ask for n <= {len(x)}")
         keep = np.sort(rng.choice(len(x), n, replace=False))
         x, y = x[keep], None if y is None else y[keep]
-    return Dataset(x, y, path.stem, None, str(path))
+    return Dataset(x, y, path.stem, None, str(path), columns=tuple(table.columns))
 
 
 def check_levels(x: np.ndarray, levels: int, source: str) -> None:

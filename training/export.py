@@ -237,7 +237,8 @@ def export_checkpoint(
             defaults=defaults,
             calibration=None,
             data=DataInfo(name=cfg.data.name, rows=cfg.data.rows, dim=cfg.data.dim,
-                          levels=cfg.data.levels, mean=cfg.data.mean, std=cfg.data.std),
+                          levels=cfg.data.levels, mean=cfg.data.mean, std=cfg.data.std,
+                          columns=cfg.data.columns),
             files={p.name: sha256_file(p) for p in sorted(tmp.iterdir())},
             versions=_versions(),
         )

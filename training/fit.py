@@ -117,6 +117,7 @@ def fit(
         split_seed=split_seed,
         mean=[float(v) for v in splits.train.mean(0)],
         std=[float(v) for v in splits.train.std(0)],
+        columns=list(dataset.columns),
     )
     ckpt = fit_arrays(
         model_type,
