@@ -20,6 +20,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prediction", choices=["epsilon", "v"], help="diffusion target")
     g.add_argument("--sigma-min", dest="sigma_min", type=float, help="flow matching sigma_min")
     g.add_argument("--gamma", type=float, help="stochastic interpolant noise level")
+    g.add_argument("--ode-rtol", dest="ode_rtol", type=float, help="ffjord: solver rtol (1e-3)")
+    g.add_argument("--ode-atol", dest="ode_atol", type=float, help="ffjord: solver atol (1e-3)")
+    g.add_argument("--kinetic-energy", dest="kinetic_energy", type=float,
+                   help="ffjord: RNODE kinetic-energy weight (0)")
+    g.add_argument("--jacobian-norm", dest="jacobian_norm", type=float,
+                   help="ffjord: RNODE Jacobian Frobenius-norm weight (0)")
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:

@@ -26,6 +26,7 @@ from torch import nn
 
 from training.config import ModelConfig
 from training.diffusion import build_ddpm
+from training.ffjord import build_ffjord
 from training.flow_matching import build_cfm, build_otcfm, build_si
 from training.flows import (
     build_glow,
@@ -73,6 +74,9 @@ MODEL_TYPES: dict[str, ModelType] = {
     "cfm": ModelType("flow_matching", "conditional flow matching, linear path", build_cfm),
     "otcfm": ModelType("flow_matching", "CFM with minibatch exact OT pairs", build_otcfm),
     "si": ModelType("flow_matching", "stochastic interpolant (noise gamma)", build_si),
+    # served as flow matching (the same velocity graphs and ODE runtime); trained by ML
+    "ffjord": ModelType("flow_matching", "FFJORD: CNF by maximum likelihood through the ODE",
+                        build_ffjord),
     "glow_image": ModelType("flow", "multi-scale Glow: squeeze, ActNorm, 1x1 conv, coupling",
                             build_glow_image, image=True),
     "realnvp_image": ModelType("flow", "multi-scale RealNVP: checkerboard/channel couplings",
