@@ -42,6 +42,11 @@ class ModelConfig(_Strict):
     ode_atol: float = Field(1e-3, gt=0, lt=1, description="ffjord: training solver atol")
     kinetic_energy: float = Field(0.0, ge=0, description="ffjord: weight of int |v|^2 dt")
     jacobian_norm: float = Field(0.0, ge=0, description="ffjord: weight of int |dv/dx|_F^2 dt")
+    # residual flows (training/flows/residual.py)
+    lipschitz: float = Field(0.9, gt=0, lt=1, description="resflow: Lipschitz coefficient "
+                             "of each spectrally normalised layer; must be < 1 to invert")
+    fixed_point_iterations: int = Field(50, ge=1, le=1000,
+                                        description="resflow: unrolled inverse iterations")
     # image models (training/flows/image.py, training/unet.py)
     image_shape: tuple[int, int, int] | None = Field(
         None, description="image models: (C, H, W) of one row; dim = C*H*W (C-order)"

@@ -38,6 +38,7 @@ from training.flows import (
     build_realnvp,
 )
 from training.flows.image import build_glow_image, build_realnvp_image
+from training.flows.residual import build_resflow
 from training.unet import build_cfm_image, build_ddpm_image, build_otcfm_image
 
 __all__ = ["MODEL_TYPES", "ModelType", "build_model", "family_of", "is_image_model",
@@ -70,6 +71,8 @@ MODEL_TYPES: dict[str, ModelType] = {
     "iaf": ModelType("flow", "IAF: inverse autoregressive affine (MADE)", build_iaf),
     "nsf": ModelType("flow", "NSF: rational-quadratic spline coupling", build_nsf),
     "nsf_ar": ModelType("flow", "NSF: rational-quadratic spline, autoregressive", build_nsf_ar),
+    "resflow": ModelType("flow", "residual flow: x + g(x), Lip(g) < 1, exact served log-det",
+                         build_resflow),
     "ddpm": ModelType("diffusion", "VP-SDE diffusion (epsilon or v prediction)", build_ddpm),
     "cfm": ModelType("flow_matching", "conditional flow matching, linear path", build_cfm),
     "otcfm": ModelType("flow_matching", "CFM with minibatch exact OT pairs", build_otcfm),
