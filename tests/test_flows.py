@@ -36,7 +36,7 @@ from training.flows.mixture import FlowMixture
 from training.flows.residual import ResidualBlock
 from training.registry import MODEL_TYPES, build_model
 
-KINDS = ["nice", "realnvp", "glow", "maf", "iaf", "nsf", "nsf_ar", "resflow"]
+KINDS = ["nice", "realnvp", "glow", "maf", "iaf", "nsf", "nsf_ar", "resflow", "tarflow"]
 COUPLING_KINDS = ["nice", "realnvp", "glow", "nsf"]
 DIM = 3
 TAIL_BOUND = 2.0

@@ -47,6 +47,12 @@ class ModelConfig(_Strict):
                              "of each spectrally normalised layer; must be < 1 to invert")
     fixed_point_iterations: int = Field(50, ge=1, le=1000,
                                         description="resflow: unrolled inverse iterations")
+    # TarFlow (training/flows/tarflow.py)
+    token_size: int = Field(1, ge=1, description="tarflow: values per token (divides dim)")
+    patch_size: int = Field(2, ge=1, description="tarflow_image: patch side (divides H, W)")
+    heads: int = Field(2, ge=1, le=64, description="tarflow: attention heads")
+    noise_std: float = Field(0.0, ge=0, lt=1, description="tarflow: training noise "
+                             "(model space); samples are denoised by one score step")
     # image models (training/flows/image.py, training/unet.py)
     image_shape: tuple[int, int, int] | None = Field(
         None, description="image models: (C, H, W) of one row; dim = C*H*W (C-order)"

@@ -39,6 +39,7 @@ from training.flows import (
 )
 from training.flows.image import build_glow_image, build_realnvp_image
 from training.flows.residual import build_resflow
+from training.flows.tarflow import build_tarflow, build_tarflow_image
 from training.unet import build_cfm_image, build_ddpm_image, build_otcfm_image
 
 __all__ = ["MODEL_TYPES", "ModelType", "build_model", "family_of", "is_image_model",
@@ -73,6 +74,8 @@ MODEL_TYPES: dict[str, ModelType] = {
     "nsf_ar": ModelType("flow", "NSF: rational-quadratic spline, autoregressive", build_nsf_ar),
     "resflow": ModelType("flow", "residual flow: x + g(x), Lip(g) < 1, exact served log-det",
                          build_resflow),
+    "tarflow": ModelType("flow", "TarFlow: causal-transformer autoregressive flow over tokens",
+                         build_tarflow),
     "ddpm": ModelType("diffusion", "VP-SDE diffusion (epsilon or v prediction)", build_ddpm),
     "cfm": ModelType("flow_matching", "conditional flow matching, linear path", build_cfm),
     "otcfm": ModelType("flow_matching", "CFM with minibatch exact OT pairs", build_otcfm),
@@ -84,6 +87,8 @@ MODEL_TYPES: dict[str, ModelType] = {
                             build_glow_image, image=True),
     "realnvp_image": ModelType("flow", "multi-scale RealNVP: checkerboard/channel couplings",
                                build_realnvp_image, image=True),
+    "tarflow_image": ModelType("flow", "TarFlow over image patches (causal transformer)",
+                               build_tarflow_image, image=True),
     "ddpm_image": ModelType("diffusion", "VP-SDE diffusion with a small U-Net",
                             build_ddpm_image, image=True),
     "cfm_image": ModelType("flow_matching", "conditional flow matching with a small U-Net",
