@@ -15,7 +15,7 @@ import tritonclient.grpc as triton
 from service.devserver import running_server
 from service.runtime import open_runtime
 
-MODEL_TYPES = ("ffjord",)
+MODEL_TYPES = ("ffjord", "resflow", "tarflow")
 # ODE models: fixed-step options keep the file fast; one-pass flows take none.
 OPTS = {"ffjord": {"steps": 8, "solver": "rk4"}}
 X = np.array([[0.125, 0.25], [1.0, -0.375], [-0.75, 0.5], [30.0, -30.0]])
