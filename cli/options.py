@@ -20,6 +20,22 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prediction", choices=["epsilon", "v"], help="diffusion target")
     g.add_argument("--sigma-min", dest="sigma_min", type=float, help="flow matching sigma_min")
     g.add_argument("--gamma", type=float, help="stochastic interpolant noise level")
+    g.add_argument("--ode-rtol", dest="ode_rtol", type=float, help="ffjord: solver rtol (1e-3)")
+    g.add_argument("--ode-atol", dest="ode_atol", type=float, help="ffjord: solver atol (1e-3)")
+    g.add_argument("--kinetic-energy", dest="kinetic_energy", type=float,
+                   help="ffjord: RNODE kinetic-energy weight (0)")
+    g.add_argument("--jacobian-norm", dest="jacobian_norm", type=float,
+                   help="ffjord: RNODE Jacobian Frobenius-norm weight (0)")
+    g.add_argument("--lipschitz", type=float, help="resflow: Lipschitz coefficient < 1 (0.9)")
+    g.add_argument("--fixed-point-iterations", dest="fixed_point_iterations", type=int,
+                   help="resflow: unrolled fixed-point iterations of the served inverse (50)")
+    g.add_argument("--token-size", dest="token_size", type=int,
+                   help="tarflow: values per token, a divisor of the dimension (1)")
+    g.add_argument("--patch-size", dest="patch_size", type=int,
+                   help="tarflow_image: patch side, a divisor of H and W (2)")
+    g.add_argument("--heads", type=int, help="tarflow: attention heads (2)")
+    g.add_argument("--noise-std", dest="noise_std", type=float,
+                   help="tarflow: training noise level; samples denoised by one score step (0)")
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:

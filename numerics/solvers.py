@@ -7,8 +7,9 @@ a probability path or a noise schedule. Time convention of the project: ``t = 0`
 
 The same code runs on ``numpy.ndarray`` (the service, over ONNX graphs) and on
 ``torch.Tensor`` (training): functions come from :func:`numerics.arrays.array_namespace`,
-which never imports torch itself. No autograd is used; with torch tensors the solvers run under
-``torch.no_grad()``.
+which never imports torch itself. With torch tensors the solvers run under
+``torch.no_grad()`` unless ``integrate(..., differentiable=True)`` (maximum-likelihood
+training through the ODE).
 
 Batch independence: a row's result never depends on the other rows of the batch. Fixed-step
 methods get this for free; :func:`integrate` with ``method="dopri5"`` keeps a time, a step
@@ -25,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -168,6 +170,12 @@ def _dopri5_step(f: Velocity, x: Array, t: Array, h: Array, k1: Array) -> tuple[
     return x5, ks[-1], err
 
 
+def _constant(a: Array) -> Array:
+    """``a`` cut from autograd (tensors) or as it is (numpy): step sizes are control, not
+    part of the differentiated computation (direct backprop differentiates the steps taken)."""
+    return a.detach() if hasattr(a, "detach") else a
+
+
 def _initial_step(
     f: Velocity,
     x: Array,
@@ -208,7 +216,7 @@ def _dopri5_solve(
     k1 = f(x, t)
     nfe = 1
     if first_step is None:
-        h = _initial_step(f, x, t, k1, direction, span, rtol, atol)
+        h = _constant(_initial_step(f, x, t, k1, direction, span, rtol, atol))
         nfe += 1
     else:
         h = _rows(x, min(abs(first_step), span))
@@ -236,7 +244,8 @@ def _dopri5_solve(
         done = done | (accept & last)
         if bool(done.all()):
             return x, nfe, to_numpy(accepted).astype(np.int64)
-        factor = (_SAFETY * err_norm.clip(min=1e-10) ** -0.2).clip(_FAC_MIN, _FAC_MAX)
+        factor = (_SAFETY * _constant(err_norm).clip(min=1e-10) ** -0.2).clip(_FAC_MIN,
+                                                                            _FAC_MAX)
         factor = xp.where(xp.isfinite(factor), factor, _FAC_MIN)  # non-finite error: shrink
         h = xp.where(done, h, h_abs * factor)
     raise RuntimeError(
@@ -266,6 +275,7 @@ def integrate(
     rtol: float = 1e-5,
     atol: float = 1e-5,
     max_steps: int = 10000,
+    differentiable: bool = False,
 ) -> Solution:
     """Solve ``dx/dt = velocity(x, t)`` from ``t0`` to ``t1`` (either direction).
 
@@ -283,6 +293,9 @@ def integrate(
         rtol, atol: ``dopri5`` tolerances; a step is accepted on a row when the RMS over
             ``dim`` of ``err / (atol + rtol * max(|x|, |x_new|))`` is at most 1.
         max_steps: ``dopri5`` gives up (``RuntimeError``) after this many attempted steps.
+        differentiable: keep autograd on (torch tensors): the result is differentiable
+            through the steps taken (direct backprop; step sizes are held constant), for
+            training by maximum likelihood through the ODE (FFJORD). Off: no graph is built.
 
     Returns:
         :class:`Solution` with the final state ``(batch, dim)``, the number of velocity
@@ -296,7 +309,7 @@ def integrate(
     t0, t1 = float(t0), float(t1)
     if t0 == t1:
         return Solution(x, 0, None if method != "dopri5" else np.zeros(x.shape[0], np.int64))
-    with no_grad(x):
+    with contextlib.nullcontext() if differentiable else no_grad(x):
         if method == "dopri5":
             hint = None if steps is None else (t1 - t0) / n
             x_end, nfe, accepted = _dopri5_solve(velocity, x, t0, t1, rtol, atol, max_steps, hint)

@@ -182,7 +182,7 @@ def test_image_velocity_models_build_and_train(kind: str) -> None:
 
 def test_image_types_need_a_shape() -> None:
     image_types = [kind for kind, spec in MODEL_TYPES.items() if spec.image]
-    assert len(image_types) == 5
+    assert len(image_types) == 6
     for kind in image_types:
         with pytest.raises(ValueError, match="image_shape"):
             build_model(kind, 64, ModelConfig())

@@ -37,6 +37,22 @@ class ModelConfig(_Strict):
     sigma_min: float = Field(0.0, ge=0, lt=1)
     gamma: float = Field(0.0, ge=0, description="stochastic interpolant noise level")
     time_embedding: int = Field(16, ge=2, le=256, description="Fourier features of t")
+    # FFJORD (training/ffjord.py): the adaptive solver trained through, and RNODE weights
+    ode_rtol: float = Field(1e-3, gt=0, lt=1, description="ffjord: training solver rtol")
+    ode_atol: float = Field(1e-3, gt=0, lt=1, description="ffjord: training solver atol")
+    kinetic_energy: float = Field(0.0, ge=0, description="ffjord: weight of int |v|^2 dt")
+    jacobian_norm: float = Field(0.0, ge=0, description="ffjord: weight of int |dv/dx|_F^2 dt")
+    # residual flows (training/flows/residual.py)
+    lipschitz: float = Field(0.9, gt=0, lt=1, description="resflow: Lipschitz coefficient "
+                             "of each spectrally normalised layer; must be < 1 to invert")
+    fixed_point_iterations: int = Field(50, ge=1, le=1000,
+                                        description="resflow: unrolled inverse iterations")
+    # TarFlow (training/flows/tarflow.py)
+    token_size: int = Field(1, ge=1, description="tarflow: values per token (divides dim)")
+    patch_size: int = Field(2, ge=1, description="tarflow_image: patch side (divides H, W)")
+    heads: int = Field(2, ge=1, le=64, description="tarflow: attention heads")
+    noise_std: float = Field(0.0, ge=0, lt=1, description="tarflow: training noise "
+                             "(model space); samples are denoised by one score step")
     # image models (training/flows/image.py, training/unet.py)
     image_shape: tuple[int, int, int] | None = Field(
         None, description="image models: (C, H, W) of one row; dim = C*H*W (C-order)"

@@ -121,4 +121,8 @@ def evaluate(
         report["samples_per_second"] = samples / seconds
         report["w2_to_test"] = wasserstein2(generated, x_test[:samples])
         report["w2_rows"] = int(min(samples, len(x_test)))
+    residual = getattr(ckpt.model, "inversion_residual", None)
+    if callable(residual):  # residual flows: how far the served fixed-point inverse got
+        z = torch.randn(max(samples, 256), cfg.dim, generator=torch.Generator().manual_seed(seed))
+        report["fixed_point_residual"] = residual(z)
     return report

@@ -26,6 +26,7 @@ from torch import nn
 
 from training.config import ModelConfig
 from training.diffusion import build_ddpm
+from training.ffjord import build_ffjord
 from training.flow_matching import build_cfm, build_otcfm, build_si
 from training.flows import (
     build_glow,
@@ -37,6 +38,8 @@ from training.flows import (
     build_realnvp,
 )
 from training.flows.image import build_glow_image, build_realnvp_image
+from training.flows.residual import build_resflow
+from training.flows.tarflow import build_tarflow, build_tarflow_image
 from training.unet import build_cfm_image, build_ddpm_image, build_otcfm_image
 
 __all__ = ["MODEL_TYPES", "ModelType", "build_model", "family_of", "is_image_model",
@@ -69,14 +72,23 @@ MODEL_TYPES: dict[str, ModelType] = {
     "iaf": ModelType("flow", "IAF: inverse autoregressive affine (MADE)", build_iaf),
     "nsf": ModelType("flow", "NSF: rational-quadratic spline coupling", build_nsf),
     "nsf_ar": ModelType("flow", "NSF: rational-quadratic spline, autoregressive", build_nsf_ar),
+    "resflow": ModelType("flow", "residual flow: x + g(x), Lip(g) < 1, exact served log-det",
+                         build_resflow),
+    "tarflow": ModelType("flow", "TarFlow: causal-transformer autoregressive flow over tokens",
+                         build_tarflow),
     "ddpm": ModelType("diffusion", "VP-SDE diffusion (epsilon or v prediction)", build_ddpm),
     "cfm": ModelType("flow_matching", "conditional flow matching, linear path", build_cfm),
     "otcfm": ModelType("flow_matching", "CFM with minibatch exact OT pairs", build_otcfm),
     "si": ModelType("flow_matching", "stochastic interpolant (noise gamma)", build_si),
+    # served as flow matching (the same velocity graphs and ODE runtime); trained by ML
+    "ffjord": ModelType("flow_matching", "FFJORD: CNF by maximum likelihood through the ODE",
+                        build_ffjord),
     "glow_image": ModelType("flow", "multi-scale Glow: squeeze, ActNorm, 1x1 conv, coupling",
                             build_glow_image, image=True),
     "realnvp_image": ModelType("flow", "multi-scale RealNVP: checkerboard/channel couplings",
                                build_realnvp_image, image=True),
+    "tarflow_image": ModelType("flow", "TarFlow over image patches (causal transformer)",
+                               build_tarflow_image, image=True),
     "ddpm_image": ModelType("diffusion", "VP-SDE diffusion with a small U-Net",
                             build_ddpm_image, image=True),
     "cfm_image": ModelType("flow_matching", "conditional flow matching with a small U-Net",

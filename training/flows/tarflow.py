@@ -1,0 +1,211 @@
+r"""TarFlow: a transformer autoregressive flow over a sequence of tokens.
+
+Zhai et al., "Normalizing flows are capable generative models", 2024. A row is cut into
+``T`` tokens of ``C`` values: vectors into consecutive chunks of ``token_size``
+(``tarflow``), ``[C, H, W]`` images into ``patch_size x patch_size`` patches
+(``tarflow_image``, ``C * p^2`` values per token). Each block is a small causal transformer
+that reads the tokens before ``i`` (the sequence shifted right by one) and gives an affine
+map of token ``i``: ``z_i = (x_i - mu_i(x_<i)) exp(-alpha_i(x_<i))`` (data -> noise), so the
+Jacobian is block-triangular and ``log |det| = -sum alpha``: the exact log-likelihood in one
+pass per block. The token order is reversed between blocks. Sampling inverts a block token by
+token (``T`` transformer passes per block: the sequence length, not the dimension, sets the
+passes), unrolled in the exported ``sample`` graph; the transformer is re-run on the whole
+prefix at every step (no KV cache: the exported graph keeps fixed shapes).
+
+Training adds Gaussian noise of standard deviation ``noise_std`` (``ModelConfig``, model
+space) to every batch, so the flow models the slightly smoothed density; a sample is then
+denoised in one score step ``x + noise_std^2 grad log p(x)`` (Tweedie's formula, the
+paper's sec. 2.4). The exported graphs hold no autograd, so the score is taken by central
+differences of ``log p`` (``2 D`` extra passes in one batch, step :data:`SCORE_STEP`), the
+same arithmetic eagerly and in the graph. The manifest records ``noise_std`` in the model's
+``preprocessing``-independent config (``ModelConfig.noise_std``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from numerics.likelihood import standard_normal_log_prob
+from training.config import ModelConfig
+from training.flows.base import Flow, Transform
+
+__all__ = ["CausalTransformer", "TarBlock", "TarFlow", "build_tarflow", "build_tarflow_image",
+           "patch_order"]
+
+ALPHA_BOUND = 4.0
+"""``alpha = B tanh(raw / B)``: log-scales stay within ``(-B, B)``, smooth near zero."""
+SCORE_STEP = 1e-2
+"""Central-difference step of the denoising score (model space, float32-safe)."""
+
+
+class CausalTransformer(nn.Module):
+    """Pre-LayerNorm transformer over ``(batch, T, C)`` tokens with a causal mask, written
+    with plain matmuls (ONNX-friendly). Output ``(batch, T, 2C)`` at position ``i`` depends
+    on input positions ``<= i``; the last projection starts at zero."""
+
+    def __init__(self, tokens: int, size: int, width: int, layers: int, heads: int) -> None:
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"tarflow: hidden width {width} is not divisible by {heads} "
+                             "attention heads")
+        self.heads = heads
+        self.embed = nn.Linear(size, width)
+        self.position = nn.Parameter(torch.randn(tokens, width) * 0.02)
+        self.norms1 = nn.ModuleList(nn.LayerNorm(width) for _ in range(layers))
+        self.qkv = nn.ModuleList(nn.Linear(width, 3 * width) for _ in range(layers))
+        self.proj = nn.ModuleList(nn.Linear(width, width) for _ in range(layers))
+        self.norms2 = nn.ModuleList(nn.LayerNorm(width) for _ in range(layers))
+        self.mlp = nn.ModuleList(nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(),
+                                               nn.Linear(2 * width, width))
+                                 for _ in range(layers))
+        self.out_norm = nn.LayerNorm(width)
+        self.out = nn.Linear(width, 2 * size)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+        mask = torch.full((tokens, tokens), -1e9).triu(1)  # additive: no look ahead
+        self.register_buffer("mask", mask)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, _ = x.shape
+        h = self.embed(x) + self.position
+        width = h.shape[-1]
+        dh = width // self.heads
+        for norm1, qkv, proj, norm2, mlp in zip(self.norms1, self.qkv, self.proj, self.norms2,
+                                                self.mlp, strict=True):
+            q, k, v = qkv(norm1(h)).reshape(b, t, 3, self.heads, dh).permute(2, 0, 3, 1, 4)
+            scores = q @ k.transpose(-1, -2) / math.sqrt(dh) + self.mask
+            attended = (scores.softmax(-1) @ v).permute(0, 2, 1, 3).reshape(b, t, width)
+            h = h + proj(attended)
+            h = h + mlp(norm2(h))
+        return self.out(self.out_norm(h))
+
+
+class TarBlock(Transform):
+    """One autoregressive affine block over ``tokens`` tokens of ``size`` values; with
+    ``reverse`` it reads the tokens in reverse order."""
+
+    def __init__(self, tokens: int, size: int, width: int, layers: int, heads: int,
+                 reverse: bool) -> None:
+        super().__init__()
+        self.tokens, self.size, self.reverse = tokens, size, reverse
+        self.net = CausalTransformer(tokens, size, width, layers, heads)
+
+    def _params(self, seq: Tensor) -> tuple[Tensor, Tensor]:
+        """``(mu, alpha)`` of every token from the tokens before it; ``seq: (b, T, C)``."""
+        shifted = torch.cat([torch.zeros_like(seq[:, :1]), seq[:, :-1]], 1)
+        out = self.net(shifted)
+        mu, raw = out[..., : self.size], out[..., self.size:]
+        return mu, ALPHA_BOUND * torch.tanh(raw / ALPHA_BOUND)
+
+    def _tokens(self, x: Tensor) -> Tensor:
+        seq = x.reshape(-1, self.tokens, self.size)
+        return seq.flip(1) if self.reverse else seq
+
+    def _flat(self, seq: Tensor) -> Tensor:
+        return (seq.flip(1) if self.reverse else seq).reshape(-1, self.tokens * self.size)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        seq = self._tokens(x)
+        mu, alpha = self._params(seq)
+        z = (seq - mu) * torch.exp(-alpha)
+        return self._flat(z), -alpha.sum((1, 2))
+
+    def inverse(self, y: Tensor) -> Tensor:
+        z = self._tokens(y)
+        x = torch.zeros_like(z)
+        for i in range(self.tokens):  # token i needs tokens < i: T passes, unrolled
+            mu, alpha = self._params(x)
+            token = z[:, i] * torch.exp(alpha[:, i]) + mu[:, i]
+            x = torch.cat([x[:, :i], token[:, None], x[:, i + 1:]], 1)
+        return self._flat(x)
+
+
+class TarFlow(Flow):
+    """TarFlow blocks over a token layout (a fixed permutation of the row), with noise
+    augmentation in training and one-step denoising of samples (module docstring).
+
+    Args:
+        dim: features ``D``.
+        blocks: the :class:`TarBlock` steps.
+        order: ``(D,)`` the permutation that lays a row out as tokens (identity for
+            vectors, patch-major for images).
+        noise_std: training noise in model space (0: none, and no denoising).
+    """
+
+    def __init__(self, dim: int, blocks: list[TarBlock], order: Tensor,
+                 noise_std: float = 0.0) -> None:
+        super().__init__(dim, blocks)
+        self.noise_std = noise_std
+        self.register_buffer("order", order)
+        self.register_buffer("unorder", torch.argsort(order))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return super().forward(x[:, self.order])
+
+    def inverse(self, y: Tensor) -> Tensor:
+        x = super().inverse(y)[:, self.unorder]
+        return self.denoise(x) if self.noise_std > 0 else x
+
+    def score(self, x: Tensor) -> Tensor:
+        """``grad log p(x)`` by central differences: ``(batch, D)``, one batched pass."""
+        b, d = x.shape
+        step = SCORE_STEP * torch.eye(d, dtype=x.dtype, device=x.device)
+        points = torch.cat([(x[:, None, :] + step).reshape(b * d, d),
+                            (x[:, None, :] - step).reshape(b * d, d)], 0)
+        lp = self.log_prob(points).reshape(2, b, d)
+        return (lp[0] - lp[1]) / (2 * SCORE_STEP)
+
+    def denoise(self, x: Tensor) -> Tensor:
+        """Tweedie's one step ``x + noise_std^2 grad log p(x)``."""
+        return x + self.noise_std**2 * self.score(x)
+
+    def training_loss(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        if self.noise_std > 0 and self.training:
+            x = x + self.noise_std * torch.randn(x.shape, generator=generator, dtype=x.dtype,
+                                                 device=x.device)
+        z, ladj = self(x)
+        return -(standard_normal_log_prob(z) + ladj).mean()
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        z, ladj = self(x)
+        return standard_normal_log_prob(z) + ladj
+
+
+def _blocks(tokens: int, size: int, cfg: ModelConfig) -> list[TarBlock]:
+    return [TarBlock(tokens, size, cfg.hidden_features, cfg.hidden_layers, cfg.heads,
+                     reverse=bool(i % 2)) for i in range(cfg.transforms)]
+
+
+def build_tarflow(dim: int, cfg: ModelConfig) -> TarFlow:
+    """Vectors cut into ``dim / cfg.token_size`` tokens of ``cfg.token_size`` values."""
+    if dim % cfg.token_size:
+        raise ValueError(f"tarflow: token size {cfg.token_size} does not divide the "
+                         f"dimension {dim}; use a divisor of {dim}")
+    return TarFlow(dim, _blocks(dim // cfg.token_size, cfg.token_size, cfg),
+                   torch.arange(dim), cfg.noise_std)
+
+
+def patch_order(shape: tuple[int, int, int], patch: int) -> Tensor:
+    """``(C*H*W,)`` indices into a C-order row that list it patch by patch (row-major
+    patches), each patch's values channel, then row, then column."""
+    c, h, w = shape
+    index = torch.arange(c * h * w).reshape(c, h // patch, patch, w // patch, patch)
+    return index.permute(1, 3, 0, 2, 4).reshape(-1)
+
+
+def build_tarflow_image(dim: int, cfg: ModelConfig) -> TarFlow:
+    """``[C, H, W]`` images cut into ``cfg.patch_size`` square patches."""
+    if cfg.image_shape is None:
+        raise ValueError("tarflow_image needs image_shape (C, H, W)")
+    c, h, w = cfg.image_shape
+    p = cfg.patch_size
+    if h % p or w % p:
+        raise ValueError(f"tarflow_image: patch size {p} does not divide the {h}x{w} image; "
+                         "use a common divisor of its height and width")
+    if c * h * w != dim:
+        raise ValueError(f"image_shape {cfg.image_shape} has {c * h * w} values, not {dim}")
+    return TarFlow(dim, _blocks((h // p) * (w // p), c * p * p, cfg),
+                   patch_order((c, h, w), p), cfg.noise_std)
