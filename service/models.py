@@ -31,6 +31,7 @@ def model_info(rt: ModelRuntime) -> ModelInfo:
         graphs=sorted(m.graphs), runtime=rt.format, solvers=list(rt.solvers()),
         shape=list(m.event_shape), defaults=m.defaults.model_dump(),
         calibration=None if m.calibration is None else {
+            "score": m.score_kind,
             "target_fpr": m.calibration.target_fpr,
             "threshold": m.calibration.threshold,
             "rows": m.calibration.rows,
