@@ -230,3 +230,23 @@ def test_http_and_grpc_serve_the_in_process_score(kinds, kinds_server) -> None:
             assert r.get_response().parameters["score"].string_param == kind
     finally:
         client.close()
+
+
+def test_auto_follows_its_protocol_and_the_budget_drops_candidates(tmp_path: Path) -> None:
+    """--score auto on the clusters under a 1-second budget: the smoothing search and the
+    flow-matching pair are dropped (and said so); the kind served is the one the protocol's
+    rule picks from the statistics it reports (docs/anomaly-selection-protocol.md)."""
+    from training.anomaly import AUTO_MARGIN, AUTO_ORDER, fit_anomaly
+
+    s = fit_anomaly(clusters(600, 12), tmp_path / "auto", score="auto", model="maf",
+                    steps=150, progress=False, budget_s=1.0)
+    assert s["budget"]["dropped"] == ["smoothing search",
+                                      "flow-matching candidates (denoise, dte)"]
+    stats = s["score_selection"]["auto"]
+    assert set(stats) == {"nll", "latent"}
+    best = "nll"
+    for kind in AUTO_ORDER[1:]:
+        if kind in stats and stats[kind] > stats[best] + AUTO_MARGIN:
+            best = kind
+    assert s["score_selection"]["chosen"] == best == s["score"]
+    assert read_manifest(tmp_path / "auto").score_kind == best

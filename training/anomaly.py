@@ -140,6 +140,10 @@ ODE_CANDIDATES = ("cfm",)
 """What ``--score denoise|dte`` trains without ``--model``: a flow-matching model (no noise
 schedule to choose; one velocity call per noise level when served)."""
 SCORES = ("nll", "denoise", "dte", "latent")
+AUTO_ORDER = ("nll", "latent", "denoise", "dte")
+"""``--score auto``'s candidates, cheapest first: a later kind must beat an earlier one's
+statistic by more than ``AUTO_MARGIN`` (docs/anomaly-selection-protocol.md, third protocol)."""
+AUTO_MARGIN = 0.01
 # smoothing scales (std) the winning type is trained again at: docs/anomaly-selection-protocol.md
 DEFAULT_SMOOTHING_SEARCH = (0.2, 0.5)
 MIN_ROWS = 10
@@ -578,6 +582,7 @@ def fit_anomaly(
     formats: tuple[str, ...] = ("onnx",),
     progress: bool = True,
     score: str = "nll",
+    budget_s: float | None = None,
 ) -> dict[str, Any]:
     """Fit, calibrate and export an anomaly model on normal rows; returns a summary dict.
 
@@ -604,7 +609,11 @@ def fit_anomaly(
         score: the served anomaly score kind (``artifact.scores``): ``nll``; ``denoise`` or
             ``dte`` (a diffusion / flow-matching model, ``ODE_CANDIDATES`` unless ``model``
             says otherwise; no smoothing search); ``latent`` (the flow chosen as for ``nll``,
-            scored by its latent neighbours).
+            scored by its latent neighbours); ``auto``: every kind that applies, chosen on
+            normal rows by docs/anomaly-selection-protocol.md (third protocol).
+        budget_s: wall-clock seconds the fit should take: past a third of it the smoothing
+            search is skipped, past half of it (``auto``) the flow-matching candidates are;
+            the summary's ``budget`` says what was dropped.
     Returns:
         JSON-able summary (``format_summary`` prints it): chosen model type, validation NLL
         (nats/row on the raw validation rows), threshold, expected false-positive rate, the
@@ -614,10 +623,15 @@ def fit_anomaly(
         raise ValueError(f"target_fpr must be in (0, 1); got {target_fpr}")
     if ensemble < 1:
         raise ValueError(f"ensemble must be >= 1; got {ensemble}")
+    if score == "auto":
+        return _fit_auto(data, out_dir, target_fpr=target_fpr, seed=seed, model=model,
+                         plan=plan, steps=steps, smoothing_search=smoothing_search, name=name,
+                         formats=formats, progress=progress, budget_s=budget_s)
     model = _models_for(score, model, ensemble)
     if smoothing_search is None:
         smoothing_search = (DEFAULT_SMOOTHING_SEARCH
                             if ensemble == 1 and score in ("nll", "latent") else ())
+    started = time.perf_counter()
     scales = check_smoothing_scales(smoothing_search)
     if scales and ensemble > 1:
         raise ValueError("a smoothing search and ensemble > 1 cannot be combined; pass "
@@ -631,13 +645,78 @@ def fit_anomaly(
     candidates = ensemble_candidates(prep, trained) if ensemble > 1 else trained
     tried = [c.entry for c in trained] + ([c.entry for c in candidates] if ensemble > 1 else [])
     chosen = select(candidates, "val_nll" if score in ("nll", "latent") else "val_loss")
+    dropped = []
+    if scales and _past(started, budget_s, 1 / 3):
+        scales, dropped = (), ["smoothing search"]
     if scales:
         prep, chosen, extra = search_smoothing(prep, chosen, scales, seed, progress=progress)
         tried += [c.entry for c in extra]
     spec, latents, selection = score_spec(prep, chosen, score, seed)
-    return export_candidate(prep, chosen, out_dir, target_fpr=target_fpr,
-                            formats=formats, name=name, tried=tried, score=spec,
-                            latents=latents, score_selection=selection)
+    out = export_candidate(prep, chosen, out_dir, target_fpr=target_fpr,
+                           formats=formats, name=name, tried=tried, score=spec,
+                           latents=latents, score_selection=selection)
+    return out | {"budget": {"budget_s": budget_s, "dropped": dropped},
+                  "total_seconds": round(time.perf_counter() - started, 3)}
+
+
+def _past(started: float, budget_s: float | None, share: float) -> bool:
+    return budget_s is not None and time.perf_counter() - started > share * budget_s
+
+
+def _fit_auto(data: Any, out_dir: Any, *, target_fpr: float, seed: int, model: Any,
+              plan: Plan | None, steps: int | None, smoothing_search: Any, name: str | None,
+              formats: tuple[str, ...], progress: bool, budget_s: float | None,
+              ) -> dict[str, Any]:
+    """``--score auto``: the third protocol of docs/anomaly-selection-protocol.md."""
+    from training.score_kinds import auroc, in_process_scores
+
+    started = time.perf_counter()
+    if smoothing_search is None:
+        smoothing_search = DEFAULT_SMOOTHING_SEARCH
+    prep = prepare(data, seed=seed, model=model, plan=plan, steps=steps)
+    trained = [train_candidate(prep, kind, seed, progress=progress)
+               for kind in prep.plan.candidates]
+    tried = [c.entry for c in trained]
+    flow = select(trained)
+    dropped = []
+    if _past(started, budget_s, 1 / 3):
+        dropped.append("smoothing search")
+    elif smoothing_search:
+        prep, flow, extra = search_smoothing(prep, flow, smoothing_search, seed,
+                                             progress=progress)
+        tried += [c.entry for c in extra]
+    outliers = synthetic_outliers(prep.x_val, prep.x_train, seed)
+    options: dict[str, tuple] = {}
+    for kind in ("nll", "latent"):
+        if kind == "latent" and not hasattr(flow.ckpt.model, "encode_graphs"):
+            continue
+        spec, latents, sel = score_spec(prep, flow, kind, seed)
+        options[kind] = (prep, flow, spec, latents, sel)
+    if _past(started, budget_s, 1 / 2):
+        dropped.append("flow-matching candidates (denoise, dte)")
+    else:
+        ode_prep = prepare(data, seed=seed, model=ODE_CANDIDATES[0], plan=None, steps=steps)
+        ode = train_candidate(ode_prep, ODE_CANDIDATES[0], seed, progress=progress)
+        tried.append(ode.entry)
+        for kind in ("denoise", "dte"):
+            spec, latents, sel = score_spec(ode_prep, ode, kind, seed)
+            options[kind] = (ode_prep, ode, spec, latents, sel)
+    stats = {}
+    for kind, (p, c, spec, latents, _) in options.items():
+        spec_or_nll = spec or AnomalyScoreSpec()
+        stats[kind] = auroc(in_process_scores(c.ckpt, spec_or_nll, p.x_val, latents=latents),
+                            in_process_scores(c.ckpt, spec_or_nll, outliers, seed=seed + 1,
+                                              latents=latents))
+    best = "nll"
+    for kind in AUTO_ORDER[1:]:
+        if kind in stats and stats[kind] > stats[best] + AUTO_MARGIN:
+            best = kind
+    p, c, spec, latents, sel = options[best]
+    out = export_candidate(p, c, out_dir, target_fpr=target_fpr, formats=formats, name=name,
+                           tried=tried, score=spec, latents=latents,
+                           score_selection=sel | {"auto": stats, "chosen": best})
+    return out | {"budget": {"budget_s": budget_s, "dropped": dropped},
+                  "total_seconds": round(time.perf_counter() - started, 3)}
 
 
 def _models_for(score: str, model: str | Sequence[str] | None,
@@ -683,14 +762,15 @@ def format_summary(s: dict[str, Any]) -> str:
     r = s["rows"]
     cal = "validation" if r["calibration_is_val"] else "calibration"
     lines = [
-        f"exported {s['name']} ({s['model_type']}, {s['dim']} columns) to {s['out']}",
+        f"exported {s['name']} ({s['model_type']}, {s['dim']} columns, score "
+        f"{s.get('score', 'nll')}) to {s['out']}",
         f"  rows: {r['train']} train / {r['val']} validation"
         + ("" if r["calibration_is_val"] else f" / {r['calibration']} calibration")
         + (f" ({s['note']})" if s["note"] else ""),
         f"  validation NLL: {s['val_nll']:.4f} nats/row ({s['val_nll_per_dim']:.4f} per "
         f"column); candidates by validation NLL: {cands}",
-        f"  threshold: NLL > {s['threshold']:.4f} nats is flagged (quantile of {r['calibration']} "
-        f"{cal} rows)",
+        f"  threshold: {s.get('score', 'nll')} > {s['threshold']:.4f} is flagged (quantile "
+        f"of {r['calibration']} {cal} rows)",
         f"  expected false-positive rate: {100 * s['expected_fpr']:.2f} % "
         f"(± {100 * s['expected_fpr_se']:.2f} % from the calibration sample size)",
         f"  time: training {s['fit_seconds']:.1f} s, calibration and export "
