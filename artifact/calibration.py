@@ -1,16 +1,17 @@
 """Anomaly calibration: the normal rows' score distribution, stored in the manifest.
 
-A model's anomaly score is its negative log-likelihood (nats per row). Calibration keeps the
-score's quantiles on normal validation rows, so a served score has a percentile among normal
-rows and a threshold at any false-positive rate; the one at the export's target is stored.
+A model's anomaly score is of the kind its manifest names (``artifact.scores``: the negative
+log-likelihood in nats per row by default). Calibration keeps the score's quantiles on normal
+validation rows, so a served score has a percentile among normal rows and a threshold at any
+false-positive rate; the one at the export's target is stored.
 """
 
 from __future__ import annotations
 
-from typing import Literal
-
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from artifact.scores import ScoreKind
 
 __all__ = ["CALIBRATION_LEVELS", "Calibration", "calibrate", "percentile", "threshold_at"]
 
@@ -19,15 +20,16 @@ CALIBRATION_LEVELS = 201
 
 
 class Calibration(BaseModel):
-    """Anomaly calibration from normal validation rows: NLL (nats/sample) quantiles."""
+    """Anomaly calibration from normal validation rows: quantiles of the score of kind
+    ``score`` (NLL in nats/sample by default)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    score: Literal["nll"] = "nll"
+    score: ScoreKind = "nll"
     levels: list[float] = Field(description="probabilities of the quantiles, increasing in [0,1]")
-    quantiles: list[float] = Field(description="validation NLL at those probabilities")
+    quantiles: list[float] = Field(description="validation scores at those probabilities")
     target_fpr: float = Field(0.01, gt=0, lt=1)
-    threshold: float = Field(description="NLL above which a row is flagged")
+    threshold: float = Field(description="score above which a row is flagged")
     rows: int = Field(ge=1)
 
     @model_validator(mode="after")
@@ -39,11 +41,13 @@ class Calibration(BaseModel):
         return self
 
 
-def calibrate(nll: np.ndarray, target_fpr: float = 0.01) -> Calibration:
-    """Quantiles of the normal rows' NLL ``(rows,)`` and the threshold at ``target_fpr``."""
+def calibrate(nll: np.ndarray, target_fpr: float = 0.01, score: str = "nll") -> Calibration:
+    """Quantiles of the normal rows' scores ``(rows,)`` (of kind ``score``) and the threshold
+    at ``target_fpr``."""
     nll = np.sort(np.asarray(nll, dtype=np.float64))
     levels = np.linspace(0.0, 1.0, CALIBRATION_LEVELS)
     return Calibration(
+        score=score,
         levels=[float(v) for v in levels],
         quantiles=[float(v) for v in np.quantile(nll, levels)],
         target_fpr=target_fpr,

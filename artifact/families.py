@@ -40,6 +40,8 @@ class FamilySpec:
         likelihood_solvers: ODE solvers of the likelihood integral (``()``: one pass, in
             which case ``solver`` and ``steps`` do not apply to ``/log_likelihood``).
         timed: whether the manifest carries a ``time`` section (ODE models).
+        score_kinds: the anomaly score kinds its models can serve (``artifact.scores``).
+        optional_graphs: graphs an artifact may add (a score kind may need one).
     """
 
     name: str
@@ -48,6 +50,8 @@ class FamilySpec:
     likelihood_methods: tuple[str, ...] = ("exact",)
     likelihood_solvers: tuple[str, ...] = ()
     timed: bool = False
+    score_kinds: tuple[str, ...] = ("nll",)
+    optional_graphs: tuple[str, ...] = ()
 
     @property
     def all_graphs(self) -> tuple[str, ...]:
@@ -80,10 +84,13 @@ def family(name: str) -> FamilySpec:
 
 
 _ODE_GRAPHS = ("velocity", "velocity_div", "velocity_jvp")
-register_family(FamilySpec("flow", graphs=("log_prob", "sample"), sample_solvers=(ONE_PASS,)))
+register_family(FamilySpec("flow", graphs=("log_prob", "sample"), sample_solvers=(ONE_PASS,),
+                           score_kinds=("nll", "latent"), optional_graphs=("encode",)))
 register_family(FamilySpec("diffusion", graphs=_ODE_GRAPHS, sample_solvers=SOLVERS + SAMPLERS,
                            likelihood_methods=("exact", "hutchinson"),
-                           likelihood_solvers=SOLVERS, timed=True))
+                           likelihood_solvers=SOLVERS, timed=True,
+                           score_kinds=("nll", "denoise", "dte")))
 register_family(FamilySpec("flow_matching", graphs=_ODE_GRAPHS, sample_solvers=SOLVERS,
                            likelihood_methods=("exact", "hutchinson"),
-                           likelihood_solvers=SOLVERS, timed=True))
+                           likelihood_solvers=SOLVERS, timed=True,
+                           score_kinds=("nll", "denoise", "dte")))

@@ -2,8 +2,11 @@
 
 Versioned and validated by Pydantic. It names every graph file with its inputs and outputs
 (batch axis dynamic), the family's time convention and schedule, preprocessing, default
-solver settings, the anomaly calibration, the training data's summary, the sha256 of every
-file, and the versions that produced it.
+solver settings, the anomaly score kind and its calibration, the training data's summary,
+the sha256 of every file, and the versions that produced it.
+
+Version 2 added the ``anomaly`` section (``artifact.scores``); a version-1 manifest has none
+and serves the ``nll`` score, so both are read.
 """
 
 from __future__ import annotations
@@ -18,10 +21,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from artifact.calibration import Calibration
 from artifact.families import FAMILIES, family
+from artifact.scores import LATENTS_FILE, AnomalyScoreSpec
 
 __all__ = [
     "MANIFEST_FILE",
     "MANIFEST_VERSION",
+    "READABLE_VERSIONS",
     "Calibration",
     "DataInfo",
     "Defaults",
@@ -34,7 +39,9 @@ __all__ = [
     "sha256_file",
 ]
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+"""Manifest versions this code reads: 1 (before score kinds) and 2."""
 MANIFEST_FILE = "manifest.json"
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
@@ -116,6 +123,8 @@ class Manifest(_Model):
     time: TimeSpec | None = None
     defaults: Defaults = Field(default_factory=Defaults)
     calibration: Calibration | None = None
+    anomaly: AnomalyScoreSpec | None = Field(
+        None, description="the anomaly score kind and its parameters (none: nll)")
     data: DataInfo
     files: dict[str, str] = Field(description="file name -> sha256 of every file but this one")
     versions: dict[str, str] = Field(default_factory=dict)
@@ -133,6 +142,9 @@ class Manifest(_Model):
         missing = [g for g in fam.all_graphs if g not in self.graphs]
         if missing:
             raise ValueError(f"a {self.family} model needs graphs {missing}")
+        extra = [g for g in self.graphs if g not in fam.all_graphs + fam.optional_graphs]
+        if extra:
+            raise ValueError(f"a {self.family} model has no graphs {extra}")
         for graph, by_format in self.graphs.items():
             for fmt, spec in by_format.items():
                 if spec.format != fmt:
@@ -141,9 +153,28 @@ class Manifest(_Model):
                     raise ValueError(f"graph file {spec.file} has no sha256 in 'files'")
         if fam.timed and self.time is None:
             raise ValueError(f"a {self.family} model needs a 'time' section")
+        self._check_score(fam.score_kinds)
         if math.prod(self.event_shape) != self.dim:  # images: [C, H, W], rows flattened
             raise ValueError(f"event_shape {self.event_shape} does not hold dim={self.dim} values")
         return self
+
+    def _check_score(self, kinds: tuple[str, ...]) -> None:
+        kind = self.score_kind
+        if self.anomaly is not None and self.manifest_version < 2:
+            raise ValueError("an 'anomaly' section needs manifest_version 2")
+        if kind not in kinds:
+            raise ValueError(f"score kind {kind!r} does not apply to a {self.family} model; "
+                             f"its kinds: {', '.join(kinds)}")
+        if self.calibration is not None and self.calibration.score != kind:
+            raise ValueError(f"the calibration is of score {self.calibration.score!r} but the "
+                             f"model serves {kind!r}")
+        if kind == "latent" and ("encode" not in self.graphs or LATENTS_FILE not in self.files):
+            raise ValueError(f"a latent score needs the 'encode' graph and {LATENTS_FILE}")
+
+    @property
+    def score_kind(self) -> str:
+        """The anomaly score this model serves (``nll`` without an ``anomaly`` section)."""
+        return "nll" if self.anomaly is None else self.anomaly.kind
 
     def formats(self) -> set[str]:
         """Formats every graph is available in."""
@@ -171,10 +202,10 @@ def read_manifest(directory: str | Path, *, verify: bool = True) -> Manifest:
         first = str(err).splitlines()
         detail = "; ".join(line.strip() for line in first[1:3]) if len(first) > 1 else str(err)
         raise ManifestError(f"{directory.name}/{MANIFEST_FILE} is invalid: {detail}") from None
-    if manifest.manifest_version != MANIFEST_VERSION:
+    if manifest.manifest_version not in READABLE_VERSIONS:
         raise ManifestError(
             f"{directory.name}: manifest version {manifest.manifest_version}, this service "
-            f"reads version {MANIFEST_VERSION}"
+            f"reads versions {', '.join(map(str, READABLE_VERSIONS))}"
         )
     if verify:
         for name, expected in manifest.files.items():

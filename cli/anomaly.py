@@ -9,7 +9,7 @@ import sys
 from artifact.tables import FORMATS, DataError, table_format
 from cli.options import add_progress_arg
 from service.scoring import ON_BAD_ROW, score_file
-from training.anomaly import fit_anomaly, format_summary
+from training.anomaly import SCORES, fit_anomaly, format_summary
 
 __all__ = ["register"]
 
@@ -35,6 +35,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, help="cap on optimizer steps per candidate")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--format", choices=["onnx", "torchscript", "both"], default="onnx")
+    p.add_argument("--score", choices=["auto", *SCORES], default="nll",
+                   help="served anomaly score kind; auto: chosen on normal rows "
+                   "(docs/anomaly-selection-protocol.md)")
+    p.add_argument("--budget-s", type=float, help="wall-clock budget in seconds: fewer "
+                   "candidates past a share of it (the summary says which)")
     add_progress_arg(p)
     p.set_defaults(run=fit)
 
@@ -97,7 +102,8 @@ def fit(ns: argparse.Namespace) -> int:
     summary = fit_anomaly(ns.data, ns.out, target_fpr=ns.target_fpr, seed=ns.seed,
                           ensemble=ns.ensemble, model=ns.model, steps=ns.steps,
                           smoothing_search=ns.smoothing_search, formats=formats,
-                          progress=not ns.no_progress)
+                          progress=not ns.no_progress, score=ns.score,
+                          budget_s=ns.budget_s)
     print(format_summary(summary), file=sys.stderr)
     return 0
 

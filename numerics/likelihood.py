@@ -37,6 +37,7 @@ __all__ = [
     "VelocityJvp",
     "log_likelihood_exact",
     "log_likelihood_hutchinson",
+    "keyed_uniform",
     "rademacher_probes",
     "standard_normal_log_prob",
 ]
@@ -128,6 +129,23 @@ def _mix64(z: np.ndarray) -> np.ndarray:
     z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     return z ^ (z >> np.uint64(31))
+
+
+def keyed_uniform(seeds: int | np.ndarray, rows: np.ndarray, probes: int, dim: int,
+                  stream: int) -> np.ndarray:
+    """Uniforms in ``(0, 1)``, ``(probes, batch, dim)``, as a counter-based hash.
+
+    Entry ``(k, b, j)`` is a function of ``(seeds[b], rows[b], stream, k, j)`` only, like
+    :func:`rademacher_probes`' signs (``stream`` keeps independent uses apart): a row's
+    draws never depend on its batch.
+    """
+    rows = np.asarray(rows, dtype=np.uint64).reshape(-1)
+    seeds = np.broadcast_to(np.asarray(seeds, dtype=np.uint64), rows.shape)
+    key = _mix64(_mix64(_mix64(seeds + _GOLDEN) + rows) + np.uint64(stream))
+    k = np.arange(probes, dtype=np.uint64)[:, None, None]
+    j = np.arange(dim, dtype=np.uint64)[None, None, :]
+    bits = _mix64(_mix64(key[None, :, None] + k * _GOLDEN) + j) >> np.uint64(11)
+    return (bits.astype(np.float64) + 0.5) / float(1 << 53)
 
 
 def rademacher_probes(seeds: int | np.ndarray, rows: np.ndarray, probes: int,

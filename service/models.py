@@ -32,6 +32,7 @@ def model_info(rt: ModelRuntime) -> ModelInfo:
         solvers=list(rt.solvers()),
         shape=list(m.event_shape), defaults=m.defaults.model_dump(),
         calibration=None if m.calibration is None else {
+            "score": m.score_kind,
             "target_fpr": m.calibration.target_fpr,
             "threshold": m.calibration.threshold,
             "rows": m.calibration.rows,

@@ -177,12 +177,15 @@ class AnomalyScoreRequest(_Request):
         None, gt=0, lt=1, description="override the model's calibrated false-positive rate",
         json_schema_extra=_openapi30_open_interval,
     )
+    seed: int | None = Field(None, ge=0, le=MAX_SEED,
+                             description="seed of the score's noise (denoise; Hutchinson)")
 
 
 class AnomalyScoreResponse(BaseModel):
     model_config = ConfigDict(protected_namespaces=())
     model: str
-    scores: Numbers = Field(description="negative log-likelihood, nats per row")
+    scores: Numbers = Field(description="the model's score kind per row (nll: nats per row)")
+    score: str = Field("nll", description="the score kind: nll, denoise, dte or latent")
     threshold: float
     is_anomaly: Flags
     percentile: Numbers = Field(description="percentile among normal validation rows")

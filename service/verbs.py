@@ -78,6 +78,7 @@ def run_anomaly_score(rt: ModelRuntime,
         AnomalyScoreResponse(
             model=rt.name,
             scores=out.scores[a:b],
+            score=rt.score_kind,
             threshold=out.threshold,
             is_anomaly=out.is_anomaly[a:b],
             percentile=out.percentile[a:b],

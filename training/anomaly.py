@@ -93,6 +93,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from artifact.families import family
+from artifact.scores import AnomalyScoreSpec
 from training.checkpoint import Checkpoint, DataSummary
 from training.config import ModelConfig, PreprocessConfig, TrainConfig
 from training.data import DataError, load_data
@@ -101,10 +103,18 @@ from training.export import export_checkpoint
 from training.fit import fit_arrays
 from training.flows.mixture import FlowMixture
 from training.registry import MODEL_TYPES
+from training.score_kinds import (
+    denoise_spec,
+    dte_spec,
+    latent_spec,
+    synthetic_outliers,
+)
 
 __all__ = [
     "DEFAULT_CANDIDATES",
     "DEFAULT_SMOOTHING_SEARCH",
+    "ODE_CANDIDATES",
+    "SCORES",
     "Candidate",
     "ColumnNoise",
     "Plan",
@@ -119,12 +129,21 @@ __all__ = [
     "mix_candidates",
     "prepare",
     "resmooth",
+    "score_spec",
     "search_smoothing",
     "select",
     "train_candidate",
 ]
 
 DEFAULT_CANDIDATES = ("maf", "nsf")
+ODE_CANDIDATES = ("cfm",)
+"""What ``--score denoise|dte`` trains without ``--model``: a flow-matching model (no noise
+schedule to choose; one velocity call per noise level when served)."""
+SCORES = ("nll", "denoise", "dte", "latent")
+AUTO_ORDER = ("nll", "latent", "denoise", "dte")
+"""``--score auto``'s candidates, cheapest first: a later kind must beat an earlier one's
+statistic by more than ``AUTO_MARGIN`` (docs/anomaly-selection-protocol.md, third protocol)."""
+AUTO_MARGIN = 0.01
 # smoothing scales (std) the winning type is trained again at: docs/anomaly-selection-protocol.md
 DEFAULT_SMOOTHING_SEARCH = (0.2, 0.5)
 MIN_ROWS = 10
@@ -395,8 +414,12 @@ def train_candidate(prep: Prepared, kind: str, seed: int = 0, *,
     ckpt = fit_arrays(kind, prep.xt, prep.xv, data=prep.summary, model_cfg=model_cfg,
                       pre_cfg=PreprocessConfig(standardize=True), train_cfg=train_cfg)
     s = ckpt.config.summary
-    val_nll = float(-np.mean(data_log_prob(ckpt, prep.xv)["log_prob"]))
+    # A flow's validation NLL is one pass; an ODE model's would integrate the PF-ODE over
+    # thousands of rows, so ODE candidates are compared on their validation loss.
+    val_nll = (float(-np.mean(data_log_prob(ckpt, prep.xv)["log_prob"]))
+               if ckpt.config.family == "flow" else math.nan)
     entry = {"model_type": kind, "seed": seed, "smoothing": plan.smoothing, "val_nll": val_nll,
+             "val_loss": float(s["best_val_loss"]),
              "steps": int(s["steps"]), "best_step": int(s["best_step"]),
              "seconds": round(time.perf_counter() - t0, 3)}
     return Candidate(ckpt, entry)
@@ -442,13 +465,13 @@ def search_smoothing(prep: Prepared, chosen: Candidate, scales: Sequence[float],
     return best_prep, best, [c for _, c in pairs[1:]]
 
 
-def select(candidates: Sequence[Candidate]) -> Candidate:
-    """The candidate with the lowest finite validation NLL."""
-    finite = [c for c in candidates if math.isfinite(c.entry["val_nll"])]
+def select(candidates: Sequence[Candidate], key: str = "val_nll") -> Candidate:
+    """The candidate with the lowest finite validation NLL (or other entry ``key``)."""
+    finite = [c for c in candidates if math.isfinite(c.entry[key])]
     if not finite:
-        raise FloatingPointError("every candidate's validation NLL is non-finite; check the "
+        raise FloatingPointError(f"every candidate's {key} is non-finite; check the "
                                  "data for extreme values or choose another --model")
-    return min(finite, key=lambda c: c.entry["val_nll"])
+    return min(finite, key=lambda c: c.entry[key])
 
 
 def mix_candidates(prep: Prepared, members: Sequence[Candidate]) -> Candidate:
@@ -499,8 +522,12 @@ def export_candidate(
     formats: tuple[str, ...] = ("onnx",),
     name: str | None = None,
     tried: Sequence[dict[str, Any]] = (),
+    score: AnomalyScoreSpec | None = None,
+    latents: np.ndarray | None = None,
+    score_selection: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Calibrate ``chosen`` on the calibration rows (raw, as served) and export it."""
+    """Calibrate ``chosen``'s anomaly score (``score``; default ``nll``) on the calibration
+    rows (raw, as served) and export it."""
     if not 0.0 < target_fpr < 1.0:
         raise ValueError(f"target_fpr must be in (0, 1); got {target_fpr}")
     ckpt = chosen.ckpt
@@ -508,9 +535,11 @@ def export_candidate(
     ckpt.config.summary["anomaly"] = {"plan": asdict(prep.plan), "candidates": tried,
                                       "columns": prep.noise.describe(), "rows": prep.rows}
     t0 = time.perf_counter()
-    nll_val = -data_log_prob(ckpt, prep.x_val)["log_prob"]
+    nll_val = (-data_log_prob(ckpt, prep.x_val)["log_prob"] if ckpt.config.family == "flow"
+               else np.full(1, math.nan))
     exported = export_checkpoint(ckpt, out_dir, formats=formats, name=name,
-                                 target_fpr=target_fpr, calibration_rows=prep.x_cal)
+                                 target_fpr=target_fpr, calibration_rows=prep.x_cal,
+                                 score=score, latents=latents)
     manifest, nll_cal = exported.manifest, exported.calibration_scores
     threshold = float(manifest.calibration.threshold)
     n_cal, dim = len(nll_cal), prep.x_train.shape[1]
@@ -518,6 +547,8 @@ def export_candidate(
         "out": str(out_dir),
         "name": manifest.name,
         "model_type": chosen.entry["model_type"],
+        "score": manifest.score_kind,
+        "score_selection": score_selection or {},
         "seed": chosen.entry["seed"],
         "data": prep.summary.name,
         "note": prep.note,
@@ -553,6 +584,8 @@ def fit_anomaly(
     name: str | None = None,
     formats: tuple[str, ...] = ("onnx",),
     progress: bool = True,
+    score: str = "nll",
+    budget_s: float | None = None,
 ) -> dict[str, Any]:
     """Fit, calibrate and export an anomaly model on normal rows; returns a summary dict.
 
@@ -576,6 +609,14 @@ def fit_anomaly(
             ``()``: no search.
         formats: export formats (``"onnx"``, ``"torchscript"``).
         progress: progress bars for training.
+        score: the served anomaly score kind (``artifact.scores``): ``nll``; ``denoise`` or
+            ``dte`` (a diffusion / flow-matching model, ``ODE_CANDIDATES`` unless ``model``
+            says otherwise; no smoothing search); ``latent`` (the flow chosen as for ``nll``,
+            scored by its latent neighbours); ``auto``: every kind that applies, chosen on
+            normal rows by docs/anomaly-selection-protocol.md (third protocol).
+        budget_s: wall-clock seconds the fit should take: past a third of it the smoothing
+            search is skipped, past half of it (``auto``) the flow-matching candidates are;
+            the summary's ``budget`` says what was dropped.
     Returns:
         JSON-able summary (``format_summary`` prints it): chosen model type, validation NLL
         (nats/row on the raw validation rows), threshold, expected false-positive rate, the
@@ -585,8 +626,15 @@ def fit_anomaly(
         raise ValueError(f"target_fpr must be in (0, 1); got {target_fpr}")
     if ensemble < 1:
         raise ValueError(f"ensemble must be >= 1; got {ensemble}")
+    if score == "auto":
+        return _fit_auto(data, out_dir, target_fpr=target_fpr, seed=seed, model=model,
+                         plan=plan, steps=steps, smoothing_search=smoothing_search, name=name,
+                         formats=formats, progress=progress, budget_s=budget_s)
+    model = _models_for(score, model, ensemble)
     if smoothing_search is None:
-        smoothing_search = DEFAULT_SMOOTHING_SEARCH if ensemble == 1 else ()
+        smoothing_search = (DEFAULT_SMOOTHING_SEARCH
+                            if ensemble == 1 and score in ("nll", "latent") else ())
+    started = time.perf_counter()
     scales = check_smoothing_scales(smoothing_search)
     if scales and ensemble > 1:
         raise ValueError("a smoothing search and ensemble > 1 cannot be combined; pass "
@@ -599,12 +647,114 @@ def fit_anomaly(
                for kind in prep.plan.candidates for k in range(ensemble)]
     candidates = ensemble_candidates(prep, trained) if ensemble > 1 else trained
     tried = [c.entry for c in trained] + ([c.entry for c in candidates] if ensemble > 1 else [])
-    chosen = select(candidates)
+    chosen = select(candidates, "val_nll" if score in ("nll", "latent") else "val_loss")
+    dropped = []
+    if scales and _past(started, budget_s, 1 / 3):
+        scales, dropped = (), ["smoothing search"]
     if scales:
         prep, chosen, extra = search_smoothing(prep, chosen, scales, seed, progress=progress)
         tried += [c.entry for c in extra]
-    return export_candidate(prep, chosen, out_dir, target_fpr=target_fpr,
-                            formats=formats, name=name, tried=tried)
+    spec, latents, selection = score_spec(prep, chosen, score, seed)
+    out = export_candidate(prep, chosen, out_dir, target_fpr=target_fpr,
+                           formats=formats, name=name, tried=tried, score=spec,
+                           latents=latents, score_selection=selection)
+    return out | {"budget": {"budget_s": budget_s, "dropped": dropped},
+                  "total_seconds": round(time.perf_counter() - started, 3)}
+
+
+def _past(started: float, budget_s: float | None, share: float) -> bool:
+    return budget_s is not None and time.perf_counter() - started > share * budget_s
+
+
+def _fit_auto(data: Any, out_dir: Any, *, target_fpr: float, seed: int, model: Any,
+              plan: Plan | None, steps: int | None, smoothing_search: Any, name: str | None,
+              formats: tuple[str, ...], progress: bool, budget_s: float | None,
+              ) -> dict[str, Any]:
+    """``--score auto``: the third protocol of docs/anomaly-selection-protocol.md."""
+    from training.score_kinds import auroc, in_process_scores
+
+    started = time.perf_counter()
+    if smoothing_search is None:
+        smoothing_search = DEFAULT_SMOOTHING_SEARCH
+    prep = prepare(data, seed=seed, model=model, plan=plan, steps=steps)
+    trained = [train_candidate(prep, kind, seed, progress=progress)
+               for kind in prep.plan.candidates]
+    tried = [c.entry for c in trained]
+    flow = select(trained)
+    dropped = []
+    if _past(started, budget_s, 1 / 3):
+        dropped.append("smoothing search")
+    elif smoothing_search:
+        prep, flow, extra = search_smoothing(prep, flow, smoothing_search, seed,
+                                             progress=progress)
+        tried += [c.entry for c in extra]
+    outliers = synthetic_outliers(prep.x_val, prep.x_train, seed)
+    options: dict[str, tuple] = {}
+    for kind in ("nll", "latent"):
+        if kind == "latent" and not hasattr(flow.ckpt.model, "encode_graphs"):
+            continue
+        spec, latents, sel = score_spec(prep, flow, kind, seed)
+        options[kind] = (prep, flow, spec, latents, sel)
+    if _past(started, budget_s, 1 / 2):
+        dropped.append("flow-matching candidates (denoise, dte)")
+    else:
+        ode_prep = prepare(data, seed=seed, model=ODE_CANDIDATES[0], plan=None, steps=steps)
+        ode = train_candidate(ode_prep, ODE_CANDIDATES[0], seed, progress=progress)
+        tried.append(ode.entry)
+        for kind in ("denoise", "dte"):
+            spec, latents, sel = score_spec(ode_prep, ode, kind, seed)
+            options[kind] = (ode_prep, ode, spec, latents, sel)
+    stats = {}
+    for kind, (p, c, spec, latents, _) in options.items():
+        spec_or_nll = spec or AnomalyScoreSpec()
+        stats[kind] = auroc(in_process_scores(c.ckpt, spec_or_nll, p.x_val, latents=latents),
+                            in_process_scores(c.ckpt, spec_or_nll, outliers, seed=seed + 1,
+                                              latents=latents))
+    best = "nll"
+    for kind in AUTO_ORDER[1:]:
+        if kind in stats and stats[kind] > stats[best] + AUTO_MARGIN:
+            best = kind
+    p, c, spec, latents, sel = options[best]
+    out = export_candidate(p, c, out_dir, target_fpr=target_fpr, formats=formats, name=name,
+                           tried=tried, score=spec, latents=latents,
+                           score_selection=sel | {"auto": stats, "chosen": best})
+    return out | {"budget": {"budget_s": budget_s, "dropped": dropped},
+                  "total_seconds": round(time.perf_counter() - started, 3)}
+
+
+def _models_for(score: str, model: str | Sequence[str] | None,
+                ensemble: int) -> str | Sequence[str] | None:
+    """The candidate model types of a score kind, checked against their families."""
+    if score not in SCORES:
+        raise ValueError(f"unknown score {score!r}; choose one of: {', '.join(SCORES)}")
+    if score == "nll":
+        return model
+    if ensemble > 1:
+        raise ValueError(f"--score {score} serves a single model; use ensemble 1")
+    kinds = ([model] if isinstance(model, str) else list(model)) if model else (
+        list(ODE_CANDIDATES) if score in ("denoise", "dte") else None)
+    for kind in kinds or ():
+        fam = MODEL_TYPES[kind].family if kind in MODEL_TYPES else None
+        if fam is not None and score not in family(fam).score_kinds:
+            raise ValueError(f"score {score!r} does not apply to {kind} (a {fam} model); "
+                             f"a {fam} model serves: {', '.join(family(fam).score_kinds)}")
+    return kinds
+
+
+def score_spec(prep: Prepared, chosen: Candidate, score: str, seed: int = 0,
+               ) -> tuple[AnomalyScoreSpec | None, np.ndarray | None, dict[str, Any]]:
+    """The served score's spec for ``chosen`` (None: ``nll``), the latents it stores, and
+    what was measured to fit it (normal rows and synthetic outliers only)."""
+    if score == "denoise":
+        outliers = synthetic_outliers(prep.x_val, prep.x_train, seed)
+        spec, tried = denoise_spec(chosen.ckpt, prep.x_val, outliers, seed)
+        return spec, None, {"auroc_vs_synthetic": tried, "weights": spec.weights}
+    if score == "dte":
+        return dte_spec(chosen.ckpt), None, {}
+    if score == "latent":
+        spec, latents = latent_spec(chosen.ckpt, prep.x_train, seed)
+        return spec, latents, {"latent_rows": len(latents)}
+    return None, None, {}
 
 
 def format_summary(s: dict[str, Any]) -> str:
@@ -615,14 +765,15 @@ def format_summary(s: dict[str, Any]) -> str:
     r = s["rows"]
     cal = "validation" if r["calibration_is_val"] else "calibration"
     lines = [
-        f"exported {s['name']} ({s['model_type']}, {s['dim']} columns) to {s['out']}",
+        f"exported {s['name']} ({s['model_type']}, {s['dim']} columns, score "
+        f"{s.get('score', 'nll')}) to {s['out']}",
         f"  rows: {r['train']} train / {r['val']} validation"
         + ("" if r["calibration_is_val"] else f" / {r['calibration']} calibration")
         + (f" ({s['note']})" if s["note"] else ""),
         f"  validation NLL: {s['val_nll']:.4f} nats/row ({s['val_nll_per_dim']:.4f} per "
         f"column); candidates by validation NLL: {cands}",
-        f"  threshold: NLL > {s['threshold']:.4f} nats is flagged (quantile of {r['calibration']} "
-        f"{cal} rows)",
+        f"  threshold: {s.get('score', 'nll')} > {s['threshold']:.4f} is flagged (quantile "
+        f"of {r['calibration']} {cal} rows)",
         f"  expected false-positive rate: {100 * s['expected_fpr']:.2f} % "
         f"(± {100 * s['expected_fpr_se']:.2f} % from the calibration sample size)",
         f"  time: training {s['fit_seconds']:.1f} s, calibration and export "

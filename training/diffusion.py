@@ -16,6 +16,7 @@ need no autograd.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -136,6 +137,14 @@ class DiffusionModel(VelocityModel):
         eps, jvp_eps = self._eps_jvp(x, t, e)
         velocity = pf_ode_velocity(x, eps, t, self.schedule)
         return velocity, pf_ode_jvp(e, jvp_eps, t, self.schedule)
+
+    def path(self, t: float) -> tuple[float, float, float, float]:
+        """VP: ``a = alpha``, ``s = sigma``, ``a' = -beta alpha / 2``, ``s' = beta alpha^2 /
+        (2 sigma)`` (from ``alpha^2 + sigma^2 = 1``)."""
+        tt = np.array([t])
+        a, s = float(self.schedule.alpha(tt)[0]), float(self.schedule.sigma(tt)[0])
+        beta = float(self.schedule.beta(tt)[0])
+        return a, s, -0.5 * beta * a, 0.5 * beta * a * a / s
 
     def time_spec(self) -> TimeSpec:
         s = self.schedule

@@ -4,8 +4,10 @@ The model names its family's graphs (``export_graphs()``, thin wrappers of
 ``training.graphs``) and the manifest fields its family needs (``time_spec()``,
 ``serving_defaults()``); this module adds the preprocessing graphs, writes each graph in each
 format, and calibrates the anomaly threshold on the written graphs through the served
-runtime (``service.runtime``), so what is calibrated is what is served. Export needs only the
-checkpoint: its held-out calibration rows travel in it.
+runtime (``service.runtime``), so what is calibrated is what is served: the anomaly score of
+the kind ``score`` names (``artifact.scores``; default ``nll``), whose stored parts (a
+``latent`` score's training latents) are written beside the graphs and sha256-listed like
+them. Export needs only the checkpoint: its held-out calibration rows travel in it.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
+from safetensors.numpy import save_file
 from torch import Tensor, nn
 from torch.export import Dim
 
@@ -35,6 +38,7 @@ from artifact.manifest import (
     TensorSpec,
     sha256_file,
 )
+from artifact.scores import LATENTS_FILE, AnomalyScoreSpec
 from service.progress import progress_bar
 from service.runtime import open_runtime
 from training.checkpoint import Checkpoint, atomic_directory
@@ -52,14 +56,15 @@ CALIBRATION_BATCH = 256
 @dataclass(frozen=True)
 class Exported:
     """What :func:`export_checkpoint` wrote: the manifest, and the calibration rows' scores
-    (negative log-likelihood through the served graphs; None without calibration)."""
+    (the served score kind through the served graphs; None without calibration)."""
 
     manifest: Manifest
     calibration_scores: np.ndarray | None
 
 
-def export_graphs(ckpt: Checkpoint) -> dict[str, ExportGraph]:
-    """Every graph of the artifact: the preprocessing pair and the model's own."""
+def export_graphs(ckpt: Checkpoint, with_encode: bool = False) -> dict[str, ExportGraph]:
+    """Every graph of the artifact: the preprocessing pair and the model's own (with a
+    flow's ``encode`` graph for a ``latent`` score)."""
     d = ckpt.config.dim
     model, pre = ckpt.model.eval(), ckpt.preprocessor.eval().frozen()
     x, u = spec("x", d), spec("u", d)
@@ -67,6 +72,7 @@ def export_graphs(ckpt: Checkpoint) -> dict[str, ExportGraph]:
         "preprocess": ExportGraph(PreprocessGraph(pre), [x], [u, spec("ladj", None)]),
         "postprocess": ExportGraph(PostprocessGraph(pre), [u], [x]),
         **model.export_graphs(),
+        **(model.encode_graphs() if with_encode else {}),
     }
 
 
@@ -108,10 +114,10 @@ def _export_torchscript(module: nn.Module, inputs: list[TensorSpec], path: Path)
     traced.save(str(path))
 
 
-def _write_graphs(ckpt: Checkpoint, formats: tuple[str, ...],
-                  folder: Path) -> dict[str, dict[str, GraphFile]]:
+def _write_graphs(ckpt: Checkpoint, formats: tuple[str, ...], folder: Path,
+                  with_encode: bool = False) -> dict[str, dict[str, GraphFile]]:
     graphs: dict[str, dict[str, GraphFile]] = {}
-    for name, graph in export_graphs(ckpt).items():
+    for name, graph in export_graphs(ckpt, with_encode).items():
         graphs[name] = {}
         for fmt in formats:
             file = f"{name}.onnx" if fmt == "onnx" else f"{name}.pt"
@@ -162,7 +168,7 @@ def _calibration_rows(ckpt: Checkpoint, rows: np.ndarray | None, limit: int | No
 
 def _score_rows(folder: Path, manifest: Manifest, fmt: str, rows: np.ndarray,
                 progress: bool) -> np.ndarray:
-    """Negative log-likelihood of ``rows`` through the served runtime on ``folder``."""
+    """The anomaly score of ``rows`` through the served runtime on ``folder``."""
     runtime = open_runtime(folder, manifest=manifest, runtime=fmt)
     scores = []
     with progress_bar(total=len(rows), desc="calibrate", unit="rows",
@@ -170,7 +176,7 @@ def _score_rows(folder: Path, manifest: Manifest, fmt: str, rows: np.ndarray,
         for a in range(0, len(rows), CALIBRATION_BATCH):
             block = rows[a:a + CALIBRATION_BATCH]
             rows_index = np.arange(a, a + len(block))
-            scores.append(-runtime.log_likelihood(block, rows=rows_index).log_prob)
+            scores.append(runtime.score(block, rows=rows_index))
             bar.update(len(block))
     return np.concatenate(scores)
 
@@ -188,6 +194,8 @@ def export_checkpoint(
     method: str | None = None,
     progress: bool = False,
     seed: int = 0,
+    score: AnomalyScoreSpec | None = None,
+    latents: np.ndarray | None = None,
 ) -> Exported:
     """Write ``out/`` atomically: graphs in each format, then ``manifest.json`` with sha256s.
 
@@ -203,6 +211,8 @@ def export_checkpoint(
             calibration uses too.
         progress: a progress bar while calibrating (an ODE model integrates the PF-ODE per
             row: the longest part of an export).
+        score: the anomaly score kind and its parameters (default: ``nll``).
+        latents: ``(rows, dim)`` training latents a ``latent`` score stores.
     """
     bad = [f for f in formats if f not in FORMATS]
     if bad or not formats:
@@ -224,7 +234,11 @@ def export_checkpoint(
         defaults = defaults.model_copy(update={"solver": "euler", "steps": 2})
     scores = None
     with atomic_directory(out) as tmp:
-        graphs = _write_graphs(ckpt, formats, tmp)
+        graphs = _write_graphs(ckpt, formats, tmp, with_encode=score is not None
+                               and score.kind == "latent")
+        if latents is not None:
+            save_file({"z": np.ascontiguousarray(latents, dtype=np.float32)},
+                      str(tmp / LATENTS_FILE))
         manifest = Manifest(
             name=name or out.name,
             family=cfg.family,
@@ -236,6 +250,7 @@ def export_checkpoint(
             time=model.time_spec(),
             defaults=defaults,
             calibration=None,
+            anomaly=score,
             data=DataInfo(name=cfg.data.name, rows=cfg.data.rows, dim=cfg.data.dim,
                           levels=cfg.data.levels, mean=cfg.data.mean, std=cfg.data.std,
                           columns=cfg.data.columns),
@@ -244,7 +259,8 @@ def export_checkpoint(
         )
         if rows is not None:
             scores = _score_rows(tmp, manifest, formats[0], rows, progress)
-            manifest = manifest.model_copy(update={"calibration": calibrate(scores, target_fpr)})
+            cal = calibrate(scores, target_fpr, score=manifest.score_kind)
+            manifest = manifest.model_copy(update={"calibration": cal})
         _write_manifest(tmp, manifest)
     return Exported(manifest, scores)
 

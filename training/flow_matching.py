@@ -24,6 +24,8 @@ Variants are composition plus one override:
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -70,6 +72,12 @@ class ConditionalFlowMatcher:
         s = t[:, None]
         x_t = (1 - s) * x + (self.sigma_min + (1 - self.sigma_min) * s) * z
         return x_t, (1 - self.sigma_min) * z - x
+
+    def path(self, t: float) -> tuple[float, float, float]:
+        """The marginal noise of the path at ``t``: ``(a, s, ds/dt)`` with ``x_t = a x + s
+        eps`` in distribution (``a = 1 - t``)."""
+        m = self.sigma_min
+        return 1.0 - t, m + (1.0 - m) * t, 1.0 - m
 
     def sample_location_and_flow(
         self, x: Tensor, z: Tensor, generator: torch.Generator | None = None
@@ -145,6 +153,12 @@ class StochasticInterpolantMatcher(ConditionalFlowMatcher):
     def __init__(self, gamma: float = 0.5) -> None:
         super().__init__(sigma_min=0.0)
         self.gamma = gamma
+
+    def path(self, t: float) -> tuple[float, float, float]:
+        """``t z + gamma t (1 - t) xi`` is Gaussian: ``s^2 = t^2 + gamma^2 t^2 (1 - t)^2``."""
+        g2 = self.gamma ** 2
+        s = math.sqrt(t * t + g2 * t * t * (1 - t) ** 2)
+        return 1.0 - t, s, (t + g2 * t * (1 - t) * (1 - 2 * t)) / s
 
     def interpolate(
         self, x: Tensor, z: Tensor, t: Tensor, generator: torch.Generator | None = None
@@ -237,6 +251,11 @@ class FlowMatchingModel(VelocityModel):
     def velocity_jvp(self, x: Tensor, t: Tensor, e: Tensor) -> tuple[Tensor, Tensor]:
         """``(v, (dv/dx) e)``, both ``(batch, dim)``."""
         return self.net.jvp(x, t, e)
+
+    def path(self, t: float) -> tuple[float, float, float, float]:
+        """The matcher's path; ``a' = -1`` (``a = 1 - t``)."""
+        a, s, ds = self.matcher.path(t)
+        return a, s, -1.0, ds
 
     def serving_defaults(self) -> Defaults:
         return Defaults(solver="rk4", steps=16, method=self.likelihood_method)

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from artifact.manifest import TensorSpec
 
 __all__ = [
+    "EncodeGraph",
     "ExportGraph",
     "LogProbGraph",
     "PostprocessGraph",
@@ -111,6 +112,18 @@ class VelocityJvpGraph(VelocityGraph):
 
     def forward(self, x: Tensor, t: Tensor, e: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         return self.model.velocity_jvp(x, t, e)
+
+
+class EncodeGraph(nn.Module):
+    """One-pass models: ``u: (batch, dim)`` -> the latent ``z = f(u)`` (the ``latent``
+    anomaly score's input)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, u: Tensor) -> Tensor:
+        return self.model(u)[0]
 
 
 def one_pass_graphs(model: nn.Module, dim: int) -> dict[str, ExportGraph]:

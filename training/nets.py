@@ -9,12 +9,14 @@ differentiation by hand; Griewank & Walther, *Evaluating Derivatives*, 2008, ch.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from artifact.manifest import Defaults, TimeSpec
+from artifact.scores import NoiseLevel
 from numerics import likelihood
 from numerics.likelihood import LikelihoodResult
 from numerics.solvers import Trajectory, integrate, trajectory
@@ -153,6 +155,16 @@ class VelocityModel(nn.Module):
 
     def velocity_jvp(self, x: Tensor, t: Tensor, e: Tensor) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
+
+    def path(self, t: float) -> tuple[float, float, float, float]:
+        """The Gaussian marginal path ``x_t = a u + s eps`` at ``t``: ``(a, s, da/dt,
+        ds/dt)``, which the denoising anomaly scores need (``numerics.denoise``)."""
+        raise NotImplementedError
+
+    def noise_levels(self, ts: Sequence[float]) -> list[NoiseLevel]:
+        """The manifest's noise levels (``artifact.scores``) at times ``ts``."""
+        return [NoiseLevel(t=float(t), **dict(zip(("a", "s", "da", "ds"), self.path(float(t)),
+                                                  strict=True))) for t in ts]
 
     def validation_loss(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """The training loss; the caller fixes ``generator``'s seed so evaluations compare."""

@@ -56,7 +56,7 @@ INT_TYPES = ("INT64", "INT32")
 PARAMETERS = {
     "sample": {"seed": int, "steps": int, "solver": str},
     "log_likelihood": {"method": str, "steps": int, "solver": str, "probes": int, "seed": int},
-    "anomaly_score": {"target_fpr": float},
+    "anomaly_score": {"target_fpr": float, "seed": int},
 }
 # Parameters standard clients add on their own (tritonclient: timeout, priority, sequences).
 CLIENT_PARAMETERS = {"sequence_id", "sequence_start", "sequence_end", "priority", "timeout",
@@ -275,7 +275,7 @@ def response_tensors(verb: str, answer: BaseModel) -> tuple[list, dict[str, Any]
     return [("scores", "FP64", np.asarray(answer.scores, f64)),
             ("is_anomaly", "BOOL", np.asarray(answer.is_anomaly, bool)),
             ("percentile", "FP64", np.asarray(answer.percentile, f64)),
-            ("threshold", "FP64", np.asarray([answer.threshold], f64))], {}
+            ("threshold", "FP64", np.asarray([answer.threshold], f64))], {"score": answer.score}
 
 
 def _set_param(p: pb.InferParameter, value: Any) -> None:

@@ -4,8 +4,9 @@
 its graphs opened with ONNX Runtime or TorchScript, the preprocessing graphs that map data
 units to model space and back, seeded noise, the likelihood floor for rows no model can
 score, and the anomaly score over the calibration. A family subclass contributes two steps:
-``_generate`` (noise -> model space) and ``_log_prob`` (model space -> log-density), and
-registers itself with :func:`register_runtime` under its family's name
+``_generate`` (noise -> model space) and ``_log_prob`` (model space -> log-density), the
+anomaly score kinds beyond ``nll`` its family serves (``_kind_score``), and registers
+itself with :func:`register_runtime` under its family's name
 (``artifact.families``). :func:`open_runtime` reads a model folder and builds the runtime of
 its family. Imports nothing from ``training``; with ONNX graphs it needs no torch.
 """
@@ -75,7 +76,7 @@ class LikelihoodOutput:
 
 @dataclass
 class AnomalyResult:
-    scores: np.ndarray  # (rows,) NLL in nats per sample
+    scores: np.ndarray  # (rows,) of the model's score kind (NLL: nats per sample)
     percentile: np.ndarray  # (rows,) in [0, 100] among normal validation rows
     is_anomaly: np.ndarray  # (rows,) bool
     threshold: float
@@ -264,13 +265,44 @@ class ModelRuntime:
         raise NotImplementedError
 
     # -- anomaly_score ---------------------------------------------------------------------
+    @property
+    def score_kind(self) -> str:
+        return self.manifest.score_kind
+
+    def score(self, x: np.ndarray, *, seed: int | np.ndarray = 0,
+              rows: np.ndarray | None = None, **likelihood_options: object) -> np.ndarray:
+        """The model's anomaly score ``(rows,)`` of its kind (``artifact.scores``): higher is
+        more anomalous. Seeded draws (Hutchinson probes, denoising noise) are keyed by each
+        row's ``seed`` and ``rows`` index, as in :meth:`log_likelihood`. Rows no model can
+        score get ``-LOG_LIKELIHOOD_FLOOR`` (1e30), above every calibrated threshold."""
+        kind = self.score_kind
+        if kind == "nll":
+            return -self.log_likelihood(x, seed=seed, rows=rows, **likelihood_options).log_prob
+        x = np.asarray(x, dtype=np.float64)
+        seeds = np.broadcast_to(np.asarray(seed, dtype=np.uint64), (len(x),))
+        rows = np.arange(len(x)) if rows is None else np.asarray(rows)
+        u, ladj = self.call("preprocess", x)
+        u = u.astype(np.float64)
+        inside = np.isfinite(u).all(1) & np.isfinite(ladj) & (np.abs(u).max(1) <= SUPPORT_BOUND)
+        out = np.full(len(x), -LOG_LIKELIHOOD_FLOOR)
+        if inside.any():
+            out[inside] = self._kind_score(kind, u[inside], seeds[inside], rows[inside])
+        return np.where(np.isfinite(out), np.minimum(out, -LOG_LIKELIHOOD_FLOOR),
+                        -LOG_LIKELIHOOD_FLOOR)
+
+    def _kind_score(self, kind: str, u: np.ndarray, seeds: np.ndarray,
+                    rows: np.ndarray) -> np.ndarray:
+        """Model space ``u: (rows, dim)`` -> the score of ``kind`` ``(rows,)``; a family's
+        step for each kind it lists besides ``nll`` (the manifest allows no other)."""
+        raise NotImplementedError(f"{self.family} runtime has no {kind!r} score")
+
     def anomaly_score(self, x: np.ndarray, *, target_fpr: float | None = None,
-                      **likelihood_options: object) -> AnomalyResult:
-        """NLL score, percentile among normal validation rows, and the calibrated flag."""
+                      **score_options: object) -> AnomalyResult:
+        """The score, its percentile among normal calibration rows, and the calibrated flag."""
         cal = self.manifest.calibration
         if cal is None:
             raise InputError(f"model '{self.name}' has no anomaly calibration")
-        scores = -self.log_likelihood(x, **likelihood_options).log_prob
+        scores = self.score(x, **score_options)
         threshold = cal.threshold if target_fpr is None else self.threshold_at(target_fpr)
         return AnomalyResult(scores=scores, percentile=percentile(cal, scores),
                              is_anomaly=scores > threshold, threshold=float(threshold))

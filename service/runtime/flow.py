@@ -1,12 +1,19 @@
 """Normalizing flows: one graph pass each way (``sample``: noise -> model space, ``log_prob``:
-the exact log-density in model space)."""
+the exact log-density in model space); the ``latent`` anomaly score encodes a row
+(``encode``: ``z = f(u)``) and measures its distance to the stored training latents."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
+from safetensors.numpy import load_file
 
+from artifact.manifest import Manifest
+from artifact.scores import LATENTS_FILE
+from numerics.neighbours import knn_mean_distance
 from service.runtime.base import ModelRuntime, SeededRows, register_runtime
 
 __all__ = ["FlowRuntime"]
@@ -14,6 +21,16 @@ __all__ = ["FlowRuntime"]
 
 @register_runtime("flow")
 class FlowRuntime(ModelRuntime):
+    def __init__(self, directory: str | Path, manifest: Manifest, **options: Any) -> None:
+        super().__init__(directory, manifest, **options)
+        self.latents = (load_file(str(self.directory / LATENTS_FILE))["z"]
+                        if manifest.score_kind == "latent" else None)
+
+    def _kind_score(self, kind: str, u: np.ndarray, seeds: np.ndarray,
+                    rows: np.ndarray) -> np.ndarray:
+        (z,) = self.call("encode", u)
+        return knn_mean_distance(z, self.latents, self.manifest.anomaly.neighbours)
+
     def _generate(self, z: np.ndarray, requests: Sequence[SeededRows], solver: str,
                   steps: int | None) -> np.ndarray:
         (u,) = self.call("sample", z)

@@ -4,7 +4,9 @@ Sampling integrates ``dx/dt = v(x, t)`` from noise at ``t = 1`` to data at ``t_m
 log-likelihood integrates the probability-flow ODE with the exact divergence
 (``velocity_div``) or Hutchinson's estimate (``velocity_jvp``) (``numerics.likelihood``).
 Diffusion adds the DDPM / DDIM / DPM-Solver++ samplers over the eps prediction recovered
-from the exported velocity and the manifest's noise schedule.
+from the exported velocity and the manifest's noise schedule. The ``denoise`` and ``dte``
+anomaly scores are a few velocity calls at the manifest's noise levels (``numerics.denoise``),
+the denoising noise keyed by each row's seed and index.
 
 The ODE solvers' state lives where the graphs run (``ModelRuntime.stage``: a torch tensor on
 the GPU for TorchScript on CUDA), so a PF-ODE solve copies its rows to the device once and its
@@ -22,6 +24,7 @@ import numpy as np
 
 from artifact.manifest import Manifest
 from numerics.arrays import Array, asarray_like, to_numpy
+from numerics.denoise import denoise_features, diffusion_time_estimate, keyed_normal
 from numerics.likelihood import log_likelihood_exact, log_likelihood_hutchinson
 from numerics.samplers import SAMPLERS, diffusion_sample
 from numerics.schedules import make_schedule, pf_ode_eps
@@ -54,6 +57,15 @@ class OdeRuntime(ModelRuntime):
                                             seed=seeds, rows=rows, **common)
         se = None if res.std_error is None else to_numpy(res.std_error)
         return to_numpy(res.log_prob), se, int(res.nfe)
+
+    def _kind_score(self, kind: str, u: np.ndarray, seeds: np.ndarray,
+                    rows: np.ndarray) -> np.ndarray:
+        spec = self.manifest.anomaly
+        levels = spec.noise_levels()
+        if kind == "dte":
+            return diffusion_time_estimate(self._velocity, u, levels)
+        noise = keyed_normal(seeds, rows, len(levels) * spec.draws, self.dim)
+        return spec.combine(denoise_features(self._velocity, u, levels, noise))
 
     # The velocity callables take and return the solver's arrays (numpy, or torch tensors on
     # the graphs' device); graphs compute in float32, the solvers in float64.

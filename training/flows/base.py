@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from artifact.manifest import Defaults, TimeSpec
 from numerics.likelihood import LikelihoodResult, standard_normal_log_prob
 from numerics.solvers import Trajectory
-from training.graphs import ExportGraph, one_pass_graphs
+from training.graphs import EncodeGraph, ExportGraph, one_pass_graphs, spec
 
 __all__ = ["Compose", "ExactDensity", "Flow", "InverseTransform", "Transform"]
 
@@ -179,6 +179,11 @@ class Flow(ExactDensity, Compose):
         """Exact log density ``x: (batch, dim)`` -> ``(batch,)`` in nats."""
         z, ladj = self(x)
         return standard_normal_log_prob(z) + ladj
+
+    def encode_graphs(self) -> dict[str, ExportGraph]:
+        """``encode``: ``u -> z = f(u)``, which a ``latent`` anomaly score needs."""
+        return {"encode": ExportGraph(EncodeGraph(self.frozen()), [spec("u", self.dim)],
+                                      [spec("z", self.dim)])}
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """Draw ``n`` samples ``(n, dim)``; the same seeded ``generator`` gives the same draw."""
