@@ -25,6 +25,10 @@ function number(v, digits = 4) {
   return String(Number(v.toPrecision(digits)));
 }
 
+function percent(fraction) {
+  return `${Number((100 * fraction).toPrecision(3))} %`;
+}
+
 // -- messages ------------------------------------------------------------------------------
 
 /** Show what went wrong: the service's `error` text as is (with its status), or the
@@ -33,14 +37,23 @@ function showError(err) {
   const box = $("message");
   box.replaceChildren();
   if (err instanceof ApiError) {
-    box.append(node("span", {class: "status"}, String(err.status)), err.message);
-    if (err.status === 401) $("auth").hidden = false;
+    box.append(node("span", {class: "status"}, String(err.status)), " ", err.message);
+    if (err.status === 401) askToken(true);
   } else if (err instanceof RowsError) {
     box.append(err.message);
   } else {
     box.append(`the page failed: ${err.message}`);
   }
   box.hidden = false;
+}
+
+/** The token prompt (`ask`), or the line saying a token is set. */
+function askToken(ask) {
+  $("auth").hidden = false;
+  $("token-form").hidden = !ask;
+  $("token-note").hidden = !ask;
+  $("token-set").hidden = ask;
+  if (ask) $("token").focus();
 }
 
 function clearError() {
@@ -90,7 +103,7 @@ function cardFacts(card) {
     ["graphs", card.graphs.join(", ")], ["runtime", card.runtime],
     ["sampling", solverText(card)],
     ["threshold", card.calibration
-      ? `${number(card.calibration.threshold)} nats at target FPR ${card.calibration.target_fpr}`
+      ? `${number(card.calibration.threshold)} nats at target FPR ${percent(card.calibration.target_fpr)}`
       : "not calibrated (no /anomaly_score)"],
   ];
   if (card.versions !== undefined && card.versions !== null) {
@@ -271,9 +284,9 @@ function showScores(card, count, out) {
   if (calibrated) {
     histogram($("score-plot"), out.scores, {xName: "score: −log p(x), nats",
       threshold: out.threshold, thresholdLabel: `threshold ${number(out.threshold)} ` +
-        `(target FPR ${card.calibration.target_fpr})`});
+        `(target FPR ${percent(card.calibration.target_fpr)})`});
   } else {
-    histogram($("score-plot"), out.log_likelihood, {xName: "log p(x), nats"});
+    histogram($("score-plot"), out.log_likelihood.map((v) => -v), {xName: "−log p(x), nats"});
   }
   const table = $("score-table");
   const head = node("tr", {}, ...columns.map((c) => node("th", {}, c)));
@@ -299,9 +312,10 @@ async function start() {
     event.preventDefault();
     setToken($("token").value);
     $("token").value = "";
-    $("token-note").textContent = "Token set for this tab (kept in memory only; a reload forgets it).";
+    askToken(false);
     clearError();
   });
+  $("token-change").addEventListener("click", () => askToken(true));
   $("sample-form").addEventListener("submit", (event) => {
     event.preventDefault();
     busy($("sample-go"), sample);
@@ -315,7 +329,7 @@ async function start() {
     const [config, models] = await Promise.all([getJSON("/page/config.json"), getJSON("/models")]);
     state.config = config;
     $("version").textContent = `v${config.version}`;
-    $("auth").hidden = !config.auth;
+    if (config.auth) askToken(true);
     renderCards(models);
   } catch (err) {
     showError(err);

@@ -247,23 +247,37 @@ export function imageGrid(container, samples, shape, levels) {
   container.replaceChildren(grid);
 }
 
+/** The upper end of the drawn scale: the threshold, or far outliers of `values`
+ * (beyond 3 interquartile ranges above the third quartile), stay off it. */
+function upperFence(values, threshold) {
+  if (values.length < 4) return Infinity;
+  const sorted = [...values].sort((a, b) => a - b);
+  const q1 = sorted[Math.floor(0.25 * (sorted.length - 1))];
+  const q3 = sorted[Math.floor(0.75 * (sorted.length - 1))];
+  const fence = q3 + 3 * Math.max(q3 - q1, 1e-9);
+  return threshold === null ? fence : Math.max(fence, threshold + 0.25 * Math.abs(threshold - q1));
+}
+
 /** A histogram of `values`; with `threshold`, its line and the bars past it marked. Values
- * at the service's log-likelihood floor get a bar of their own, off the scale. */
+ * far above the rest (and the service's log-likelihood floor) get a bar of their own at the
+ * right, off the scale, so one outlier does not squash the others into one bin. */
 export function histogram(container, values, {xName, threshold = null, thresholdLabel = ""} = {}) {
   const svg = canvasOf(620, 300, `histogram of ${xName}`);
   svg.id = "histogram";
-  const onScale = values.filter((v) => Math.abs(v) < FLOOR);
-  const floored = values.length - onScale.length;
+  const finite = values.filter((v) => Math.abs(v) < FLOOR);
+  const fence = upperFence(finite, threshold);
+  const onScale = finite.filter((v) => v <= fence);
+  const off = values.length - onScale.length;
   let [lo, hi] = minMax(threshold === null ? onScale : [...onScale, threshold]);
   if (!Number.isFinite(lo)) [lo, hi] = [0, 1];
   const pad = 0.04 * ((hi - lo) || 1);
   [lo, hi] = [lo - pad, hi + pad];
-  const area = {left: 52, right: floored ? 520 : 600, top: 26, bottom: 250};
+  const area = {left: 52, right: off ? 520 : 600, top: 26, bottom: 250};
   const bins = 30;
   const width = (hi - lo) / bins;
   const counts = new Array(bins).fill(0);
   for (const v of onScale) counts[Math.min(bins - 1, Math.floor((v - lo) / width))]++;
-  const most = Math.max(minMax(counts)[1], floored, 1);
+  const most = Math.max(minMax(counts)[1], off, 1);
   const box = {x0: lo, x1: hi, y0: 0, y1: most};
   const {px, py} = axes(svg, box, area, xName, "rows");
   const group = el("g", {class: "bars"}, svg);
@@ -275,12 +289,12 @@ export function histogram(container, values, {xName, threshold = null, threshold
       width: Math.max(1, px(left + width) - px(left) - 1).toFixed(1),
       height: (area.bottom - py(n)).toFixed(1), "data-count": n}, group);
   });
-  if (floored) {
-    el("rect", {class: "bar over floor", x: area.right + 30, y: py(floored).toFixed(1), width: 40,
-      height: (area.bottom - py(floored)).toFixed(1), "data-count": floored}, group);
-    el("text", {x: area.right + 50, y: area.bottom + 16, "text-anchor": "middle"}, svg, "floor");
-    el("text", {x: area.right + 50, y: py(floored) - 4, "text-anchor": "middle"}, svg,
-      String(floored));
+  if (off) {
+    el("rect", {class: "bar over off-scale", x: area.right + 30, y: py(off).toFixed(1),
+      width: 40, height: (area.bottom - py(off)).toFixed(1), "data-count": off}, group);
+    el("text", {x: area.right + 50, y: area.bottom + 16, "text-anchor": "middle"}, svg,
+      `> ${label(hi)}`);
+    el("text", {x: area.right + 50, y: py(off) - 4, "text-anchor": "middle"}, svg, String(off));
   }
   if (threshold !== null) {
     el("line", {class: "threshold", x1: px(threshold), x2: px(threshold), y1: area.top - 8,
