@@ -193,6 +193,19 @@ def test_pages_are_served_with_a_self_only_policy(server: Server) -> None:
     assert "/log_likelihood" in info["description"] and "BentoML" not in json.dumps(info)
 
 
+def test_the_pages_config_follows_the_settings() -> None:
+    """Without keys the page asks for no token; its limits are the server's (in process)."""
+    from service.http.pages import PAGE_CSP, Pages
+    from service.settings import load_settings
+
+    settings = load_settings({"GENSERVE_MAX_ROWS": "77", "GENSERVE_MAX_STEPS": "9"})
+    pages = Pages(settings, auth=False)
+    config = json.loads(pages.find("/page/config.json").body)
+    assert config["auth"] is False and (config["max_rows"], config["max_steps"]) == (77, 9)
+    assert pages.find("/").csp == PAGE_CSP and pages.find("/page/../pages.py") is None
+    assert Pages.serves("/page/x.js") and not Pages.serves("/models")
+
+
 # --- in the browser ----------------------------------------------------------------------------
 
 def test_page_loads_one_card_per_model_from_this_server_only(driver, server: Server) -> None:
@@ -282,6 +295,20 @@ def test_sample_on_an_image_model_draws_an_image_grid(driver, server: Server) ->
     levels = {round(255 * k / 16) for k in range(17)}
     assert set(np.unique(pixels[..., 0]).tolist()) <= levels
     assert (pixels[..., 0] == pixels[..., 1]).all() and (pixels[..., 3] == 255).all()
+    assert drain(driver)[1] == []
+
+
+def test_sample_on_a_30_d_model_draws_pairwise_scatters(driver, server: Server) -> None:
+    open_page(driver, server, "models/breast-cancer-maf/sample")
+    n = one(driver, "#sample-n")
+    n.clear()
+    n.send_keys("50")
+    run_and_wait(driver, "#sample-go")
+    assert message(driver) == ""
+    # the first 4 of 30 dimensions: 4 x 4 panels, scatters off the diagonal, bars on it
+    assert len(css(driver, "#sample-svg g.panel")) == 16
+    assert len(css(driver, "#sample-svg circle.sample")) == 50 * 12
+    assert css(driver, '#sample-svg g.panel[data-row="2"][data-col="2"] rect.bar')
     assert drain(driver)[1] == []
 
 
