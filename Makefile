@@ -9,7 +9,7 @@ GRPC_PORT ?= 8001
 # test processes (pytest-xdist): CI has 2 cores; each worker builds the fixtures it needs
 TEST_WORKERS ?= 2
 
-.PHONY: install serve test models bench lint clean gpu-wheels gpu-check
+.PHONY: install browser serve test models bench lint clean gpu-wheels gpu-check
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,13 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+## browser: Debian's chromium + chromium-driver for tests/test_page.py, installed when missing
+## (apt-get, as root here and in CI); the page's tests fail loudly without them
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+	      --no-install-recommends chromium chromium-driver; }
+
 ## serve: the default models on loopback (HTTP $(PORT), gRPC $(GRPC_PORT))
 serve: install
 	$(BIN)/genserve serve --host $(HOST) --port $(PORT) --grpc-port $(GRPC_PORT)
@@ -28,7 +35,7 @@ serve: install
 ## test: the executable specification, 2 processes (an xdist_group's tests share one). Fails
 ## on pytest's exit 5 (no tests), and on any skipped test that is not marked gpu
 ## (tests/conftest.py): the spec runs whole.
-test: install
+test: install browser
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadgroup --durations=15
 

@@ -30,7 +30,7 @@ def model_info(rt: ModelRuntime) -> ModelInfo:
         name=m.name, family=m.family, model_type=m.model_type, dim=m.dim,
         graphs=sorted(m.graphs), runtime=rt.format, devices=rt.devices(),
         solvers=list(rt.solvers()),
-        shape=list(m.event_shape), defaults=m.defaults.model_dump(),
+        shape=list(m.event_shape), levels=m.data.levels, defaults=m.defaults.model_dump(),
         calibration=None if m.calibration is None else {
             "score": m.score_kind,
             "target_fpr": m.calibration.target_fpr,

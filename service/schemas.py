@@ -136,6 +136,7 @@ class SampleResponse(BaseModel):
     seed: int
     steps: int | None
     solver: str
+    nfe: int = Field(description="graph evaluations that drew the batch the request ran in")
 
 
 class LogLikelihoodRequest(_Request):
@@ -202,6 +203,7 @@ class ModelInfo(BaseModel):
     dim: int
     shape: list[int] = Field(default_factory=list,
                              description="one row's shape: [dim], or [C, H, W] for images")
+    levels: int | None = Field(None, description="integer data (images): values 0..levels-1")
     graphs: list[str]
     runtime: str
     devices: dict[str, str] = Field(default_factory=dict,

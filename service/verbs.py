@@ -42,12 +42,12 @@ def _row_keys(parts: Sequence[LogLikelihoodRequest | AnomalyScoreRequest],
 def run_sample(rt: ModelRuntime, parts: Sequence[SampleRequest]) -> list[SampleResponse]:
     first = parts[0]
     solver, steps = rt.resolve_solver(first.solver, first.steps)
-    blocks = rt.sample_many([SeededRows(p.n, p.seed, p._offset) for p in parts],
-                            steps=steps, solver=solver)
+    out = rt.sample_many([SeededRows(p.n, p.seed, p._offset) for p in parts],
+                         steps=steps, solver=solver)
     return [
         SampleResponse(model=rt.name, samples=block, seed=p.seed, steps=steps,
-                       solver=solver)
-        for p, block in zip(parts, blocks, strict=True)
+                       solver=solver, nfe=out.nfe)
+        for p, block in zip(parts, out.blocks, strict=True)
     ]
 
 

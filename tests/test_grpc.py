@@ -165,6 +165,7 @@ def test_sample_matches_http(model: str, client2, two_workers) -> None:
     params = result.get_response().parameters
     assert params["seed"].int64_param == 11
     assert params["solver"].string_param == http["solver"]
+    assert params["nfe"].int64_param == http["nfe"] >= 1
     # the seed as a parameter is the same request
     again = client2.infer(f"{model}.sample", [_n(5)], parameters={"seed": 11, **opts})
     np.testing.assert_array_equal(again.as_numpy("samples"), samples)

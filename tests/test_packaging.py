@@ -28,6 +28,8 @@ def test_bentoml_build_makes_a_bento_offline(tmp_path: Path) -> None:
     for module in ("service/http/api.py", "service/runtime/ode.py", "service/grpc/server.py",
                    "numerics/solvers.py", "artifact/manifest.py"):
         assert (src / module).is_file(), module
+    page = sorted(p.name for p in (ROOT / "service" / "http" / "static").iterdir())
+    assert sorted(p.name for p in (src / "service" / "http" / "static").iterdir()) == page
     for package in ("training", "report", "cli"):
         assert not (src / package).exists(), f"the bento must not ship {package}/"
     shipped = sorted(p.parent.name for p in (src / "exported_models").glob("*/manifest.json"))
@@ -65,3 +67,25 @@ def test_committed_default_models_verify_and_cover_every_family() -> None:
         assert m.name == folder.name
     assert families == {"flow", "diffusion", "flow_matching"}
     assert calibrated >= 4
+
+
+def test_the_wheel_ships_the_page(tmp_path: Path) -> None:
+    """The page's files are package data: a wheel built from a copy of the sources holds
+    every file of service/http/static/."""
+    import zipfile
+
+    src = tmp_path / "src"
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for package in ("numerics", "artifact", "training", "service", "report", "cli"):
+        shutil.copytree(ROOT / package, src / package, ignore=ignore)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps",
+                        "--no-build-isolation", "-q", "-w", str(tmp_path / "wheel")],
+                       cwd=src, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    (wheel,) = (tmp_path / "wheel").glob("genserve-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    page = {f"service/http/static/{p.name}"
+            for p in (ROOT / "service" / "http" / "static").iterdir()}
+    assert page and page <= names, sorted(page - names)

@@ -264,7 +264,8 @@ def response_tensors(verb: str, answer: BaseModel) -> tuple[list, dict[str, Any]
     """Output tensors ``(name, datatype, array)`` and response parameters of a verb's answer."""
     f64 = np.float64
     if verb == "sample":
-        params = {"seed": answer.seed, "steps": answer.steps, "solver": answer.solver}
+        params = {"seed": answer.seed, "steps": answer.steps, "solver": answer.solver,
+                  "nfe": answer.nfe}
         return [("samples", "FP64", np.asarray(answer.samples, f64))], params
     if verb == "log_likelihood":
         out = [("log_likelihood", "FP64", np.asarray(answer.log_likelihood, f64)),

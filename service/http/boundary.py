@@ -13,9 +13,10 @@ BentoML's own HTTP route instead (the body is replayed). Any other exception is 
 id: no request ends without an answer. Every verb request leaves one access log line,
 refused ones too.
 
-``/livez``, ``/readyz`` and ``/models`` stay open; ``/metrics`` asks for its own token when
-``GENSERVE_METRICS_TOKEN_FILE`` is set. ``/docs.json`` is BentoML's OpenAPI document completed
-with these answers (``service.http.openapi``). The middleware also sees the worker's ASGI
+``/livez``, ``/readyz`` and ``/models`` stay open, and so do genserve's pages (``/``, ``/docs``
+and their files under ``/page/``, ``service.http.pages``); ``/metrics`` asks for its own token
+when ``GENSERVE_METRICS_TOKEN_FILE`` is set. ``/docs.json`` is BentoML's OpenAPI document
+completed with these answers (``service.http.openapi``). The middleware also sees the worker's ASGI
 lifespan: once BentoML has made the service instance it starts the worker's gRPC edge
 (``service.grpc.server``), and it stops that edge, draining its calls, when the worker stops.
 """
@@ -36,6 +37,7 @@ from service.grpc.server import GrpcEdge
 from service.http.exchange import Exchange
 from service.http.json_guard import JsonLimits, parse_json
 from service.http.openapi import complete
+from service.http.pages import Pages
 from service.schemas import VERBS, ModelInfo
 from service.settings import Settings, load_settings
 from service.validation import RequestError, validate_verb
@@ -74,6 +76,7 @@ class BoundaryMiddleware:
         self.json_limits = JsonLimits(self.settings.max_json_depth,
                                       self.settings.max_number_chars)
         self.grpc: GrpcEdge | None = None
+        self._pages: Pages | None = None
 
     @property
     def plane(self) -> DataPlane:
@@ -84,6 +87,13 @@ class BoundaryMiddleware:
             log.info("verb requests go %s", "straight to BentoML's batcher (fast path)"
                      if self.settings.fast_path else "through BentoML's HTTP route")
         return self._plane
+
+    @property
+    def pages(self) -> Pages:
+        """genserve's pages (read at the first page request)."""
+        if self._pages is None:
+            self._pages = Pages(self.settings, auth=self.plane.keys.enabled)
+        return self._pages
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
@@ -126,7 +136,8 @@ class BoundaryMiddleware:
 
     # -- everything but the verbs --------------------------------------------------------
     async def _route(self, path: str, scope: dict, exchange: Exchange) -> None:
-        """``/metrics``'s token, ``GET /models``, ``/docs.json``, and BentoML's own routes."""
+        """``/metrics``'s token, ``GET /models``, ``/docs.json``, the pages, and BentoML's own
+        routes."""
         receive, send = exchange.receive, exchange.send
         if path == "/metrics" and self.metrics_keys.enabled:
             if self.metrics_keys.authenticate(_header(scope, b"authorization")) is None:
@@ -136,7 +147,23 @@ class BoundaryMiddleware:
             return await self._get_models(scope, receive, send)
         if path == "/docs.json" and scope.get("method") == "GET":
             return await self._docs(scope, receive, send)
+        if Pages.serves(path):
+            return await self._page(path, scope, exchange)
         return await self.app(scope, receive, send)
+
+    async def _page(self, path: str, scope: dict, exchange: Exchange) -> None:
+        method = scope.get("method")
+        if method not in ("GET", "HEAD"):
+            return await exchange.answer(405, {"error": f"use GET for {path[:64]}"},
+                                         [(b"allow", b"GET, HEAD")])
+        asset = self.pages.find(path)
+        if asset is None:
+            return await exchange.answer(404, {"error": f"no page file {path[:64]!r}"})
+        body = asset.body if method == "GET" else b""
+        await exchange.send({"type": "http.response.start", "status": 200,
+                             "headers": [*asset.headers(),
+                                         (b"content-length", str(len(asset.body)).encode())]})
+        await exchange.send({"type": "http.response.body", "body": body})
 
     # -- the verbs -----------------------------------------------------------------------
     async def _verb(self, verb: str, scope: dict, exchange: Exchange) -> None:

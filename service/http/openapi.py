@@ -6,7 +6,9 @@ for each API. The boundary and overload middlewares answer more (401, 405, 408, 
 adds them to every verb, with the ``Retry-After`` and ``WWW-Authenticate`` headers they
 carry, and documents ``GET /models`` (answered by the boundary) beside BentoML's
 ``POST /models``. ``ERRORS`` is the one list of
-statuses: docs/API.md's status table is checked against it (tests/test_service.py).
+statuses: docs/API.md's status table is checked against it (tests/test_service.py). The
+document's ``info`` is genserve's (title, the installed version, what the service does), not
+BentoML's generic README with its badges and community links.
 """
 
 from __future__ import annotations
@@ -15,7 +17,18 @@ import copy
 from collections.abc import Iterable
 from typing import Any
 
+from artifact import genserve_version
+
 __all__ = ["ERRORS", "ERROR_SCHEMA", "complete"]
+
+DESCRIPTION = (
+    "Likelihood-based generative models (normalizing flows, diffusion, flow matching) behind "
+    "three verbs: `POST /sample` draws seeded samples, `POST /log_likelihood` gives log p(x) "
+    "per row in the data's units, `POST /anomaly_score` scores rows against the model's "
+    "calibrated threshold. `GET /models` lists the served models and what each accepts. "
+    "Every error is `{\"error\": ...}` naming what is wrong and what is allowed. "
+    "The same verbs speak gRPC (Open Inference Protocol v2); the page at `/` draws samples, "
+    "densities and scores.")
 
 ERRORS: dict[int, str] = {
     400: "malformed JSON or an invalid request (the message names the field and what is "
@@ -71,6 +84,8 @@ def complete(doc: dict[str, Any], verb_paths: Iterable[str]) -> dict[str, Any]:
     boundary's ``VERB_PATHS``) and ``GET /models``, each 200 answer's schema as Pydantic
     wrote it, and the 400 that ``POST /models`` really answers."""
     doc = copy.deepcopy(doc)
+    doc["info"] = {"title": "genserve", "version": genserve_version(),
+                   "description": DESCRIPTION}
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})
     schemas["Error"] = ERROR_SCHEMA
     paths = doc.setdefault("paths", {})

@@ -10,11 +10,12 @@ from service.runtime.base import (
     InputError,
     LikelihoodOutput,
     ModelRuntime,
+    SampleOutput,
     SeededRows,
     open_runtime,
     register_runtime,
 )
 
 __all__ = ["LOG_LIKELIHOOD_FLOOR", "RUNTIMES", "AnomalyResult", "InputError",
-           "LikelihoodOutput", "ModelRuntime", "SeededRows", "flow", "ode", "open_runtime",
-           "register_runtime"]
+           "LikelihoodOutput", "ModelRuntime", "SampleOutput", "SeededRows", "flow", "ode",
+           "open_runtime", "register_runtime"]

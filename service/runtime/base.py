@@ -14,6 +14,7 @@ its family. Imports nothing from ``training``; with ONNX graphs it needs no torc
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ __all__ = [
     "LOG_LIKELIHOOD_FLOOR",
     "LikelihoodOutput",
     "ModelRuntime",
+    "SampleOutput",
     "SeededRows",
     "SegmentedNoise",
     "open_runtime",
@@ -72,6 +74,12 @@ class LikelihoodOutput:
     std_error: np.ndarray | None  # (rows,) Hutchinson only
     method: str
     nfe: int
+
+
+@dataclass
+class SampleOutput:
+    blocks: list[np.ndarray]  # one (n, dim) block per request, data units
+    nfe: int  # the family's graph calls that made them (pre/postprocessing not counted)
 
 
 @dataclass
@@ -140,6 +148,9 @@ class ModelRuntime:
         self.format = fmt
         # called as observer(graph, seconds) after every graph call (the service's metrics)
         self.observer: Callable[[str, float], None] | None = None
+        # graph calls made by the current thread: how sample_many counts a batch's NFE (a
+        # runtime serves several worker threads at once)
+        self._calls = threading.local()
         self.graphs: dict[str, GraphExecutor] = {
             name: open_graph(self.directory, by_fmt[fmt], threads=threads, device=device)
             for name, by_fmt in manifest.graphs.items()
@@ -177,6 +188,7 @@ class ModelRuntime:
 
     def call(self, graph: str, *inputs: Array) -> tuple[Array, ...]:
         """Run one graph; numpy in, numpy out, or :meth:`stage`'s arrays in and out."""
+        self._calls.count = getattr(self._calls, "count", 0) + 1
         if self.observer is None:
             return self.graphs[graph](*inputs)
         start = time.perf_counter()
@@ -198,18 +210,20 @@ class ModelRuntime:
     def sample(self, n: int, seed: int = 0, steps: int | None = None,
                solver: str | None = None) -> np.ndarray:
         """``n`` samples ``(n, dim)`` in data units, reproducible from ``seed``."""
-        return self.sample_many([SeededRows(n, seed)], steps=steps, solver=solver)[0]
+        return self.sample_many([SeededRows(n, seed)], steps=steps, solver=solver).blocks[0]
 
     def sample_many(self, requests: Sequence[SeededRows], *, steps: int | None = None,
-                    solver: str | None = None) -> list[np.ndarray]:
+                    solver: str | None = None) -> SampleOutput:
         """Several requests in one graph call; each block depends only on its own seed."""
         solver, steps = self.resolve_solver(solver, steps)
         z = segmented_normal(requests, (self.dim,))
+        before = getattr(self._calls, "count", 0)
         u = self._generate(z, requests, solver, steps)
+        nfe = self._calls.count - before
         (x,) = self.call("postprocess", u)
         x = np.asarray(x, dtype=np.float64)
         bounds = np.cumsum([0] + [r.n for r in requests])
-        return [x[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        return SampleOutput([x[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)], nfe)
 
     def _generate(self, z: np.ndarray, requests: Sequence[SeededRows], solver: str,
                   steps: int | None) -> np.ndarray:
