@@ -6,9 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from report.anomaly import anomaly_report
-
 from cli.options import add_model_args, add_progress_arg, add_train_args, pick
+from report.anomaly import anomaly_report
 from report.compare import DEFAULT_MODELS, ReportConfig, parse_models, report
 from training.config import ModelConfig, TrainConfig
 
