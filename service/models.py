@@ -24,7 +24,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from artifact.manifest import ManifestError, read_manifest
@@ -95,6 +95,11 @@ class _Record:
     served: ServedVersion | None = None
     reason: str | None = None
     unloaded: bool = False
+
+    @property
+    def name(self) -> str | None:
+        """The served model's name (None while not loaded)."""
+        return None if self.served is None else self.served.name
 
     def info(self, version: int) -> VersionInfo:
         if self.served is not None:
@@ -280,8 +285,13 @@ class ModelSet:
         prints = fingerprint(where)
         old = self._records.get((folder.name, version))
         if old is not None and old.fingerprint == prints and not old.unloaded and \
-                old.label == label and not (retry and old.served is None):
-            return old
+                not (retry and old.served is None):
+            if old.label == label:
+                return old
+            # flat files that became version 1 of a versioned folder: the same files serve
+            # on, unless their model name is not the folder's (the versions' rule)
+            if old.served is not None and (not versioned or old.name == folder.name):
+                return replace(old, label=label)
         return self._load(folder, version, where, label, prints, versioned)
 
     def _load(self, folder: Path, version: int, where: Path, label: str, prints: Fingerprint,

@@ -346,6 +346,25 @@ def test_metrics_ask_for_their_own_token(secure_server) -> None:
     assert any(k["key"] == "none" and k["status"] == "401" for k in keys), keys
 
 
+def test_the_repository_api_asks_for_the_admin_token(secure_server, secure_grpc) -> None:
+    path = f"/models/{MODEL}/load"
+    for headers in ({}, {"Authorization": bearer("alice")}):  # an API key is not the admin's
+        status, answer = secure_server.post(path, {}, headers=headers)
+        assert status == 401 and "token" in answer["error"], answer
+    status, answer = secure_server.post(path, {}, headers={"Authorization": bearer(
+        METRICS_TOKEN)})
+    assert status == 200 and answer["version"] == 1, answer
+    assert answer["versions"] == [{"version": 1, "state": "ready", "reason": None}]
+    stub, _, _ = secure_grpc
+    request = pb.RepositoryModelLoadRequest(model_name=MODEL)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.RepositoryModelLoad(request, timeout=30, metadata=(("authorization",
+                                                                 bearer("alice")),))
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    stub.RepositoryModelLoad(request, timeout=30,
+                             metadata=(("authorization", bearer(METRICS_TOKEN)),))
+
+
 def test_tls_round_trip_with_the_self_signed_certificate(secure_server, secrets_dir) -> None:
     assert secure_server.url.startswith("https://127.0.0.1:")
     port = int(secure_server.url.rsplit(":", 1)[1])
