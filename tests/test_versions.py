@@ -277,10 +277,12 @@ def test_faults_are_refused_or_finish_and_the_old_version_serves(versions_server
         assert status == 200, answer
         assert answer["version"] is None
         assert [v["state"] for v in answer["versions"]] == ["unloaded", "unloaded"]
-        time.sleep(2 * POLL_S + 1.0)
+        _wait_for(server, model, 0)  # every worker: the model no longer serves
+        time.sleep(1.0)
     statuses = [status for _, status, _ in load.answers]  # in the order they were answered
     assert set(statuses) == {200, 404} and statuses.index(404) > 0
-    assert statuses[-8:] == [404] * 8
+    assert all(_ask(server, verb, model)[0] == 404 for verb in ("sample", "log_likelihood")
+               for _ in range(4))  # new requests, in either worker
     assert all(body["error"].startswith(f"unknown model '{model}'")
                for _, status, body in load.answers if status == 404)
     assert "faults" in json.loads(server.get("/models")[1])["unloaded"]
