@@ -39,7 +39,8 @@ wrk.body = [==[{body}]==]
 
 
 def wrk(url: str, body: dict, connections: int, duration: int) -> dict:
-    """One bounded wrk run; returns requests/s, p50/p99 ms and the non-2xx count.
+    """One bounded wrk run; returns requests/s, p50/p99 ms, the non-2xx count, timeouts and
+    socket errors of every kind (connect, read, write, timeout).
 
     Every error is counted: a run whose answers are not 2xx is reported, never hidden.
     """
@@ -58,6 +59,9 @@ def wrk(url: str, body: dict, connections: int, duration: int) -> dict:
         "errors": int(m.group(1)) if (m := re.search(r"Non-2xx or 3xx responses: (\d+)", out))
         else 0,
         "timeouts": int(m.group(1)) if (m := re.search(r"Socket errors:.*timeout (\d+)", out))
+        else 0,
+        "socket_errors": sum(map(int, m.groups())) if (m := re.search(
+            r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out))
         else 0,
     }
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
+from artifact.repository import version_target
 from cli.options import add_progress_arg
 from training.checkpoint import load_checkpoint
 from training.export import export_checkpoint
@@ -24,7 +26,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--no-calibration.")
     p.add_argument("checkpoint", help="checkpoint directory")
     p.add_argument("--format", choices=["onnx", "torchscript", "both"], default="onnx")
-    p.add_argument("--out", required=True, help="artifact directory, e.g. exported_models/NAME")
+    p.add_argument("--out", required=True, help="model folder, e.g. exported_models/NAME")
+    p.add_argument("--version", type=int, metavar="N",
+                   help="write version N of the model: NAME/N/ (version 1 of a new folder: "
+                   "flat files in NAME/, as before versions); default: the next free one, "
+                   "so exporting into an existing model folder adds a version")
     p.add_argument("--name", help="served model name (default: the --out folder's name)")
     p.add_argument("--target-fpr", type=float, default=0.01,
                    help="anomaly threshold's false-positive rate on normal data (0.01)")
@@ -46,14 +52,16 @@ def run(ns: argparse.Namespace) -> int:
     if ns.calibration_rows is not None and ns.calibration_rows < 1:
         raise ValueError(f"--calibration-rows must be >= 1; got {ns.calibration_rows}")
     formats = ("onnx", "torchscript") if ns.format == "both" else (ns.format,)
+    folder = Path(ns.out)
+    out, version = version_target(folder, ns.version)
     exported = export_checkpoint(
-        load_checkpoint(ns.checkpoint), ns.out, formats=formats, name=ns.name,
+        load_checkpoint(ns.checkpoint), out, formats=formats, name=ns.name or folder.name,
         target_fpr=ns.target_fpr, calibration=not ns.no_calibration,
         max_calibration_rows=ns.calibration_rows, method=ns.method,
         progress=not ns.no_progress)
     m = exported.manifest
     calibrated = (f", threshold {m.calibration.threshold:.4g} nats on {m.calibration.rows} rows"
                   if m.calibration else ", not calibrated")
-    print(f"exported {m.name} ({m.family} {m.model_type}) to {ns.out}: "
+    print(f"exported {m.name} version {version} ({m.family} {m.model_type}) to {out}: "
           f"{', '.join(sorted(m.graphs))} as {', '.join(formats)}{calibrated}", file=sys.stderr)
     return 0

@@ -1,9 +1,10 @@
 """The access log: one JSON line per verb request on stderr, logger ``genserve.access``.
 
 Fields: ``ts`` (UTC, ISO 8601), ``protocol`` (``http`` | ``grpc``), ``key`` (the API key's
-name, or null), ``verb``, ``model`` (a loaded model's name, or ``"unknown"``), ``rows`` (rows
-of ``x`` or samples asked for, or null), ``status`` (HTTP code or gRPC status name) and
-``latency_ms``. Never payload values, never tokens. ``GENSERVE_ACCESS_LOG=false`` turns it off.
+name, or null), ``verb``, ``model`` (a loaded model's name, or ``"unknown"``), ``version``
+(the model version that answered, or null), ``rows`` (rows of ``x`` or samples asked for,
+or null), ``status`` (HTTP code or gRPC status name) and ``latency_ms``. Never payload
+values, never tokens. ``GENSERVE_ACCESS_LOG=false`` turns it off.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ def access_logger(enabled: bool) -> logging.Logger:
 
 
 def log_access(logger: logging.Logger, *, protocol: str, key: str | None, verb: str,
-               model: str, rows: int | None, status: int | str, latency_s: float) -> None:
+               model: str, version: int | None, rows: int | None, status: int | str,
+               latency_s: float) -> None:
     """Write one line. The line is formatted by hand and handed to the logger's handlers as
     one record, without ``Logger.info``'s caller lookup: that lookup and ``json.dumps`` of the
     whole line cost about a tenth of a worker's time per request under 1-row load."""
@@ -46,7 +48,7 @@ def log_access(logger: logging.Logger, *, protocol: str, key: str | None, verb: 
     millis = int(now * 1000) % 1000
     line = (f'{{"ts":"{_second(int(now))}.{millis:03d}+00:00","protocol":{_json(protocol)},'
             f'"key":{_json(key)},"verb":{_json(verb)},"model":{_json(model)},'
-            f'"rows":{_json(rows)},"status":{_json(status)},'
+            f'"version":{_json(version)},"rows":{_json(rows)},"status":{_json(status)},'
             f'"latency_ms":{round(latency_s * 1000, 3)!r}}}')  # a finite float's repr is JSON
     logger.handle(logger.makeRecord(logger.name, logging.INFO, __file__, 0, line, None, None))
 
@@ -59,7 +61,7 @@ def _second(second: int) -> str:
 @lru_cache(maxsize=1024)
 def _json(value: str | int | None) -> str:
     """A field value as JSON (the values are bounded: names of loaded models, key names,
-    verbs, statuses and row counts)."""
+    versions, verbs, statuses and row counts)."""
     return json.dumps(value)
 
 

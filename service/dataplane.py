@@ -3,11 +3,18 @@
 A transport converts its wire format at its edge and calls, in order: :meth:`authenticate`
 (the bearer token when access control is on, 401), :meth:`limit` (the key's request rate,
 429 with a retry hint), :meth:`admit` (the worker's queue bound, 503 with a retry hint),
-:meth:`validate` (the request against the model's card, 4xx; a bad request never joins a
-batch) and :meth:`infer`, which hands the validated request to BentoML's adaptive batcher for
+:meth:`validate` (the request against the card of the model version it gets, 4xx; a bad
+request never joins a batch; a valid one holds that version until it is answered) and
+:meth:`infer`, which hands the validated request to BentoML's adaptive batcher for
 the verb (or, batching off, its worker-thread call): requests of every transport share the
 same batches, runtime and metrics. :meth:`record` counts the answer per API key and writes
 the one access log line of the request.
+
+The repository API (``POST /models/{name}/load`` and ``/unload``, gRPC
+``RepositoryModelLoad``/``Unload``) goes through :meth:`authorize_admin` (the
+metrics/admin token when one is set; refused when API keys are on without one) and
+:meth:`repository`, which changes the worker's model set (``service.models``) off the event
+loop.
 
 A request whose deadline passes while it is still queued is marked abandoned, and the batch
 leaves it out (``genserve_abandoned_total``). Errors keep their statuses: a per-request
@@ -34,8 +41,9 @@ from service.auth import TOKEN_REQUIRED, ApiKey, KeyStore, RateLimiter
 from service.batching import ErrorAnswer
 from service.bentoml_glue import AppFactory
 from service.metrics import REQUESTS
+from service.models import Snapshot
 from service.overload import Admission
-from service.schemas import VERBS, ModelInfo
+from service.schemas import VERBS, ModelInfo, RepositoryAnswer
 from service.settings import Settings
 from service.validation import Refused, RequestError, validate_verb
 
@@ -50,6 +58,8 @@ KEY_REQUESTS = bentoml.metrics.Counter(
     labelnames=["key", "verb", "status"],
 )
 UNEXPECTED = "An unexpected error has occurred, please check the server log."
+ADMIN_OFF = ("the repository API needs the admin token when API keys are on: set "
+             "GENSERVE_METRICS_TOKEN_FILE (the /metrics token is the admin token)")
 OVERRUN = ("the request waited for a batch longer than GENSERVE_MAX_LATENCY_MS allows: the "
            "server is overloaded; retry later")
 
@@ -88,6 +98,7 @@ class DataPlane:
         self._types: dict[str, type] | None = None
         self.settings = settings
         self.keys = KeyStore.from_settings(settings)
+        self.admin_keys = KeyStore.for_metrics(settings)  # /metrics and the repository API
         self.limiter = RateLimiter(settings.rate_limit_rps, settings.rate_limit_burst,
                                    workers=settings.workers)
         self.admission = Admission(settings)
@@ -110,14 +121,19 @@ class DataPlane:
         return self._types
 
     @property
+    def snapshot(self) -> Snapshot:
+        """What serves now, from the service instance's model set (``service.models``)."""
+        return self.factory.instance.model_set.snapshot
+
+    @property
     def cards(self) -> dict[str, ModelInfo]:
-        """The served models' cards, from the service instance's model set (loaded once)."""
-        return self.factory.instance.model_set.cards
+        """The served models' cards (each of the version requests naming none get)."""
+        return self.snapshot.cards
 
     @property
     def ready(self) -> bool:
         instance = self.factory.instance
-        return instance is not None and bool(instance.model_set.runtimes)
+        return instance is not None and bool(instance.model_set.snapshot.cards)
 
     def authenticate(self, header: str | bytes | None) -> ApiKey | None:
         """The caller's key (None with access control off), or 401."""
@@ -146,8 +162,31 @@ class DataPlane:
         self.admission.release()
 
     def validate(self, verb: str, body: Any) -> Any:
-        """The request of ``body`` (a dict), validated against the served model's card."""
-        return validate_verb(verb, body, self.cards, self.settings, self.types)
+        """The request of ``body`` (a dict), validated against the card of the version it
+        gets (its own ``version``, else the model's default), holding that version: both
+        from one snapshot, so a swap in between cannot pair one version's card with another's
+        graphs."""
+        snapshot = self.snapshot
+        request = validate_verb(verb, body, snapshot.cards, self.settings, self.types)
+        request._served = snapshot.served[(request.model, request.version)]
+        return request
+
+    def authorize_admin(self, header: str | bytes | None) -> None:
+        """The repository API's check: the admin token (``GENSERVE_METRICS_TOKEN_FILE``) when
+        it is set (401), refused (403) when API keys are on without it, open otherwise."""
+        if self.admin_keys.enabled:
+            if self.admin_keys.authenticate(header) is None:
+                raise unauthorized()
+        elif self.keys.enabled:
+            raise RequestError(403, ADMIN_OFF)
+
+    async def repository(self, action: str, name: str, version: int | None
+                         ) -> RepositoryAnswer:
+        """``load`` or ``unload`` model folder ``name`` (one ``version``, or all) in this
+        worker now, and in the server's other workers at their next refresh."""
+        model_set = self.factory.instance.model_set
+        call = model_set.load_model if action == "load" else model_set.unload_model
+        return await asyncio.to_thread(call, name, version)
 
     async def infer(self, verb: str, request: Any) -> Outcome:
         """Run a validated request through the verb's batcher (with its peers of every
@@ -189,13 +228,16 @@ class DataPlane:
         return self.admission.hinted(status, headers)
 
     def record(self, *, protocol: str, verb: str, key: str | None, model: str,
-               rows: int | None, status: int | str, started: float) -> None:
+               version: int | None, rows: int | None, status: int | str,
+               started: float) -> None:
         """Count the answer per API key and write the request's access log line."""
         label = key or ("none" if self.keys.enabled else "anonymous")
         KEY_REQUESTS.labels(key=label, verb=verb, status=str(status)).inc()
-        log_access(self.access, protocol=protocol, key=key, verb=verb, model=model, rows=rows,
-                   status=status, latency_s=time.perf_counter() - started)
+        log_access(self.access, protocol=protocol, key=key, verb=verb, model=model,
+                   version=version, rows=rows, status=status,
+                   latency_s=time.perf_counter() - started)
 
     def refused(self, verb: str, err: RequestError) -> None:
         """Count a request refused before it reached a model."""
-        REQUESTS.labels(model="unknown", verb=verb, status=str(err.status)).inc()
+        REQUESTS.labels(model="unknown", version="unknown", verb=verb,
+                        status=str(err.status)).inc()

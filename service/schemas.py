@@ -31,10 +31,13 @@ __all__ = [
     "LogLikelihoodResponse",
     "ModelInfo",
     "ModelsResponse",
+    "RepositoryAnswer",
+    "RepositoryRequest",
     "Rows",
     "SampleRequest",
     "SampleResponse",
     "VERBS",
+    "VersionInfo",
 ]
 
 ROWS_SCHEMA = {
@@ -86,6 +89,7 @@ Flags = _array({"type": "boolean"})
 Samples = _array({"type": "array", "items": {"type": "number"}},
                  "rows of numbers, (n, dim), in the units of the training data")
 MAX_SEED = 2**63 - 1
+MAX_VERSION = 999_999_999  # artifact.repository.VERSION_DIR: up to nine digits
 VERBS = ("sample", "log_likelihood", "anomaly_score")
 """The verbs every model serves, over every transport."""
 
@@ -109,10 +113,17 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     model: str = Field(description="served model name (see GET /models)", max_length=64)
+    version: int | None = Field(None, ge=1, le=MAX_VERSION, description="a version of the "
+                                "model (see GET /models); default: the one its serving "
+                                "policy names")
     # Row offset of this part inside the client's request: set when the batcher splits one
     # request across two batches, so seeded rows stay the same.
     _offset: int = PrivateAttr(default=0)
     _ticket: Ticket = PrivateAttr(default_factory=Ticket)
+    # The loaded version that answers it, chosen once, when it is validated (or, sent through
+    # BentoML's own route, when its batch runs); the request holds it, so a version unloaded
+    # meanwhile still answers it, and its graphs are released once no request holds it.
+    _served: Any = PrivateAttr(default=None)
 
 
 class SampleRequest(_Request):
@@ -132,6 +143,7 @@ class SampleRequest(_Request):
 class SampleResponse(BaseModel):
     model_config = ConfigDict(protected_namespaces=())
     model: str
+    version: int = Field(description="the version of the model that answered")
     samples: Samples
     seed: int
     steps: int | None
@@ -153,6 +165,7 @@ class LogLikelihoodRequest(_Request):
 class LogLikelihoodResponse(BaseModel):
     model_config = ConfigDict(protected_namespaces=())
     model: str
+    version: int = Field(description="the version of the model that answered")
     log_likelihood: Numbers = Field(description="nats per row, in the data's units")
     bits_per_dim: Numbers
     method: str
@@ -185,6 +198,7 @@ class AnomalyScoreRequest(_Request):
 class AnomalyScoreResponse(BaseModel):
     model_config = ConfigDict(protected_namespaces=())
     model: str
+    version: int = Field(description="the version of the model that answered")
     scores: Numbers = Field(description="the model's score kind per row (nll: nats per row)")
     score: str = Field("nll", description="the score kind: nll, denoise, dte or latent")
     threshold: float
@@ -192,12 +206,26 @@ class AnomalyScoreResponse(BaseModel):
     percentile: Numbers = Field(description="percentile among normal validation rows")
 
 
+class VersionInfo(BaseModel):
+    """One version of a model in the models directory, and whether it serves."""
+
+    version: int
+    state: Literal["ready", "failed", "unloaded"] = Field(
+        description="ready: serving; failed: refused by its checks (sha256, manifest, graph "
+        "load, a smoke call), see reason; unloaded: through the repository API")
+    reason: str | None = Field(None, description="why it is failed or unloaded")
+
+
 class ModelInfo(BaseModel):
-    """A served model's card: what ``GET /models`` lists and what requests are checked
-    against."""
+    """A served version's card: what ``GET /models`` lists (for the version requests naming
+    none get) and what requests are checked against (for the version they get)."""
 
     model_config = ConfigDict(protected_namespaces=())
     name: str
+    version: int = Field(1, description="the version this card describes; in GET /models the "
+                         "default: the one requests naming no version get")
+    versions: list[VersionInfo] = Field(default_factory=list, description="every version "
+                                        "of the model, with its state")
     family: str
     model_type: str
     dim: int
@@ -211,6 +239,17 @@ class ModelInfo(BaseModel):
     solvers: list[str]
     defaults: dict[str, Any]
     calibration: dict[str, Any] | None
+    # the cards of the model's other ready versions, for requests that pin one
+    _pinned: dict[int, ModelInfo] = PrivateAttr(default_factory=dict)
+
+    def for_version(self, version: int | None) -> ModelInfo | None:
+        """The card of ``version`` (None: this one) while it is ready, else None."""
+        if version is None or version == self.version:
+            return self
+        return self._pinned.get(version)
+
+    def ready_versions(self) -> list[int]:
+        return sorted({self.version, *self._pinned})
 
     @property
     def calibrated(self) -> bool:
@@ -230,7 +269,29 @@ class ModelInfo(BaseModel):
 
 class ModelsResponse(BaseModel):
     models: list[ModelInfo]
-    failed: dict[str, str] = Field(description="model folders refused at start, and why")
+    failed: dict[str, str] = Field(description="what the models directory holds that does "
+                                   "not serve, and why: a model folder (NAME), a version "
+                                   "(NAME/VERSION) or a serving policy (NAME/policy.json)")
+    unloaded: list[str] = Field(default_factory=list, description="models (NAME) and "
+                                "versions (NAME/VERSION) unloaded through the repository API")
+
+
+class RepositoryRequest(BaseModel):
+    """The body of ``POST /models/{name}/load`` and ``/unload`` (and the ``config`` of the
+    gRPC repository extension's calls): one version, or the whole model."""
+
+    model_config = ConfigDict(extra="forbid")
+    version: int | None = Field(None, ge=1, le=MAX_VERSION, description="one version (default: "
+                                "every version of the model)")
+
+
+class RepositoryAnswer(BaseModel):
+    """A model's versions after a repository call."""
+
+    model: str = Field(description="the model's folder name")
+    version: int | None = Field(description="the version requests naming none get now "
+                                "(null: none serves)")
+    versions: list[VersionInfo]
 
 
 class ErrorResponse(BaseModel):

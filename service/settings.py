@@ -27,6 +27,9 @@ class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     models_dir: Path = Field(Path("exported_models"), description="directory of model folders")
+    models_poll_s: float = Field(5.0, ge=0.05, le=3600, description="seconds between two "
+                                 "reads of the models directory in each worker: new models "
+                                 "and versions load, removed ones retire, policies apply")
     plugins: list[str] = Field(default_factory=list, description="modules imported at start "
                                "that register model families or types (comma-separated)")
     runtime: Literal["auto", "onnx", "torchscript"] = "auto"
@@ -91,7 +94,8 @@ class Settings(BaseModel):
     api_keys: SecretStr | None = Field(None, description="inline API keys, name:token,...")
     api_keys_file: Path | None = Field(None, description="API key file (JSON or name:token lines)")
     api_keys_reload_s: float = Field(5.0, gt=0, description="seconds between key file checks")
-    metrics_token_file: Path | None = Field(None, description="bearer token for /metrics")
+    metrics_token_file: Path | None = Field(None, description="bearer token for /metrics and "
+                                            "the repository API (the admin token)")
     rate_limit_rps: float | None = Field(None, gt=0, description="requests/s per key")
     rate_limit_burst: int | None = Field(None, ge=1, description="token bucket size per key")
     access_log: bool = Field(True, description="JSON access log lines on stderr")

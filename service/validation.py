@@ -25,6 +25,8 @@ from service.settings import Settings
 __all__ = [
     "Refused",
     "RequestError",
+    "card_for",
+    "pydantic_message",
     "validate_anomaly_score",
     "validate_log_likelihood",
     "validate_sample",
@@ -53,7 +55,8 @@ class Refused(RequestError):
         self.headers, self.extra = headers, extra
 
 
-def _pydantic_message(err: ValidationError) -> str:
+def pydantic_message(err: ValidationError) -> str:
+    """Pydantic's errors in one line: each field and what is wrong with it."""
     parts = []
     for e in err.errors(include_url=False):
         field = ".".join(str(p) for p in e["loc"]) or "body"
@@ -70,15 +73,32 @@ def _parse(cls: type, body: Any) -> Any:
     try:
         return cls.model_validate(body)
     except ValidationError as err:
-        raise RequestError(400, _pydantic_message(err)) from None
+        raise RequestError(400, pydantic_message(err)) from None
 
 
-def _card(cards: dict[str, ModelInfo], name: str) -> ModelInfo:
+def card_for(cards: dict[str, ModelInfo], name: str, version: int | None = None) -> ModelInfo:
+    """The card of model ``name`` at ``version`` (None: the model's default), or 404 listing
+    the served models, or the model's versions."""
     card = cards.get(name)
     if card is None:
         shown = repr(name[:64])
         choices = ", ".join(sorted(cards)) or "(none loaded)"
         raise RequestError(404, f"unknown model {shown}; served models: {choices}")
+    pinned = card.for_version(version)
+    if pinned is None:
+        served = ", ".join(map(str, card.ready_versions()))
+        known = {v.version: v for v in card.versions}.get(version)
+        why = "" if known is None else f" (it is {known.state}" + (
+            f": {known.reason[:160]})" if known.reason else ")")
+        raise RequestError(404, f"model '{name}' has no version {version} serving{why}; its "
+                           f"versions serving: {served} (without 'version': {card.version})")
+    return pinned
+
+
+def _card(cards: dict[str, ModelInfo], req: Any) -> ModelInfo:
+    """The card of the request's model at its version; the request is given that version."""
+    card = card_for(cards, req.model, req.version)
+    req.version = card.version
     return card
 
 
@@ -159,7 +179,7 @@ def _flat_image(row: Any, i: int, card: ModelInfo) -> Any:
 def validate_sample(body: Any, cards: dict[str, ModelInfo], s: Settings,
                     cls: type[SampleRequest] = SampleRequest) -> SampleRequest:
     req = _parse(cls, body)
-    card = _card(cards, req.model)
+    card = _card(cards, req)
     _limit(req.n, "n", s.max_samples)
     _limit(req.steps, "steps", s.max_steps)
     if req.solver is not None and req.solver not in card.solvers:
@@ -172,7 +192,7 @@ def validate_log_likelihood(body: Any, cards: dict[str, ModelInfo], s: Settings,
                             cls: type[LogLikelihoodRequest] = LogLikelihoodRequest,
                             ) -> LogLikelihoodRequest:
     req = _parse(cls, body)
-    card = _card(cards, req.model)
+    card = _card(cards, req)
     req.x = check_rows(body["x"], card, s.max_rows)  # as sent: the schema flattens images
     _limit(req.steps, "steps", s.max_steps)
     _limit(req.probes, "probes", s.max_probes)
@@ -194,7 +214,7 @@ def validate_anomaly_score(body: Any, cards: dict[str, ModelInfo], s: Settings,
                            cls: type[AnomalyScoreRequest] = AnomalyScoreRequest,
                            ) -> AnomalyScoreRequest:
     req = _parse(cls, body)
-    card = _card(cards, req.model)
+    card = _card(cards, req)
     if not card.calibrated:
         raise RequestError(400, f"model '{card.name}' has no anomaly calibration; re-export it")
     req.x = check_rows(body["x"], card, s.max_rows)  # as sent: the schema flattens images

@@ -1,8 +1,9 @@
 """The three verbs over a group of validated requests for one model: one graph call each.
 
-Each function takes requests that share a model and options (a group of a batch that may
-hold requests of every transport) and returns one response per request, in order, its
-arrays numpy (JSON lists over HTTP, tensor bytes over gRPC).
+Each function takes requests that share a model version and options (a group of a batch
+that may hold requests of every transport) and returns one response per request, in order,
+each naming the version that answered, its arrays numpy (JSON lists over HTTP, tensor bytes
+over gRPC).
 """
 
 from __future__ import annotations
@@ -45,8 +46,8 @@ def run_sample(rt: ModelRuntime, parts: Sequence[SampleRequest]) -> list[SampleR
     out = rt.sample_many([SeededRows(p.n, p.seed, p._offset) for p in parts],
                          steps=steps, solver=solver)
     return [
-        SampleResponse(model=rt.name, samples=block, seed=p.seed, steps=steps,
-                       solver=solver, nfe=out.nfe)
+        SampleResponse(model=rt.name, version=rt.version, samples=block, seed=p.seed,
+                       steps=steps, solver=solver, nfe=out.nfe)
         for p, block in zip(parts, out.blocks, strict=True)
     ]
 
@@ -60,6 +61,7 @@ def run_log_likelihood(rt: ModelRuntime,
     return [
         LogLikelihoodResponse(
             model=rt.name,
+            version=rt.version,
             log_likelihood=out.log_prob[a:b],
             bits_per_dim=out.bits_per_dim[a:b],
             method=out.method,
@@ -77,6 +79,7 @@ def run_anomaly_score(rt: ModelRuntime,
     return [
         AnomalyScoreResponse(
             model=rt.name,
+            version=rt.version,
             scores=out.scores[a:b],
             score=rt.score_kind,
             threshold=out.threshold,
@@ -87,11 +90,12 @@ def run_anomaly_score(rt: ModelRuntime,
     ]
 
 
-# Requests that agree on these fields run as one graph call.
+# Requests that agree on these fields run as one graph call (``version``: the one each
+# request was given when it was validated; two versions never share a graph call).
 GROUP_KEYS = {
-    "sample": ("model", "steps", "solver"),
-    "log_likelihood": ("model", "method", "steps", "solver", "probes"),
-    "anomaly_score": ("model", "target_fpr"),
+    "sample": ("model", "version", "steps", "solver"),
+    "log_likelihood": ("model", "version", "method", "steps", "solver", "probes"),
+    "anomaly_score": ("model", "version", "target_fpr"),
 }
 RUNNERS = {
     "sample": run_sample,

@@ -169,7 +169,7 @@ def test_access_log_lines_are_json_and_can_be_turned_off() -> None:
             lines.append(record.getMessage())
 
     fields = {"protocol": "http", "key": 'al"ice', "verb": "sample", "model": MODEL,
-              "rows": 3, "status": 200, "latency_s": 0.0125}
+              "version": 2, "rows": 3, "status": 200, "latency_s": 0.0125}
     capture = Capture()
     logger = access_logger(False)
     logger.addHandler(capture)
@@ -179,14 +179,15 @@ def test_access_log_lines_are_json_and_can_be_turned_off() -> None:
         logger = access_logger(True)
         before = datetime.now(UTC).replace(microsecond=0)
         log_access(logger, **fields)
-        log_access(logger, **fields | {"protocol": "grpc", "key": None, "rows": None,
-                                       "status": "OK", "latency_s": 2.5e-8})
+        log_access(logger, **fields | {"protocol": "grpc", "key": None, "version": None,
+                                       "rows": None, "status": "OK", "latency_s": 2.5e-8})
     finally:
         logger.removeHandler(capture)
     first, second = (json.loads(line) for line in lines)
     assert first == {**{k: v for k, v in fields.items() if k != "latency_s"},
                      "ts": first["ts"], "latency_ms": 12.5}
     assert second["key"] is None and second["rows"] is None and second["status"] == "OK"
+    assert second["version"] is None
     assert second["latency_ms"] == 0.0
     ts = datetime.fromisoformat(first["ts"])  # ISO 8601 in UTC, to the millisecond
     assert ts.utcoffset() == timedelta(0)
@@ -345,6 +346,25 @@ def test_metrics_ask_for_their_own_token(secure_server) -> None:
     assert any(k["key"] == "none" and k["status"] == "401" for k in keys), keys
 
 
+def test_the_repository_api_asks_for_the_admin_token(secure_server, secure_grpc) -> None:
+    path = f"/models/{MODEL}/load"
+    for headers in ({}, {"Authorization": bearer("alice")}):  # an API key is not the admin's
+        status, answer = secure_server.post(path, {}, headers=headers)
+        assert status == 401 and "token" in answer["error"], answer
+    status, answer = secure_server.post(path, {}, headers={"Authorization": bearer(
+        METRICS_TOKEN)})
+    assert status == 200 and answer["version"] == 1, answer
+    assert answer["versions"] == [{"version": 1, "state": "ready", "reason": None}]
+    stub, _, _ = secure_grpc
+    request = pb.RepositoryModelLoadRequest(model_name=MODEL)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.RepositoryModelLoad(request, timeout=30, metadata=(("authorization",
+                                                                 bearer("alice")),))
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    stub.RepositoryModelLoad(request, timeout=30,
+                             metadata=(("authorization", bearer(METRICS_TOKEN)),))
+
+
 def test_tls_round_trip_with_the_self_signed_certificate(secure_server, secrets_dir) -> None:
     assert secure_server.url.startswith("https://127.0.0.1:")
     port = int(secure_server.url.rsplit(":", 1)[1])
@@ -453,7 +473,8 @@ def test_access_log_is_json_without_payloads_or_tokens(secure_server, secure_grp
     while len(access_lines(secure_server.log)) < before + 4:
         assert time.monotonic() < deadline, "the access lines did not reach the log"
         time.sleep(0.1)
-    fields = {"ts", "protocol", "key", "verb", "model", "rows", "status", "latency_ms"}
+    fields = {"ts", "protocol", "key", "verb", "model", "version", "rows", "status",
+              "latency_ms"}
     lines = access_lines(secure_server.log)[before:]
     http_lines = [line for line in lines if line["protocol"] == "http"]
     grpc_lines = [line for line in lines if line["protocol"] == "grpc"]
@@ -461,10 +482,11 @@ def test_access_log_is_json_without_payloads_or_tokens(secure_server, secure_grp
     for line in http_lines + grpc_lines:
         assert set(line) == fields and line["latency_ms"] >= 0
     assert {"protocol": "http", "key": "alice", "verb": "log_likelihood", "model": MODEL,
-            "rows": len(X), "status": 200}.items() <= http_lines[-2].items()
-    assert (http_lines[-1]["key"], http_lines[-1]["status"]) == (None, 401)
+            "version": 1, "rows": len(X), "status": 200}.items() <= http_lines[-2].items()
+    assert (http_lines[-1]["key"], http_lines[-1]["version"], http_lines[-1]["status"]) == (
+        None, None, 401)
     assert {"protocol": "grpc", "key": "alice", "verb": "log_likelihood", "model": MODEL,
-            "rows": len(X), "status": "OK"}.items() <= grpc_lines[-2].items()
+            "version": 1, "rows": len(X), "status": "OK"}.items() <= grpc_lines[-2].items()
     assert (grpc_lines[-1]["key"], grpc_lines[-1]["status"]) == (None, "UNAUTHENTICATED")
     # one access line per request: BentoML's own access log (scheme=...,path=...) is off
     assert "path=/log_likelihood" not in secure_server.log.read_text()

@@ -342,7 +342,11 @@ def test_repository_index_lists_every_oip_model(client) -> None:
     for model in MODELS:
         for verb in ("sample", "log_likelihood", "anomaly_score"):
             assert names[f"{model}.{verb}"] == ("1", "READY")
-    assert not any(name.startswith("broken.") for name in names)  # refused at start
+    broken = [m for m in index.models if m.name.startswith("broken.")]  # refused at start
+    assert {m.name for m in broken} == {f"broken.{verb}" for verb in
+                                        ("sample", "log_likelihood", "anomaly_score")}
+    assert all((m.version, m.state) == ("1", "UNAVAILABLE") and
+               "log_prob.onnx fails its sha256 check" in m.reason for m in broken)
     ready = client.get_model_repository_index(as_json=True)
     assert {m["name"] for m in ready["models"]} == set(names)
 

@@ -179,9 +179,10 @@ def test_overlay_renders_and_every_object_validates_offline(rendered, name: str)
     if name == TRAINING:
         assert kinds == ["Job", "NetworkPolicy", "PersistentVolumeClaim", "Service"]
     else:
+        volume = ["PersistentVolumeClaim"] if name == "overlays/models-volume" else []
         assert kinds == sorted(["Namespace", "ConfigMap", "Service", "Deployment",
                                 "HorizontalPodAutoscaler", "PodDisruptionBudget",
-                                "NetworkPolicy", "ServiceMonitor"])
+                                "NetworkPolicy", "ServiceMonitor", *volume])
         assert one(objs, "HorizontalPodAutoscaler")["apiVersion"] == "autoscaling/v2"
 
 
@@ -299,9 +300,14 @@ def test_configmap_holds_valid_service_settings(rendered, name: str) -> None:
     if name == "overlays/models-volume":
         (init,) = pod["initContainers"]
         (mount,) = [m for m in http["volumeMounts"] if m["mountPath"] == str(settings.models_dir)]
-        assert mount["readOnly"] and "emptyDir" in {
-            v["name"]: v for v in pod["volumes"]}[mount["name"]]
+        volume = {v["name"]: v for v in pod["volumes"]}[mount["name"]]
+        claim = one(rendered[name], "PersistentVolumeClaim")
+        # one volume shared by every pod: a version copied in once goes live in all of them
+        assert mount["readOnly"] and volume["persistentVolumeClaim"]["claimName"] == \
+            claim["metadata"]["name"] and claim["spec"]["accessModes"] == ["ReadWriteMany"]
         assert any(m["name"] == mount["name"] for m in init["volumeMounts"])
+        assert init["command"][:2] == ["cp", "-Rn"]  # seeds it, keeps versions added since
+        assert settings.models_poll_s <= 30
     else:
         assert "initContainers" not in pod
 

@@ -50,6 +50,7 @@ class GrpcCall:
     inputs: tuple = ()
     parameters: tuple = ()
     raw: bytes | None = None  # a whole serialized message (for the malformed case)
+    version: str = ""  # model_version
 
 
 @dataclass(frozen=True)
@@ -210,6 +211,17 @@ CASES = [
          grpc_note="grpcio's metadata limit (8 KiB) answers RESOURCE_EXHAUSTED"),
     Case("not HTTP/1.1", LL, RawHttp(b"P\x00ST /log_likelihood HTTP/1.1\r\n\r\n"), 400,
          "not valid HTTP/1.1", None, grpc_note="HTTP/2 framing errors are grpcio's"),
+    Case("a version the model does not have (7)", LL, {"model": "moons-nsf", "x": X,
+                                                       "version": 7},
+         404, "has no version 7 serving; its versions serving: 1",
+         GrpcCall(NSF_LL, (_x(X),), version="7"), "NOT_FOUND",
+         "has no version 7 serving; its versions serving: 1"),
+    Case("version not a positive integer", LL, {"model": "moons-nsf", "x": X, "version": 0},
+         400, "'version'", GrpcCall(NSF_LL, (_x(X),), version="v1"), "NOT_FOUND",
+         "is not a version"),
+    Case("repository load of a path outside the models directory", "models/../load", {}, 400,
+         "not a model folder of the models directory", None,
+         grpc_note="RepositoryModelLoad with model_name '..': INVALID_ARGUMENT, same words"),
 ]
 
 
@@ -256,7 +268,7 @@ def _http(server, case: Case) -> tuple[int, str]:
 
 
 def _infer_request(call: GrpcCall) -> pb.ModelInferRequest:
-    req = pb.ModelInferRequest(model_name=call.model)
+    req = pb.ModelInferRequest(model_name=call.model, model_version=call.version)
     fields = {"FP32": "fp32_contents", "FP64": "fp64_contents", "INT64": "int64_contents",
               "BYTES": "bytes_contents"}
     for name, datatype, shape, values in call.inputs:

@@ -15,14 +15,18 @@ model per verb, ``NAME.sample``, ``NAME.log_likelihood`` and ``NAME.anomaly_scor
 DEADLINE_EXCEEDED) with the same message as details; a retry hint travels as trailing
 metadata ``retry-after``. A call whose deadline passes while it is queued is left out of its
 batch. Also served: grpc.health.v1 (SERVING while models are loaded; NOT_SERVING from the
-worker's SIGTERM on, before the drain), server reflection and the repository extension's
-``RepositoryIndex``. With TLS (``GENSERVE_TLS_*``) the port speaks TLS, and
+worker's SIGTERM on, before the drain), server reflection and the repository extension
+(``RepositoryIndex``; ``RepositoryModelLoad``/``Unload`` behind the admin token, as HTTP's
+``POST /models/{name}/load``/``unload``). ``model_version`` pins a version of the model
+(``ModelReady``, ``ModelMetadata``, ``ModelInfer``); every answer names the version that
+answered. With TLS (``GENSERVE_TLS_*``) the port speaks TLS, and
 ``GENSERVE_GRPC_HEALTH_PORT`` serves grpc.health.v1 alone in plaintext for the kubelet.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import secrets
 import signal
@@ -34,6 +38,7 @@ import grpc
 from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
+from pydantic import ValidationError
 
 from artifact import genserve_version
 from service.access_log import rows_in
@@ -49,15 +54,14 @@ from service.grpc.convert import (
     split_name,
 )
 from service.grpc.decode import DecodeErrorInterceptor
-from service.schemas import VERBS, ModelInfo
+from service.schemas import VERBS, ModelInfo, RepositoryAnswer, RepositoryRequest
 from service.settings import Settings
-from service.validation import RequestError
+from service.validation import RequestError, card_for, pydantic_message
 
 __all__ = ["HTTP_CODES", "TOKEN_REQUIRED", "GrpcEdge", "InferenceServicer"]
 
 log = logging.getLogger("genserve.grpc")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
-VERSION = "1"  # every OIP model has one version
 Code = grpc.StatusCode
 HTTP_CODES = {400: Code.INVALID_ARGUMENT, 401: Code.UNAUTHENTICATED,
               403: Code.PERMISSION_DENIED, 404: Code.NOT_FOUND, 405: Code.UNIMPLEMENTED,
@@ -68,6 +72,9 @@ HTTP_CODES = {400: Code.INVALID_ARGUMENT, 401: Code.UNAUTHENTICATED,
 MAX_MESSAGE_BYTES = 64 << 20
 TOKEN_REQUIRED = ("a valid API token is required: send the metadata "
                   "'authorization: Bearer <token>'")
+# what RepositoryModelLoad/Unload read from ``parameters`` (tritonclient sends ``config``, a
+# JSON string, and ``unload_dependents``, which does not apply: genserve models have none)
+REPOSITORY_PARAMETERS = ("version", "config", "unload_dependents")
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -97,17 +104,19 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.settings = settings
 
     def _resolve(self, name: str, version: str) -> tuple[str, str, ModelInfo]:
-        """``(model, verb, card)`` of an OIP model name, or NOT_FOUND naming the served ones."""
+        """``(model, verb, card)`` of an OIP model name at ``version`` (empty: the model's
+        default), or NOT_FOUND naming the served models, or the model's versions."""
         cards = self.plane.cards
         parts = split_name(name)
         if parts is not None and parts[0] in cards:
-            card = cards[parts[0]]
+            try:
+                card = card_for(cards, parts[0], _version(version))
+            except RequestError as err:
+                raise OipError(Code.NOT_FOUND, err.message) from None
             if parts[1] == "anomaly_score" and not card.calibrated:
-                raise OipError(Code.NOT_FOUND, f"model '{parts[0]}' has no anomaly "
-                               "calibration, so it has no anomaly_score; re-export it")
-            if version not in ("", VERSION):
-                raise OipError(Code.NOT_FOUND, f"model '{name}' has no version "
-                               f"{version[:16]!r}; its only version is {VERSION!r}")
+                raise OipError(Code.NOT_FOUND, f"model '{parts[0]}' version {card.version} "
+                               "has no anomaly calibration, so it has no anomaly_score; "
+                               "re-export it")
             return parts[0], parts[1], card
         served = ", ".join(_oip_names(cards)) or "(none loaded)"
         hint = (f"model '{name}' is served as one OIP model per verb, NAME.VERB; "
@@ -139,25 +148,75 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         inputs, outputs = signature(verb, card)
         meta = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
-            name=request.name, versions=[VERSION], platform=f"genserve_{card.family}",
+            name=request.name, versions=[str(v) for v in card.ready_versions()],
+            platform=f"genserve_{card.family}",
             inputs=[meta(name=n, datatype=d, shape=s) for n, d, s in inputs],
             outputs=[meta(name=n, datatype=d, shape=s) for n, d, s in outputs])
 
     async def RepositoryIndex(self, request: Any, context: Any) -> pb.RepositoryIndexResponse:
-        """Every OIP model (``NAME.VERB``) and its state; ``ready`` filters to ready ones."""
-        state = "READY" if self.plane.ready else "UNAVAILABLE"
-        models = [pb.RepositoryIndexResponse.ModelIndex(name=name, version=VERSION,
-                                                        state=state)
-                  for name in _oip_names(self.plane.cards)]
-        if request.ready and state != "READY":
-            models = []
+        """Every version of every OIP model (``NAME.VERB``) with its state: ``READY``, or
+        ``UNAVAILABLE`` with the reason (refused by its checks, or unloaded); ``ready`` filters
+        to ready ones. A version that does not serve is listed under each verb its model
+        serves (all three when none of its versions serves)."""
+        snapshot = self.plane.snapshot
+        index = pb.RepositoryIndexResponse.ModelIndex
+        models = []
+        for folder, (_, infos) in sorted(snapshot.folders.items()):
+            served = {v: each for (_, v), each in snapshot.served.items()
+                      if each.folder == folder}
+            name = next(iter(served.values())).name if served else folder
+            card = snapshot.cards.get(name)
+            for info in infos:
+                ready = info.version in served
+                if request.ready and not ready:
+                    continue
+                shown = card.for_version(info.version) if ready and card else card
+                verbs = [v for v in VERBS if shown is None or v != "anomaly_score"
+                         or shown.calibrated]
+                models += [index(name=f"{name}.{verb}", version=str(info.version),
+                                 state="READY" if ready else "UNAVAILABLE",
+                                 reason=info.reason or "") for verb in verbs]
         return pb.RepositoryIndexResponse(models=models)
+
+    async def RepositoryModelLoad(self, request: Any, context: Any
+                                  ) -> pb.RepositoryModelLoadResponse:
+        """Serve a model folder (``parameters``: ``version``, or tritonclient's ``config``
+        ``{"version": N}``) again, checked now; as ``POST /models/{name}/load``."""
+        await self._repository("load", request, context)
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(self, request: Any, context: Any
+                                    ) -> pb.RepositoryModelUnloadResponse:
+        """Stop serving a model folder (or one ``version``) in every worker; calls already
+        holding it finish on it. As ``POST /models/{name}/unload``."""
+        await self._repository("unload", request, context)
+        return pb.RepositoryModelUnloadResponse()
+
+    async def _repository(self, action: str, request: Any, context: Any
+                          ) -> RepositoryAnswer | None:
+        """The admin token, the call's model folder and version, then the model set's
+        answer; an error aborts the call with the HTTP route's words."""
+        try:
+            header = dict(context.invocation_metadata() or ()).get("authorization")
+            self.plane.authorize_admin(header)
+            parts = split_name(request.model_name)  # NAME.VERB names its model folder too
+            folder = parts[0] if parts else request.model_name
+            version = _repository_version(request.parameters)
+            answer = await self.plane.repository(action, folder, version)
+        except RequestError as err:
+            return await _abort(context, _status(err.status, err.message,  # type: ignore
+                                                 getattr(err, "headers", [])))
+        log.info("repository: %s %r%s over gRPC: now serving version %s", action,
+                 folder[:64], "" if version is None else f" version {version}",
+                 answer.version)
+        return answer
 
     async def ModelInfer(self, request: Any, context: Any) -> pb.ModelInferResponse:
         started = time.perf_counter()
         parts = split_name(request.model_name)
         verb = parts[1] if parts else "unknown"
-        seen: dict[str, Any] = {"key": None, "model": "unknown", "rows": None, "status": "OK"}
+        seen: dict[str, Any] = {"key": None, "model": "unknown", "version": None,
+                                "rows": None, "status": "OK"}
         admitted = False
         try:
             header = dict(context.invocation_metadata() or ()).get("authorization")
@@ -169,8 +228,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             self.plane.admit(verb)
             admitted = True
             fields, raw = request_fields(model, verb, card, request, self.settings.max_rows)
+            if request.model_version:
+                fields["version"] = card.version
             seen["rows"] = rows_in(verb, fields)
             call = self.plane.validate(verb, fields)
+            seen["version"] = call.version
             call._ticket.transport = "grpc"
             outcome = await self._infer(verb, call, context)
             if outcome.answer is None:
@@ -180,7 +242,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 raise _status(outcome.status, message,
                               self.plane.hinted(outcome.status, outcome.headers))
             tensors, params = response_tensors(verb, outcome.answer)
-            resp = pb.ModelInferResponse(model_name=request.model_name, model_version=VERSION,
+            resp = pb.ModelInferResponse(model_name=request.model_name,
+                                         model_version=str(outcome.answer.version),
                                          id=request.id)
             encode_outputs(resp, tensors, params, [o.name for o in request.outputs], raw)
         except RequestError as err:
@@ -202,7 +265,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             if admitted:
                 self.plane.release()
             self.plane.record(protocol="grpc", verb=verb, key=seen["key"], model=seen["model"],
-                              rows=seen["rows"], status=seen["status"], started=started)
+                              version=seen["version"], rows=seen["rows"],
+                              status=seen["status"], started=started)
         return resp
 
     async def _infer(self, verb: str, call: Any, context: Any) -> Any:
@@ -222,6 +286,45 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
 async def _abort(context: grpc.aio.ServicerContext, err: OipError) -> None:
     await context.abort(err.code, err.message, getattr(err, "trailers", ()))
+
+
+def _version(text: str) -> int | None:
+    """A call's ``model_version`` (empty: the model's default), or NOT_FOUND."""
+    if not text:
+        return None
+    if not text.isascii() or not text.isdigit() or len(text) > 9 or int(text) < 1:
+        raise OipError(Code.NOT_FOUND, f"model_version {text[:16]!r} is not a version: "
+                       "versions are integers from 1 (empty: the model's default)")
+    return int(text)
+
+
+def _repository_version(parameters: Any) -> int | None:
+    """The ``version`` of a repository call's parameters (an int64 or string ``version``, or
+    the JSON ``config`` tritonclient sends), or RequestError 400."""
+    unknown = sorted(k for k in parameters if k not in REPOSITORY_PARAMETERS)
+    if unknown:
+        raise RequestError(400, f"unknown repository parameter {unknown[0][:32]!r}; "
+                           f"allowed: {', '.join(REPOSITORY_PARAMETERS)}")
+    fields: dict[str, Any] = {}
+    if "config" in parameters:
+        config = parameters["config"].string_param
+        if config.strip():
+            try:
+                fields = json.loads(config)
+            except ValueError:
+                raise RequestError(400, "parameter 'config' is not JSON; send "
+                                   '{"version": N} or nothing') from None
+            if not isinstance(fields, dict):
+                raise RequestError(400, "parameter 'config' must be a JSON object; send "
+                                   '{"version": N} or nothing')
+    if "version" in parameters:
+        p = parameters["version"]
+        fields["version"] = p.string_param if p.WhichOneof("parameter_choice") == \
+            "string_param" else p.int64_param
+    try:
+        return RepositoryRequest.model_validate(fields).version
+    except ValidationError as err:
+        raise RequestError(400, pydantic_message(err)) from None
 
 
 def _oip_names(cards: dict[str, ModelInfo]) -> list[str]:

@@ -1,6 +1,8 @@
 """The BentoML service: ``/sample``, ``/log_likelihood``, ``/anomaly_score``, ``/models``.
 
-Models load once in ``__init__``; each verb is a batchable API whose single, positional-only
+Models load in ``__init__`` and follow the models directory while the service runs
+(``service.models``: a watcher thread per worker; new versions load, removed ones retire,
+defaults swap atomically); each verb is a batchable API whose single, positional-only
 argument is the whole flat JSON body; BentoML's adaptive batcher gathers requests with rows as
 the unit (``service.batching``), and the batch is run as one graph call per model and
 option set (``service.verbs``). Requests are validated by ``service.http.boundary`` before
@@ -22,17 +24,9 @@ from service.batching import Answers, Parts, error_answer, rows_of
 from service.bentoml_glue import bind_api_once, cap_batch_wait, register_containers
 from service.http.boundary import VERB_PATHS, BoundaryMiddleware
 from service.http.uvicorn_glue import install as install_connection_guards
-from service.metrics import (
-    ABANDONED,
-    ANOMALIES,
-    BATCH_REQUESTS,
-    BATCH_ROWS,
-    GRAPH_SECONDS,
-    MODELS_LOADED,
-    REQUESTS,
-    ROWS,
-)
-from service.models import ModelSet
+from service.metrics import ABANDONED, ANOMALIES, BATCH_REQUESTS, BATCH_ROWS, REQUESTS, ROWS
+from service.models import ModelSet, Watcher
+from service.repository import RepositoryState, server_state_path
 from service.runtime import InputError
 from service.runtime.graphs import serves_on_cuda
 from service.schemas import (
@@ -45,6 +39,7 @@ from service.schemas import (
     SampleResponse,
 )
 from service.settings import SettingsError, load_settings
+from service.validation import RequestError
 from service.verbs import GROUP_KEYS, RUNNERS
 
 __all__ = ["GenServe"]
@@ -96,14 +91,11 @@ class GenServe:
     """Every model of ``GENSERVE_MODELS_DIR`` behind three verbs."""
 
     def __init__(self) -> None:
-        self.model_set = ModelSet.load(SETTINGS)
-        for name, rt in self.model_set.runtimes.items():
-            rt.observer = _graph_observer(name)
-        MODELS_LOADED.labels(state="ok").set(len(self.model_set.runtimes))
-        MODELS_LOADED.labels(state="failed").set(len(self.model_set.failed))
+        self.model_set = ModelSet.load(SETTINGS, RepositoryState(server_state_path()))
+        self.watcher = Watcher(self.model_set, SETTINGS.models_poll_s).start()
 
     def __is_ready__(self) -> bool:
-        return bool(self.model_set.runtimes)
+        return bool(self.model_set.cards)
 
     @bentoml.api(route="/sample", **_batching())
     def sample(self, request: SampleRequest, /) -> SampleResponse:
@@ -122,11 +114,14 @@ class GenServe:
 
     @bentoml.api(route="/models")
     async def list_models(self) -> ModelsResponse:
-        """The served models (also ``GET /models``) and the folders refused at start."""
-        return ModelsResponse(models=self.model_set.info(), failed=self.model_set.failed)
+        """The served models (also ``GET /models``), each with its versions, and what the
+        models directory holds that does not serve, and why."""
+        snapshot = self.model_set.snapshot
+        return ModelsResponse(models=list(snapshot.cards.values()), failed=snapshot.failed,
+                              unloaded=snapshot.unloaded)
 
     def _serve(self, verb: str, parts: Parts | Any) -> Answers | Any:
-        """One batch: group the parts by model and options, one graph call per group.
+        """One batch: group the parts by model version and options, one graph call per group.
 
         With batching off (``GENSERVE_BATCHING=0``) BentoML hands over one request and
         expects one answer.
@@ -140,7 +135,16 @@ class GenServe:
                 ABANDONED.labels(model=part.model, verb=verb).inc()
                 answers[i] = error_answer(504, "the request timed out before its batch ran")
                 continue
-            groups[tuple(getattr(part, k) for k in GROUP_KEYS[verb])].append(i)
+            if part._served is None:  # came through BentoML's own route: not validated here
+                try:
+                    part._served = self.model_set.snapshot.resolve(part.model, part.version)
+                except RequestError as err:
+                    answers[i] = self._fail(verb, "unknown", "unknown", [part], err.status,
+                                            err.message)[0]
+                    continue
+                part.version = part._served.version
+            key = tuple(getattr(part, k) for k in GROUP_KEYS[verb])
+            groups[(*key, id(part._served))].append(i)
         for idx in groups.values():
             group = [parts[i] for i in idx]
             for i, answer in zip(idx, self._run_group(verb, group), strict=True):
@@ -148,13 +152,12 @@ class GenServe:
         return Answers(answers)
 
     def _run_group(self, verb: str, group: list) -> list[Any]:
-        name = group[0].model
-        rt = self.model_set.runtimes.get(name)
-        if rt is None:
-            return self._fail(verb, "unknown", group, 404, f"model {name[:64]!r} is not loaded")
-        BATCH_ROWS.labels(model=name, verb=verb).observe(sum(rows_of(p) for p in group))
+        """One group's answers, by the version its requests hold."""
+        rt = group[0]._served.runtime
+        BATCH_ROWS.labels(model=rt.name, verb=verb).observe(sum(rows_of(p) for p in group))
         transports = "+".join(sorted({p._ticket.transport for p in group}))
-        BATCH_REQUESTS.labels(model=name, verb=verb, transports=transports).observe(len(group))
+        BATCH_REQUESTS.labels(model=rt.name, verb=verb, transports=transports).observe(
+            len(group))
         return self._answer(verb, rt, group)
 
     def _answer(self, verb: str, rt: Any, group: list) -> list[Any]:
@@ -167,29 +170,28 @@ class GenServe:
                 log.warning("model %s failed on a batch of %d /%s requests (%s); each runs "
                             "alone", rt.name, len(group), verb, type(err).__name__)
                 return [answer for part in group for answer in self._answer(verb, rt, [part])]
+            version = str(rt.version)
             if isinstance(err, InputError):
-                return self._fail(verb, rt.name, group, 400, str(err))
+                return self._fail(verb, rt.name, version, group, 400, str(err))
             request_id = group[0]._ticket.request_id
-            log.exception("model %s failed on /%s (request_id %s)", rt.name, verb, request_id)
-            REQUESTS.labels(model=rt.name, verb=verb, status="500").inc()
+            log.exception("model %s version %s failed on /%s (request_id %s)", rt.name,
+                          version, verb, request_id)
+            REQUESTS.labels(model=rt.name, version=version, verb=verb, status="500").inc()
             return [error_answer(500, "internal error", request_id=request_id)]
-        REQUESTS.labels(model=rt.name, verb=verb, status="200").inc(len(group))
-        ROWS.labels(model=rt.name, verb=verb).inc(sum(rows_of(p) for p in group))
+        version = str(rt.version)
+        REQUESTS.labels(model=rt.name, version=version, verb=verb, status="200").inc(len(group))
+        ROWS.labels(model=rt.name, version=version, verb=verb).inc(
+            sum(rows_of(p) for p in group))
         if verb == "anomaly_score":
             ANOMALIES.labels(model=rt.name).inc(sum(sum(r.is_anomaly) for r in results))
         return results
 
     @staticmethod
-    def _fail(verb: str, model: str, group: list, status: int, message: str) -> list[Any]:
-        REQUESTS.labels(model=model, verb=verb, status=str(status)).inc(len(group))
+    def _fail(verb: str, model: str, version: str, group: list, status: int,
+              message: str) -> list[Any]:
+        REQUESTS.labels(model=model, version=version, verb=verb, status=str(status)).inc(
+            len(group))
         return [error_answer(status, message) for _ in group]
-
-
-def _graph_observer(model: str) -> Any:
-    def observe(graph: str, seconds: float) -> None:
-        GRAPH_SECONDS.labels(model=model, graph=graph).observe(seconds)
-
-    return observe
 
 
 GenServe.add_asgi_middleware(BoundaryMiddleware, settings=SETTINGS)

@@ -15,8 +15,11 @@ refused ones too.
 
 ``/livez``, ``/readyz`` and ``/models`` stay open, and so do genserve's pages (``/``, ``/docs``
 and their files under ``/page/``, ``service.http.pages``); ``/metrics`` asks for its own token
-when ``GENSERVE_METRICS_TOKEN_FILE`` is set. ``/docs.json`` is BentoML's OpenAPI document
-completed with these answers (``service.http.openapi``). The middleware also sees the worker's ASGI
+when ``GENSERVE_METRICS_TOKEN_FILE`` is set. The repository API, ``POST /models/{name}/load``
+and ``POST /models/{name}/unload`` (optional body ``{"version": N}``), asks for that token too
+(the admin token), and answers 400 for a name that is not a folder of the models directory
+(no path traversal). ``/docs.json`` is BentoML's OpenAPI document completed with these answers
+(``service.http.openapi``). The middleware also sees the worker's ASGI
 lifespan: once BentoML has made the service instance it starts the worker's gRPC edge
 (``service.grpc.server``), and it stops that edge, draining its calls, when the worker stops.
 """
@@ -25,12 +28,14 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import secrets
 import time
 from typing import Any
 
+from pydantic import ValidationError
+
 from service.access_log import rows_in
-from service.auth import KeyStore
 from service.bentoml_glue import AppFactory
 from service.dataplane import DataPlane, Outcome, being_cancelled, unauthorized
 from service.grpc.server import GrpcEdge
@@ -38,15 +43,18 @@ from service.http.exchange import Exchange
 from service.http.json_guard import JsonLimits, parse_json
 from service.http.openapi import complete
 from service.http.pages import Pages
-from service.schemas import VERBS, ModelInfo
+from service.schemas import VERBS, ModelInfo, RepositoryRequest
 from service.settings import Settings, load_settings
-from service.validation import RequestError, validate_verb
+from service.validation import RequestError, pydantic_message, validate_verb
 
 __all__ = ["VERB_PATHS", "BoundaryMiddleware", "parse_and_validate"]
 
 log = logging.getLogger("genserve")
 
 VERB_PATHS = {f"/{verb}": verb for verb in VERBS}
+# the repository API: anything between /models/ and the action is the name, checked later
+REPOSITORY_PATH = re.compile(r"^/models/(?P<name>.+)/(?P<action>load|unload)$", re.S)
+REPOSITORY_BODY_BYTES = 4096
 
 
 def parse_and_validate(verb: str, body: bytes, cards: dict[str, ModelInfo], settings: Settings,
@@ -72,7 +80,6 @@ class BoundaryMiddleware:
         self.settings = settings or load_settings()
         self._plane: DataPlane | None = None
         self._docs_body: bytes | None = None  # the completed document, encoded once
-        self.metrics_keys = KeyStore.for_metrics(self.settings)
         self.json_limits = JsonLimits(self.settings.max_json_depth,
                                       self.settings.max_number_chars)
         self.grpc: GrpcEdge | None = None
@@ -136,13 +143,16 @@ class BoundaryMiddleware:
 
     # -- everything but the verbs --------------------------------------------------------
     async def _route(self, path: str, scope: dict, exchange: Exchange) -> None:
-        """``/metrics``'s token, ``GET /models``, ``/docs.json``, the pages, and BentoML's own
-        routes."""
+        """``/metrics``'s token, ``GET /models``, the repository API, ``/docs.json``, the
+        pages, and BentoML's own routes."""
         receive, send = exchange.receive, exchange.send
-        if path == "/metrics" and self.metrics_keys.enabled:
-            if self.metrics_keys.authenticate(_header(scope, b"authorization")) is None:
+        admin = self.plane.admin_keys
+        if path == "/metrics" and admin.enabled:
+            if admin.authenticate(_header(scope, b"authorization")) is None:
                 err = unauthorized()
                 return await exchange.answer(401, {"error": err.message}, err.headers)
+        if (found := REPOSITORY_PATH.match(path)) is not None:
+            return await self._repository(found["action"], found["name"], scope, exchange)
         if path == "/models" and scope.get("method") == "GET":
             return await self._get_models(scope, receive, send)
         if path == "/docs.json" and scope.get("method") == "GET":
@@ -168,7 +178,8 @@ class BoundaryMiddleware:
     # -- the verbs -----------------------------------------------------------------------
     async def _verb(self, verb: str, scope: dict, exchange: Exchange) -> None:
         started = time.perf_counter()
-        seen: dict[str, Any] = {"key": None, "model": "unknown", "rows": None, "status": 500}
+        seen: dict[str, Any] = {"key": None, "model": "unknown", "version": None, "rows": None,
+                                "status": 500}
         admitted = False
         plane: DataPlane | None = None
         try:
@@ -179,8 +190,7 @@ class BoundaryMiddleware:
             plane.admit(verb)
             admitted = True
             body, payload, request = await self._checked_body(scope, exchange, verb, plane)
-            if isinstance(payload, dict) and payload.get("model") in plane.cards:
-                seen["model"] = payload["model"]
+            seen["model"], seen["version"] = request.model, request.version
             seen["rows"] = rows_in(verb, payload)
             if not self.settings.fast_path:
                 await self.app(scope, _replay(body, exchange.receive),
@@ -210,7 +220,8 @@ class BoundaryMiddleware:
                 seen["status"] = 504
             if plane is not None:
                 plane.record(protocol="http", verb=verb, key=seen["key"], model=seen["model"],
-                             rows=seen["rows"], status=seen["status"], started=started)
+                             version=seen["version"], rows=seen["rows"],
+                             status=seen["status"], started=started)
 
     def _headers(self, plane: DataPlane) -> list[tuple[bytes, bytes]]:
         server = f"BentoML Service/{plane.factory.service_name}".encode()
@@ -246,9 +257,32 @@ class BoundaryMiddleware:
             raise RequestError(413, f"request body is {exchange.declared} bytes; the limit is "
                                f"{limit}")
         body = await exchange.read_body(limit)
-        payload, request = parse_and_validate(verb, body, plane.cards, self.settings,
-                                              plane.types, self.json_limits)
-        return body, payload, request
+        payload = parse_json(body, self.json_limits)
+        return body, payload, plane.validate(verb, payload)
+
+    async def _repository(self, action: str, name: str, scope: dict,
+                          exchange: Exchange) -> None:
+        """``POST /models/{name}/load`` or ``/unload``: the admin token, the optional body
+        ``{"version": N}``, then the model set's answer (``RepositoryAnswer``)."""
+        try:
+            if scope.get("method") != "POST":
+                raise RequestError(405, f"use POST for /models/{{name}}/{action}")
+            self.plane.authorize_admin(_header(scope, b"authorization"))
+            body = await exchange.read_body(REPOSITORY_BODY_BYTES)
+            try:
+                request = RepositoryRequest.model_validate(
+                    parse_json(body, self.json_limits) if body.strip() else {})
+            except ValidationError as err:
+                raise RequestError(400, pydantic_message(err)) from None
+            answer = await self.plane.repository(action, name, request.version)
+        except RequestError as err:
+            return await exchange.answer(err.status, {"error": err.message},
+                                         getattr(err, "headers", []))
+        log.info("repository: %s %r%s: now serving version %s", action, name[:64],
+                 "" if request.version is None else f" version {request.version}",
+                 answer.version)
+        await _send_body(exchange.send, 200, [(b"content-type", b"application/json")],
+                         answer.model_dump_json().encode())
 
     async def _docs(self, scope: dict, receive: Any, send: Any) -> None:
         """BentoML's OpenAPI document, completed with our answers (``service.http.openapi``)."""

@@ -138,6 +138,7 @@ class ModelRuntime:
                  threads: int | None = None, device: str | Placement = "auto") -> None:
         self.directory = Path(directory)
         self.manifest = manifest
+        self.version = 1  # the model set sets it from the folder's layout (artifact.repository)
         formats = manifest.formats()
         fmt = ("onnx" if "onnx" in formats else "torchscript") if runtime == "auto" else runtime
         if fmt not in formats:
@@ -185,6 +186,24 @@ class ModelRuntime:
     def solvers(self) -> tuple[str, ...]:
         """The ``solver`` values ``sample`` accepts."""
         return self.spec.sample_solvers
+
+    def check(self) -> None:
+        """The smoke call a version passes before it serves: every graph once, on one row of
+        0.5 (inside every preprocessing's domain, a time inside (0, 1)); RuntimeError naming the
+        graph when one fails or answers something that is not finite."""
+        for name, graph in self.graphs.items():
+            inputs = [np.full([1 if a == "batch" else int(a) for a in spec.shape],
+                              0 if spec.dtype == "int64" else 0.5, dtype=spec.dtype)
+                      for spec in graph.spec.inputs]
+            try:
+                outputs = graph(*inputs)
+            except Exception as err:  # noqa: BLE001 - any failure refuses the version
+                raise RuntimeError(f"graph {name!r} failed its smoke call: "
+                                 f"{type(err).__name__}: {str(err)[:200]}") from None
+            for spec, out in zip(graph.spec.outputs, outputs, strict=False):
+                if not np.isfinite(np.asarray(out, dtype=np.float64)).all():
+                    raise RuntimeError(f"graph {name!r} answered a non-finite {spec.name!r} "
+                                     "on its smoke call (one row of 0.5)")
 
     def call(self, graph: str, *inputs: Array) -> tuple[Array, ...]:
         """Run one graph; numpy in, numpy out, or :meth:`stage`'s arrays in and out."""
