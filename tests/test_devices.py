@@ -58,10 +58,14 @@ def test_the_cpu_when_cuda_is_not_offered_or_not_wanted() -> None:
         Placement(provider="ROCMExecutionProvider")
 
 
-def test_auto_falls_back_to_the_cpu_with_a_warning_when_cuda_fails_to_start(caplog) -> None:
+def test_auto_falls_back_to_the_cpu_with_a_warning_when_cuda_fails_to_start(
+        caplog, monkeypatch) -> None:
     """This machine's ONNX Runtime is the CPU build: told that CUDA is offered, the session
     asks for it, comes up without it, and ``auto`` serves on the CPU with a warning."""
     path, spec = _graph("moons-nsf", "log_prob")
+    logger = logging.getLogger("genserve")  # BentoML's logging setup, if imported, disables it
+    monkeypatch.setattr(logger, "disabled", False)
+    monkeypatch.setattr(logger, "propagate", True)
     with caplog.at_level(logging.WARNING, logger="genserve"):
         graph = OnnxGraph(path, spec, device="auto", offered=CUDA_OFFERED)
     assert graph.where == "cpu" and graph.providers == [CPU]
