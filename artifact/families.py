@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from numerics.samplers import SAMPLERS
+from numerics.samplers import EDM_SAMPLERS, SAMPLERS
 from numerics.solvers import SOLVERS
 
 __all__ = ["COMMON_GRAPHS", "FAMILIES", "ONE_PASS", "FamilySpec", "family", "register_family"]
@@ -85,5 +85,8 @@ register_family(FamilySpec("diffusion", graphs=_ODE_GRAPHS, sample_solvers=SOLVE
                            likelihood_methods=("exact", "hutchinson"),
                            likelihood_solvers=SOLVERS, timed=True))
 register_family(FamilySpec("flow_matching", graphs=_ODE_GRAPHS, sample_solvers=SOLVERS,
+                           likelihood_methods=("exact", "hutchinson"),
+                           likelihood_solvers=SOLVERS, timed=True))
+register_family(FamilySpec("edm", graphs=_ODE_GRAPHS, sample_solvers=SOLVERS + EDM_SAMPLERS,
                            likelihood_methods=("exact", "hutchinson"),
                            likelihood_solvers=SOLVERS, timed=True))

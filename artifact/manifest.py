@@ -68,13 +68,31 @@ class GraphFile(_Model):
 
 
 class TimeSpec(_Model):
-    """ODE time convention: t = t_min is data, t = 1 is noise (standard normal base)."""
+    """ODE time convention: t = t_min is data, t = t_max is noise, ``noise_std`` times standard
+    normal (1 and 1 for diffusion and flow matching; EDM's time is sigma, from sigma_min to
+    sigma_max, and its base has the std of data plus sigma_max noise)."""
 
     t_min: float = Field(0.0, ge=0, lt=1)
-    t_max: float = 1.0
+    t_max: float = Field(1.0, gt=0)
+    noise_std: float = Field(1.0, gt=0, description="std of the base at t_max")
+    rho: float | None = Field(None, gt=0, description="fixed-step solvers step uniformly in "
+                              "t^(1/rho) (EDM's sigma steps); none: uniformly in t")
     schedule: Literal["linear", "cosine"] | None = None
     beta_min: float | None = None
     beta_max: float | None = None
+    # EDM: the data std its denoiser is preconditioned for, and the stochastic sampler's
+    # churn (Karras et al. 2022, algorithm 2); s_tmax None: no upper bound
+    sigma_data: float | None = Field(None, gt=0)
+    s_churn: float | None = Field(None, ge=0)
+    s_tmin: float | None = Field(None, ge=0)
+    s_tmax: float | None = Field(None, ge=0)
+    s_noise: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> TimeSpec:
+        if not self.t_min < self.t_max:
+            raise ValueError(f"time: t_min {self.t_min} must be below t_max {self.t_max}")
+        return self
 
 
 class Defaults(_Model):

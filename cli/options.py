@@ -20,6 +20,18 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prediction", choices=["epsilon", "v"], help="diffusion target")
     g.add_argument("--sigma-min", dest="sigma_min", type=float, help="flow matching sigma_min")
     g.add_argument("--gamma", type=float, help="stochastic interpolant noise level")
+    g.add_argument("--sigma-data", dest="sigma_data", type=float, help="EDM: data std (1)")
+    g.add_argument("--edm-sigma-min", dest="edm_sigma_min", type=float,
+                   help="EDM: smallest sigma (0.002)")
+    g.add_argument("--edm-sigma-max", dest="edm_sigma_max", type=float,
+                   help="EDM: largest sigma (80)")
+    g.add_argument("--rho", type=float, help="EDM: sigma steps uniform in sigma^(1/rho) (7)")
+    g.add_argument("--p-mean", dest="p_mean", type=float, help="EDM: training ln-sigma mean")
+    g.add_argument("--p-std", dest="p_std", type=float, help="EDM: training ln-sigma std")
+    g.add_argument("--s-churn", dest="s_churn", type=float, help="EDM stochastic sampler churn")
+    g.add_argument("--s-tmin", dest="s_tmin", type=float, help="EDM: lowest churned sigma")
+    g.add_argument("--s-tmax", dest="s_tmax", type=float, help="EDM: highest churned sigma")
+    g.add_argument("--s-noise", dest="s_noise", type=float, help="EDM: churn noise inflation")
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:

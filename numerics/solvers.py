@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from numerics.arrays import Array, array_namespace, no_grad, to_numpy
+from numerics.schedules import rho_grid
 
 __all__ = [
     "DEFAULT_STEPS",
@@ -266,6 +267,7 @@ def integrate(
     rtol: float = 1e-5,
     atol: float = 1e-5,
     max_steps: int = 10000,
+    rho: float | None = None,
 ) -> Solution:
     """Solve ``dx/dt = velocity(x, t)`` from ``t0`` to ``t1`` (either direction).
 
@@ -283,6 +285,9 @@ def integrate(
         rtol, atol: ``dopri5`` tolerances; a step is accepted on a row when the RMS over
             ``dim`` of ``err / (atol + rtol * max(|x|, |x_new|))`` is at most 1.
         max_steps: ``dopri5`` gives up (``RuntimeError``) after this many attempted steps.
+        rho: fixed-step methods step on :func:`numerics.schedules.rho_grid` (uniform in
+            ``t^(1/rho)``, EDM's sigma steps; ``t0`` and ``t1`` positive) instead of a
+            uniform grid; ``dopri5`` ignores it.
 
     Returns:
         :class:`Solution` with the final state ``(batch, dim)``, the number of velocity
@@ -301,7 +306,8 @@ def integrate(
             hint = None if steps is None else (t1 - t0) / n
             x_end, nfe, accepted = _dopri5_solve(velocity, x, t0, t1, rtol, atol, max_steps, hint)
             return Solution(x_end, nfe, accepted)
-        x_end, nfe = _fixed_solve(method, velocity, x, np.linspace(t0, t1, n + 1))
+        grid = np.linspace(t0, t1, n + 1) if rho is None else rho_grid(t0, t1, n, rho)
+        x_end, nfe = _fixed_solve(method, velocity, x, grid)
         return Solution(x_end, nfe, None)
 
 

@@ -30,6 +30,7 @@ def model_info(rt: ModelRuntime) -> ModelInfo:
         name=m.name, family=m.family, model_type=m.model_type, dim=m.dim,
         graphs=sorted(m.graphs), runtime=rt.format, solvers=list(rt.solvers()),
         shape=list(m.event_shape), defaults=m.defaults.model_dump(),
+        time=None if m.time is None else m.time.model_dump(exclude_none=True),
         calibration=None if m.calibration is None else {
             "target_fpr": m.calibration.target_fpr,
             "threshold": m.calibration.threshold,

@@ -204,6 +204,9 @@ class ModelInfo(BaseModel):
     solvers: list[str]
     defaults: dict[str, Any]
     calibration: dict[str, Any] | None
+    time: dict[str, Any] | None = Field(
+        None, description="ODE models: the time range (EDM: sigma_min..sigma_max), the base's "
+        "std and the family's sampler settings (EDM: rho, sigma_data, churn)")
 
     @property
     def calibrated(self) -> bool:

@@ -109,6 +109,28 @@ def server(served_models: Path, tmp_path_factory: pytest.TempPathFactory):
         yield s
 
 
+@pytest.fixture(scope="session")
+def families_models(zoo_dir: Path, artifact_factory) -> Path:
+    """A models directory of the newer families (EDM), one tiny model each."""
+    import shutil
+
+    root = zoo_dir / "families"
+    if not root.exists():
+        root.mkdir()
+        for kind in ("edm",):
+            shutil.copytree(artifact_factory(kind), root / f"moons-{kind}")
+    return root
+
+
+@pytest.fixture(scope="session")
+def families_server(families_models: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A real server over :func:`families_models` (HTTP and gRPC)."""
+    log = tmp_path_factory.mktemp("logs") / "families-server.log"
+    with running_server(families_models, log,
+                        env={"GENSERVE_MAX_LATENCY_MS": "30000"}) as s:
+        yield s
+
+
 # --- /metrics, parsed by prometheus_client's own parser ---------------------------------------
 
 Metrics = dict[tuple[str, tuple[tuple[str, str], ...]], float]

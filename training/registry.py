@@ -26,6 +26,7 @@ from torch import nn
 
 from training.config import ModelConfig
 from training.diffusion import build_ddpm
+from training.edm import build_edm
 from training.flow_matching import build_cfm, build_otcfm, build_si
 from training.flows import (
     build_glow,
@@ -70,6 +71,8 @@ MODEL_TYPES: dict[str, ModelType] = {
     "nsf": ModelType("flow", "NSF: rational-quadratic spline coupling", build_nsf),
     "nsf_ar": ModelType("flow", "NSF: rational-quadratic spline, autoregressive", build_nsf_ar),
     "ddpm": ModelType("diffusion", "VP-SDE diffusion (epsilon or v prediction)", build_ddpm),
+    "edm": ModelType("edm", "EDM: preconditioned denoiser, sigma steps, Heun sampler",
+                     build_edm),
     "cfm": ModelType("flow_matching", "conditional flow matching, linear path", build_cfm),
     "otcfm": ModelType("flow_matching", "CFM with minibatch exact OT pairs", build_otcfm),
     "si": ModelType("flow_matching", "stochastic interpolant (noise gamma)", build_si),

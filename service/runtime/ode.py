@@ -1,10 +1,12 @@
-"""ODE models (flow matching, diffusion): a velocity field integrated by the shared solvers.
+"""ODE models (flow matching, diffusion, EDM): a velocity field integrated by the shared solvers.
 
-Sampling integrates ``dx/dt = v(x, t)`` from noise at ``t = 1`` to data at ``t_min``; the
-log-likelihood integrates the probability-flow ODE with the exact divergence
-(``velocity_div``) or Hutchinson's estimate (``velocity_jvp``) (``numerics.likelihood``).
-Diffusion adds the DDPM / DDIM / DPM-Solver++ samplers over the eps prediction recovered
-from the exported velocity and the manifest's noise schedule.
+Sampling integrates ``dx/dt = v(x, t)`` from noise at ``t_max`` (``noise_std`` times standard
+normal) to data at ``t_min``; the log-likelihood integrates the probability-flow ODE with the
+exact divergence (``velocity_div``) or Hutchinson's estimate (``velocity_jvp``)
+(``numerics.likelihood``) against that base. Fixed-step solvers step on the manifest's
+``rho`` grid where it has one (EDM's sigma steps). Diffusion adds the DDPM / DDIM /
+DPM-Solver++ samplers over the eps prediction recovered from the exported velocity and the
+manifest's noise schedule; EDM adds its stochastic sampler over the same velocity.
 """
 
 from __future__ import annotations
@@ -16,30 +18,31 @@ from typing import Any
 import numpy as np
 
 from artifact.manifest import Manifest
-from numerics.likelihood import log_likelihood_exact, log_likelihood_hutchinson
-from numerics.samplers import SAMPLERS, diffusion_sample
+from numerics.likelihood import log_likelihood_exact, log_likelihood_hutchinson, normal_log_prob
+from numerics.samplers import EDM_SAMPLERS, SAMPLERS, diffusion_sample, edm_stochastic_sample
 from numerics.schedules import make_schedule, pf_ode_eps
 from numerics.solvers import integrate
 from service.runtime.base import ModelRuntime, SeededRows, SegmentedNoise, register_runtime
 
-__all__ = ["DiffusionRuntime", "FlowMatchingRuntime", "OdeRuntime"]
+__all__ = ["DiffusionRuntime", "EdmRuntime", "FlowMatchingRuntime", "OdeRuntime"]
 
 
 class OdeRuntime(ModelRuntime):
-    """A velocity field ``v(x, t)`` with ``t = t_min`` data and ``t = 1`` standard normal."""
+    """A velocity field ``v(x, t)`` with ``t = t_min`` data and ``t = t_max`` normal noise."""
 
     def _generate(self, z: np.ndarray, requests: Sequence[SeededRows], solver: str,
                   steps: int | None) -> np.ndarray:
-        d = self.manifest.defaults
-        return integrate(self._velocity, z, 1.0, self.manifest.time.t_min, method=solver,
-                         steps=steps, rtol=d.rtol, atol=d.atol).x
+        d, t = self.manifest.defaults, self.manifest.time
+        return integrate(self._velocity, z * t.noise_std, t.t_max, t.t_min, method=solver,
+                         steps=steps, rtol=d.rtol, atol=d.atol, rho=t.rho).x
 
     def _log_prob(self, u: np.ndarray, method: str, steps: int | None, solver: str | None,
                   probes: int | None, seeds: np.ndarray, rows: np.ndarray,
                   ) -> tuple[np.ndarray, np.ndarray | None, int]:
         d, t = self.manifest.defaults, self.manifest.time
         common = {"t0": t.t_min, "t1": t.t_max, "steps": steps, "rtol": d.rtol, "atol": d.atol,
-                  "method": solver or ("dopri5" if steps is None else "rk4")}
+                  "method": solver or ("dopri5" if steps is None else "rk4"), "rho": t.rho,
+                  "base_log_prob": normal_log_prob(t.noise_std)}
         if method == "exact":
             res = log_likelihood_exact(self._velocity_div, u, **common)
         else:
@@ -85,3 +88,21 @@ class DiffusionRuntime(OdeRuntime):
 
     def _eps(self, x: np.ndarray, t: np.ndarray) -> np.ndarray:
         return pf_ode_eps(x, self._velocity(x, t), t, self.schedule)
+
+
+@register_runtime("edm")
+class EdmRuntime(OdeRuntime):
+    """EDM: time is sigma, the ODE solvers step on its rho grid (``heun`` is EDM's
+    deterministic sampler), and ``edm_stochastic`` is its stochastic sampler, whose churn
+    noise is drawn per request from each row's seed."""
+
+    def _generate(self, z: np.ndarray, requests: Sequence[SeededRows], solver: str,
+                  steps: int | None) -> np.ndarray:
+        if solver not in EDM_SAMPLERS:
+            return super()._generate(z, requests, solver, steps)
+        t = self.manifest.time
+        x, _ = edm_stochastic_sample(
+            self._velocity, z * t.noise_std, t.t_max, t.t_min, steps, SegmentedNoise(requests),
+            rho=t.rho, s_churn=t.s_churn, s_tmin=t.s_tmin,
+            s_tmax=float("inf") if t.s_tmax is None else t.s_tmax, s_noise=t.s_noise)
+        return x
