@@ -40,6 +40,8 @@ class FamilySpec:
         likelihood_solvers: ODE solvers of the likelihood integral (``()``: one pass, in
             which case ``solver`` and ``steps`` do not apply to ``/log_likelihood``).
         timed: whether the manifest carries a ``time`` section (ODE models).
+        manifold: whether its rows lie on a manifold (a ``manifold`` section: the service
+            refuses rows off it).
     """
 
     name: str
@@ -48,6 +50,7 @@ class FamilySpec:
     likelihood_methods: tuple[str, ...] = ("exact",)
     likelihood_solvers: tuple[str, ...] = ()
     timed: bool = False
+    manifold: bool = False
 
     @property
     def all_graphs(self) -> tuple[str, ...]:
@@ -90,3 +93,6 @@ register_family(FamilySpec("flow_matching", graphs=_ODE_GRAPHS, sample_solvers=S
 register_family(FamilySpec("edm", graphs=_ODE_GRAPHS, sample_solvers=SOLVERS + EDM_SAMPLERS,
                            likelihood_methods=("exact", "hutchinson"),
                            likelihood_solvers=SOLVERS, timed=True))
+register_family(FamilySpec("rfm", graphs=_ODE_GRAPHS, sample_solvers=SOLVERS,
+                           likelihood_methods=("exact", "hutchinson"),
+                           likelihood_solvers=SOLVERS, timed=True, manifold=True))

@@ -28,6 +28,7 @@ __all__ = [
     "GraphFile",
     "Manifest",
     "ManifestError",
+    "ManifoldSpec",
     "TensorSpec",
     "TimeSpec",
     "read_manifest",
@@ -95,6 +96,14 @@ class TimeSpec(_Model):
         return self
 
 
+class ManifoldSpec(_Model):
+    """The manifold the rows lie on (``numerics.manifolds``) and the tolerance the service
+    allows a request's row (unit norm on the sphere; angles within [-pi, pi] on the torus)."""
+
+    name: Literal["sphere", "torus"]
+    tolerance: float = Field(1e-4, gt=0)
+
+
 class Defaults(_Model):
     solver: str | None = None
     steps: int | None = Field(None, ge=1)
@@ -123,6 +132,7 @@ class Manifest(_Model):
     preprocessing: list[dict] = Field(default_factory=list)
     graphs: dict[str, dict[str, GraphFile]] = Field(description="graph name -> format -> file")
     time: TimeSpec | None = None
+    manifold: ManifoldSpec | None = None
     defaults: Defaults = Field(default_factory=Defaults)
     calibration: Calibration | None = None
     data: DataInfo
@@ -150,6 +160,8 @@ class Manifest(_Model):
                     raise ValueError(f"graph file {spec.file} has no sha256 in 'files'")
         if fam.timed and self.time is None:
             raise ValueError(f"a {self.family} model needs a 'time' section")
+        if fam.manifold and self.manifold is None:
+            raise ValueError(f"a {self.family} model needs a 'manifold' section")
         if math.prod(self.event_shape) != self.dim:  # images: [C, H, W], rows flattened
             raise ValueError(f"event_shape {self.event_shape} does not hold dim={self.dim} values")
         return self

@@ -32,6 +32,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--s-tmin", dest="s_tmin", type=float, help="EDM: lowest churned sigma")
     g.add_argument("--s-tmax", dest="s_tmax", type=float, help="EDM: highest churned sigma")
     g.add_argument("--s-noise", dest="s_noise", type=float, help="EDM: churn noise inflation")
+    g.add_argument("--manifold", choices=["sphere", "torus"],
+                   help="rfm: rows on the unit sphere, or angles of the torus")
+    g.add_argument("--manifold-tolerance", dest="manifold_tolerance", type=float,
+                   help="rfm: how far a served row may be off the manifold (1e-4)")
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:

@@ -31,6 +31,7 @@ def model_info(rt: ModelRuntime) -> ModelInfo:
         graphs=sorted(m.graphs), runtime=rt.format, solvers=list(rt.solvers()),
         shape=list(m.event_shape), defaults=m.defaults.model_dump(),
         time=None if m.time is None else m.time.model_dump(exclude_none=True),
+        manifold=None if m.manifold is None else m.manifold.model_dump(),
         calibration=None if m.calibration is None else {
             "target_fpr": m.calibration.target_fpr,
             "threshold": m.calibration.threshold,

@@ -207,6 +207,8 @@ class ModelInfo(BaseModel):
     time: dict[str, Any] | None = Field(
         None, description="ODE models: the time range (EDM: sigma_min..sigma_max), the base's "
         "std and the family's sampler settings (EDM: rho, sigma_data, churn)")
+    manifold: dict[str, Any] | None = Field(
+        None, description="rfm: the manifold's name and the tolerance of served rows")
 
     @property
     def calibrated(self) -> bool:

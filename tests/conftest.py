@@ -19,16 +19,22 @@ TINY_MODEL = {"hidden_features": 16, "hidden_layers": 1, "transforms": 2, "bins"
 TINY_STEPS = 60
 
 
-def tiny_checkpoint(model_type: str, out: Path, data: str = "moons", steps: int = TINY_STEPS):
+# Model types that need their own data and settings: (data set, ModelConfig fields).
+TINY_DATA = {"rfm": ("vmf_s2", {"manifold": "sphere"})}
+
+
+def tiny_checkpoint(model_type: str, out: Path, data: str | None = None,
+                    steps: int = TINY_STEPS):
     from training.config import ModelConfig, TrainConfig
     from training.fit import fit
 
+    own_data, fields = TINY_DATA.get(model_type, ("moons", {}))
     return fit(
         model_type,
-        data,
+        data or own_data,
         out=out,
         rows=1000,
-        model_cfg=ModelConfig(**TINY_MODEL),
+        model_cfg=ModelConfig(**TINY_MODEL | fields),
         train_cfg=TrainConfig(steps=steps, batch_size=128, eval_every=steps, progress=False,
                               warmup_steps=5),
     )
@@ -111,13 +117,14 @@ def server(served_models: Path, tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="session")
 def families_models(zoo_dir: Path, artifact_factory) -> Path:
-    """A models directory of the newer families (EDM), one tiny model each."""
+    """A models directory of the newer families (EDM, RFM on vmf_s2), one tiny model each
+    (named ``moons-KIND`` like the zoo, whatever their data)."""
     import shutil
 
     root = zoo_dir / "families"
     if not root.exists():
         root.mkdir()
-        for kind in ("edm",):
+        for kind in ("edm", "rfm"):
             shutil.copytree(artifact_factory(kind), root / f"moons-{kind}")
     return root
 

@@ -51,6 +51,11 @@ class ModelConfig(_Strict):
     s_tmax: float | None = Field(None, ge=0, description="EDM stochastic sampler: highest "
                                  "churned sigma (None: no bound)")
     s_noise: float = Field(1.0, gt=0, description="EDM stochastic sampler: noise inflation")
+    # Riemannian flow matching: the manifold of the rows, and how far a served row may be off it
+    manifold: Literal["sphere", "torus"] | None = Field(
+        None, description="rfm: rows on the unit sphere in R^dim, or dim angles of the torus")
+    manifold_tolerance: float = Field(1e-4, gt=0, le=0.1,
+                                      description="rfm: served rows' distance to the manifold")
     # image models (training/flows/image.py, training/unet.py)
     image_shape: tuple[int, int, int] | None = Field(
         None, description="image models: (C, H, W) of one row; dim = C*H*W (C-order)"

@@ -21,7 +21,7 @@ from training.config import ModelConfig, PreprocessConfig, TrainConfig
 from training.data import load_data, split
 from training.distributed import barrier, is_main_process
 from training.preprocess import Preprocessor
-from training.registry import build_model, family_of, is_image_model
+from training.registry import build_model, family_of, is_image_model, trains_raw
 from training.train import train_model
 
 __all__ = ["default_preprocess", "fit", "fit_arrays"]
@@ -62,7 +62,9 @@ def fit_arrays(
     """
     model_cfg = model_cfg or ModelConfig()
     train_cfg = train_cfg or TrainConfig()
-    pre_cfg = pre_cfg or default_preprocess(data.levels)
+    if pre_cfg is None:
+        pre_cfg = PreprocessConfig(standardize=False) if trains_raw(model_type) \
+            else default_preprocess(data.levels)
     dim = x_train.shape[1]
     torch.manual_seed(train_cfg.seed)  # parameter initialisation
     model = build_model(model_type, dim, model_cfg)

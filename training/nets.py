@@ -9,6 +9,7 @@ differentiation by hand; Griewank & Walther, *Evaluating Derivatives*, 2008, ch.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -103,6 +104,11 @@ class TimeMLP(nn.Module):
             h = nn.functional.silu(h)
         return self.output(h), tangent @ self.output.weight.T
 
+    def forward_mode(self, x: Tensor, t: Tensor, tangents: Tensor) -> tuple[Tensor, Tensor]:
+        """Output ``(batch, D)`` and ``tangents: (batch or 1, K, D)`` pushed forward,
+        ``(batch, K, D)``: for models that compose the network with maps of their own."""
+        return self._forward_mode(x, t, tangents)
+
     def jvp(self, x: Tensor, t: Tensor, e: Tensor) -> tuple[Tensor, Tensor]:
         """Output and Jacobian-vector product ``(d f / d x) e``; all ``(batch, D)``."""
         out, tangent = self._forward_mode(x, t, e[:, None, :])
@@ -174,7 +180,7 @@ class VelocityModel(nn.Module):
         """
         with torch.no_grad():
             return integrate(self.velocity, z, self.t_max, self.t_min, method=solver, steps=steps,
-                             rho=self.rho).x
+                             rho=self.rho, retract=self.retraction()).x
 
     def log_prob_with_error(
         self,
@@ -198,7 +204,7 @@ class VelocityModel(nn.Module):
         """
         method = method or self.likelihood_method
         common = dict(t0=self.t_min, t1=self.t_max, method=solver, steps=steps, rho=self.rho,
-                      base_log_prob=likelihood.normal_log_prob(self.noise_std), **options)
+                      base_log_prob=self.base_log_prob(), **options)
         with torch.no_grad():
             if method == "exact":
                 return likelihood.log_likelihood_exact(self.velocity_div, x, **common)
@@ -224,6 +230,14 @@ class VelocityModel(nn.Module):
         path = trajectory(self.velocity, z, times, method=solver)
         labels = [f"t = {t:.2f}" for t in times]
         return path, labels, f"{self.ode_name}, {solver}, {len(times) - 1} steps, NFE {path.nfe}"
+
+    def base_log_prob(self) -> Callable[[Tensor], Tensor]:
+        """``z -> log p_base(z)`` at ``t_max``: ``N(0, noise_std^2 I)``."""
+        return likelihood.normal_log_prob(self.noise_std)
+
+    def retraction(self) -> Callable[[Tensor], Tensor] | None:
+        """Applied after every ODE step while sampling (None: the state is in ``R^dim``)."""
+        return None
 
     def export_graphs(self) -> dict[str, ExportGraph]:
         """``velocity``, ``velocity_div`` and ``velocity_jvp``."""

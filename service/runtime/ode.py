@@ -11,7 +11,7 @@ manifest's noise schedule; EDM adds its stochastic sampler over the same velocit
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +19,14 @@ import numpy as np
 
 from artifact.manifest import Manifest
 from numerics.likelihood import log_likelihood_exact, log_likelihood_hutchinson, normal_log_prob
+from numerics.manifolds import manifold
 from numerics.samplers import EDM_SAMPLERS, SAMPLERS, diffusion_sample, edm_stochastic_sample
 from numerics.schedules import make_schedule, pf_ode_eps
 from numerics.solvers import integrate
 from service.runtime.base import ModelRuntime, SeededRows, SegmentedNoise, register_runtime
 
-__all__ = ["DiffusionRuntime", "EdmRuntime", "FlowMatchingRuntime", "OdeRuntime"]
+__all__ = ["DiffusionRuntime", "EdmRuntime", "FlowMatchingRuntime", "OdeRuntime",
+           "RiemannianRuntime"]
 
 
 class OdeRuntime(ModelRuntime):
@@ -42,13 +44,17 @@ class OdeRuntime(ModelRuntime):
         d, t = self.manifest.defaults, self.manifest.time
         common = {"t0": t.t_min, "t1": t.t_max, "steps": steps, "rtol": d.rtol, "atol": d.atol,
                   "method": solver or ("dopri5" if steps is None else "rk4"), "rho": t.rho,
-                  "base_log_prob": normal_log_prob(t.noise_std)}
+                  "base_log_prob": self._base_log_prob()}
         if method == "exact":
             res = log_likelihood_exact(self._velocity_div, u, **common)
         else:
             res = log_likelihood_hutchinson(self._velocity_jvp, u, probes=probes or d.probes,
                                             seed=seeds, rows=rows, **common)
         return np.asarray(res.log_prob), res.std_error, int(res.nfe)
+
+    def _base_log_prob(self) -> Callable[[np.ndarray], np.ndarray]:
+        """The base's log-density at ``t_max``: ``N(0, noise_std^2 I)``."""
+        return normal_log_prob(self.manifest.time.noise_std)
 
     def _velocity(self, x: np.ndarray, t: np.ndarray) -> np.ndarray:
         (v,) = self.call("velocity", x, t)
@@ -106,3 +112,24 @@ class EdmRuntime(OdeRuntime):
             rho=t.rho, s_churn=t.s_churn, s_tmin=t.s_tmin,
             s_tmax=float("inf") if t.s_tmax is None else t.s_tmax, s_noise=t.s_noise)
         return x
+
+
+@register_runtime("rfm")
+class RiemannianRuntime(OdeRuntime):
+    """Riemannian flow matching: uniform noise on the manifold, a retraction after every ODE
+    step, and the uniform base's ``-log vol`` in the likelihood."""
+
+    def __init__(self, directory: str | Path, manifest: Manifest, **options: Any) -> None:
+        super().__init__(directory, manifest, **options)
+        self.manifold = manifold(manifest.manifold.name, manifest.manifold.tolerance)
+
+    def _generate(self, z: np.ndarray, requests: Sequence[SeededRows], solver: str,
+                  steps: int | None) -> np.ndarray:
+        d, t = self.manifest.defaults, self.manifest.time
+        return integrate(self._velocity, self.manifold.uniform_from_normal(z), t.t_max,
+                         t.t_min, method=solver, steps=steps, rtol=d.rtol, atol=d.atol,
+                         retract=self.manifold.retract).x
+
+    def _base_log_prob(self) -> Callable[[np.ndarray], np.ndarray]:
+        log_vol = self.manifold.log_volume(self.dim)
+        return lambda z: np.full(len(z), -log_vol)
