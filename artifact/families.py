@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from numerics.discrete import DFM_SOLVERS
 from numerics.samplers import EDM_SAMPLERS, SAMPLERS
 from numerics.solvers import SOLVERS
 
@@ -42,6 +43,8 @@ class FamilySpec:
         timed: whether the manifest carries a ``time`` section (ODE models).
         manifold: whether its rows lie on a manifold (a ``manifold`` section: the service
             refuses rows off it).
+        tokens: whether its rows are integer tokens (a ``tokens`` section: the service
+            refuses other values).
     """
 
     name: str
@@ -51,6 +54,7 @@ class FamilySpec:
     likelihood_solvers: tuple[str, ...] = ()
     timed: bool = False
     manifold: bool = False
+    tokens: bool = False
 
     @property
     def all_graphs(self) -> tuple[str, ...]:
@@ -96,3 +100,5 @@ register_family(FamilySpec("edm", graphs=_ODE_GRAPHS, sample_solvers=SOLVERS + E
 register_family(FamilySpec("rfm", graphs=_ODE_GRAPHS, sample_solvers=SOLVERS,
                            likelihood_methods=("exact", "hutchinson"),
                            likelihood_solvers=SOLVERS, timed=True, manifold=True))
+register_family(FamilySpec("dfm", graphs=("denoiser",), sample_solvers=DFM_SOLVERS,
+                           likelihood_methods=("elbo",), tokens=True))

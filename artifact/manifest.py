@@ -31,6 +31,7 @@ __all__ = [
     "ManifoldSpec",
     "TensorSpec",
     "TimeSpec",
+    "TokenSpec",
     "read_manifest",
     "sha256_file",
 ]
@@ -104,10 +105,17 @@ class ManifoldSpec(_Model):
     tolerance: float = Field(1e-4, gt=0)
 
 
+class TokenSpec(_Model):
+    """Integer token rows: values in ``[0, vocab)``, and the source of the discrete path."""
+
+    vocab: int = Field(ge=2)
+    source: Literal["mask", "uniform"] = "mask"
+
+
 class Defaults(_Model):
     solver: str | None = None
     steps: int | None = Field(None, ge=1)
-    method: Literal["exact", "hutchinson"] = "exact"
+    method: Literal["exact", "hutchinson", "elbo"] = "exact"
     probes: int = Field(8, ge=1)
     rtol: float = 1e-5
     atol: float = 1e-5
@@ -133,6 +141,7 @@ class Manifest(_Model):
     graphs: dict[str, dict[str, GraphFile]] = Field(description="graph name -> format -> file")
     time: TimeSpec | None = None
     manifold: ManifoldSpec | None = None
+    tokens: TokenSpec | None = None
     defaults: Defaults = Field(default_factory=Defaults)
     calibration: Calibration | None = None
     data: DataInfo
@@ -162,6 +171,8 @@ class Manifest(_Model):
             raise ValueError(f"a {self.family} model needs a 'time' section")
         if fam.manifold and self.manifold is None:
             raise ValueError(f"a {self.family} model needs a 'manifold' section")
+        if fam.tokens and self.tokens is None:
+            raise ValueError(f"a {self.family} model needs a 'tokens' section")
         if math.prod(self.event_shape) != self.dim:  # images: [C, H, W], rows flattened
             raise ValueError(f"event_shape {self.event_shape} does not hold dim={self.dim} values")
         return self

@@ -36,6 +36,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="rfm: rows on the unit sphere, or angles of the torus")
     g.add_argument("--manifold-tolerance", dest="manifold_tolerance", type=float,
                    help="rfm: how far a served row may be off the manifold (1e-4)")
+    g.add_argument("--vocab", type=int, help="dfm: token values 0..V-1 (default: the data's)")
+    g.add_argument("--source", choices=["mask", "uniform"], help="dfm: source (mask)")
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:

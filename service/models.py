@@ -32,6 +32,7 @@ def model_info(rt: ModelRuntime) -> ModelInfo:
         shape=list(m.event_shape), defaults=m.defaults.model_dump(),
         time=None if m.time is None else m.time.model_dump(exclude_none=True),
         manifold=None if m.manifold is None else m.manifold.model_dump(),
+        tokens=None if m.tokens is None else m.tokens.model_dump(),
         calibration=None if m.calibration is None else {
             "target_fpr": m.calibration.target_fpr,
             "threshold": m.calibration.threshold,

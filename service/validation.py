@@ -126,8 +126,16 @@ def check_rows(x: Any, card: ModelInfo, max_rows: int) -> np.ndarray:
 
 
 def _check_manifold(arr: np.ndarray, card: ModelInfo) -> np.ndarray:
-    """``arr`` if every row lies on the model's manifold within its tolerance, else 400
-    naming the first row off it, its distance and the tolerance."""
+    """``arr`` if every row lies on the model's manifold within its tolerance (or, for token
+    models, holds integers in ``[0, vocab)``), else 400 naming the first row off it."""
+    if card.tokens is not None:
+        vocab = card.tokens["vocab"]
+        bad = (arr != np.round(arr)) | (arr < 0) | (arr >= vocab)
+        if bad.any():
+            r, c = np.argwhere(bad)[0]
+            raise RequestError(400, f"'x' row {r}, column {c} is {arr[r, c]:g}; model "
+                               f"'{card.name}' takes integer tokens in [0, {vocab})")
+        return arr
     if card.manifold is None:
         return arr
     m = manifold(card.manifold["name"], card.manifold["tolerance"])
@@ -194,8 +202,9 @@ def validate_log_likelihood(body: Any, cards: dict[str, ModelInfo], s: Settings,
     spec = family(card.family)
     if spec.one_pass_likelihood:
         if req.method not in (None, *spec.likelihood_methods):
+            only = spec.likelihood_methods[0]
             raise RequestError(400, f"model '{card.name}' is a {card.family}: its likelihood is "
-                               "exact; use method 'exact' or leave it out")
+                               f"{only}; use method '{only}' or leave it out")
         if req.solver is not None or req.steps is not None:
             raise RequestError(400, f"model '{card.name}' is a {card.family}: 'solver' and "
                                "'steps' do not apply; leave them out")

@@ -20,7 +20,7 @@ TINY_STEPS = 60
 
 
 # Model types that need their own data and settings: (data set, ModelConfig fields).
-TINY_DATA = {"rfm": ("vmf_s2", {"manifold": "sphere"})}
+TINY_DATA = {"rfm": ("vmf_s2", {"manifold": "sphere"}), "dfm": ("markov_seq", {})}
 
 
 def tiny_checkpoint(model_type: str, out: Path, data: str | None = None,
@@ -38,6 +38,18 @@ def tiny_checkpoint(model_type: str, out: Path, data: str | None = None,
         train_cfg=TrainConfig(steps=steps, batch_size=128, eval_every=steps, progress=False,
                               warmup_steps=5),
     )
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny MLPs run several times faster on one thread than on two busy ones: a module of
+    such tests says ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
@@ -117,14 +129,14 @@ def server(served_models: Path, tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="session")
 def families_models(zoo_dir: Path, artifact_factory) -> Path:
-    """A models directory of the newer families (EDM, RFM on vmf_s2), one tiny model each
-    (named ``moons-KIND`` like the zoo, whatever their data)."""
+    """A models directory of the newer families (EDM; RFM on vmf_s2; DFM on markov_seq), one
+    tiny model each (named ``moons-KIND`` like the zoo, whatever their data)."""
     import shutil
 
     root = zoo_dir / "families"
     if not root.exists():
         root.mkdir()
-        for kind in ("edm", "rfm"):
+        for kind in ("edm", "rfm", "dfm"):
             shutil.copytree(artifact_factory(kind), root / f"moons-{kind}")
     return root
 

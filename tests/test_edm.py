@@ -9,7 +9,6 @@ preconditioned denoiser is exactly that one, for any ``sigma_data``.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +29,8 @@ from training.registry import build_model
 SCALE = 0.8  # the data's std; the oracle's preconditioning assumes sigma_data = 0.5
 CFG = ModelConfig(hidden_features=128, hidden_layers=2, time_embedding=8)
 ROWS = [[0.5, 0.25], [1.0, -0.3], [-0.8, 0.6]]
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class GaussianF(nn.Module):
@@ -67,15 +68,6 @@ def oracle_model(sigma_data: float = 0.5, scale: float = SCALE, dim: int = 3,
 
 def gaussian_log_density(x: Tensor, var: float) -> Tensor:
     return -0.5 * x.square().sum(1) / var - 0.5 * x.shape[1] * math.log(2 * math.pi * var)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread() -> Iterator[None]:
-    """Tiny MLPs run several times faster on one thread than on two busy ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # --- the preconditioned denoiser of a Gaussian ------------------------------------------------

@@ -21,9 +21,9 @@ from training.evaluate import data_log_prob
 from training.registry import MODEL_TYPES
 
 TOL = 1e-4
-# images: test_images; rows on a manifold: test_rfm
-ALL_TYPES = sorted(k for k, spec in MODEL_TYPES.items()
-                   if not spec.image and not family(spec.family).manifold)
+# images: test_images; rows on a manifold or tokens: test_rfm, test_dfm
+ALL_TYPES = sorted(k for k, spec in MODEL_TYPES.items() if not spec.image
+                   and not family(spec.family).manifold and not family(spec.family).tokens)
 FLOWS = [k for k in ALL_TYPES if MODEL_TYPES[k].family == "flow"]
 ODE_TYPES = [k for k in ALL_TYPES if MODEL_TYPES[k].family != "flow"]
 

@@ -5,7 +5,6 @@ parity, and serving over HTTP and gRPC with rows off the manifold refused."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +27,8 @@ from training.rfm import RiemannianFlowMatching
 CFG = ModelConfig(hidden_features=32, hidden_layers=2, time_embedding=8)
 CASES = [("sphere", 3), ("torus", 2)]
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def model_on(name: str, dim: int) -> RiemannianFlowMatching:
     torch.manual_seed(0)
@@ -36,14 +37,6 @@ def model_on(name: str, dim: int) -> RiemannianFlowMatching:
 
 def off(name: str, x: np.ndarray) -> float:
     return float((Sphere() if name == "sphere" else Torus()).off_manifold(x).max())
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize(("name", "dim"), CASES)

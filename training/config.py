@@ -56,6 +56,10 @@ class ModelConfig(_Strict):
         None, description="rfm: rows on the unit sphere in R^dim, or dim angles of the torus")
     manifold_tolerance: float = Field(1e-4, gt=0, le=0.1,
                                       description="rfm: served rows' distance to the manifold")
+    # discrete flow matching
+    vocab: int | None = Field(None, ge=2, le=4096, description="dfm: tokens take values "
+                              "0..vocab-1 (default: the data's levels)")
+    source: Literal["mask", "uniform"] = Field("mask", description="dfm: source of the path")
     # image models (training/flows/image.py, training/unet.py)
     image_shape: tuple[int, int, int] | None = Field(
         None, description="image models: (C, H, W) of one row; dim = C*H*W (C-order)"

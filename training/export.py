@@ -235,6 +235,7 @@ def export_checkpoint(
             graphs=graphs,
             time=model.time_spec(),
             manifold=model.manifold_spec() if hasattr(model, "manifold_spec") else None,
+            tokens=model.token_spec() if hasattr(model, "token_spec") else None,
             defaults=defaults,
             calibration=None,
             data=DataInfo(name=cfg.data.name, rows=cfg.data.rows, dim=cfg.data.dim,

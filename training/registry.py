@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from training.config import ModelConfig
+from training.dfm import build_dfm
 from training.diffusion import build_ddpm
 from training.edm import build_edm
 from training.flow_matching import build_cfm, build_otcfm, build_si
@@ -84,6 +85,8 @@ MODEL_TYPES: dict[str, ModelType] = {
                      build_edm),
     "rfm": ModelType("rfm", "Riemannian flow matching on the sphere or the torus", build_rfm,
                      raw=True),
+    "dfm": ModelType("dfm", "discrete flow matching over integer tokens (masked or uniform "
+                     "source)", build_dfm, raw=True),
     "cfm": ModelType("flow_matching", "conditional flow matching, linear path", build_cfm),
     "otcfm": ModelType("flow_matching", "CFM with minibatch exact OT pairs", build_otcfm),
     "si": ModelType("flow_matching", "stochastic interpolant (noise gamma)", build_si),

@@ -1,7 +1,11 @@
-"""Named data sets on manifolds, with exact densities: a von Mises-Fisher mixture on the sphere
-S^2 (``vmf_s2``) and a wrapped-Gaussian mixture on the torus T^2 (``torus_t2``, angle pairs
-like protein backbone dihedrals). Densities are with respect to the manifold's area (S^2: the
-surface measure of total 4 pi; T^2: d theta_1 d theta_2, total (2 pi)^2)."""
+"""Named data sets of the newer families, with exact densities where they have one.
+
+Manifolds (Riemannian flow matching): a von Mises-Fisher mixture on the sphere S^2
+(``vmf_s2``) and a wrapped-Gaussian mixture on the torus T^2 (``torus_t2``, angle pairs like
+protein backbone dihedrals); densities are with respect to the manifold's area (S^2: total
+4 pi; T^2: d theta_1 d theta_2, total (2 pi)^2). Tokens (discrete flow matching): binarised
+digits (``digits_binary``, 64 pixels in {0, 1}) and a Markov chain's sequences
+(``markov_seq``, 8 tokens of 4 values, exact probabilities)."""
 
 from __future__ import annotations
 
@@ -10,7 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["VMF_S2", "WRAPPED_T2", "VonMisesFisherMixture", "WrappedGaussianMixture"]
+__all__ = ["MARKOV_SEQ", "VMF_S2", "WRAPPED_T2", "MarkovChain", "VonMisesFisherMixture",
+           "WrappedGaussianMixture", "binary_digits"]
 
 
 def _logsumexp(a: np.ndarray, axis: int) -> np.ndarray:
@@ -91,3 +96,47 @@ WRAPPED_T2 = WrappedGaussianMixture(
     stds=np.array([[0.3, 0.35], [0.4, 0.3], [0.3, 0.4]]),
 )
 """Three wrapped Gaussians on T^2; the second one wraps around the psi = pi edge."""
+
+
+@dataclass(frozen=True, eq=False)
+class MarkovChain:
+    """Sequences of ``length`` tokens: the first from ``initial``, each next one from the row
+    of ``transition`` of the one before; ``log p`` is exact."""
+
+    initial: np.ndarray  # (V,)
+    transition: np.ndarray  # (V, V), rows sum to 1
+    length: int
+
+    def sample(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, None]:
+        v = len(self.initial)
+        x = np.empty((n, self.length), dtype=np.int64)
+        x[:, 0] = rng.choice(v, size=n, p=self.initial)
+        cdf = np.cumsum(self.transition, 1)
+        for i in range(1, self.length):
+            u = rng.uniform(size=n)
+            x[:, i] = np.minimum((u[:, None] > cdf[x[:, i - 1]]).sum(1), v - 1)
+        return x.astype(np.float64), None
+
+    def log_density(self, x: np.ndarray) -> np.ndarray:
+        t = np.asarray(x).astype(np.int64)
+        lp = np.log(self.initial)[t[..., 0]]
+        return lp + np.log(self.transition)[t[..., :-1], t[..., 1:]].sum(-1)
+
+
+MARKOV_SEQ = MarkovChain(
+    initial=np.array([0.4, 0.3, 0.2, 0.1]),
+    transition=np.array([[0.7, 0.1, 0.1, 0.1], [0.1, 0.1, 0.7, 0.1],
+                         [0.05, 0.05, 0.1, 0.8], [0.6, 0.2, 0.1, 0.1]]),
+    length=8,
+)
+"""A sticky, cyclic chain over 4 tokens: structure a per-token model cannot see."""
+
+
+def binary_digits(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 8x8 digits (offline), pixels above 7 of 16 as 1: 64 binary tokens."""
+    import sklearn.datasets  # heavy: import where used
+
+    bunch = sklearn.datasets.load_digits()
+    x, y = (bunch.data > 7).astype(np.float64), np.asarray(bunch.target)
+    keep = np.arange(len(x)) if n == len(x) else np.sort(rng.choice(len(x), n, False))
+    return x[keep], y[keep]
