@@ -206,3 +206,14 @@ def test_torus_rows_outside_the_wrapped_square_are_refused_in_one_line() -> None
     assert info.value.status == 400 and info.value.message == (
         "'x' row 0 is 0.5 off the manifold; model 'angles' takes points on the torus T^2: "
         "angles in [-pi, pi] within 0.0001")
+
+
+def test_the_report_draws_samples_on_the_manifold(checkpoint_factory, tmp_path: Path) -> None:
+    from report.manifolds import manifold_report
+
+    summary = manifold_report(checkpoint_factory("rfm"), tmp_path, points=60, steps=8)
+    assert (tmp_path / "manifold_samples.png").stat().st_size > 10_000
+    assert summary["manifold"] == "sphere" and summary["rows"] == 60
+    assert math.isfinite(summary["log_likelihood"]) and summary["exact_log_likelihood"] > -3
+    with pytest.raises(ValueError, match="rfm models on S"):
+        manifold_report(checkpoint_factory("edm"), tmp_path / "no")
