@@ -17,7 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from numerics.samplers import SAMPLERS
+from numerics.discrete import DFM_SOLVERS
+from numerics.samplers import EDM_SAMPLERS, SAMPLERS
 from numerics.solvers import SOLVERS
 
 __all__ = ["COMMON_GRAPHS", "FAMILIES", "ONE_PASS", "FamilySpec", "family", "register_family"]
@@ -42,6 +43,10 @@ class FamilySpec:
         timed: whether the manifest carries a ``time`` section (ODE models).
         score_kinds: the anomaly score kinds its models can serve (``artifact.scores``).
         optional_graphs: graphs an artifact may add (a score kind may need one).
+        manifold: whether its rows lie on a manifold (a ``manifold`` section: the service
+            refuses rows off it).
+        tokens: whether its rows are integer tokens (a ``tokens`` section: the service
+            refuses other values).
     """
 
     name: str
@@ -52,6 +57,8 @@ class FamilySpec:
     timed: bool = False
     score_kinds: tuple[str, ...] = ("nll",)
     optional_graphs: tuple[str, ...] = ()
+    manifold: bool = False
+    tokens: bool = False
 
     @property
     def all_graphs(self) -> tuple[str, ...]:
@@ -94,3 +101,11 @@ register_family(FamilySpec("flow_matching", graphs=_ODE_GRAPHS, sample_solvers=S
                            likelihood_methods=("exact", "hutchinson"),
                            likelihood_solvers=SOLVERS, timed=True,
                            score_kinds=("nll", "denoise", "dte")))
+register_family(FamilySpec("edm", graphs=_ODE_GRAPHS, sample_solvers=SOLVERS + EDM_SAMPLERS,
+                           likelihood_methods=("exact", "hutchinson"),
+                           likelihood_solvers=SOLVERS, timed=True))
+register_family(FamilySpec("rfm", graphs=_ODE_GRAPHS, sample_solvers=SOLVERS,
+                           likelihood_methods=("exact", "hutchinson"),
+                           likelihood_solvers=SOLVERS, timed=True, manifold=True))
+register_family(FamilySpec("dfm", graphs=("denoiser",), sample_solvers=DFM_SOLVERS,
+                           likelihood_methods=("elbo",), tokens=True))

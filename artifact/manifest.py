@@ -33,8 +33,10 @@ __all__ = [
     "GraphFile",
     "Manifest",
     "ManifestError",
+    "ManifoldSpec",
     "TensorSpec",
     "TimeSpec",
+    "TokenSpec",
     "read_manifest",
     "sha256_file",
 ]
@@ -75,19 +77,52 @@ class GraphFile(_Model):
 
 
 class TimeSpec(_Model):
-    """ODE time convention: t = t_min is data, t = 1 is noise (standard normal base)."""
+    """ODE time convention: t = t_min is data, t = t_max is noise, ``noise_std`` times standard
+    normal (1 and 1 for diffusion and flow matching; EDM's time is sigma, from sigma_min to
+    sigma_max, and its base has the std of data plus sigma_max noise)."""
 
     t_min: float = Field(0.0, ge=0, lt=1)
-    t_max: float = 1.0
+    t_max: float = Field(1.0, gt=0)
+    noise_std: float = Field(1.0, gt=0, description="std of the base at t_max")
+    rho: float | None = Field(None, gt=0, description="fixed-step solvers step uniformly in "
+                              "t^(1/rho) (EDM's sigma steps); none: uniformly in t")
     schedule: Literal["linear", "cosine"] | None = None
     beta_min: float | None = None
     beta_max: float | None = None
+    # EDM: the data std its denoiser is preconditioned for, and the stochastic sampler's
+    # churn (Karras et al. 2022, algorithm 2); s_tmax None: no upper bound
+    sigma_data: float | None = Field(None, gt=0)
+    s_churn: float | None = Field(None, ge=0)
+    s_tmin: float | None = Field(None, ge=0)
+    s_tmax: float | None = Field(None, ge=0)
+    s_noise: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> TimeSpec:
+        if not self.t_min < self.t_max:
+            raise ValueError(f"time: t_min {self.t_min} must be below t_max {self.t_max}")
+        return self
+
+
+class ManifoldSpec(_Model):
+    """The manifold the rows lie on (``numerics.manifolds``) and the tolerance the service
+    allows a request's row (unit norm on the sphere; angles within [-pi, pi] on the torus)."""
+
+    name: Literal["sphere", "torus"]
+    tolerance: float = Field(1e-4, gt=0)
+
+
+class TokenSpec(_Model):
+    """Integer token rows: values in ``[0, vocab)``, and the source of the discrete path."""
+
+    vocab: int = Field(ge=2)
+    source: Literal["mask", "uniform"] = "mask"
 
 
 class Defaults(_Model):
     solver: str | None = None
     steps: int | None = Field(None, ge=1)
-    method: Literal["exact", "hutchinson"] = "exact"
+    method: Literal["exact", "hutchinson", "elbo"] = "exact"
     probes: int = Field(8, ge=1)
     rtol: float = 1e-5
     atol: float = 1e-5
@@ -121,6 +156,8 @@ class Manifest(_Model):
     preprocessing: list[dict] = Field(default_factory=list)
     graphs: dict[str, dict[str, GraphFile]] = Field(description="graph name -> format -> file")
     time: TimeSpec | None = None
+    manifold: ManifoldSpec | None = None
+    tokens: TokenSpec | None = None
     defaults: Defaults = Field(default_factory=Defaults)
     calibration: Calibration | None = None
     anomaly: AnomalyScoreSpec | None = Field(
@@ -154,6 +191,10 @@ class Manifest(_Model):
         if fam.timed and self.time is None:
             raise ValueError(f"a {self.family} model needs a 'time' section")
         self._check_score(fam.score_kinds)
+        if fam.manifold and self.manifold is None:
+            raise ValueError(f"a {self.family} model needs a 'manifold' section")
+        if fam.tokens and self.tokens is None:
+            raise ValueError(f"a {self.family} model needs a 'tokens' section")
         if math.prod(self.event_shape) != self.dim:  # images: [C, H, W], rows flattened
             raise ValueError(f"event_shape {self.event_shape} does not hold dim={self.dim} values")
         return self

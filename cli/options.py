@@ -36,6 +36,24 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--heads", type=int, help="tarflow: attention heads (2)")
     g.add_argument("--noise-std", dest="noise_std", type=float,
                    help="tarflow: training noise level; samples denoised by one score step (0)")
+    g.add_argument("--sigma-data", dest="sigma_data", type=float, help="EDM: data std (1)")
+    g.add_argument("--edm-sigma-min", dest="edm_sigma_min", type=float,
+                   help="EDM: smallest sigma (0.002)")
+    g.add_argument("--edm-sigma-max", dest="edm_sigma_max", type=float,
+                   help="EDM: largest sigma (80)")
+    g.add_argument("--rho", type=float, help="EDM: sigma steps uniform in sigma^(1/rho) (7)")
+    g.add_argument("--p-mean", dest="p_mean", type=float, help="EDM: training ln-sigma mean")
+    g.add_argument("--p-std", dest="p_std", type=float, help="EDM: training ln-sigma std")
+    g.add_argument("--s-churn", dest="s_churn", type=float, help="EDM stochastic sampler churn")
+    g.add_argument("--s-tmin", dest="s_tmin", type=float, help="EDM: lowest churned sigma")
+    g.add_argument("--s-tmax", dest="s_tmax", type=float, help="EDM: highest churned sigma")
+    g.add_argument("--s-noise", dest="s_noise", type=float, help="EDM: churn noise inflation")
+    g.add_argument("--manifold", choices=["sphere", "torus"],
+                   help="rfm: rows on the unit sphere, or angles of the torus")
+    g.add_argument("--manifold-tolerance", dest="manifold_tolerance", type=float,
+                   help="rfm: how far a served row may be off the manifold (1e-4)")
+    g.add_argument("--vocab", type=int, help="dfm: token values 0..V-1 (default: the data's)")
+    g.add_argument("--source", choices=["mask", "uniform"], help="dfm: source (mask)")
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:

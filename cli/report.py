@@ -9,6 +9,7 @@ import sys
 from cli.options import add_model_args, add_progress_arg, add_train_args, pick
 from report.anomaly import anomaly_report
 from report.compare import DEFAULT_MODELS, ReportConfig, parse_models, report
+from report.manifolds import manifold_report
 from training.config import ModelConfig, TrainConfig
 
 __all__ = ["register"]
@@ -36,6 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ode-steps", type=int, default=32, help="ODE steps noise -> data (32)")
     p.add_argument("--grid", type=int, default=80, help="density grid points per axis (80)")
     add_progress_arg(p)
+    p.add_argument("--manifold-model", metavar="DIR", help="an rfm checkpoint on S^2 or T^2: "
+                   "its samples drawn on the manifold instead of the comparison")
     g = p.add_argument_group("anomaly sub-mode (instead of the comparison)")
     g.add_argument("--anomaly-model", metavar="DIR", help="artifact from fit-anomaly/export")
     g.add_argument("--normal", metavar="FILE", help="rows known to be normal")
@@ -53,6 +56,12 @@ def run(ns: argparse.Namespace) -> int:
         print(f"wrote {ns.out}: AUROC {summary['auroc']:.3f}, flagged "
               f"{100 * summary['flagged_normal']:.1f} % of normal and "
               f"{100 * summary['flagged_anomalous']:.1f} % of anomalous rows", file=sys.stderr)
+        return 0
+    if ns.manifold_model:
+        summary = manifold_report(ns.manifold_model, ns.out, points=ns.points,
+                                  steps=ns.ode_steps, solver=ns.solver)
+        print(f"wrote {ns.out}: rfm on {summary['data']} ({summary['manifold']}), test "
+              f"log-likelihood {summary['log_likelihood']:.3f} nats", file=sys.stderr)
         return 0
     if ns.models and ns.checkpoints:
         raise ValueError("give --models (to train) or --checkpoints (to load), not both")

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+from artifact.families import FAMILIES
 from cli.options import add_model_args, add_progress_arg, add_train_args, pick
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.config import ModelConfig, TrainConfig
@@ -22,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="fit a model to a named data set or a file")
     p.add_argument("--model", required=True, metavar="TYPE", help="; ".join(
         f"{k} ({v.family}{', images' if v.image else ''})" for k, v in MODEL_TYPES.items()))
-    p.add_argument("--family", choices=["flow", "diffusion", "flow_matching"],
+    p.add_argument("--family", choices=sorted(FAMILIES),
                    help="optional check that --model belongs to this family")
     p.add_argument("--data", required=True, help="named set (see `genserve data --list`) "
                    "or a .npy/.npz/.csv file")

@@ -36,8 +36,9 @@ __all__ = [
     "VelocityDiv",
     "VelocityJvp",
     "log_likelihood_exact",
-    "log_likelihood_hutchinson",
     "keyed_uniform",
+    "log_likelihood_hutchinson",
+    "normal_log_prob",
     "rademacher_probes",
     "standard_normal_log_prob",
 ]
@@ -53,6 +54,15 @@ _LOG_2PI = math.log(2.0 * math.pi)
 def standard_normal_log_prob(z: Array) -> Array:
     """``log N(z; 0, I)``: ``(batch, dim) -> (batch,)``."""
     return -0.5 * (z * z).sum(-1) - 0.5 * z.shape[-1] * _LOG_2PI
+
+
+def normal_log_prob(std: float = 1.0) -> Callable[[Array], Array]:
+    """``z -> log N(z; 0, std^2 I)``, ``(batch, dim) -> (batch,)``: the base density of an
+    ODE whose noise end is ``std`` times standard normal (EDM: ``sqrt(sigma_max^2 +
+    sigma_data^2)``)."""
+    if std == 1.0:
+        return standard_normal_log_prob
+    return lambda z: standard_normal_log_prob(z / std) - z.shape[-1] * math.log(std)
 
 
 @dataclass(frozen=True)
@@ -84,6 +94,7 @@ def log_likelihood_exact(
     atol: float = 1e-5,
     max_steps: int = 10000,
     base_log_prob: Callable[[Array], Array] = standard_normal_log_prob,
+    rho: float | None = None,
 ) -> LikelihoodResult:
     """``log p_{t0}(x)`` with the exact divergence.
 
@@ -91,7 +102,8 @@ def log_likelihood_exact(
         velocity_div: ``(x: (batch, dim), t: (batch,)) -> (v: (batch, dim), div: (batch,))``.
         x: data ``(batch, dim)`` at ``t0``.
         t0, t1: integrate from ``t0`` (data side, the model's ``t_min``) to ``t1`` (noise).
-        method, steps, rtol, atol, max_steps: passed to :func:`numerics.solvers.integrate`.
+        method, steps, rtol, atol, max_steps, rho: passed to
+            :func:`numerics.solvers.integrate`.
         base_log_prob: ``(batch, dim) -> (batch,)`` log-density of ``x_{t1}``.
 
     Returns:
@@ -115,6 +127,7 @@ def log_likelihood_exact(
         rtol=rtol,
         atol=atol,
         max_steps=max_steps,
+        rho=rho,
     )
     z = sol.x[:, :dim]
     return LikelihoodResult(base_log_prob(z) + sol.x[:, dim], None, sol.nfe, z)
@@ -186,6 +199,7 @@ def log_likelihood_hutchinson(
     atol: float = 1e-5,
     max_steps: int = 10000,
     base_log_prob: Callable[[Array], Array] = standard_normal_log_prob,
+    rho: float | None = None,
 ) -> LikelihoodResult:
     """``log p_{t0}(x)`` with Hutchinson's divergence estimate (FFJORD, sec. 3.1).
 
@@ -204,7 +218,7 @@ def log_likelihood_hutchinson(
         probes: number of probes ``K >= 1``.
         seed: seed of the probes: an int, or ``(batch,)`` one per row.
         rows: ``(batch,)`` each row's index within its request (default ``0 .. batch-1``).
-        t0, t1, method, steps, rtol, atol, max_steps, base_log_prob: as in
+        t0, t1, method, steps, rtol, atol, max_steps, base_log_prob, rho: as in
             :func:`log_likelihood_exact`.
 
     Returns:
@@ -232,6 +246,7 @@ def log_likelihood_hutchinson(
         atol=atol,
         max_steps=max_steps,
         base_log_prob=base_log_prob,
+        rho=rho,
     )
     estimates = res.log_prob.reshape(probes, batch)
     mean = estimates.mean(0)

@@ -1,4 +1,5 @@
-"""VP-SDE noise schedules and the conversions between diffusion model parameterizations.
+"""VP-SDE noise schedules, the conversions between diffusion model parameterizations, and
+EDM's preconditioning, sigma steps and probability-flow ODE (``x_sigma = x_0 + sigma n``).
 
 Variance-preserving SDE (Song et al. 2021, "Score-Based Generative Modeling through SDEs",
 eq. 11): ``dx = -1/2 beta(t) x dt + sqrt(beta(t)) dW``, with marginals
@@ -32,8 +33,12 @@ from numerics.arrays import Array, array_namespace
 __all__ = [
     "SCHEDULES",
     "CosineSchedule",
+    "EDMPreconditioning",
     "LinearSchedule",
     "VPSchedule",
+    "edm_divergence",
+    "edm_jvp",
+    "edm_velocity",
     "eps_to_score",
     "eps_to_v",
     "eps_to_x0",
@@ -42,6 +47,7 @@ __all__ = [
     "pf_ode_eps",
     "pf_ode_jvp",
     "pf_ode_velocity",
+    "rho_grid",
     "score_to_eps",
     "v_to_eps",
     "x0_to_eps",
@@ -275,3 +281,91 @@ def pf_ode_jvp(e: Array, jvp_eps: Array, t: Array, schedule: VPSchedule) -> Arra
     ``-1/2 beta e + 1/2 beta / sigma * (J_eps e)``; all ``(batch, dim)``, t ``(batch,)``."""
     beta = schedule.beta(t)[:, None]
     return -0.5 * beta * e + (0.5 * beta / schedule.sigma(t)[:, None]) * jvp_eps
+
+
+# --- EDM (Karras, Aittala, Aila & Laine 2022, "Elucidating the design space of diffusion-based
+# generative models"): x_sigma = x_0 + sigma n, time t = sigma ---------------------------------
+
+
+@dataclass(frozen=True)
+class EDMPreconditioning:
+    """The preconditioning of EDM's denoiser (Karras et al. 2022, table 1, "ours")::
+
+        D(x; sigma) = c_skip(sigma) x + c_out(sigma) F(c_in(sigma) x; c_noise(sigma))
+
+    with ``c_skip = sd^2 / (sigma^2 + sd^2)``, ``c_out = sigma sd / sqrt(sigma^2 + sd^2)``,
+    ``c_in = 1 / sqrt(sigma^2 + sd^2)`` (``sd``: ``sigma_data``, the data's standard deviation)
+    and the loss weight ``lambda = 1 / c_out^2``. The paper's ``c_noise = 1/4 ln sigma`` is
+    mapped affinely onto ``[0, 1]`` between ``sigma_min`` and ``sigma_max``: the same
+    conditioning up to an affine map, in the interval the networks' Fourier time features
+    tell apart. Every method takes ``sigma: (batch,)`` and returns ``(batch,)``.
+
+    Example:
+        >>> import numpy as np
+        >>> p = EDMPreconditioning(sigma_data=0.5)
+        >>> s = np.array([0.1, 1.0, 10.0])
+        >>> bool(np.allclose(p.c_out(s) ** 2 * p.loss_weight(s), 1.0))
+        True
+    """
+
+    sigma_data: float = 1.0
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+
+    def c_skip(self, sigma: Array) -> Array:
+        sd2 = self.sigma_data**2
+        return sd2 / (sigma * sigma + sd2)
+
+    def c_out(self, sigma: Array) -> Array:
+        xp = array_namespace(sigma)
+        return sigma * self.sigma_data / xp.sqrt(sigma * sigma + self.sigma_data**2)
+
+    def c_in(self, sigma: Array) -> Array:
+        xp = array_namespace(sigma)
+        return 1.0 / xp.sqrt(sigma * sigma + self.sigma_data**2)
+
+    def c_noise(self, sigma: Array) -> Array:
+        xp = array_namespace(sigma)
+        lo, hi = math.log(self.sigma_min), math.log(self.sigma_max)
+        return (xp.log(sigma) - lo) / (hi - lo)
+
+    def loss_weight(self, sigma: Array) -> Array:
+        """``lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2 = 1 / c_out^2``."""
+        return (sigma * sigma + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
+
+
+def rho_grid(t0: float, t1: float, steps: int, rho: float) -> np.ndarray:
+    """``(steps + 1,)`` times from ``t0`` to ``t1`` (either direction), uniform in
+    ``t^(1/rho)``: EDM's time steps (Karras et al. 2022, eq. 5) ``t_i = (t0^(1/rho) + i /
+    steps (t1^(1/rho) - t0^(1/rho)))^rho``. With ``rho = 7`` from ``sigma_max`` down to
+    ``sigma_min`` the steps shorten near the data, where the trajectories bend. The ends are
+    exactly ``t0`` and ``t1``; both must be positive.
+
+    Example:
+        >>> g = rho_grid(80.0, 0.002, 4, 7.0)
+        >>> float(g[0]), float(g[-1]), bool((g[1:] < g[:-1]).all())
+        (80.0, 0.002, True)
+    """
+    if not (t0 > 0 and t1 > 0):
+        raise ValueError(f"a rho grid needs positive ends, got {t0!r} and {t1!r}")
+    a, b = t0 ** (1.0 / rho), t1 ** (1.0 / rho)
+    grid = (a + np.linspace(0.0, 1.0, steps + 1) * (b - a)) ** rho
+    grid[0], grid[-1] = t0, t1
+    return grid
+
+
+def edm_velocity(x: Array, denoised: Array, sigma: Array) -> Array:
+    """EDM's probability-flow ODE ``dx/dsigma = (x - D(x; sigma)) / sigma`` (Karras et al.
+    2022, eq. 3 with ``sigma(t) = t``, ``s(t) = 1``): ``x, denoised: (batch, dim)``,
+    ``sigma: (batch,)``."""
+    return (x - denoised) / sigma[:, None]
+
+
+def edm_divergence(div_denoised: Array, sigma: Array, dim: int) -> Array:
+    """Divergence of :func:`edm_velocity`: ``(dim - tr J_D) / sigma``, ``(batch,)``."""
+    return (dim - div_denoised) / sigma
+
+
+def edm_jvp(e: Array, jvp_denoised: Array, sigma: Array) -> Array:
+    """Jacobian-vector product of :func:`edm_velocity`: ``(e - J_D e) / sigma``."""
+    return (e - jvp_denoised) / sigma[:, None]

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from numerics.arrays import Array, array_namespace, no_grad, to_numpy
+from numerics.schedules import rho_grid
 
 __all__ = [
     "DEFAULT_STEPS",
@@ -124,10 +125,13 @@ _FIXED: dict[str, tuple[Callable[[Velocity, Array, Array, float], Array], int]] 
 }
 
 
-def _fixed_solve(method: str, f: Velocity, x: Array, grid: np.ndarray) -> tuple[Array, int]:
+def _fixed_solve(method: str, f: Velocity, x: Array, grid: np.ndarray,
+                 retract: Callable[[Array], Array] | None = None) -> tuple[Array, int]:
     step, calls = _FIXED[method]
     for t_now, t_next in zip(grid[:-1], grid[1:], strict=True):
         x = step(f, x, _rows(x, float(t_now)), float(t_next - t_now))
+        if retract is not None:
+            x = retract(x)
     return x, calls * (len(grid) - 1)
 
 
@@ -208,6 +212,7 @@ def _dopri5_solve(
     atol: float,
     max_steps: int,
     first_step: float | None,
+    retract: Callable[[Array], Array] | None = None,
 ) -> tuple[Array, int, np.ndarray]:
     xp = array_namespace(x)
     direction = 1.0 if t1 > t0 else -1.0
@@ -234,6 +239,8 @@ def _dopri5_solve(
             )
         x5, k7, err = _dopri5_step(f, x, t, direction * h_abs, k1)
         nfe += 6
+        if retract is not None:  # err is measured before: the retraction is not the step's
+            x5 = retract(x5)
         scale = atol + rtol * xp.maximum(xp.abs(x), xp.abs(x5))
         err_norm = _rms(err / scale)
         accept = (err_norm <= 1.0) & ~done
@@ -276,6 +283,8 @@ def integrate(
     atol: float = 1e-5,
     max_steps: int = 10000,
     differentiable: bool = False,
+    rho: float | None = None,
+    retract: Callable[[Array], Array] | None = None,
 ) -> Solution:
     """Solve ``dx/dt = velocity(x, t)`` from ``t0`` to ``t1`` (either direction).
 
@@ -296,6 +305,11 @@ def integrate(
         differentiable: keep autograd on (torch tensors): the result is differentiable
             through the steps taken (direct backprop; step sizes are held constant), for
             training by maximum likelihood through the ODE (FFJORD). Off: no graph is built.
+        rho: fixed-step methods step on :func:`numerics.schedules.rho_grid` (uniform in
+            ``t^(1/rho)``, EDM's sigma steps; ``t0`` and ``t1`` positive) instead of a
+            uniform grid; ``dopri5`` ignores it.
+        retract: ``x -> x`` applied after every (accepted) step: puts the state back on a
+            manifold (``numerics.manifolds``), whose velocity is tangent.
 
     Returns:
         :class:`Solution` with the final state ``(batch, dim)``, the number of velocity
@@ -312,9 +326,11 @@ def integrate(
     with contextlib.nullcontext() if differentiable else no_grad(x):
         if method == "dopri5":
             hint = None if steps is None else (t1 - t0) / n
-            x_end, nfe, accepted = _dopri5_solve(velocity, x, t0, t1, rtol, atol, max_steps, hint)
+            x_end, nfe, accepted = _dopri5_solve(velocity, x, t0, t1, rtol, atol, max_steps, hint,
+                                                 retract)
             return Solution(x_end, nfe, accepted)
-        x_end, nfe = _fixed_solve(method, velocity, x, np.linspace(t0, t1, n + 1))
+        grid = np.linspace(t0, t1, n + 1) if rho is None else rho_grid(t0, t1, n, rho)
+        x_end, nfe = _fixed_solve(method, velocity, x, grid, retract)
         return Solution(x_end, nfe, None)
 
 

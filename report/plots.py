@@ -278,3 +278,34 @@ def roc_figure(fpr: np.ndarray, tpr: np.ndarray, auroc: float, point: tuple[floa
     ax.legend(fontsize=7, loc="lower right")
     ax.tick_params(labelsize=7)
     _save(fig, path)
+
+
+def manifold_figure(real: np.ndarray, samples: np.ndarray, manifold: str, title: str,
+                    path: Path) -> None:
+    """Rows on a manifold next to a model's samples: the sphere S^2 in 3-D (a wire sphere
+    behind the points), the torus T^2 on its unrolled square ``[-pi, pi]^2``."""
+    panels = [(f"real (test rows, n={len(real)})", real, REAL),
+              (f"{title}, n={len(samples)}", samples, _color(0))]
+    if manifold == "sphere":
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(PANEL * 2, PANEL + 0.3), dpi=DPI, layout="constrained")
+        FigureCanvasAgg(fig)
+        u, v = np.meshgrid(np.linspace(0, 2 * np.pi, 25), np.linspace(0, np.pi, 13))
+        for i, (label, x, color) in enumerate(panels):
+            ax = fig.add_subplot(1, 2, i + 1, projection="3d")
+            ax.plot_wireframe(np.cos(u) * np.sin(v), np.sin(u) * np.sin(v), np.cos(v),
+                              color="0.85", linewidth=0.3)
+            ax.scatter(x[:, 0], x[:, 1], x[:, 2], s=5, color=color, alpha=0.9, linewidths=0)
+            ax.set_box_aspect((1, 1, 1))
+            ax.set_axis_off()
+            ax.set_title(label, fontsize=8)
+        _save(fig, path)
+        return
+    fig, axes = _figure(1, 2)
+    square = ((-np.pi, np.pi), (-np.pi, np.pi))
+    for ax, (label, x, color) in zip(axes[0], panels, strict=True):
+        ax.scatter(x[:, 0], x[:, 1], s=2, color=color, alpha=0.6, linewidths=0)
+        _frame(ax, square, f"{label}\n(the torus unrolled: opposite edges meet)")
+    _save(fig, path)

@@ -63,6 +63,9 @@ def model_info(rt: ModelRuntime) -> ModelInfo:
         graphs=sorted(m.graphs), runtime=rt.format, devices=rt.devices(),
         solvers=list(rt.solvers()),
         shape=list(m.event_shape), levels=m.data.levels, defaults=m.defaults.model_dump(),
+        time=None if m.time is None else m.time.model_dump(exclude_none=True),
+        manifold=None if m.manifold is None else m.manifold.model_dump(),
+        tokens=None if m.tokens is None else m.tokens.model_dump(),
         calibration=None if m.calibration is None else {
             "score": m.score_kind,
             "target_fpr": m.calibration.target_fpr,

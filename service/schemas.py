@@ -153,13 +153,16 @@ class SampleResponse(BaseModel):
 
 class LogLikelihoodRequest(_Request):
     x: Rows
-    method: Literal["exact", "hutchinson"] | None = Field(
-        None, description="divergence for ODE models; flows are always exact"
+    method: Literal["exact", "hutchinson", "elbo"] | None = Field(
+        None, description="divergence for ODE models; flows are always exact; discrete flow "
+        "matching answers its evidence lower bound ('elbo')"
     )
     steps: int | None = Field(None, ge=1, description="fixed solver steps (default adaptive)")
     solver: str | None = Field(None, description="ODE solver for the likelihood integral")
-    probes: int | None = Field(None, ge=1, description="Hutchinson probes")
-    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Hutchinson probe seed")
+    probes: int | None = Field(None, ge=1, description="Hutchinson probes (DFM: random "
+                               "orders of the ELBO)")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Hutchinson probe seed "
+                             "(DFM: the ELBO's orders)")
 
 
 class LogLikelihoodResponse(BaseModel):
@@ -170,7 +173,8 @@ class LogLikelihoodResponse(BaseModel):
     bits_per_dim: Numbers
     method: str
     std_error: Numbers = Field(
-        default_factory=list, description="Hutchinson standard error per row; empty if exact"
+        default_factory=list, description="Hutchinson's (or the ELBO's) standard error per "
+        "row; empty if exact"
     )
     nfe: int = Field(description="graph evaluations used")
 
@@ -250,6 +254,13 @@ class ModelInfo(BaseModel):
 
     def ready_versions(self) -> list[int]:
         return sorted({self.version, *self._pinned})
+    time: dict[str, Any] | None = Field(
+        None, description="ODE models: the time range (EDM: sigma_min..sigma_max), the base's "
+        "std and the family's sampler settings (EDM: rho, sigma_data, churn)")
+    manifold: dict[str, Any] | None = Field(
+        None, description="rfm: the manifold's name and the tolerance of served rows")
+    tokens: dict[str, Any] | None = Field(
+        None, description="dfm: rows are integer tokens in [0, vocab); the path's source")
 
     @property
     def calibrated(self) -> bool:

@@ -14,6 +14,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from artifact.families import family
+from numerics.manifolds import manifold
 from service.schemas import (
     AnomalyScoreRequest,
     LogLikelihoodRequest,
@@ -117,7 +118,7 @@ def check_rows(x: Any, card: ModelInfo, max_rows: int) -> np.ndarray:
     (gRPC tensors), whose values are checked the same way."""
     if isinstance(x, np.ndarray) and x.ndim == 2 and x.shape[1] == card.dim and len(x):
         _limit(len(x), "x", max_rows)
-        return _check_values(x.astype(np.float64, copy=False))
+        return _check_manifold(_check_values(x.astype(np.float64, copy=False)), card)
     if not isinstance(x, list):
         raise RequestError(400, f"'x' must be a list of rows, each {card.row_form()}")
     if len(x) == 0:
@@ -141,7 +142,29 @@ def check_rows(x: Any, card: ModelInfo, max_rows: int) -> np.ndarray:
     if arr.ndim != 2 or arr.dtype.kind not in "iuf" or bool in set(
             map(type, chain.from_iterable(x))):
         raise RequestError(400, "'x' must contain only numbers (no strings, booleans or nulls)")
-    return _check_values(arr.astype(np.float64, copy=False))
+    return _check_manifold(_check_values(arr.astype(np.float64, copy=False)), card)
+
+
+def _check_manifold(arr: np.ndarray, card: ModelInfo) -> np.ndarray:
+    """``arr`` if every row lies on the model's manifold within its tolerance (or, for token
+    models, holds integers in ``[0, vocab)``), else 400 naming the first row off it."""
+    if card.tokens is not None:
+        vocab = card.tokens["vocab"]
+        bad = (arr != np.round(arr)) | (arr < 0) | (arr >= vocab)
+        if bad.any():
+            r, c = np.argwhere(bad)[0]
+            raise RequestError(400, f"'x' row {r}, column {c} is {arr[r, c]:g}; model "
+                               f"'{card.name}' takes integer tokens in [0, {vocab})")
+        return arr
+    if card.manifold is None:
+        return arr
+    m = manifold(card.manifold["name"], card.manifold["tolerance"])
+    off = m.off_manifold(arr)
+    bad = np.flatnonzero(off > m.tolerance)
+    if len(bad):
+        raise RequestError(400, f"'x' row {bad[0]} is {off[bad[0]]:.3g} off the manifold; "
+                           f"model '{card.name}' takes points on {m.describe(card.dim)}")
+    return arr
 
 
 def _check_values(arr: np.ndarray) -> np.ndarray:
@@ -199,8 +222,9 @@ def validate_log_likelihood(body: Any, cards: dict[str, ModelInfo], s: Settings,
     spec = family(card.family)
     if spec.one_pass_likelihood:
         if req.method not in (None, *spec.likelihood_methods):
+            only = spec.likelihood_methods[0]
             raise RequestError(400, f"model '{card.name}' is a {card.family}: its likelihood is "
-                               "exact; use method 'exact' or leave it out")
+                               f"{only}; use method '{only}' or leave it out")
         if req.solver is not None or req.steps is not None:
             raise RequestError(400, f"model '{card.name}' is a {card.family}: 'solver' and "
                                "'steps' do not apply; leave them out")

@@ -19,19 +19,37 @@ TINY_MODEL = {"hidden_features": 16, "hidden_layers": 1, "transforms": 2, "bins"
 TINY_STEPS = 60
 
 
-def tiny_checkpoint(model_type: str, out: Path, data: str = "moons", steps: int = TINY_STEPS):
+# Model types that need their own data and settings: (data set, ModelConfig fields).
+TINY_DATA = {"rfm": ("vmf_s2", {"manifold": "sphere"}), "dfm": ("markov_seq", {})}
+
+
+def tiny_checkpoint(model_type: str, out: Path, data: str | None = None,
+                    steps: int = TINY_STEPS):
     from training.config import ModelConfig, TrainConfig
     from training.fit import fit
 
+    own_data, fields = TINY_DATA.get(model_type, ("moons", {}))
     return fit(
         model_type,
-        data,
+        data or own_data,
         out=out,
         rows=1000,
-        model_cfg=ModelConfig(**TINY_MODEL),
+        model_cfg=ModelConfig(**TINY_MODEL | fields),
         train_cfg=TrainConfig(steps=steps, batch_size=128, eval_every=steps, progress=False,
                               warmup_steps=5),
     )
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny MLPs run several times faster on one thread than on two busy ones: a module of
+    such tests says ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
@@ -106,6 +124,29 @@ def server(served_models: Path, tmp_path_factory: pytest.TempPathFactory):
                                                  "GENSERVE_MAX_SAMPLES": "2000",
                                                  "GENSERVE_MAX_STEPS": "200",
                                                  "GENSERVE_MAX_LATENCY_MS": "30000"}) as s:
+        yield s
+
+
+@pytest.fixture(scope="session")
+def families_models(zoo_dir: Path, artifact_factory) -> Path:
+    """A models directory of the newer families (EDM; RFM on vmf_s2; DFM on markov_seq), one
+    tiny model each (named ``moons-KIND`` like the zoo, whatever their data)."""
+    import shutil
+
+    root = zoo_dir / "families"
+    if not root.exists():
+        root.mkdir()
+        for kind in ("edm", "rfm", "dfm"):
+            shutil.copytree(artifact_factory(kind), root / f"moons-{kind}")
+    return root
+
+
+@pytest.fixture(scope="session")
+def families_server(families_models: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A real server over :func:`families_models` (HTTP and gRPC)."""
+    log = tmp_path_factory.mktemp("logs") / "families-server.log"
+    with running_server(families_models, log,
+                        env={"GENSERVE_MAX_LATENCY_MS": "30000"}) as s:
         yield s
 
 

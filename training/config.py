@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 __all__ = ["ModelConfig", "PreprocessConfig", "TrainConfig"]
 
@@ -53,11 +53,43 @@ class ModelConfig(_Strict):
     heads: int = Field(2, ge=1, le=64, description="tarflow: attention heads")
     noise_std: float = Field(0.0, ge=0, lt=1, description="tarflow: training noise "
                              "(model space); samples are denoised by one score step")
+    # EDM (Karras et al. 2022): sigma range, data std, rho steps, log-normal training sigmas
+    # and the stochastic sampler's churn; the defaults are the paper's (sigma_data 1: the
+    # data are standardized)
+    edm_sigma_min: float = Field(0.002, gt=0, lt=1, description="EDM: smallest sigma")
+    edm_sigma_max: float = Field(80.0, gt=0, le=1e4, description="EDM: largest sigma")
+    sigma_data: float = Field(1.0, gt=0, description="EDM: data std of the preconditioning")
+    rho: float = Field(7.0, gt=0, le=100, description="EDM: sigma steps uniform in sigma^(1/rho)")
+    p_mean: float = Field(-1.2, ge=-10, le=10, description="EDM: mean of log sigma in training")
+    p_std: float = Field(1.2, gt=0, le=10, description="EDM: std of log sigma in training")
+    s_churn: float = Field(0.0, ge=0, description="EDM stochastic sampler: churn")
+    s_tmin: float = Field(0.0, ge=0, description="EDM stochastic sampler: lowest churned sigma")
+    s_tmax: float | None = Field(None, ge=0, description="EDM stochastic sampler: highest "
+                                 "churned sigma (None: no bound)")
+    s_noise: float = Field(1.0, gt=0, description="EDM stochastic sampler: noise inflation")
+    # Riemannian flow matching: the manifold of the rows, and how far a served row may be off it
+    manifold: Literal["sphere", "torus"] | None = Field(
+        None, description="rfm: rows on the unit sphere in R^dim, or dim angles of the torus")
+    manifold_tolerance: float = Field(1e-4, gt=0, le=0.1,
+                                      description="rfm: served rows' distance to the manifold")
+    # discrete flow matching
+    vocab: int | None = Field(None, ge=2, le=4096, description="dfm: tokens take values "
+                              "0..vocab-1 (default: the data's levels)")
+    source: Literal["mask", "uniform"] = Field("mask", description="dfm: source of the path")
     # image models (training/flows/image.py, training/unet.py)
     image_shape: tuple[int, int, int] | None = Field(
         None, description="image models: (C, H, W) of one row; dim = C*H*W (C-order)"
     )
     scales: int = Field(2, ge=1, le=6, description="image models: multi-scale levels")
+
+    @model_validator(mode="after")
+    def _edm_ranges(self) -> ModelConfig:
+        if not self.edm_sigma_min < self.edm_sigma_max:
+            raise ValueError(f"EDM needs edm_sigma_min < edm_sigma_max, got "
+                             f"{self.edm_sigma_min} and {self.edm_sigma_max}")
+        if self.s_tmax is not None and self.s_tmax < self.s_tmin:
+            raise ValueError(f"EDM needs s_tmin <= s_tmax, got {self.s_tmin} and {self.s_tmax}")
+        return self
 
 
 class PreprocessConfig(_Strict):

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from artifact.tables import SUFFIXES, DataError, read_table
+from training.family_data import MARKOV_SEQ, VMF_S2, WRAPPED_T2, binary_digits
 
 __all__ = [
     "DATASETS",
@@ -298,6 +299,14 @@ DATASETS: dict[str, DatasetSpec] = {
     "3clusters": DatasetSpec(
         "three Gaussian clusters (exact density)", 2, 10_000, _mixture_sampler("3clusters")
     ),
+    "vmf_s2": DatasetSpec("3 von Mises-Fisher on the sphere S^2, rows in R^3 (exact density)",
+                          3, 10_000, lambda n, rng: VMF_S2.sample(n, rng)),
+    "torus_t2": DatasetSpec("3 wrapped Gaussians on the torus T^2, angles (exact density)", 2,
+                            10_000, lambda n, rng: WRAPPED_T2.sample(n, rng)),
+    "digits_binary": DatasetSpec("scikit-learn digits, 64 pixels binarised at 8 (tokens)", 64,
+                                 1797, binary_digits, levels=2, generated=False),
+    "markov_seq": DatasetSpec("8 tokens of 4 values from a Markov chain (exact probabilities)",
+                              8, 10_000, lambda n, rng: MARKOV_SEQ.sample(n, rng), levels=4),
     "gmm2": DatasetSpec(
         "5-component Gaussian mixture, 2D (exact density)", 2, 10_000, _mixture_sampler("gmm2")
     ),
@@ -342,13 +351,18 @@ def true_log_density(name: str) -> LogDensity | None:
 
     ``None`` when the set has no closed-form density; an unknown name raises ``DataError``.
 
-    Available for the Gaussian mixtures (gmm2, gmm6, gmm16, 8gaussians, 3clusters) and for
-    checkerboard (uniform density 1/32 on its squares, ``-inf`` off them).
+    Available for the Gaussian mixtures (gmm2, gmm6, gmm16, 8gaussians, 3clusters), for
+    checkerboard (uniform density 1/32 on its squares, ``-inf`` off them) and for the manifold
+    sets vmf_s2 and torus_t2 (densities on the manifold) and the token set markov_seq
+    (probabilities; ``training.family_data``).
     """
     if name not in DATASETS:
         raise DataError(f"unknown data set '{name}'; choose one of {', '.join(DATASETS)}")
     if name in _MIXTURES:
         return gaussian_mixture(name).log_density
+    manifold = {"vmf_s2": VMF_S2, "torus_t2": WRAPPED_T2, "markov_seq": MARKOV_SEQ}.get(name)
+    if manifold is not None:
+        return manifold.log_density
     return _checkerboard_log_density if name == "checkerboard" else None
 
 

@@ -248,6 +248,8 @@ def export_checkpoint(
             preprocessing=_describe(ckpt.preprocessor),
             graphs=graphs,
             time=model.time_spec(),
+            manifold=model.manifold_spec() if hasattr(model, "manifold_spec") else None,
+            tokens=model.token_spec() if hasattr(model, "token_spec") else None,
             defaults=defaults,
             calibration=None,
             anomaly=score,

@@ -21,7 +21,7 @@ from training.config import ModelConfig, PreprocessConfig, TrainConfig
 from training.data import load_data, split
 from training.distributed import barrier, is_main_process
 from training.preprocess import Preprocessor
-from training.registry import build_model, family_of, is_image_model
+from training.registry import build_model, family_of, is_image_model, trains_raw
 from training.train import train_model
 
 __all__ = ["default_preprocess", "fit", "fit_arrays"]
@@ -62,7 +62,9 @@ def fit_arrays(
     """
     model_cfg = model_cfg or ModelConfig()
     train_cfg = train_cfg or TrainConfig()
-    pre_cfg = pre_cfg or default_preprocess(data.levels)
+    if pre_cfg is None:
+        pre_cfg = PreprocessConfig(standardize=False) if trains_raw(model_type) \
+            else default_preprocess(data.levels)
     dim = x_train.shape[1]
     torch.manual_seed(train_cfg.seed)  # parameter initialisation
     model = build_model(model_type, dim, model_cfg)
@@ -106,6 +108,7 @@ def fit(
     """Train ``model_type`` on a named set or a file; save to ``out`` when given."""
     dataset = load_data(data, n=rows, seed=data_seed, images=is_image_model(model_type))
     model_cfg = _with_image_shape(model_type, model_cfg or ModelConfig(), dataset.shape, data)
+    model_cfg = _with_vocab(model_type, model_cfg, dataset.x, dataset.levels, data)
     splits = split(dataset.x, seed=split_seed)
     summary = DataSummary(
         name=dataset.name,
@@ -144,3 +147,18 @@ def _with_image_shape(kind: str, cfg: ModelConfig, shape: tuple[int, int, int] |
         raise ValueError(f"{kind!r} is an image model but {data!r} holds no images; use "
                          "'digits_image' or a .npy of shape (rows, H, W) or (rows, C, H, W)")
     return cfg.model_copy(update={"image_shape": shape})
+
+
+def _with_vocab(kind: str, cfg: ModelConfig, x: np.ndarray, levels: int | None,
+                data: str) -> ModelConfig:
+    """Token models take ``vocab`` from the data's levels (or its largest value + 1) unless
+    the config sets it; the rows must be whole numbers in ``[0, vocab)``."""
+    if family_of(kind) != "dfm":
+        return cfg
+    if not (np.isfinite(x).all() and (x == np.round(x)).all() and x.min() >= 0):
+        raise ValueError(f"{kind!r} trains on integer tokens >= 0, but {data!r} holds other "
+                         "values")
+    vocab = cfg.vocab or levels or int(x.max()) + 1
+    if x.max() >= vocab:
+        raise ValueError(f"{data!r} holds the token {int(x.max())}, outside [0, {vocab})")
+    return cfg.model_copy(update={"vocab": max(vocab, 2)})

@@ -9,7 +9,7 @@ differentiation by hand; Griewank & Walther, *Evaluating Derivatives*, 2008, ch.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -19,6 +19,7 @@ from artifact.manifest import Defaults, TimeSpec
 from artifact.scores import NoiseLevel
 from numerics import likelihood
 from numerics.likelihood import LikelihoodResult
+from numerics.schedules import rho_grid
 from numerics.solvers import Trajectory, integrate, trajectory
 from training.graphs import ExportGraph, velocity_graphs
 
@@ -104,6 +105,11 @@ class TimeMLP(nn.Module):
             h = nn.functional.silu(h)
         return self.output(h), tangent @ self.output.weight.T
 
+    def forward_mode(self, x: Tensor, t: Tensor, tangents: Tensor) -> tuple[Tensor, Tensor]:
+        """Output ``(batch, D)`` and ``tangents: (batch or 1, K, D)`` pushed forward,
+        ``(batch, K, D)``: for models that compose the network with maps of their own."""
+        return self._forward_mode(x, t, tangents)
+
     def jvp(self, x: Tensor, t: Tensor, e: Tensor) -> tuple[Tensor, Tensor]:
         """Output and Jacobian-vector product ``(d f / d x) e``; all ``(batch, D)``."""
         out, tangent = self._forward_mode(x, t, e[:, None, :])
@@ -128,12 +134,17 @@ class VelocityModel(nn.Module):
     ``velocity_jvp`` (the field ``dx/dt`` with ``t = 0`` data, ``t = 1`` noise); this class
     turns them into ODE sampling and likelihood through ``numerics.solvers`` and
     ``numerics.likelihood``, which only ever see those callables (the solver knows no model).
-    Attributes ``dim`` and ``t_min`` (likelihood integrates ``t_min -> 1``, sampling
-    ``1 -> t_min``) are set by the subclass.
+    Attributes ``dim`` and ``t_min`` (likelihood integrates ``t_min -> t_max``, sampling
+    ``t_max -> t_min``) are set by the subclass; ``t_max``, ``noise_std`` (the base at
+    ``t_max`` is ``N(0, noise_std^2 I)``) and ``rho`` (fixed-step solvers step uniformly in
+    ``t^(1/rho)``) keep their defaults but in EDM, whose time is sigma.
     """
 
     dim: int
     t_min: float
+    t_max: float = 1.0
+    noise_std: float = 1.0
+    rho: float | None = None
     likelihood_method: str = "exact"
     """Served and evaluated by default: ``"hutchinson"`` where an exact trace costs too many
     network passes (images)."""
@@ -171,18 +182,20 @@ class VelocityModel(nn.Module):
         return self.training_loss(x, generator)
 
     def noise(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        """``(n, dim)`` standard normal draws, the base distribution at ``t = 1``."""
+        """``(n, dim)`` draws of the base distribution ``N(0, noise_std^2 I)`` at ``t_max``."""
         p = next(self.parameters())
-        return torch.randn(n, self.dim, generator=generator, dtype=p.dtype, device=p.device)
+        z = torch.randn(n, self.dim, generator=generator, dtype=p.dtype, device=p.device)
+        return z * self.noise_std if self.noise_std != 1.0 else z
 
     def transport(self, z: Tensor, *, steps: int | None = 32, solver: str = "rk4") -> Tensor:
-        """Integrate the ODE from noise ``z: (n, dim)`` at ``t = 1`` to ``t = t_min``.
+        """Integrate the ODE from noise ``z: (n, dim)`` at ``t_max`` to ``t = t_min``.
 
         ``solver`` is any of ``numerics.solvers.SOLVERS``; for ``"dopri5"`` ``steps`` only
         sets the first step (``None``: chosen automatically).
         """
         with torch.no_grad():
-            return integrate(self.velocity, z, 1.0, self.t_min, method=solver, steps=steps).x
+            return integrate(self.velocity, z, self.t_max, self.t_min, method=solver, steps=steps,
+                             rho=self.rho, retract=self.retraction()).x
 
     def log_prob_with_error(
         self,
@@ -196,7 +209,8 @@ class VelocityModel(nn.Module):
     ) -> LikelihoodResult:
         """Instantaneous change of variables (Chen et al., "Neural ODEs", 2018, thm. 1).
 
-        ``log p_{t_min}(x) = log N(z; 0, I) + int_{t_min}^1 div v(x_t, t) dt`` with ``z =
+        ``log p_{t_min}(x) = log N(z; 0, noise_std^2 I) + int_{t_min}^{t_max} div v(x_t, t) dt``
+        with ``z =
         x_1``; ``method="exact"`` uses the forward-mode trace, ``"hutchinson"`` the
         stochastic trace estimator with ``probes`` seeded probes (Grathwohl et al., FFJORD,
         2019). ``options`` (``rtol``, ``atol``, ``max_steps``) go to the solver.
@@ -204,7 +218,8 @@ class VelocityModel(nn.Module):
         (batch,)``, ``std_error: (batch,)`` or ``None`` for exact, ``nfe``, ``z``).
         """
         method = method or self.likelihood_method
-        common = dict(t0=self.t_min, t1=1.0, method=solver, steps=steps, **options)
+        common = dict(t0=self.t_min, t1=self.t_max, method=solver, steps=steps, rho=self.rho,
+                      base_log_prob=self.base_log_prob(), **options)
         with torch.no_grad():
             if method == "exact":
                 return likelihood.log_likelihood_exact(self.velocity_div, x, **common)
@@ -220,14 +235,24 @@ class VelocityModel(nn.Module):
 
     def generation(self, z: Tensor, *, frames: int, solver: str = "rk4",
                    steps: int = 32) -> tuple[Trajectory, list[str], str]:
-        """Noise ``z: (n, dim)`` at ``t = 1`` to ``t_min`` by ``solver`` on a uniform grid of
-        at least ``steps`` steps, a multiple of ``frames - 1``: the states on the grid, a
-        label per state, and what was run."""
+        """Noise ``z: (n, dim)`` at ``t_max`` to ``t_min`` by ``solver`` on a uniform (or
+        ``rho``) grid of at least ``steps`` steps, a multiple of ``frames - 1``: the states on
+        the grid, a label per state, and what was run."""
         per_frame = math.ceil(steps / (frames - 1))
-        times = np.linspace(1.0, self.t_min, (frames - 1) * per_frame + 1)
+        n = (frames - 1) * per_frame
+        times = (np.linspace(self.t_max, self.t_min, n + 1) if self.rho is None
+                 else rho_grid(self.t_max, self.t_min, n, self.rho))
         path = trajectory(self.velocity, z, times, method=solver)
         labels = [f"t = {t:.2f}" for t in times]
         return path, labels, f"{self.ode_name}, {solver}, {len(times) - 1} steps, NFE {path.nfe}"
+
+    def base_log_prob(self) -> Callable[[Tensor], Tensor]:
+        """``z -> log p_base(z)`` at ``t_max``: ``N(0, noise_std^2 I)``."""
+        return likelihood.normal_log_prob(self.noise_std)
+
+    def retraction(self) -> Callable[[Tensor], Tensor] | None:
+        """Applied after every ODE step while sampling (None: the state is in ``R^dim``)."""
+        return None
 
     def export_graphs(self) -> dict[str, ExportGraph]:
         """``velocity``, ``velocity_div`` and ``velocity_jvp``."""

@@ -25,7 +25,9 @@ from dataclasses import dataclass
 from torch import nn
 
 from training.config import ModelConfig
+from training.dfm import build_dfm
 from training.diffusion import build_ddpm
+from training.edm import build_edm
 from training.ffjord import build_ffjord
 from training.flow_matching import build_cfm, build_otcfm, build_si
 from training.flows import (
@@ -40,10 +42,11 @@ from training.flows import (
 from training.flows.image import build_glow_image, build_realnvp_image
 from training.flows.residual import build_resflow
 from training.flows.tarflow import build_tarflow, build_tarflow_image
+from training.rfm import build_rfm
 from training.unet import build_cfm_image, build_ddpm_image, build_otcfm_image
 
 __all__ = ["MODEL_TYPES", "ModelType", "build_model", "family_of", "is_image_model",
-           "register_model_type"]
+           "register_model_type", "trains_raw"]
 
 
 @dataclass(frozen=True)
@@ -56,12 +59,20 @@ class ModelType:
         build: ``(dim, ModelConfig) -> nn.Module``, an untrained model.
         image: it needs ``ModelConfig.image_shape`` (C, H, W); other types train on any
             ``(rows, dim)`` table.
+        raw: it trains on the rows as they are, with no preprocessing (manifold rows).
     """
 
     family: str
     summary: str
     build: Callable[[int, ModelConfig], nn.Module]
     image: bool = False
+    raw: bool = False
+
+
+def trains_raw(kind: str) -> bool:
+    """Whether ``kind`` trains on rows as they are (no standardization): rows on a manifold
+    or integer tokens, whose values mean what they are."""
+    return _spec(kind).raw
 
 
 MODEL_TYPES: dict[str, ModelType] = {
@@ -77,6 +88,12 @@ MODEL_TYPES: dict[str, ModelType] = {
     "tarflow": ModelType("flow", "TarFlow: causal-transformer autoregressive flow over tokens",
                          build_tarflow),
     "ddpm": ModelType("diffusion", "VP-SDE diffusion (epsilon or v prediction)", build_ddpm),
+    "edm": ModelType("edm", "EDM: preconditioned denoiser, sigma steps, Heun sampler",
+                     build_edm),
+    "rfm": ModelType("rfm", "Riemannian flow matching on the sphere or the torus", build_rfm,
+                     raw=True),
+    "dfm": ModelType("dfm", "discrete flow matching over integer tokens (masked or uniform "
+                     "source)", build_dfm, raw=True),
     "cfm": ModelType("flow_matching", "conditional flow matching, linear path", build_cfm),
     "otcfm": ModelType("flow_matching", "CFM with minibatch exact OT pairs", build_otcfm),
     "si": ModelType("flow_matching", "stochastic interpolant (noise gamma)", build_si),

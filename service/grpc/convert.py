@@ -86,7 +86,7 @@ def signature(verb: str, info: ModelInfo) -> tuple[list, list]:
     x = [("x", "FP32", [-1, dim])]
     if verb == "log_likelihood":
         out = [("log_likelihood", "FP64", [-1]), ("bits_per_dim", "FP64", [-1])]
-        if "hutchinson" in family(info.family).likelihood_methods:  # with method=hutchinson
+        if family(info.family).likelihood_methods != ("exact",):  # Hutchinson's, the ELBO's
             out.append(("std_error", "FP64", [-1]))
         return x, out
     return x, [("scores", "FP64", [-1]), ("is_anomaly", "BOOL", [-1]),

@@ -1,8 +1,8 @@
 """Serving exported models: one runtime class per family (``base`` holds the interface and
-the registry; ``flow`` and ``ode`` register the built-in families), over graph executors
-(``graphs``: ONNX Runtime or TorchScript)."""
+the registry; ``flow``, ``ode`` and ``discrete`` register the built-in families), over graph
+executors (``graphs``: ONNX Runtime or TorchScript)."""
 
-from service.runtime import flow, ode
+from service.runtime import discrete, flow, ode
 from service.runtime.base import (
     LOG_LIKELIHOOD_FLOOR,
     RUNTIMES,
@@ -17,5 +17,5 @@ from service.runtime.base import (
 )
 
 __all__ = ["LOG_LIKELIHOOD_FLOOR", "RUNTIMES", "AnomalyResult", "InputError",
-           "LikelihoodOutput", "ModelRuntime", "SampleOutput", "SeededRows", "flow", "ode",
-           "open_runtime", "register_runtime"]
+           "LikelihoodOutput", "ModelRuntime", "SampleOutput", "SeededRows", "discrete", "flow",
+           "ode", "open_runtime", "register_runtime"]

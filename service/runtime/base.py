@@ -277,7 +277,7 @@ class ModelRuntime:
         # batch. They, and any row whose result is not finite, get the documented floor.
         inside = np.isfinite(u).all(1) & np.isfinite(ladj) & (np.abs(u).max(1) <= SUPPORT_BOUND)
         lp = np.full(len(x), LOG_LIKELIHOOD_FLOOR)
-        se = np.zeros(len(x)) if method == "hutchinson" else None
+        se = None if method == "exact" else np.zeros(len(x))  # Hutchinson's and ELBO's
         nfe = 0
         if inside.any():
             got, got_se, nfe = self._log_prob(u[inside], method, steps, solver, probes,

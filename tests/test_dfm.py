@@ -1,0 +1,231 @@
+"""Discrete flow matching: the closed-form denoiser of a small token space, the ELBO against
+the exact log-likelihood by enumeration, the CTMC sampler, export parity, and serving over HTTP
+and gRPC with integer rows only.
+
+On a space of ``V^D = 27`` rows with known probabilities ``p``, the optimal denoiser of the
+masked source is the conditional ``p(x^i | unmasked tokens)`` (by enumeration). The masked
+model's continuous-time generative process unmasks one token at a time in a uniformly random
+order, so its exact likelihood is ``mean_orders prod_j p(x_{o_j} | x_{o_<j})`` (3! orders),
+and the ELBO is ``mean_orders sum_j log p(...)``: Jensen's inequality puts it below.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import tritonclient.grpc as triton
+from tritonclient.utils import InferenceServerException
+
+from numerics.discrete import masked_elbo
+from service.runtime import SeededRows, open_runtime
+from training.checkpoint import DataSummary
+from training.config import ModelConfig, TrainConfig
+from training.data import load_data
+from training.dfm import DiscreteFlowMatching
+from training.fit import fit_arrays
+from training.registry import build_model
+
+V, D = 3, 3
+STATES = np.array(list(itertools.product(range(V), repeat=D)), dtype=np.float64)  # (27, 3)
+P = np.random.default_rng(0).dirichlet(np.full(len(STATES), 0.5)) + 1e-3
+P /= P.sum()  # a structured law, every row possible
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def oracle_log_probs(x: np.ndarray) -> np.ndarray:
+    """``log p(x^i | unmasked tokens of x)``, ``(batch, D, V)``, by enumerating ``STATES``."""
+    out = np.empty((len(x), D, V))
+    for b, row in enumerate(x):
+        seen = row < V
+        agree = (STATES[:, seen] == row[seen]).all(1)
+        for i in range(D):
+            w = np.array([P[agree & (STATES[:, i] == v)].sum() for v in range(V)])
+            with np.errstate(divide="ignore"):  # a seen token's other values: log 0
+                out[b, i] = np.log(w / w.sum())
+    return out
+
+
+def exact_and_elbo(log_probs, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The masked model's exact log-likelihood and its ELBO, both by enumerating orders."""
+    exact, elbo = [], []
+    for row in x:
+        terms = []
+        for order in itertools.permutations(range(D)):
+            cur, total = np.full(D, float(V)), 0.0
+            for i in order:
+                total += float(log_probs(cur[None], np.array([0.5]))[0, i, int(row[i])])
+                cur[i] = row[i]
+            terms.append(total)
+        terms = np.array(terms)
+        exact.append(np.log(np.mean(np.exp(terms))))
+        elbo.append(terms.mean())
+    return np.array(exact), np.array(elbo)
+
+
+@pytest.fixture(scope="module")
+def trained() -> DiscreteFlowMatching:
+    rng = np.random.default_rng(1)
+    x = STATES[rng.choice(len(STATES), size=6000, p=P)]
+    summary = DataSummary(name="toy", source="generated", rows=6000, dim=D, levels=V,
+                          data_seed=1, split_seed=1, mean=[0.0] * D, std=[1.0] * D)
+    ckpt = fit_arrays("dfm", x[:5000], x[5000:], data=summary,
+                      model_cfg=ModelConfig(hidden_features=64, hidden_layers=2, vocab=V),
+                      train_cfg=TrainConfig(steps=1500, batch_size=256, lr=3e-3,
+                                            eval_every=500, warmup_steps=20, progress=False))
+    return ckpt.model
+
+
+def _torch_log_probs(model: DiscreteFlowMatching):
+    def log_probs(x: np.ndarray, t: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return model.denoiser(torch.as_tensor(x, dtype=torch.float32),
+                                  torch.as_tensor(t, dtype=torch.float32)).double().numpy()
+    return log_probs
+
+
+def test_the_oracle_elbo_is_the_exact_log_likelihood() -> None:
+    """With the true conditionals every order gives log p(x): the bound is tight."""
+    exact, elbo = exact_and_elbo(lambda x, t: oracle_log_probs(x), STATES)
+    np.testing.assert_allclose(exact, np.log(P), atol=1e-9)
+    np.testing.assert_allclose(elbo, np.log(P), atol=1e-9)
+    # the estimator with its exact time integral, random orders: unbiased for it
+    est = masked_elbo(lambda x, t: oracle_log_probs(x), STATES, V, probes=3, seed=4)
+    np.testing.assert_allclose(est.log_prob, np.log(P), atol=1e-9)
+
+
+def test_the_trained_denoiser_approaches_the_closed_form_one(trained) -> None:
+    masks = np.array(list(itertools.product([False, True], repeat=D)))
+    rows = np.array([np.where(m, V, s) for s in STATES for m in masks[1:]], dtype=np.float64)
+    want = oracle_log_probs(rows)
+    got = _torch_log_probs(trained)(rows, np.full(len(rows), 0.5))
+    masked = rows == V
+    weights = np.repeat(P, len(masks) - 1)[:, None].repeat(D, 1)[masked]
+    with np.errstate(invalid="ignore"):  # unmasked tokens: -inf - -inf, dropped by the mask
+        kl = (np.exp(want) * (want - got)).sum(-1)[masked]
+        uniform = (np.exp(want) * (want - np.log(1 / V))).sum(-1)[masked]
+    # probability-weighted KL to the closed form, next to a uniform denoiser's (0.12)
+    trained_kl = (kl * weights).sum() / weights.sum()
+    uniform_kl = (uniform * weights).sum() / weights.sum()
+    assert trained_kl < 0.03 and trained_kl < 0.25 * uniform_kl, (trained_kl, uniform_kl)
+
+
+def test_the_elbo_bounds_the_exact_log_likelihood_within_a_margin(trained) -> None:
+    exact, elbo = exact_and_elbo(_torch_log_probs(trained), STATES)
+    assert (elbo <= exact + 1e-9).all()
+    gap = float((P * (exact - elbo)).sum())  # expected gap under the data
+    assert 0 <= gap < 0.1, gap
+    # the model's estimator agrees with the enumerated ELBO within its standard error
+    res = trained.log_prob_with_error(torch.as_tensor(STATES, dtype=torch.float32), probes=32)
+    z = (res.log_prob.double().numpy() - elbo) / res.std_error.double().numpy()
+    assert np.mean(np.abs(z) < 3.5) > 0.9
+    # and the data's log-likelihood under the model is near the truth
+    assert abs(float((P * (exact - np.log(P))).sum())) < 0.1
+
+
+@pytest.mark.parametrize("source", ["mask", "uniform"])
+def test_the_ctmc_sampler_gives_integer_rows_from_the_law(trained, source: str) -> None:
+    model = trained if source == "mask" else build_model(
+        "dfm", D, ModelConfig(hidden_features=16, vocab=V, source="uniform"))
+    x = model.sample(3000, torch.Generator().manual_seed(0), steps=16)
+    assert ((x >= 0) & (x < V) & (x == x.round())).all()
+    again = model.sample(3000, torch.Generator().manual_seed(0), steps=16)
+    torch.testing.assert_close(x, again, rtol=0, atol=0)
+    if source == "mask":
+        index = (x.numpy() @ (V ** np.arange(D)[::-1])).astype(int)
+        freq = np.bincount(index, minlength=len(STATES)) / len(x)
+        assert 0.5 * np.abs(freq - P).sum() < 0.08  # total variation to the law
+
+
+def test_uniform_source_trains_and_refuses_the_elbo() -> None:
+    model = build_model("dfm", D, ModelConfig(hidden_features=16, vocab=V, source="uniform"))
+    x = torch.as_tensor(STATES[:8], dtype=torch.float32)
+    loss = model.training_loss(x, torch.Generator().manual_seed(0))
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+    with pytest.raises(ValueError, match="masked source only"):
+        model.log_prob(x)
+
+
+def test_config_and_data_checks() -> None:
+    with pytest.raises(ValueError, match="--vocab"):
+        build_model("dfm", 4, ModelConfig())
+    digits = load_data("digits_binary", n=50, seed=0)
+    assert digits.x.shape == (50, 64) and set(np.unique(digits.x)) <= {0.0, 1.0}
+    assert digits.levels == 2
+
+
+# --- export and serving ------------------------------------------------------------------------
+
+
+def test_export_parity_and_batch_independence(artifact_factory, checkpoint_factory) -> None:
+    from training.checkpoint import load_checkpoint
+
+    folder = artifact_factory("dfm")
+    onnx, ts = open_runtime(folder, runtime="onnx"), open_runtime(folder, runtime="torchscript")
+    assert onnx.family == "dfm" and onnx.manifest.tokens.vocab == 4
+    model = load_checkpoint(checkpoint_factory("dfm")).model
+    x = load_data("markov_seq", n=6, seed=3).x
+    want = model.log_prob_with_error(torch.as_tensor(x, dtype=torch.float32), probes=4, seed=2)
+    for rt in (onnx, ts):
+        got = rt.log_likelihood(x, seed=2)
+        assert got.method == "elbo"
+        np.testing.assert_allclose(got.log_prob, want.log_prob.numpy(), atol=1e-4)
+        np.testing.assert_allclose(got.std_error, want.std_error.numpy(), atol=1e-4)
+    alone = [onnx.sample(3, seed=1, steps=8), onnx.sample(2, seed=5, steps=8)]
+    together = onnx.sample_many([SeededRows(3, 1), SeededRows(2, 5)], steps=8)
+    for a, b in zip(alone, together, strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(ts.sample(3, seed=1, steps=8), alone[0])
+    assert ((alone[0] >= 0) & (alone[0] < 4) & (alone[0] == np.round(alone[0]))).all()
+
+
+def test_http_and_grpc_equal_in_process_and_take_integer_tokens_only(
+        families_models: Path, families_server) -> None:
+    server, rt = families_server, open_runtime(families_models / "moons-dfm")
+    status, out = server.post("/models", {})
+    assert status == 200, out
+    card = next(m for m in out["models"] if m["name"] == "moons-dfm")
+    assert card["family"] == "dfm" and card["solvers"] == ["ctmc"]
+    assert card["tokens"] == {"vocab": 4, "source": "mask"}
+    x = load_data("markov_seq", n=4, seed=7).x
+    status, out = server.post("/log_likelihood", {"model": "moons-dfm", "x": x.tolist()})
+    assert status == 200, out
+    want = rt.log_likelihood(x)
+    assert out["method"] == "elbo" and len(out["std_error"]) == 4
+    np.testing.assert_array_equal(out["log_likelihood"], want.log_prob)
+    np.testing.assert_allclose(out["bits_per_dim"], -want.log_prob / (8 * math.log(2)))
+    status, out = server.post("/sample", {"model": "moons-dfm", "n": 5, "seed": 4, "steps": 8})
+    assert status == 200, out
+    np.testing.assert_array_equal(out["samples"], rt.sample(5, seed=4, steps=8))
+    status, out = server.post("/anomaly_score", {"model": "moons-dfm", "x": x.tolist()})
+    assert status == 200, out
+    np.testing.assert_array_equal(out["scores"], -want.log_prob)
+
+    for bad, word in (([[0, 1, 2, 3, 0, 1, 2, 2.5]], "is 2.5"),
+                      ([[0, 1, 2, 3, 0, 1, 2, 4]], "is 4")):
+        status, out = server.post("/log_likelihood", {"model": "moons-dfm", "x": bad})
+        assert status == 400 and out["error"] == (
+            f"'x' row 0, column 7 {word}; model 'moons-dfm' takes integer tokens in [0, 4)"), out
+    status, out = server.post("/log_likelihood", {"model": "moons-dfm", "x": x.tolist(),
+                                                  "method": "exact"})
+    assert status == 400 and "its likelihood is elbo" in out["error"], out
+
+    client = triton.InferenceServerClient(server.grpc_address)
+    try:
+        inp = triton.InferInput("x", list(x.shape), "FP64")
+        inp.set_data_from_numpy(x)
+        got = client.infer("moons-dfm.log_likelihood", [inp])
+        np.testing.assert_array_equal(got.as_numpy("log_likelihood"), want.log_prob)
+        inp = triton.InferInput("x", [1, 8], "FP64")
+        inp.set_data_from_numpy(np.array([[0, 1, 2, 3, 0, 1, 2, 4.0]]))
+        with pytest.raises(InferenceServerException) as info:
+            client.infer("moons-dfm.log_likelihood", [inp])
+        assert "integer tokens in [0, 4)" in info.value.message()
+    finally:
+        client.close()
