@@ -222,6 +222,7 @@ def test_http_and_grpc_equal_in_process_and_take_integer_tokens_only(
         inp.set_data_from_numpy(x)
         got = client.infer("moons-dfm.log_likelihood", [inp])
         np.testing.assert_array_equal(got.as_numpy("log_likelihood"), want.log_prob)
+        np.testing.assert_array_equal(got.as_numpy("std_error"), want.std_error)
         inp = triton.InferInput("x", [1, 8], "FP64")
         inp.set_data_from_numpy(np.array([[0, 1, 2, 3, 0, 1, 2, 4.0]]))
         with pytest.raises(InferenceServerException) as info:

@@ -270,7 +270,7 @@ def response_tensors(verb: str, answer: BaseModel) -> tuple[list, dict[str, Any]
     if verb == "log_likelihood":
         out = [("log_likelihood", "FP64", np.asarray(answer.log_likelihood, f64)),
                ("bits_per_dim", "FP64", np.asarray(answer.bits_per_dim, f64))]
-        if len(answer.std_error):  # Hutchinson only (empty when exact)
+        if len(answer.std_error):  # Hutchinson's or the ELBO's (empty when exact)
             out.append(("std_error", "FP64", np.asarray(answer.std_error, f64)))
         return out, {"method": answer.method, "nfe": answer.nfe}
     return [("scores", "FP64", np.asarray(answer.scores, f64)),
