@@ -179,7 +179,7 @@ def test_export_parity_and_batch_independence(artifact_factory, checkpoint_facto
         np.testing.assert_allclose(got.std_error, want.std_error.numpy(), atol=1e-4)
     alone = [onnx.sample(3, seed=1, steps=8), onnx.sample(2, seed=5, steps=8)]
     together = onnx.sample_many([SeededRows(3, 1), SeededRows(2, 5)], steps=8)
-    for a, b in zip(alone, together, strict=True):
+    for a, b in zip(alone, together.blocks, strict=True):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(ts.sample(3, seed=1, steps=8), alone[0])
     assert ((alone[0] >= 0) & (alone[0] < 4) & (alone[0] == np.round(alone[0]))).all()
