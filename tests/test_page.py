@@ -220,6 +220,10 @@ def test_page_loads_one_card_per_model_from_this_server_only(driver, server: Ser
             assert fact in text, (name, fact)
         if card["defaults"]["solver"]:
             assert f"{card['defaults']['solver']}, {card['defaults']['steps']} steps" in text
+        # every version of the model and its state, as /models lists them (#27)
+        assert card["versions"], name
+        for v in card["versions"]:
+            assert f"{v['version']} ({v['state']})" in text, (name, v)
     assert "1 × 8 × 8" in cards[IMAGE_MODEL] and "values 0..16" in cards[IMAGE_MODEL]
     assert "target FPR 1 %" in cards["moons-nsf"]
     assert one(driver, "#token-form").is_displayed()  # keys are on: the token prompt

@@ -89,8 +89,10 @@ function solverText(card) {
 
 function versionsText(versions) {
   if (Array.isArray(versions)) {
+    // /models gives {"version": N, "state": "ready" | "failed" | "unloaded", "reason": ...}
     return versions.map((v) => (v && typeof v === "object"
-      ? v.version ?? v.name ?? JSON.stringify(v) : String(v))).join(", ");
+      ? `${v.version ?? v.name ?? JSON.stringify(v)}${v.state ? ` (${v.state})` : ""}`
+      : String(v))).join(", ");
   }
   if (versions && typeof versions === "object") return Object.keys(versions).join(", ");
   return String(versions);
