@@ -80,9 +80,9 @@ a recent protobuf (>= 6.31), newer than torch and ONNX Runtime need (small wheel
 on the path first serves both)."""
 
 CARRIED = ("annotated-types", "cloudpickle", "iniconfig", "joblib", "ml-dtypes", "narwhals",
-           "onnx", "pluggy", "protobuf", "psutil", "pydantic", "pydantic-core", "pygments",
-           "pytest", "scikit-learn", "threadpoolctl", "tqdm", "typing-extensions",
-           "typing-inspection")
+           "onnx", "pandas", "pluggy", "protobuf", "psutil", "pydantic", "pydantic-core",
+           "pygments", "pytest", "python-dateutil", "scikit-learn", "threadpoolctl", "tqdm",
+           "typing-extensions", "typing-inspection", "tzdata")
 """What the GPU path (this module, ``tests/test_gpu.py`` with its conftest, the runtime,
 training on the digits images, TorchScript export) imports, with what those require, beyond
 :data:`LENT_MACHINE_HAS`, and the :data:`FLOORS`: carried as wheels (``make gpu-wheels``;
