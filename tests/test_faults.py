@@ -46,18 +46,24 @@ def busy(served_models: Path, tmp_path_factory: pytest.TempPathFactory):
 def _slow_body(server: Server, seconds: float) -> dict:
     """A /sample request that keeps a worker busy for about ``seconds`` (measured here)."""
     body = {"model": "moons-cfm", "n": 2000, "solver": "euler"}
-    # the cost of a step from a request of at least 0.5 s: a short one is mostly fixed costs
-    # (and BentoML's batcher may hold it back while it learns), which would make a step look
-    # dearer and the "slow" request far shorter than asked
-    steps, took = 100, 0.0
-    while took < 0.5 and steps < 1_000_000:
+    # a short request is mostly fixed costs (and BentoML's batcher may hold it back while it
+    # learns), which would make a step look dearer and the "slow" request far shorter
+    steps, took = _timed_steps(server, body, 100, 0.5)
+    return dict(body, steps=int(min(1_000_000, max(200, seconds * steps / took))))
+
+
+def _timed_steps(server: Server, body: dict, steps: int, at_least_s: float
+                 ) -> tuple[int, float]:
+    """Double ``steps`` from ``steps`` until one ``/sample`` request takes ``at_least_s``:
+    the steps and seconds of that request, the cost of a step without the fixed costs."""
+    took = 0.0
+    while took < at_least_s and steps < 1_000_000:
         steps *= 2
         start = time.perf_counter()
         status, out = server.post("/sample", dict(body, steps=steps))
         took = time.perf_counter() - start
         assert status == 200, (steps, took, out)
-    per_step = took / steps
-    return dict(body, steps=int(min(1_000_000, max(200, seconds / per_step))))
+    return steps, took
 
 
 def _post_with_headers(server: Server, path: str, body: bytes) -> tuple[int, dict, float]:
@@ -217,13 +223,7 @@ def test_a_request_that_timed_out_in_the_queue_is_not_computed(served_models: Pa
             assert busy.post("/sample", dict(body, n=1, steps=1))[0] == 200
         # the cost of a step from a request of at least 0.7 s: a hiccup makes it look dearer
         # (a difference of two short requests could make it look far cheaper)
-        steps, took = 25, 0.0
-        while took < 0.7 and steps < 1_000_000:  # the doubling stays under the 2 s timeout
-            steps *= 2
-            start = time.perf_counter()
-            status, out = busy.post("/sample", dict(body, steps=steps))
-            took = time.perf_counter() - start
-            assert status == 200, (steps, took, out)
+        steps, took = _timed_steps(busy, body, 25, 0.7)  # doubling stays under the 2 s timeout
         # ~10 s: it must outlast the next request's 2 s timeout even if a hiccup while
         # measuring made a step look several times dearer than it is
         slow = dict(body, steps=int(min(1_000_000, 10.0 * steps / took)))
