@@ -102,9 +102,14 @@ def size(d, width: int, height: int, mobile: bool = False) -> None:
 
 
 def wait_for(d, what: Callable[[], object], timeout: float = WAIT_S):
+    """Polls `what` until it is truthy; an element that the page redraws between finding
+    and reading it (Swagger UI re-renders its header once the spec loads) is read again."""
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(d, timeout, poll_frequency=0.1).until(lambda _: what())
+    return WebDriverWait(d, timeout, poll_frequency=0.1,
+                         ignored_exceptions=(StaleElementReferenceException,)
+                         ).until(lambda _: what())
 
 
 def css(d, selector: str) -> list:
@@ -233,9 +238,9 @@ def test_page_loads_one_card_per_model_from_this_server_only(driver, server: Ser
     assert f"{server.url}/models" in urls and not foreign(urls, server), urls
     # the API reference: genserve's, drawn by Swagger UI from this server (and its data: icons)
     driver.get(f"{server.url}/docs")
-    wait_for(driver, lambda: "genserve" in one(driver, ".info").text if css(driver, ".info")
-             else False)
-    assert "/log_likelihood" in one(driver, ".info").text
+    wait_for(driver, lambda: css(driver, ".info") and "genserve" in one(driver, ".info").text)
+    info = wait_for(driver, lambda: one(driver, ".info").text)
+    assert "/log_likelihood" in info
     assert len(css(driver, ".opblock")) >= 4  # the three verbs and GET /models
     urls, console = drain(driver)
     assert console == [], console
