@@ -119,6 +119,15 @@ class TokenSpec(_Model):
     source: Literal["mask", "uniform"] = "mask"
 
 
+class NoiseSpec(_Model):
+    """Training-noise augmentation (TarFlow): Gaussian noise of ``std`` in model space was added
+    to every training row, so log-likelihoods are those of the noised data, and samples are
+    denoised by one score step ``x + std^2 grad log p(x)`` (``denoise: "tweedie"``)."""
+
+    std: float = Field(gt=0)
+    denoise: Literal["tweedie"] = "tweedie"
+
+
 class Defaults(_Model):
     solver: str | None = None
     steps: int | None = Field(None, ge=1)
@@ -158,6 +167,8 @@ class Manifest(_Model):
     time: TimeSpec | None = None
     manifold: ManifoldSpec | None = None
     tokens: TokenSpec | None = None
+    noise: NoiseSpec | None = Field(
+        None, description="training-noise augmentation and the samples' denoising (TarFlow)")
     defaults: Defaults = Field(default_factory=Defaults)
     calibration: Calibration | None = None
     anomaly: AnomalyScoreSpec | None = Field(

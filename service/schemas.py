@@ -262,6 +262,9 @@ class ModelInfo(BaseModel):
         None, description="rfm: the manifold's name and the tolerance of served rows")
     tokens: dict[str, Any] | None = Field(
         None, description="dfm: rows are integer tokens in [0, vocab); the path's source")
+    noise: dict[str, Any] | None = Field(
+        None, description="tarflow trained with noise augmentation: the noise std in model "
+        "space (log-likelihoods are of the noised data) and how samples are denoised")
 
     @property
     def calibrated(self) -> bool:

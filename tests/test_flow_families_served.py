@@ -49,13 +49,15 @@ def _x() -> triton.InferInput:
     return x
 
 
-def test_models_lists_each_new_family(server) -> None:
+def test_models_lists_each_new_family(server, models: Path) -> None:
     status, out = server.post("/models", {})
     assert status == 200, out
     cards = {m["name"]: m for m in out["models"]}
     for kind in MODEL_TYPES:
         card = cards[f"moons-{kind}"]
         assert card["model_type"] == kind, card
+        noise = open_runtime(models / f"moons-{kind}").manifest.noise  # TarFlow's training noise
+        assert card["noise"] == (None if noise is None else noise.model_dump()), card
 
 
 @pytest.mark.parametrize("kind", MODEL_TYPES)

@@ -104,6 +104,12 @@ def test_image_tarflow_onnx_graphs_equal_eager(tmp_path) -> None:
     (sample,) = rt.call("sample", z)
     np.testing.assert_allclose(lp, eager_lp, rtol=1e-4, atol=1e-3)
     np.testing.assert_allclose(sample, eager_u, rtol=1e-4, atol=1e-4)
+    # the training noise is in the manifest and on the /models card (log-likelihoods are of
+    # the noised data; samples are denoised by one Tweedie step)
+    from service.models import model_info
+
+    assert rt.manifest.noise is not None and rt.manifest.noise.std == 0.05
+    assert model_info(rt).noise == {"std": 0.05, "denoise": "tweedie"}
 
 
 @pytest.mark.parametrize(("args", "message"), [

@@ -250,6 +250,7 @@ def export_checkpoint(
             time=model.time_spec(),
             manifold=model.manifold_spec() if hasattr(model, "manifold_spec") else None,
             tokens=model.token_spec() if hasattr(model, "token_spec") else None,
+            noise=model.noise_spec() if hasattr(model, "noise_spec") else None,
             defaults=defaults,
             calibration=None,
             anomaly=score,

@@ -17,8 +17,8 @@ space) to every batch, so the flow models the slightly smoothed density; a sampl
 denoised in one score step ``x + noise_std^2 grad log p(x)`` (Tweedie's formula, the
 paper's sec. 2.4). The exported graphs hold no autograd, so the score is taken by central
 differences of ``log p`` (``2 D`` extra passes in one batch, step :data:`SCORE_STEP`), the
-same arithmetic eagerly and in the graph. The manifest records ``noise_std`` in the model's
-``preprocessing``-independent config (``ModelConfig.noise_std``).
+same arithmetic eagerly and in the graph. The manifest records ``noise_std`` as its
+``noise`` section (``artifact.manifest.NoiseSpec``), which ``/models`` shows.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from artifact.manifest import NoiseSpec
 from numerics.likelihood import standard_normal_log_prob
 from training.config import ModelConfig
 from training.flows.base import Flow, Transform
@@ -157,6 +158,10 @@ class TarFlow(Flow):
                             (x[:, None, :] - step).reshape(b * d, d)], 0)
         lp = self.log_prob(points).reshape(2, b, d)
         return (lp[0] - lp[1]) / (2 * SCORE_STEP)
+
+    def noise_spec(self) -> NoiseSpec | None:
+        """The manifest's record of the training noise (none without it)."""
+        return NoiseSpec(std=self.noise_std) if self.noise_std > 0 else None
 
     def denoise(self, x: Tensor) -> Tensor:
         """Tweedie's one step ``x + noise_std^2 grad log p(x)``."""
