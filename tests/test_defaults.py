@@ -110,3 +110,19 @@ def test_fit_anomaly_auto_trains_the_auto_candidates_and_chooses_alike(tmp_path:
     tried = {c["model_type"]: -c["val_nll"] for c in s["candidates"]}
     assert tuple(tried) == AUTO_CANDIDATES
     assert s["model_type"] == best_by_validation(tried)
+
+
+def test_ema_warms_up_so_the_first_weights_fade() -> None:
+    """At decay 0.999, 200 updates would leave the initial weights 82 % of a plain EMA; the
+    warmed-up decay ``min(d, (1 + n) / (10 + n))`` leaves them next to nothing."""
+    import torch
+
+    from training.train import _EMA
+
+    model = torch.nn.Linear(3, 3)
+    torch.nn.init.zeros_(model.weight)
+    ema = _EMA(model, 0.999)
+    torch.nn.init.ones_(model.weight)
+    for _ in range(200):
+        ema.update(model)
+    assert torch.allclose(ema.shadow.weight, torch.ones(3, 3), atol=1e-3)

@@ -113,18 +113,24 @@ def batch_indices(rows: int, batch_size: int, generator: torch.Generator) -> tor
 
 
 class _EMA:
+    """Exponential moving average of the weights, its decay warmed up as
+    ``min(decay, (1 + n) / (10 + n))`` after ``n`` updates: without the warm-up the first
+    weights keep ``decay^steps`` of the average (37 % after 1000 steps at 0.999)."""
+
     def __init__(self, model: nn.Module, decay: float) -> None:
-        self.decay = decay
+        self.decay, self.updates = decay, 0
         self.shadow = copy.deepcopy(model).eval()
         for p in self.shadow.parameters():
             p.requires_grad_(False)
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        self.updates += 1
         pairs = zip(self.shadow.state_dict().values(), model.state_dict().values(), strict=True)
         for s, p in pairs:
             if s.dtype.is_floating_point:
-                s.mul_(self.decay).add_(p.detach(), alpha=1 - self.decay)
+                s.mul_(decay).add_(p.detach(), alpha=1 - decay)
             else:
                 s.copy_(p)
 
