@@ -132,8 +132,11 @@ class TrainConfig(_Strict):
 
 # --------------------------------------------------------------------------- defaults
 # What `genserve train` uses when nothing is given (issue #30): chosen on the tuning half of
-# bench/suite.py only, confirmed on its other half (docs/BENCHMARKS.md, "Defaults on data
-# nobody tuned for"). A model type not named here takes the class defaults above.
+# bench/suite.py only (docs/bench/defaults_tune.json: mean validation gap of nsf / nsf_ar /
+# maf 0.34 / 0.31 / 0.40 nats at width 128 against 0.38 / 0.35 / 0.50 at 64; otcfm's mean W2
+# excess at 16 NFE 0.00 at 3 x 256 with lr 3e-3 and EMA against 0.36 at 2 x 64), confirmed
+# on its other half (docs/BENCHMARKS.md, "Defaults on data nobody tuned for"). A model type
+# not named here takes the class defaults above.
 
 _FLOW = {"hidden_features": 128, "hidden_layers": 2, "transforms": 5}
 _FIELD = {"hidden_features": 256, "hidden_layers": 3}
