@@ -279,7 +279,8 @@ def suite_splits(s: SuiteSet) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     Synthetic sets: 10000 / 2000 / 2000 fresh draws. Tables: ``training.data.split``.
     """
     if s.table is not None:
-        return tuple(split(load_data(s.table, seed=s.seed).x, seed=s.seed))  # type: ignore
+        parts = split(load_data(s.table, seed=s.seed).x, seed=s.seed)
+        return parts.train, parts.val, parts.test
     rng = np.random.default_rng(s.seed)
     x = s.density().sample(TRAIN_ROWS + VAL_ROWS + TEST_ROWS, rng)  # type: ignore[union-attr]
     return x[:TRAIN_ROWS], x[TRAIN_ROWS:TRAIN_ROWS + VAL_ROWS], x[TRAIN_ROWS + VAL_ROWS:]
