@@ -396,7 +396,8 @@ def _field_rows(results: list[dict[str, Any]]) -> tuple[list[list[Any]], list[fl
     return rows, ratios, met
 
 
-def render(tune_: dict[str, Any] | None, confirm: dict[str, Any] | None, command: str) -> str:
+def render(tune_: dict[str, Any] | None, confirm: dict[str, Any] | None, command: str,
+           notes: str = "") -> str:
     from bench.report import machine_line, markdown_table
 
     parts = ["## Defaults on data nobody tuned for (issue #30)", "",
@@ -448,6 +449,8 @@ def render(tune_: dict[str, Any] | None, confirm: dict[str, Any] | None, command
                     secs.setdefault(k, []).append(v)
         parts.append(markdown_table(["model", "s per 1000 steps (median over sets)"],
                                     [[k, float(np.median(v))] for k, v in secs.items()]))
+    if notes:
+        parts += ["", notes]
     return "\n".join(parts)
 
 
@@ -475,6 +478,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--groups", nargs="+", default=["flow", "field"])
     p.add_argument("--out", type=Path, help="JSON to write (default under docs/bench/)")
     p.add_argument("--candidates", nargs="+", help="tune: these field candidates only")
+    p.add_argument("--notes", type=Path, help="render: a Markdown file of findings to append")
     p.add_argument("--command", help="render: the commands that produced the JSONs")
     ns = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -496,7 +500,8 @@ def main(argv: list[str] | None = None) -> int:
         md = render(json.loads(tune_path.read_text()) if tune_path.exists() else None,
                     _merged(sorted((ROOT / "docs/bench").glob("defaults_confirm_*.json"))),
                     ns.command or "python -m bench.defaults tune && python -m bench.defaults "
-                    "confirm && python -m bench.defaults render")
+                    "confirm && python -m bench.defaults render",
+                    ns.notes.read_text() if ns.notes else "")
         write_section("defaults", md)
         return 0
     path.parent.mkdir(parents=True, exist_ok=True)
