@@ -21,7 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="artifact directory (served name = folder)")
     p.add_argument("--target-fpr", type=float, default=0.01,
                    help="share of normal rows the threshold flags (0.01)")
-    p.add_argument("--model", nargs="+", help="model type(s) to try instead of the defaults")
+    p.add_argument("--model", nargs="+", help="model type(s) to try instead of the defaults; "
+                   "auto: the candidates of `train --model auto` (nsf, nsf_ar, maf)")
     p.add_argument("--ensemble", type=int, default=1,
                    help="seeds per candidate; above 1 the served model is an equal-weight "
                         "mixture of them (exact density), chosen by validation NLL (1)")

@@ -11,7 +11,8 @@ __all__ = ["add_model_args", "add_progress_arg", "add_train_args", "pick"]
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("architecture (fields of ModelConfig; unset = the default)")
-    g.add_argument("--hidden", dest="hidden_features", type=int, help="hidden layer width")
+    g.add_argument("--hidden", dest="hidden_features", type=int, help="hidden layer width "
+                   "(the model type's default: training/config.py)")
     g.add_argument("--layers", dest="hidden_layers", type=int, help="hidden layers per network")
     g.add_argument("--transforms", type=int, help="flows: number of flow steps")
     g.add_argument("--bins", type=int, help="spline flows: bins")
@@ -60,11 +61,13 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training (fields of TrainConfig)")
     g.add_argument("--steps", type=int, help="optimizer steps (default 2000)")
     g.add_argument("--batch-size", dest="batch_size", type=int, help="minibatch rows (256)")
-    g.add_argument("--lr", type=float, help="peak learning rate (1e-3)")
+    g.add_argument("--lr", type=float, help="peak learning rate (1e-3; 3e-3 for ddpm, cfm, "
+                   "otcfm)")
     g.add_argument("--weight-decay", dest="weight_decay", type=float, help="AdamW decay (0)")
     g.add_argument("--warmup", dest="warmup_steps", type=int, help="warmup steps (100)")
     g.add_argument("--grad-clip", dest="grad_clip", type=float, help="max gradient norm (5)")
-    g.add_argument("--ema", dest="ema_decay", type=float, help="EMA decay, e.g. 0.999 (off)")
+    g.add_argument("--ema", dest="ema_decay", type=float, help="EMA decay, e.g. 0.999 (off; "
+                   "0.999 for ddpm, cfm, otcfm)")
     g.add_argument("--eval-every", dest="eval_every", type=int, help="steps between evals")
     g.add_argument("--patience", type=int, help="evals without improvement before stopping")
     g.add_argument("--seed", type=int, help="seed for initialisation and batches (0)")

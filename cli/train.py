@@ -9,8 +9,9 @@ import sys
 
 from artifact.families import FAMILIES
 from cli.options import add_model_args, add_progress_arg, add_train_args, pick
+from training.auto import AUTO, AUTO_CANDIDATES, fit_auto
 from training.checkpoint import load_checkpoint, save_checkpoint
-from training.config import ModelConfig, TrainConfig
+from training.config import ModelConfig, TrainConfig, default_train_config
 from training.distributed import is_main_process, strip_option, torchrun_command
 from training.fit import fit
 from training.reflow import reflow_checkpoint
@@ -22,7 +23,11 @@ __all__ = ["register"]
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="fit a model to a named data set or a file")
     p.add_argument("--model", required=True, metavar="TYPE", help="; ".join(
-        f"{k} ({v.family}{', images' if v.image else ''})" for k, v in MODEL_TYPES.items()))
+        f"{k} ({v.family}{', images' if v.image else ''})" for k, v in MODEL_TYPES.items())
+        + f"; {AUTO}: train {', '.join(AUTO_CANDIDATES)} with their defaults and keep the best "
+        "validation log-likelihood")
+    p.add_argument("--budget-s", dest="budget_s", type=float, help=f"--model {AUTO}: wall-clock "
+                   "seconds for all candidates together (each stops at its share)")
     p.add_argument("--family", choices=sorted(FAMILIES),
                    help="optional check that --model belongs to this family")
     p.add_argument("--data", required=True, help="named set (see `genserve data --list`) "
@@ -57,17 +62,27 @@ def train(ns: argparse.Namespace) -> int:
         # the same command on N local processes under torchrun, which sets WORLD_SIZE
         cmd = torchrun_command(strip_option(ns.argv, "--distributed"), ns.distributed)
         return subprocess.call(cmd)
-    if ns.family is not None and family_of(ns.model) != ns.family:
-        raise ValueError(f"model {ns.model!r} is a {family_of(ns.model)} model, not {ns.family}")
-    model_cfg = ModelConfig(**pick(ns, ModelConfig.model_fields))
-    train_cfg = TrainConfig(**pick(ns, TrainConfig.model_fields), progress=not ns.no_progress)
-    ckpt = fit(ns.model, ns.data, out=ns.out, rows=ns.rows, data_seed=ns.data_seed,
-               split_seed=ns.split_seed, model_cfg=model_cfg, train_cfg=train_cfg)
+    if ns.budget_s is not None and (ns.model != AUTO or ns.budget_s <= 0):
+        raise ValueError(f"--budget-s takes seconds > 0 and goes with --model {AUTO}; for one "
+                         "model type bound its --steps")
+    kind = AUTO_CANDIDATES[0] if ns.model == AUTO else ns.model
+    if ns.family is not None and family_of(kind) != ns.family:
+        raise ValueError(f"model {ns.model!r} is a {family_of(kind)} model, not {ns.family}")
+    model_fields = pick(ns, ModelConfig.model_fields)
+    train_fields = pick(ns, TrainConfig.model_fields) | {"progress": not ns.no_progress}
+    data_args = {"rows": ns.rows, "data_seed": ns.data_seed, "split_seed": ns.split_seed}
+    if ns.model == AUTO:
+        ckpt = fit_auto(ns.data, out=ns.out, budget_s=ns.budget_s, train_fields=train_fields,
+                        model_fields=model_fields, **data_args)
+    else:
+        ckpt = fit(ns.model, ns.data, out=ns.out, model_fields=model_fields,
+                   train_cfg=default_train_config(ns.model, **train_fields), **data_args)
     s = ckpt.config.summary
     if not is_main_process():
         return 0
     print(
-        f"saved {ns.out}: {ns.model} on {ckpt.config.data.name} ({ckpt.config.dim}-D), "
+        f"saved {ns.out}: {ckpt.config.model_type} on {ckpt.config.data.name} "
+        f"({ckpt.config.dim}-D), "
         f"best validation loss {s['best_val_loss']:.4f} at step {s['best_step']}, "
         f"{s['train_seconds']:.1f} s",
         file=sys.stderr,

@@ -95,6 +95,7 @@ import torch
 
 from artifact.families import family
 from artifact.scores import AnomalyScoreSpec
+from training.auto import AUTO, AUTO_CANDIDATES, best_by_validation
 from training.checkpoint import Checkpoint, DataSummary
 from training.config import ModelConfig, PreprocessConfig, TrainConfig
 from training.data import DataError, load_data
@@ -366,6 +367,8 @@ def prepare(
     x_train, x_val = x[train_idx], x[val_idx]
     x_cal = x_val if cal_idx is None else x[cal_idx]
     candidates = None if model is None else ((model,) if isinstance(model, str) else tuple(model))
+    if candidates == (AUTO,):
+        candidates = AUTO_CANDIDATES
     for kind in candidates or ():  # diffusion / flow matching work too (ODE likelihood)
         if kind not in MODEL_TYPES:
             raise ValueError(f"unknown model type {kind!r}; choose from {', '.join(MODEL_TYPES)}")
@@ -466,12 +469,9 @@ def search_smoothing(prep: Prepared, chosen: Candidate, scales: Sequence[float],
 
 
 def select(candidates: Sequence[Candidate], key: str = "val_nll") -> Candidate:
-    """The candidate with the lowest finite validation NLL (or other entry ``key``)."""
-    finite = [c for c in candidates if math.isfinite(c.entry[key])]
-    if not finite:
-        raise FloatingPointError(f"every candidate's {key} is non-finite; check the "
-                                 "data for extreme values or choose another --model")
-    return min(finite, key=lambda c: c.entry[key])
+    """The candidate with the lowest finite validation NLL (or other entry ``key``): the
+    rule of ``train --model auto`` (``training.auto.best_by_validation``)."""
+    return candidates[best_by_validation({i: -c.entry[key] for i, c in enumerate(candidates)})]
 
 
 def mix_candidates(prep: Prepared, members: Sequence[Candidate]) -> Candidate:

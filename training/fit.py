@@ -6,6 +6,7 @@ This is what ``genserve train`` runs; ``fit-anomaly`` and the benchmarks call it
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,7 +18,13 @@ from training.checkpoint import (
     DataSummary,
     save_checkpoint,
 )
-from training.config import ModelConfig, PreprocessConfig, TrainConfig
+from training.config import (
+    ModelConfig,
+    PreprocessConfig,
+    TrainConfig,
+    default_model_config,
+    default_train_config,
+)
 from training.data import load_data, split
 from training.distributed import barrier, is_main_process
 from training.preprocess import Preprocessor
@@ -58,14 +65,16 @@ def fit_arrays(
     """Train ``model_type`` on ``x_train`` (rows, dim), validating on ``x_val``.
 
     The best-validation weights are kept; training stops early only when
-    ``train_cfg.patience`` is set (by default it runs ``train_cfg.steps``).
+    ``train_cfg.patience`` or ``train_cfg.max_seconds`` is set (by default it runs
+    ``train_cfg.steps``). Configs not given are the model type's defaults
+    (``training.config.default_model_config``, ``default_train_config``).
     """
-    model_cfg = model_cfg or ModelConfig()
-    train_cfg = train_cfg or TrainConfig()
+    dim = x_train.shape[1]
+    model_cfg = model_cfg or default_model_config(model_type, dim)
+    train_cfg = train_cfg or default_train_config(model_type)
     if pre_cfg is None:
         pre_cfg = PreprocessConfig(standardize=False) if trains_raw(model_type) \
             else default_preprocess(data.levels)
-    dim = x_train.shape[1]
     torch.manual_seed(train_cfg.seed)  # parameter initialisation
     model = build_model(model_type, dim, model_cfg)
     pre = Preprocessor.fit(pre_cfg, x_train, data.levels)
@@ -104,10 +113,17 @@ def fit(
     model_cfg: ModelConfig | None = None,
     pre_cfg: PreprocessConfig | None = None,
     train_cfg: TrainConfig | None = None,
+    model_fields: dict[str, Any] | None = None,
 ) -> Checkpoint:
-    """Train ``model_type`` on a named set or a file; save to ``out`` when given."""
+    """Train ``model_type`` on a named set or a file; save to ``out`` when given.
+
+    Without ``model_cfg`` the architecture is the model type's default for the data's
+    dimension with ``model_fields`` (the fields a user gave) on top."""
     dataset = load_data(data, n=rows, seed=data_seed, images=is_image_model(model_type))
-    model_cfg = _with_image_shape(model_type, model_cfg or ModelConfig(), dataset.shape, data)
+    if model_cfg is None:
+        model_cfg = default_model_config(model_type, int(dataset.x.shape[1]),
+                                         **(model_fields or {}))
+    model_cfg = _with_image_shape(model_type, model_cfg, dataset.shape, data)
     model_cfg = _with_vocab(model_type, model_cfg, dataset.x, dataset.levels, data)
     splits = split(dataset.x, seed=split_seed)
     summary = DataSummary(
