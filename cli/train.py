@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 from artifact.families import FAMILIES
-from cli.options import add_model_args, add_progress_arg, add_train_args, pick
+from cli.options import add_condition_args, add_model_args, add_progress_arg, add_train_args, pick
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.config import ModelConfig, TrainConfig
 from training.distributed import is_main_process, strip_option, torchrun_command
@@ -36,6 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "local processes (torchrun; gloo on CPU, nccl on GPU); --batch-size is global")
     add_model_args(p)
     add_train_args(p)
+    add_condition_args(p)
     p.set_defaults(run=train)
 
     p = sub.add_parser("reflow", help="rectified-flow reflow of a flow-matching checkpoint "
@@ -62,7 +63,8 @@ def train(ns: argparse.Namespace) -> int:
     model_cfg = ModelConfig(**pick(ns, ModelConfig.model_fields))
     train_cfg = TrainConfig(**pick(ns, TrainConfig.model_fields), progress=not ns.no_progress)
     ckpt = fit(ns.model, ns.data, out=ns.out, rows=ns.rows, data_seed=ns.data_seed,
-               split_seed=ns.split_seed, model_cfg=model_cfg, train_cfg=train_cfg)
+               split_seed=ns.split_seed, model_cfg=model_cfg, train_cfg=train_cfg,
+               condition=ns.condition, label_col=ns.label_col, context_cols=ns.context_cols)
     s = ckpt.config.summary
     if not is_main_process():
         return 0

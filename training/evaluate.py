@@ -91,8 +91,15 @@ def evaluate(
     samples: int = 2000,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Test log-likelihood (nats/sample, bits/dim, s.e.), W2 of samples, and sampling speed."""
+    """Test log-likelihood (nats/sample, bits/dim, s.e.), W2 of samples, and sampling speed.
+
+    Unconditional checkpoints only: a conditional model is evaluated through its export
+    (``/log_likelihood`` with ``y`` or ``marginal``; ``bench/conditional.py``)."""
     cfg = ckpt.config
+    if cfg.condition is not None:
+        raise DataError(f"this checkpoint is conditioned on a {cfg.condition.kind}; evaluate "
+                        "scores unconditional models only: export it and ask /log_likelihood "
+                        "with 'y' (or 'marginal') or 'context'")
     x_test = checkpoint_splits(ckpt).test if x is None else np.asarray(x, dtype=np.float64)
     start = time.perf_counter()
     lp = data_log_prob(ckpt, x_test, method=method, steps=steps, solver=solver, seed=seed)
