@@ -30,7 +30,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from artifact.calibration import Calibration
 
-__all__ = ["CONDITION_KINDS", "ConditionSpec", "class_names", "context_rows", "label_index"]
+__all__ = ["CONDITION_KINDS", "ConditionSpec", "class_names", "context_rows", "label_index",
+           "label_indices"]
 
 CONDITION_KINDS = ("label", "context")
 """What a model can be conditioned on (``genserve train --condition``)."""
@@ -49,7 +50,9 @@ class ConditionSpec(BaseModel):
             model trained with label dropout has learnt its unconditional field on.
         cfg_dropout: the probability a label was dropped to the null token in training (0: no
             classifier-free guidance).
-        columns: context models: the context's column names, when the data had them.
+        columns: the condition's column names in the training table, when it had them (a
+            label model's one label column; a context model's context columns), which bulk
+            scoring reads the condition from.
         context_mean: context models: the training context's per-column mean.
         context_std: context models: its per-column std (standardization of a context row).
         calibrations: label models: one anomaly calibration per class, on that class's
@@ -81,6 +84,8 @@ class ConditionSpec(BaseModel):
                 raise ValueError(f"a label condition's null token is {k} (the classes' count)")
             if self.calibrations and len(self.calibrations) != k:
                 raise ValueError(f"{len(self.calibrations)} class calibrations for {k} classes")
+            if len(self.columns) > 1:
+                raise ValueError(f"a label condition reads one column; got {self.columns}")
         else:
             if len(self.context_mean) != self.width or len(self.context_std) != self.width:
                 raise ValueError(f"a context condition needs a mean and a std per column "
@@ -118,6 +123,17 @@ def label_index(classes: list[str], label: object) -> int | None:
         return classes.index(str(label))
     except ValueError:
         return None
+
+
+def label_indices(classes: list[str], values: np.ndarray) -> np.ndarray:
+    """Each of ``values: (rows,)`` (numbers read from a table) as its class index, ``-1``
+    where it names no class."""
+    lookup = {name: k for k, name in enumerate(classes)}
+    out = np.full(len(values), -1, dtype=np.int64)
+    for i, v in enumerate(np.asarray(values, dtype=np.float64)):
+        if np.isfinite(v) and v == np.round(v):
+            out[i] = lookup.get(str(int(v)), -1)
+    return out
 
 
 def context_rows(spec: ConditionSpec, *, labels: np.ndarray | None = None,

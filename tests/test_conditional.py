@@ -362,3 +362,45 @@ def test_guidance_on_http_and_its_refusals(families_models: Path, families_serve
                                                     "guidance": -1})
     assert status == 400 and "'guidance': Input should be greater than or equal to 0" in \
         out["error"]
+
+
+def test_fit_anomaly_and_score_read_the_label_column(tmp_path: Path) -> None:
+    """fit-anomaly --label-col trains a conditional flow on a table's label column, and score
+    reads that column from the file: rows placed at another class's centre are flagged under
+    their own label, normal rows about at the target rate, and an unknown label is a bad
+    row named in words."""
+    from service.scoring import score_file
+    from training.anomaly import fit_anomaly
+
+    rng = np.random.default_rng(0)
+    centres = np.array([[0.0, 0.0], [4.0, 0.0], [0.0, 4.0]])
+
+    def table(path: Path, rows: int, planted: int = 0, keys: bool = True) -> Path:
+        g = rng.integers(0, 3, rows)
+        x = centres[g] + 0.5 * rng.standard_normal((rows, 2))
+        x[:planted] = centres[(g[:planted] + 1) % 3] + 0.5 * rng.standard_normal((planted, 2))
+        ids = [np.arange(rows)] if keys else []
+        np.savetxt(path, np.column_stack([*ids, x, g]), delimiter=",",
+                   header="id,a,b,g" if keys else "a,b,g", comments="")
+        return path
+
+    summary = fit_anomaly(table(tmp_path / "normal.csv", 900, keys=False), tmp_path / "model",
+                          label_col="g", model="maf", steps=80, target_fpr=0.05,
+                          progress=False)
+    assert "conditioned on label column(s) g" in summary["note"]
+    rt = open_runtime(tmp_path / "model")
+    cond = rt.manifest.condition
+    assert cond.columns == ["g"] and cond.classes == ["0", "1", "2"]
+    assert rt.manifest.data.columns == ["a", "b"]
+    with pytest.raises(ValueError, match="one conditional flow scored by nll"):
+        fit_anomaly(tmp_path / "normal.csv", tmp_path / "m2", label_col="g", ensemble=2)
+    out = score_file(tmp_path / "model", table(tmp_path / "new.csv", 400, planted=40),
+                     tmp_path / "scores.csv", keep=["id"])
+    flags = np.loadtxt(tmp_path / "scores.csv", delimiter=",", skiprows=1,
+                       usecols=3, dtype=str) == "true"
+    assert out["scored"] == 400 and flags[:40].mean() > 0.9 and flags[40:].mean() < 0.15
+    (tmp_path / "bad.csv").write_text("id,a,b,g\n1,0,0,7\n")
+    with pytest.raises(DataError, match="row id=1.0: column 'g' is 7, not a class of the "
+                       r"model \(its classes: 0, 1, 2\)"):
+        score_file(tmp_path / "model", tmp_path / "bad.csv", tmp_path / "bad-out.csv",
+                   keep=["id"])

@@ -87,7 +87,7 @@ def condition_data(data: Dataset, kind: str, train_rows: np.ndarray, *,
         counts = np.bincount(index[train_rows], minlength=len(classes))
         spec = ConditionSpec(kind="label", width=len(classes), classes=classes,
                              priors=[float(c) for c in counts / counts.sum()],
-                             null_token=len(classes))
+                             null_token=len(classes), columns=[label_col] if label_col else [])
         return ConditionData(features, names, index, spec)
     if not context_cols:
         raise DataError("--condition context needs --context-cols (the context's columns)")

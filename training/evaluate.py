@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from artifact.conditions import context_rows
 from training.checkpoint import Checkpoint
 from training.data import DataError, load_data, split
 from training.metrics import likelihood_summary, wasserstein2
@@ -40,11 +41,14 @@ def data_log_prob(
     steps: int | None = None,
     solver: str | None = None,
     seed: int = 0,
+    condition: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """log p(x) in the user's data units for ``x: (rows, dim)``; returns arrays and NFE.
 
     Preprocessing's log-det is added; integer data is dequantized with seeded uniform noise, so
-    the figure is the usual variational lower bound on the discrete log-mass.
+    the figure is the usual variational lower bound on the discrete log-mass. A conditional
+    checkpoint answers ``log p(x | condition)`` given each row's ``condition`` (class indices
+    ``(rows,)`` or raw context rows ``(rows, width)``).
     """
     model, pre = ckpt.model, ckpt.preprocessor
     generator = torch.Generator().manual_seed(seed)
@@ -54,6 +58,11 @@ def data_log_prob(
     for key, value in (("method", method), ("steps", steps), ("solver", solver)):
         if value is not None:
             options[key] = value
+    cond = ckpt.config.condition
+    if cond is not None:
+        key = "labels" if cond.kind == "label" else "context"
+        options["context"] = torch.as_tensor(context_rows(cond, **{key: condition}),
+                                             dtype=dtype)
     with torch.no_grad():
         u, ladj = pre(xt, generator=generator if ckpt.config.data.levels else None)
         res = model.log_prob_with_error(u, **options)

@@ -148,13 +148,15 @@ class ExactDensity:
     dim: int
 
     def log_prob_with_error(self, x: Tensor, method: str | None = None,
+                            context: Tensor | None = None,
                             **options: object) -> LikelihoodResult:
-        """Exact ``log p(x)``: ``x: (batch, dim)`` -> ``log_prob: (batch,)``, no standard
-        error, one pass (``z`` is ``x``: there is no ODE end state). ODE options
-        (``steps``, ``solver``, ``seed``) do not apply."""
+        """Exact ``log p(x)`` (``log p(x | context)`` for a conditional flow): ``x: (batch,
+        dim)`` -> ``log_prob: (batch,)``, no standard error, one pass (``z`` is ``x``: there is
+        no ODE end state). ODE options (``steps``, ``solver``, ``seed``) do not apply."""
         if method not in (None, "exact"):
             raise ValueError(f"a flow's likelihood is exact; method {method!r} does not apply")
-        return LikelihoodResult(self.log_prob(x), None, 1, x)
+        given = {} if context is None else {"context": context}
+        return LikelihoodResult(self.log_prob(x, **given), None, 1, x)
 
     def export_graphs(self) -> dict[str, ExportGraph]:
         """``log_prob`` and ``sample``, on the solver-free inference copy (with a
