@@ -263,6 +263,10 @@ def _context(context: Any, width: int, name: str, rows: int) -> np.ndarray:
     if context is None:
         raise RequestError(400, f"model '{name}' is conditioned on a context: send 'context', "
                            f"{width} numbers for all rows or a row of {width} per row")
+    if isinstance(context, list) and not all(
+            type(v) in (int, float) for v in _flat(context)):
+        raise RequestError(400, f"'context' must be {width} numbers, or a list of rows of "
+                           f"{width} numbers (one per row); no strings, booleans or nulls")
     try:
         arr = np.asarray(context, dtype=np.float64)
     except (ValueError, TypeError):
@@ -276,12 +280,14 @@ def _context(context: Any, width: int, name: str, rows: int) -> np.ndarray:
     if arr.ndim == 2 and len(arr) != rows:
         raise RequestError(400, f"'context' has {len(arr)} rows but the request has {rows}; "
                            "send one context row for all rows, or one per row")
-    if isinstance(context, list) and bool in set(map(type, np.ravel(
-            np.asarray(context, dtype=object)).tolist())):
-        raise RequestError(400, "'context' must contain only numbers")
     if not np.isfinite(arr).all() or np.abs(arr).max() > FLOAT32_MAX:
         raise RequestError(400, "'context' values must be finite numbers within float32 range")
     return np.broadcast_to(arr, (rows, width)).copy() if arr.ndim == 1 else arr
+
+
+def _flat(values: list) -> list:
+    """The numbers of a list, or of a list of lists (anything deeper stays a list)."""
+    return list(chain.from_iterable(v if isinstance(v, list) else [v] for v in values))
 
 
 def validate_sample(body: Any, cards: dict[str, ModelInfo], s: Settings,

@@ -210,6 +210,8 @@ BAD = [
      "but model 'cond-context' takes a context of 1"),
     ("cond-context", "anomaly_score", {"context": [[1.0], [2.0], [3.0]]}, "'context' has 3 "
      "rows but the request has 2"),
+    ("cond-context", "log_likelihood", {"context": ["1.0"]}, "'context' must be 1 numbers, "
+     "or a list of rows of 1 numbers (one per row); no strings, booleans or nulls"),
     ("cond-context", "log_likelihood", {"y": 1}, "conditioned on a context of 1 numbers: send "
      "'context', not 'y'"),
     ("cond-context", "log_likelihood", {"context": [1.0], "marginal": True},
