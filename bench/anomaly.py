@@ -1,6 +1,7 @@
 """Anomaly-detection benchmark: our likelihood models next to classical detectors.
 
-    python -m bench.anomaly [--sets NAME ...] [--seeds 0 1 2] [--jobs N] [--quick] [--no-write]
+    python -m bench.anomaly [--sets NAME ...] [--seeds 0 1 2] [--jobs N] [--quick] [--scores]
+                            [--add] [--no-write]
 
 Sets: the six ADBench classical tables in ``../shared/data/adbench/`` (cardio, thyroid, Pima,
 WBC, breastw, vertebral) and two scikit-learn tables: breast_cancer (benign rows normal,
@@ -26,7 +27,12 @@ Detectors:
 * classical (scikit-learn, inputs standardized on the training rows except for the isolation
   forest): IsolationForest, LocalOutlierFactor(novelty=True), OneClassSVM(gamma="scale"),
   k-nearest-neighbour mean distance (k = 5) and GaussianMixture (full covariance, components
-  in {1, 2, 4, 8} chosen by BIC on the training rows). Library defaults otherwise.
+  in {1, 2, 4, 8} chosen by BIC on the training rows). Library defaults otherwise. PyOD's
+  ECOD and COPOD (parameter-free, on the raw rows).
+* ``--scores``: ``fit-anomaly --score auto`` (``training.anomaly.choose_score_kind``) and each
+  score kind it fitted (``nll``, ``latent``, ``denoise``, ``dte``), scored with the torch
+  models. ``--add`` runs only the classical detectors (and ``--scores``) and merges their
+  rows into the JSON's units, leaving the flows' rows as they were.
 
 Nothing here looks at the test rows to choose anything: our defaults are fixed in
 ``training/anomaly.py`` and the default's model type is picked on fit-anomaly's validation
@@ -71,7 +77,10 @@ SEEDS = (0, 1, 2)
 TRAIN_FRACTION = 0.7
 OUR_TYPES = ("maf", "nsf", "realnvp")
 DEFAULT = "fit-anomaly (default)"
-CLASSICAL = ("IsolationForest", "LOF (novelty)", "OneClassSVM", "kNN (k=5)", "GaussianMixture")
+CLASSICAL = ("IsolationForest", "LOF (novelty)", "OneClassSVM", "kNN (k=5)", "GaussianMixture",
+             "ECOD", "COPOD")
+PYOD = ("ECOD", "COPOD")  # PyOD's parameter-free detectors, on the raw rows
+SCORE_KINDS = ("nll", "latent", "denoise", "dte")
 
 
 # --------------------------------------------------------------------------- data
@@ -145,6 +154,14 @@ def _classical(name: str, x_train: np.ndarray, x_test: np.ndarray, seed: int
         fit_s = time.perf_counter() - t0
         t1 = time.perf_counter()
         score = model.kneighbors(xs)[0].mean(1)
+    elif name in PYOD:
+        from pyod.models.copod import COPOD
+        from pyod.models.ecod import ECOD
+
+        model = (ECOD if name == "ECOD" else COPOD)().fit(x_train)
+        fit_s = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        score = model.decision_function(x_test)
     elif name == "GaussianMixture":
         fits = [GaussianMixture(k, covariance_type="full", random_state=seed).fit(xt)
                 for k in (1, 2, 4, 8) if k <= len(xt) // 2]
@@ -158,9 +175,11 @@ def _classical(name: str, x_train: np.ndarray, x_test: np.ndarray, seed: int
 
 
 def run_unit(set_name: str, seed: int, quick: bool = False, ensemble: int = 1,
-             ) -> list[dict[str, Any]]:
+             scores: bool = False, add: bool = False) -> list[dict[str, Any]]:
     """Every detector on one (set, seed) split; with ``ensemble`` > 1 also fit-anomaly's
-    ``--ensemble`` (the default's candidates, ``ensemble`` seeds each, served as a mixture)."""
+    ``--ensemble`` (the default's candidates, ``ensemble`` seeds each, served as a mixture);
+    with ``scores`` also ``--score auto`` and each score kind it fitted. ``add``: only the
+    classical detectors and the score kinds (rows merged into an earlier run's)."""
     import torch
 
     torch.set_num_threads(1)
@@ -187,6 +206,10 @@ def run_unit(set_name: str, seed: int, quick: bool = False, ensemble: int = 1,
         out.append(base | {"detector": name, "fit_seconds": fit_s, "score_seconds": score_s}
                    | _metrics(y_test, score))
 
+    if scores:
+        out += score_kind_rows(base, x_train, x_test, y_test, seed, quick)
+    if add:
+        return out
     prep = prepare(x_train, seed=seed, steps=60 if quick else None)
     trained = {}
     for kind in OUR_TYPES:
@@ -239,6 +262,36 @@ def run_unit(set_name: str, seed: int, quick: bool = False, ensemble: int = 1,
                            "chosen": mixed.entry["model_type"],
                            "val_nll": mixed.entry["val_nll"]} | _metrics(y_test, nll))
     return out
+
+
+def score_kind_rows(base: dict[str, Any], x_train: np.ndarray, x_test: np.ndarray,
+                    y_test: np.ndarray, seed: int, quick: bool) -> list[dict[str, Any]]:
+    """``fit-anomaly --score auto`` and each kind it fitted (``--score K``), scored on the test
+    rows with the torch models (the served numbers up to float32 export rounding). One fit
+    serves every row: ``nll`` and ``latent`` share the default's flow, ``denoise`` and ``dte``
+    its flow-matching model; the fit time is the whole of auto's."""
+    from training.anomaly import choose_score_kind
+
+    t0 = time.perf_counter()
+    auto = choose_score_kind(x_train, seed=seed, steps=60 if quick else None)
+    fit_s = time.perf_counter() - t0
+    rows = []
+    for kind, option in auto.options.items():
+        t1 = time.perf_counter()
+        score = option.scores(x_test)
+        score_s = time.perf_counter() - t1
+        model = option.candidate.entry["model_type"]
+        row = {"fit_seconds": fit_s, "score_seconds": score_s,
+               "chosen": f"{model} {kind}", "synthetic_auroc": auto.stats[kind]}
+        m = _metrics(y_test, score)
+        rows.append(base | {"detector": score_name(kind)} | row | m)
+        if kind == auto.best:
+            rows.append(base | {"detector": score_name("auto")} | row | m)
+    return rows
+
+
+def score_name(kind: str) -> str:
+    return f"fit-anomaly --score {kind}"
 
 
 def ensemble_name(k: int) -> str:
@@ -425,6 +478,7 @@ def render(payload: dict[str, Any]) -> str:
         "are from a shared, loaded machine: compare within this table only.", "",
     ]
     parts += _opt_in_section(results)
+    parts += _auto_section(results)
     if payload.get("notes"):
         parts += ["### Notes", "", payload["notes"]]
     return "\n".join(parts).rstrip() + "\n"
@@ -462,7 +516,7 @@ def _opt_in_section(results: list[dict[str, Any]]) -> list[str]:
                      f"{mean_var - mean_def:+.3f}", "", ""])
     table = markdown_table(["detector", "set", "seeds", "default AUROC", "variant AUROC",
                             "variant minus default (per seed: min to max)",
-                            "chosen by validation NLL (per seed)", "fit s (mean)"], rows)
+                            "chosen (per seed)", "fit s (mean)"], rows)
     return ["### Opt-in fit-anomaly variants, next to the default on the same splits", "",
             "Not part of the targets or of the tables above. `--ensemble K`: the default's "
             "candidates at the unit's seed plus K - 1 more seeds each; the mixture (per type, "
@@ -470,6 +524,53 @@ def _opt_in_section(results: list[dict[str, Any]]) -> list[str]:
             "scores the raw test rows in data units with the torch model (the served numbers "
             "up to float32 export rounding).", "",
             table, ""]
+
+
+def _auto_section(results: list[dict[str, Any]]) -> list[str]:
+    """Issue #29's targets for ``--score auto``, on the (set, seed) units it ran: its mean
+    AUROC above every other detector's on those units, and never more than 0.02 below the
+    best on any set."""
+    from bench.report import markdown_table
+
+    auto = score_name("auto")
+    units = {(r["set"], r["seed"]) for r in results if r["detector"] == auto}
+    if not units:
+        return []
+    ran = [r for r in results if (r["set"], r["seed"]) in units]
+    sets = _sets(ran)
+    dets = [d for d in _all_detectors(ran)
+            if all(_agg(ran, d, s, "auroc")[2] for s in sets)]
+    mean = {d: float(np.mean([_agg(ran, d, s, "auroc")[0] for s in sets])) for d in dets}
+    others = {d: v for d, v in mean.items() if not d.startswith(score_name(""))}
+    best_other = max(others, key=others.get)
+    rows, misses = [], []
+    for s in sets:
+        a = _agg(ran, auto, s, "auroc")[0]
+        best_s = max((_agg(ran, d, s, "auroc")[0], d) for d in others)
+        chosen = ", ".join(r["chosen"] for r in ran if r["set"] == s and r["detector"] == auto)
+        kinds = " / ".join(f"{_agg(ran, score_name(k), s, 'auroc')[0]:.3f}"
+                           for k in SCORE_KINDS)
+        rows.append([s, f"{a:.3f}", chosen, kinds, f"{best_s[0]:.3f} ({best_s[1]})",
+                     f"{a - best_s[0]:+.3f}"])
+        if a < best_s[0] - 0.02:
+            misses.append(s)
+    seeds = sorted({seed for _, seed in units})
+    met = mean[auto] > others[best_other]
+    return [
+        "### `fit-anomaly --score auto` and the score kinds (issue #29)", "",
+        f"On the units it ran (seeds {', '.join(map(str, seeds))}), next to every detector on "
+        "the same splits. Each kind's AUROC is its test rows scored by the torch model that "
+        "auto fitted (`nll`/`latent`: the default's flow; `denoise`/`dte`: a `cfm` model); "
+        "auto chose on normal rows alone (docs/anomaly-selection-protocol.md, third "
+        "protocol).", "",
+        markdown_table(["set", "auto AUROC", "auto chose", "nll / latent / denoise / dte",
+                        "best other detector", "auto minus best"], rows), "",
+        f"- **auto's mean AUROC above every other detector's**: "
+        f"{'**met**' if met else '**not met**'}: {mean[auto]:.3f} vs {best_other} "
+        f"{others[best_other]:.3f}.",
+        "- **Never more than 0.02 below the best on any set**: "
+        + ("**met**." if not misses else f"**not met** on {', '.join(misses)}."), "",
+    ]
 
 
 NOTES = """\
@@ -541,6 +642,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke test: 60 training steps")
     parser.add_argument("--ensemble", type=int, default=1, metavar="K",
                         help="also fit-anomaly --ensemble K (K seeds per candidate, a mixture)")
+    parser.add_argument("--scores", action="store_true",
+                        help="also fit-anomaly --score auto and each score kind it fits")
+    parser.add_argument("--add", action="store_true",
+                        help="run only the classical detectors (and --scores), merging their "
+                             "rows into docs/bench/anomaly.json's units")
     parser.add_argument("--no-write", action="store_true", help="print only; write nothing")
     args = parser.parse_args(argv)
     from bench.jobs import run_jobs
@@ -561,8 +667,8 @@ def main(argv: list[str] | None = None) -> int:
               f" {line}", flush=True)
         results.extend(rows)
 
-    run_jobs(run_unit, [(s, seed, args.quick, args.ensemble) for s, seed in units], args.jobs,
-             report)
+    run_jobs(run_unit, [(s, seed, args.quick, args.ensemble, args.scores, args.add)
+                        for s, seed in units], args.jobs, report)
     wall = time.perf_counter() - start
     payload: dict[str, Any] = {"command": command.strip(), "machine": machine_line(),
                                "quick": args.quick, "jobs": args.jobs, "wall_seconds": wall,
@@ -570,11 +676,15 @@ def main(argv: list[str] | None = None) -> int:
     if JSON_PATH.exists() and not args.no_write:  # a partial run updates its units
         old = json.loads(JSON_PATH.read_text())
         if bool(old.get("quick")) == args.quick:
-            done = {(r["set"], r["seed"]) for r in results}
-            kept = [r for r in old["results"] if (r["set"], r["seed"]) not in done]
+            done = ({(r["set"], r["seed"], r["detector"]) for r in results} if args.add
+                    else {(r["set"], r["seed"]) for r in results})
+            kept = [r for r in old["results"] if (
+                (r["set"], r["seed"], r["detector"]) if args.add
+                else (r["set"], r["seed"])) not in done]
             if kept:
                 payload["results"] = kept + results
                 payload["wall_seconds"] = wall + old.get("wall_seconds", 0.0)
+                payload["jobs"] = max(args.jobs, old.get("jobs", 1))
                 payload["command"] = "; ".join(dict.fromkeys([old["command"], command.strip()]))
     payload["results"].sort(key=lambda r: (ALL_SETS.index(r["set"]), r["seed"]))
     payload["targets"] = targets(payload["results"])

@@ -104,7 +104,8 @@ def _score_partition(batches: Iterator[pa.RecordBatch], task: _Task,
     for batch in batches:
         done = total.rows
         out, counts = score_batch(
-            rt, batch, task.plan, locate=lambda i, d=done: f"row {d + i + 1} of partition {part}")
+            rt, batch, task.plan, first_row=done,
+            locate=lambda i, d=done: f"row {d + i + 1} of partition {part}")
         total.add(counts)
         n += 1
         yield out

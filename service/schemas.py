@@ -87,7 +87,8 @@ def _array(items: dict[str, Any], description: str | None = None) -> Any:
 Numbers = _array({"type": "number"})
 Flags = _array({"type": "boolean"})
 Samples = _array({"type": "array", "items": {"type": "number"}},
-                 "rows of numbers, (n, dim), in the units of the training data")
+                 "rows of numbers, (n, dim), in the units of the training data (integers "
+                 "for token models: discrete flow matching)")
 MAX_SEED = 2**63 - 1
 MAX_VERSION = 999_999_999  # artifact.repository.VERSION_DIR: up to nine digits
 VERBS = ("sample", "log_likelihood", "anomaly_score")

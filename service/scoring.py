@@ -174,13 +174,16 @@ def _row_name(batch: pa.RecordBatch, plan: ScorePlan, row: int,
 
 
 def score_batch(rt: ModelRuntime, batch: pa.RecordBatch, plan: ScorePlan, *,
+                first_row: int = 0,
                 locate: Callable[[int], str] = lambda i: f"row {i + 1}",
                 ) -> tuple[pa.RecordBatch, ScoreCounts]:
     """One input batch's output batch (``plan.output_schema``) and counts.
 
-    ``locate(i)`` names the batch's row ``i`` in an error when there are no key columns
-    (e.g. its line in the file). Raises ``DataError`` at the first bad row under
-    ``on_bad_row="error"``.
+    ``first_row``: the index of the batch's first row in its input; seeded draws (``denoise``
+    noise, Hutchinson probes) are keyed by ``first_row + i``, so a row's score depends on its
+    place in the file, never on how the file is cut into batches. ``locate(i)`` names the
+    batch's row ``i`` in an error when there are no key columns (e.g. its line in the file).
+    Raises ``DataError`` at the first bad row under ``on_bad_row="error"``.
     """
     names = [*plan.cols, *plan.condition]
     feats = features(batch, names)
@@ -208,7 +211,8 @@ def score_batch(rt: ModelRuntime, batch: pa.RecordBatch, plan: ScorePlan, *,
     percentile, flags = np.empty(0), np.empty(0, dtype=bool)
     if len(x):
         try:
-            res = rt.anomaly_score(x, target_fpr=plan.target_fpr, **given)
+            rows = first_row + (np.flatnonzero(good) if n_bad else np.arange(len(x)))
+            res = rt.anomaly_score(x, target_fpr=plan.target_fpr, rows=rows, **given)
         except InputError as err:
             raise DataError(str(err)) from None
         scores = res.scores / plan.dim if plan.per_dim else res.scores
@@ -474,7 +478,7 @@ def score_file(
                                              columns=plan.read))
             for batch in reblock(blocks, batch_rows):
                 done = job.counts.rows
-                out, counts = score_batch(rt, batch, plan,
+                out, counts = score_batch(rt, batch, plan, first_row=done,
                                           locate=lambda i, d=done: f"row {d + i + 1}")
                 sink.write(out)
                 job.counts.add(counts)

@@ -182,7 +182,7 @@ def test_export_parity_and_batch_independence(artifact_factory, checkpoint_facto
     for a, b in zip(alone, together.blocks, strict=True):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(ts.sample(3, seed=1, steps=8), alone[0])
-    assert ((alone[0] >= 0) & (alone[0] < 4) & (alone[0] == np.round(alone[0]))).all()
+    assert alone[0].dtype == np.int64 and ((alone[0] >= 0) & (alone[0] < 4)).all()
 
 
 def test_http_and_grpc_equal_in_process_and_take_integer_tokens_only(
@@ -203,6 +203,7 @@ def test_http_and_grpc_equal_in_process_and_take_integer_tokens_only(
     status, out = server.post("/sample", {"model": "moons-dfm", "n": 5, "seed": 4, "steps": 8})
     assert status == 200, out
     np.testing.assert_array_equal(out["samples"], rt.sample(5, seed=4, steps=8))
+    assert all(type(v) is int for row in out["samples"] for v in row), out  # tokens: ints
     status, out = server.post("/anomaly_score", {"model": "moons-dfm", "x": x.tolist()})
     assert status == 200, out
     np.testing.assert_array_equal(out["scores"], -want.log_prob)
@@ -228,5 +229,23 @@ def test_http_and_grpc_equal_in_process_and_take_integer_tokens_only(
         with pytest.raises(InferenceServerException) as info:
             client.infer("moons-dfm.log_likelihood", [inp])
         assert "integer tokens in [0, 4)" in info.value.message()
+        # tokens travel as integers both ways: INT64 rows in, INT64 samples out
+        inp = triton.InferInput("x", list(x.shape), "INT64")
+        inp.set_data_from_numpy(x.astype(np.int64))
+        got = client.infer("moons-dfm.log_likelihood", [inp])
+        np.testing.assert_array_equal(got.as_numpy("log_likelihood"), want.log_prob)
+        n, seed = (triton.InferInput(k, [1], "INT64") for k in ("n", "seed"))
+        n.set_data_from_numpy(np.array([5], np.int64))
+        seed.set_data_from_numpy(np.array([4], np.int64))
+        got = client.infer("moons-dfm.sample", [n, seed], parameters={"steps": 8})
+        assert got.as_numpy("samples").dtype == np.int64
+        np.testing.assert_array_equal(got.as_numpy("samples"), rt.sample(5, seed=4, steps=8))
+        meta = client.get_model_metadata("moons-dfm.sample")
+        assert [(o.name, o.datatype) for o in meta.outputs] == [("samples", "INT64")]
+        inp = triton.InferInput("x", [1, 8], "BOOL")
+        inp.set_data_from_numpy(np.ones((1, 8), bool))
+        with pytest.raises(InferenceServerException) as info:
+            client.infer("moons-dfm.log_likelihood", [inp])
+        assert "takes integer tokens: send INT64" in info.value.message()
     finally:
         client.close()

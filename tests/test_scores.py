@@ -250,3 +250,26 @@ def test_auto_follows_its_protocol_and_the_budget_drops_candidates(tmp_path: Pat
             best = kind
     assert s["score_selection"]["chosen"] == best == s["score"]
     assert read_manifest(tmp_path / "auto").score_kind == best
+
+
+def test_score_file_keys_denoise_noise_by_the_rows_place_in_the_file(kinds, tmp_path) -> None:
+    """`genserve score` draws a row's denoise noise from its index in the file: the scores do
+    not depend on how the file is cut into graph calls, and equal the in-process scores of
+    the whole file (seed 0, rows 0..n-1), up to float32 rounding of other batch sizes."""
+    import pyarrow.parquet as pq
+
+    from service.scoring import score_file
+
+    root, _ = kinds
+    x = np.concatenate([clusters(40, 10), between(10, 11)])
+    np.save(tmp_path / "x.npy", x)
+    got = {}
+    for rows in (7, 4096):
+        out = tmp_path / f"s{rows}.parquet"
+        score_file(root / "k-denoise", tmp_path / "x.npy", out, batch_rows=rows,
+                   progress=False)
+        got[rows] = pq.read_table(out).column("score").to_numpy()
+    whole = open_runtime(root / "k-denoise").score(x)
+    np.testing.assert_allclose(got[7], got[4096], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got[4096], whole, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(got[7][:7], got[7][7:14])  # rows 0..6 and 7..13 draw other noise

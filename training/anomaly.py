@@ -747,7 +747,61 @@ def _fit_auto(data: Any, out_dir: Any, *, target_fpr: float, seed: int, model: A
               formats: tuple[str, ...], progress: bool, budget_s: float | None,
               ) -> dict[str, Any]:
     """``--score auto``: the third protocol of docs/anomaly-selection-protocol.md."""
-    from training.score_kinds import auroc, in_process_scores
+    started = time.perf_counter()
+    auto = choose_score_kind(data, seed=seed, model=model, plan=plan, steps=steps,
+                             smoothing_search=smoothing_search, progress=progress,
+                             budget_s=budget_s)
+    c = auto.chosen
+    out = export_candidate(c.prep, c.candidate, out_dir, target_fpr=target_fpr,
+                           formats=formats, name=name, tried=auto.tried, score=c.spec,
+                           latents=c.latents,
+                           score_selection=c.selection | {"auto": auto.stats,
+                                                          "chosen": auto.best})
+    return out | {"budget": {"budget_s": budget_s, "dropped": auto.dropped},
+                  "total_seconds": round(time.perf_counter() - started, 3)}
+
+
+@dataclass
+class ScoreOption:
+    """One score kind fitted on normal rows: its data, model, spec and stored latents."""
+
+    prep: Prepared
+    candidate: Candidate
+    spec: AnomalyScoreSpec | None
+    latents: np.ndarray | None
+    selection: dict[str, Any]
+
+    def scores(self, x: np.ndarray, seed: int = 0) -> np.ndarray:
+        """In-process scores of raw rows ``x`` (the served ones up to float32 rounding)."""
+        from training.score_kinds import in_process_scores
+
+        return in_process_scores(self.candidate.ckpt, self.spec or AnomalyScoreSpec(), x,
+                                 seed=seed, latents=self.latents)
+
+
+@dataclass
+class AutoChoice:
+    """``--score auto``'s fitted kinds, their statistic on normal rows, and the choice."""
+
+    options: dict[str, ScoreOption]
+    stats: dict[str, float]
+    best: str
+    tried: list[dict[str, Any]]
+    dropped: list[str]
+
+    @property
+    def chosen(self) -> ScoreOption:
+        return self.options[self.best]
+
+
+def choose_score_kind(data: Any, *, seed: int = 0, model: Any = None, plan: Plan | None = None,
+                      steps: int | None = None, smoothing_search: Any = None,
+                      progress: bool = False, budget_s: float | None = None) -> AutoChoice:
+    """Fit every score kind that applies and choose one on normal rows alone (the third
+    protocol of docs/anomaly-selection-protocol.md): each kind's AUROC of validation rows
+    against synthetic outliers made from them; ``nll`` unless a kind later in
+    ``AUTO_ORDER`` beats the best so far by more than ``AUTO_MARGIN``."""
+    from training.score_kinds import auroc
 
     started = time.perf_counter()
     if smoothing_search is None:
@@ -765,12 +819,11 @@ def _fit_auto(data: Any, out_dir: Any, *, target_fpr: float, seed: int, model: A
                                              progress=progress)
         tried += [c.entry for c in extra]
     outliers = synthetic_outliers(prep.x_val, prep.x_train, seed)
-    options: dict[str, tuple] = {}
+    options: dict[str, ScoreOption] = {}
     for kind in ("nll", "latent"):
         if kind == "latent" and not hasattr(flow.ckpt.model, "encode_graphs"):
             continue
-        spec, latents, sel = score_spec(prep, flow, kind, seed)
-        options[kind] = (prep, flow, spec, latents, sel)
+        options[kind] = ScoreOption(prep, flow, *score_spec(prep, flow, kind, seed))
     if _past(started, budget_s, 1 / 2):
         dropped.append("flow-matching candidates (denoise, dte)")
     else:
@@ -778,24 +831,14 @@ def _fit_auto(data: Any, out_dir: Any, *, target_fpr: float, seed: int, model: A
         ode = train_candidate(ode_prep, ODE_CANDIDATES[0], seed, progress=progress)
         tried.append(ode.entry)
         for kind in ("denoise", "dte"):
-            spec, latents, sel = score_spec(ode_prep, ode, kind, seed)
-            options[kind] = (ode_prep, ode, spec, latents, sel)
-    stats = {}
-    for kind, (p, c, spec, latents, _) in options.items():
-        spec_or_nll = spec or AnomalyScoreSpec()
-        stats[kind] = auroc(in_process_scores(c.ckpt, spec_or_nll, p.x_val, latents=latents),
-                            in_process_scores(c.ckpt, spec_or_nll, outliers, seed=seed + 1,
-                                              latents=latents))
+            options[kind] = ScoreOption(ode_prep, ode, *score_spec(ode_prep, ode, kind, seed))
+    stats = {kind: auroc(o.scores(o.prep.x_val), o.scores(outliers, seed=seed + 1))
+             for kind, o in options.items()}
     best = "nll"
     for kind in AUTO_ORDER[1:]:
         if kind in stats and stats[kind] > stats[best] + AUTO_MARGIN:
             best = kind
-    p, c, spec, latents, sel = options[best]
-    out = export_candidate(p, c, out_dir, target_fpr=target_fpr, formats=formats, name=name,
-                           tried=tried, score=spec, latents=latents,
-                           score_selection=sel | {"auto": stats, "chosen": best})
-    return out | {"budget": {"budget_s": budget_s, "dropped": dropped},
-                  "total_seconds": round(time.perf_counter() - started, 3)}
+    return AutoChoice(options, stats, best, tried, dropped)
 
 
 def _models_for(score: str, model: str | Sequence[str] | None,

@@ -51,6 +51,7 @@ DATATYPES = {
 }
 X_TYPES = ("FP32", "FP64")
 INT_TYPES = ("INT64", "INT32")
+TOKEN_TYPES = ("INT64", "INT32", *X_TYPES)  # a token model's rows: integers, or floats of them
 
 # Request parameters each verb takes (the JSON field of the same name) and their kind.
 PARAMETERS = {
@@ -95,8 +96,8 @@ def signature(verb: str, info: ModelInfo) -> tuple[list, list]:
     cond = _condition_inputs(info)
     if verb == "sample":
         return ([("n", "INT64", [1]), ("seed", "INT64", [1]), *cond],
-                [("samples", "FP64", [-1, dim])])
-    x = [("x", "FP32", [-1, dim]), *cond]
+                [("samples", "INT64" if family(info.family).tokens else "FP64", [-1, dim])])
+    x = [("x", "INT64" if family(info.family).tokens else "FP32", [-1, dim]), *cond]
     if verb == "log_likelihood":
         out = [("log_likelihood", "FP64", [-1]), ("bits_per_dim", "FP64", [-1])]
         if family(info.family).likelihood_methods != ("exact",):  # Hutchinson's, the ELBO's
@@ -223,8 +224,13 @@ def _one_int(name: str, datatype: str, arr: np.ndarray) -> int:
     return int(arr.reshape(-1)[0])
 
 
-def _rows(model: str, dim: int, datatype: str, arr: np.ndarray) -> np.ndarray:
-    if datatype not in X_TYPES:
+def _rows(model: str, info: ModelInfo, datatype: str, arr: np.ndarray) -> np.ndarray:
+    dim = info.dim
+    if family(info.family).tokens:
+        if datatype not in TOKEN_TYPES:
+            raise OipError(INVALID, f"input 'x' has datatype {datatype}; model '{model}' "
+                           "takes integer tokens: send INT64 (or INT32, FP32, FP64)")
+    elif datatype not in X_TYPES:
         raise OipError(INVALID, f"input 'x' has datatype {datatype}; send FP32 (or FP64)")
     if arr.ndim != 2 or arr.shape[1] != dim:
         raise OipError(INVALID, f"input 'x' has shape {list(arr.shape)} but model '{model}' "
@@ -274,8 +280,9 @@ def request_fields(model: str, verb: str, info: ModelInfo, req: pb.ModelInferReq
             body["seed"] = seed
     else:
         if "x" not in tensors:
-            raise OipError(INVALID, f"input 'x' (FP32 [rows, {info.dim}]) is missing")
-        body["x"] = _rows(model, info.dim, *tensors["x"])
+            kind = signature(verb, info)[0][0][1]
+            raise OipError(INVALID, f"input 'x' ({kind} [rows, {info.dim}]) is missing")
+        body["x"] = _rows(model, info, *tensors["x"])
     body.update(_condition(tensors))
     return body, raw
 
@@ -306,7 +313,10 @@ def response_tensors(verb: str, answer: BaseModel) -> tuple[list, dict[str, Any]
     if verb == "sample":
         params = {"seed": answer.seed, "steps": answer.steps, "solver": answer.solver,
                   "nfe": answer.nfe}
-        return [("samples", "FP64", np.asarray(answer.samples, f64))], params
+        samples = np.asarray(answer.samples)
+        if samples.dtype.kind in "iu":  # a token model's integers
+            return [("samples", "INT64", samples.astype(np.int64))], params
+        return [("samples", "FP64", samples.astype(f64))], params
     if verb == "log_likelihood":
         out = [("log_likelihood", "FP64", np.asarray(answer.log_likelihood, f64)),
                ("bits_per_dim", "FP64", np.asarray(answer.bits_per_dim, f64))]

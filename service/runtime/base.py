@@ -292,7 +292,9 @@ class ModelRuntime:
         u = self._generate(z, requests, solver, steps, **_conditioned(cond, guidance))
         nfe = self._calls.count - before
         (x,) = self.call("postprocess", u)
-        x = np.asarray(x, dtype=np.float64)
+        # Token models answer integers (JSON ints, gRPC INT64); the others float64.
+        x = (np.rint(x).astype(np.int64) if self.spec.tokens
+             else np.asarray(x, dtype=np.float64))
         bounds = np.cumsum([0] + [r.n for r in requests])
         return SampleOutput([x[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)], nfe)
 
