@@ -387,7 +387,7 @@ def test_fit_anomaly_and_score_read_the_label_column(tmp_path: Path) -> None:
         return path
 
     summary = fit_anomaly(table(tmp_path / "normal.csv", 900, keys=False), tmp_path / "model",
-                          label_col="g", model="maf", steps=80, target_fpr=0.05,
+                          label_col="g", model="maf", steps=200, target_fpr=0.05,
                           progress=False)
     assert "conditioned on label column(s) g" in summary["note"]
     rt = open_runtime(tmp_path / "model")
