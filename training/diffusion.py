@@ -36,7 +36,7 @@ from numerics.schedules import (
 )
 from numerics.solvers import SOLVERS
 from training.config import ModelConfig
-from training.nets import TimeMLP, VelocityModel, conditioned
+from training.nets import TimeMLP, VelocityModel, conditioned, given
 
 __all__ = ["DIFFUSION_SAMPLERS", "DiffusionModel", "build_ddpm"]
 
@@ -100,11 +100,12 @@ class DiffusionModel(VelocityModel):
         alpha, sigma = self._alpha_sigma(t)
         x_t = alpha * x + sigma * eps
         target = eps if self.prediction == "epsilon" else eps_to_v(x_t, eps, alpha, sigma)
-        return (self.net(x_t, t, self.dropped(context, generator)) - target).square().mean()
+        out = self.net(x_t, t, *given(self.dropped(context, generator)))
+        return (out - target).square().mean()
 
     def eps(self, x: Tensor, t: Tensor, context: Tensor | None = None) -> Tensor:
         """Predicted noise ``(batch, D)`` at ``x: (batch, D)``, ``t: (batch,)``."""
-        out = self.net(x, t, context)
+        out = self.net(x, t, *given(context))
         if self.prediction == "epsilon":
             return out
         return v_to_eps(x, out, *self._alpha_sigma(t))
@@ -113,7 +114,7 @@ class DiffusionModel(VelocityModel):
                  context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(eps, J_eps e)``; ``eps = sigma x + alpha v`` is linear in ``(x, v)``, so its
         tangent is the same map applied to ``(e, J_v e)``."""
-        out, tangent = self.net.jvp(x, t, e, context)
+        out, tangent = self.net.jvp(x, t, e, *given(context))
         if self.prediction == "epsilon":
             return out, tangent
         alpha, sigma = self._alpha_sigma(t)
@@ -123,7 +124,7 @@ class DiffusionModel(VelocityModel):
                  context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(eps, tr J_eps)``: ``tr(sigma I + alpha J_v) = sigma D + alpha div v``, i.e. the
         same linear map applied to the traces ``(D, div v)``."""
-        out, div = self.net.divergence(x, t, context)
+        out, div = self.net.divergence(x, t, *given(context))
         if self.prediction == "epsilon":
             return out, div
         alpha, sigma = self._alpha_sigma(t)

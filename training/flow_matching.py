@@ -31,7 +31,7 @@ from torch import Tensor
 
 from artifact.manifest import Defaults
 from training.config import ModelConfig
-from training.nets import TimeMLP, VelocityModel, conditioned
+from training.nets import TimeMLP, VelocityModel, conditioned, given
 
 __all__ = [
     "ConditionalFlowMatcher",
@@ -241,21 +241,21 @@ class FlowMatchingModel(VelocityModel):
         with probability ``cfg_dropout``)."""
         z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
         t, x_t, u_t = self.matcher.sample_location_and_flow(x, z, generator)
-        return (self.net(x_t, t, self.dropped(context, generator)) - u_t).square().mean()
+        return (self.net(x_t, t, *given(self.dropped(context, generator))) - u_t).square().mean()
 
     def velocity(self, x: Tensor, t: Tensor, context: Tensor | None = None) -> Tensor:
         """``dx/dt``: ``(batch, dim), (batch,) -> (batch, dim)`` (given ``context``)."""
-        return self.net(x, t, context)
+        return self.net(x, t, *given(context))
 
     def velocity_div(self, x: Tensor, t: Tensor,
                      context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(v, div v)``: ``(batch, dim)``, ``(batch,)``; exact, forward-mode."""
-        return self.net.divergence(x, t, context)
+        return self.net.divergence(x, t, *given(context))
 
     def velocity_jvp(self, x: Tensor, t: Tensor, e: Tensor,
                      context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(v, (dv/dx) e)``, both ``(batch, dim)``."""
-        return self.net.jvp(x, t, e, context)
+        return self.net.jvp(x, t, e, *given(context))
 
     def path(self, t: float) -> tuple[float, float, float, float]:
         """The matcher's path; ``a' = -1`` (``a = 1 - t``)."""

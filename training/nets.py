@@ -25,7 +25,7 @@ from numerics.solvers import Trajectory, integrate, trajectory
 from training.config import ModelConfig
 from training.graphs import ExportGraph, velocity_graphs
 
-__all__ = ["TimeMLP", "VelocityModel", "conditioned", "silu_derivative"]
+__all__ = ["TimeMLP", "VelocityModel", "conditioned", "given", "silu_derivative"]
 
 
 def silu_derivative(h: Tensor) -> Tensor:
@@ -328,3 +328,9 @@ def conditioned(model: VelocityModel, cfg: ModelConfig) -> VelocityModel:
     ``cfg.context_features`` context inputs)."""
     model.context_features, model.cfg_dropout = cfg.context_features, cfg.cfg_dropout
     return model
+
+
+def given(context: Tensor | None) -> tuple[Tensor, ...]:
+    """``(context,)``, or ``()`` without one: networks that are never conditional (the
+    tests' analytic oracles) keep their ``(x, t)`` signatures."""
+    return () if context is None else (context,)
