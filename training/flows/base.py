@@ -201,7 +201,7 @@ class Flow(ExactDensity, Compose):
     def log_prob(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """Exact log density ``x: (batch, dim)`` -> ``(batch,)`` in nats; a conditional flow
         takes ``context: (batch, C)`` and answers ``log p(x | context)``."""
-        z, ladj = self(x, context)
+        z, ladj = self(x, **_kw(context))
         return standard_normal_log_prob(z) + ladj
 
     def encode_graphs(self) -> dict[str, ExportGraph]:
