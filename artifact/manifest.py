@@ -20,7 +20,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from artifact.calibration import Calibration
-from artifact.families import FAMILIES, family
+from artifact.conditions import ConditionSpec
+from artifact.families import COMMON_GRAPHS, FAMILIES, family
 from artifact.scores import LATENTS_FILE, AnomalyScoreSpec
 
 __all__ = [
@@ -173,6 +174,8 @@ class Manifest(_Model):
     calibration: Calibration | None = None
     anomaly: AnomalyScoreSpec | None = Field(
         None, description="the anomaly score kind and its parameters (none: nll)")
+    condition: ConditionSpec | None = Field(
+        None, description="a conditional model's label or context (none: unconditional)")
     data: DataInfo
     files: dict[str, str] = Field(description="file name -> sha256 of every file but this one")
     versions: dict[str, str] = Field(default_factory=dict)
@@ -202,6 +205,7 @@ class Manifest(_Model):
         if fam.timed and self.time is None:
             raise ValueError(f"a {self.family} model needs a 'time' section")
         self._check_score(fam.score_kinds)
+        self._check_condition()
         if fam.manifold and self.manifold is None:
             raise ValueError(f"a {self.family} model needs a 'manifold' section")
         if fam.tokens and self.tokens is None:
@@ -222,6 +226,23 @@ class Manifest(_Model):
                              f"model serves {kind!r}")
         if kind == "latent" and ("encode" not in self.graphs or LATENTS_FILE not in self.files):
             raise ValueError(f"a latent score needs the 'encode' graph and {LATENTS_FILE}")
+
+    def _check_condition(self) -> None:
+        """A conditional model's own graphs take ``context: (batch, width)``; none other."""
+        for graph, by_format in self.graphs.items():
+            for spec in by_format.values():
+                names = {t.name: t for t in spec.inputs}
+                wants = self.condition is not None and graph not in COMMON_GRAPHS
+                if wants and names.get("context") is None:
+                    raise ValueError(f"graph {graph} of a conditional model needs a "
+                                     "'context' input")
+                if wants and names["context"].shape != ["batch", self.condition.width]:
+                    raise ValueError(f"graph {graph}: context shape "
+                                     f"{names['context'].shape} != [batch, "
+                                     f"{self.condition.width}]")
+                if not wants and "context" in names:
+                    raise ValueError(f"graph {graph} takes a context but the model has no "
+                                     "'condition' section")
 
     @property
     def score_kind(self) -> str:

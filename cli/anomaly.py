@@ -41,6 +41,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "(docs/anomaly-selection-protocol.md)")
     p.add_argument("--budget-s", type=float, help="wall-clock budget in seconds: fewer "
                    "candidates past a share of it (the summary says which)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--label-col", dest="label_col", metavar="C", help="a conditional model "
+                   "on each row's class in this column (not a feature): -log p(x | y), "
+                   "thresholds calibrated per class; score reads the column too")
+    g.add_argument("--context-cols", dest="context_cols", nargs="+", metavar="C",
+                   help="a conditional model on each row's context in these columns")
     add_progress_arg(p)
     p.set_defaults(run=fit)
 
@@ -104,7 +110,8 @@ def fit(ns: argparse.Namespace) -> int:
                           ensemble=ns.ensemble, model=ns.model, steps=ns.steps,
                           smoothing_search=ns.smoothing_search, formats=formats,
                           progress=not ns.no_progress, score=ns.score,
-                          budget_s=ns.budget_s)
+                          budget_s=ns.budget_s, label_col=ns.label_col,
+                          context_cols=ns.context_cols)
     print(format_summary(summary), file=sys.stderr)
     return 0
 

@@ -6,7 +6,10 @@ import argparse
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["add_model_args", "add_progress_arg", "add_train_args", "pick"]
+from artifact.conditions import CONDITION_KINDS
+
+__all__ = ["add_condition_args", "add_model_args", "add_progress_arg", "add_train_args",
+           "pick"]
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -83,6 +86,22 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 def add_progress_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bar (or set TQDM_DISABLE=1)")
+
+
+def add_condition_args(p: argparse.ArgumentParser) -> None:
+    """``--condition label|context``, ``--label-col`` and ``--context-cols``."""
+    g = p.add_argument_group("conditional models (artifact/conditions.py)")
+    g.add_argument("--condition", choices=CONDITION_KINDS, help="condition on each row's "
+                   "label (a named set's or an .npz's own, or --label-col) or context "
+                   "(--context-cols)")
+    g.add_argument("--label-col", dest="label_col", metavar="C",
+                   help="the label's column of a CSV or Parquet file (not a feature)")
+    g.add_argument("--context-cols", dest="context_cols", nargs="+", metavar="C",
+                   help="the context's columns of a CSV or Parquet file (not features)")
+    g.add_argument("--cfg-dropout", dest="cfg_dropout", type=float, metavar="P",
+                   help="diffusion, flow matching with --condition label: drop a row's label "
+                   "to the null token with probability P in training, so /sample can take "
+                   "'guidance' (classifier-free guidance; 0.1-0.2 is usual)")
 
 
 def pick(ns: argparse.Namespace, fields: Sequence[str]) -> dict[str, Any]:

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 from artifact.families import FAMILIES
-from cli.options import add_model_args, add_progress_arg, add_train_args, pick
+from cli.options import add_condition_args, add_model_args, add_progress_arg, add_train_args, pick
 from training.auto import AUTO, AUTO_CANDIDATES, fit_auto
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.config import ModelConfig, TrainConfig, default_train_config
@@ -41,6 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "local processes (torchrun; gloo on CPU, nccl on GPU); --batch-size is global")
     add_model_args(p)
     add_train_args(p)
+    add_condition_args(p)
     p.set_defaults(run=train)
 
     p = sub.add_parser("reflow", help="rectified-flow reflow of a flow-matching checkpoint "
@@ -65,6 +66,9 @@ def train(ns: argparse.Namespace) -> int:
     if ns.budget_s is not None and (ns.model != AUTO or ns.budget_s <= 0):
         raise ValueError(f"--budget-s takes seconds > 0 and goes with --model {AUTO}; for one "
                          "model type bound its --steps")
+    if ns.model == AUTO and ns.condition is not None:
+        raise ValueError(f"--model {AUTO} trains unconditional flows; name one model type "
+                         "with --condition")
     kind = AUTO_CANDIDATES[0] if ns.model == AUTO else ns.model
     if ns.family is not None and family_of(kind) != ns.family:
         raise ValueError(f"model {ns.model!r} is a {family_of(kind)} model, not {ns.family}")
@@ -76,7 +80,9 @@ def train(ns: argparse.Namespace) -> int:
                         model_fields=model_fields, **data_args)
     else:
         ckpt = fit(ns.model, ns.data, out=ns.out, model_fields=model_fields,
-                   train_cfg=default_train_config(ns.model, **train_fields), **data_args)
+                   train_cfg=default_train_config(ns.model, **train_fields),
+                   condition=ns.condition, label_col=ns.label_col,
+                   context_cols=ns.context_cols, **data_args)
     s = ckpt.config.summary
     if not is_main_process():
         return 0

@@ -50,11 +50,15 @@ def error_answer(status: int, message: str, **extra: Any) -> ErrorAnswer:
 def split_request(req: BaseModel, k: int) -> list[BaseModel]:
     """Two parts: rows ``[0, k)`` and ``[k, rows)`` of ``req``."""
     offset = req._offset
+    # per-row fields (a conditional model's y and context, one value per row once validated)
+    rows = [f for f in ("x", "y", "context") if isinstance(getattr(req, f, None), np.ndarray)]
+    head = {f: getattr(req, f)[:k] for f in rows}
+    tail = {f: getattr(req, f)[k:] for f in rows}
     if isinstance(req, SampleRequest):
-        first, second = req.model_copy(update={"n": k}), req.model_copy(update={"n": req.n - k})
+        head["n"], tail["n"] = k, req.n - k
     else:
-        first, second = req.model_copy(update={"x": req.x[:k]}), req.model_copy(
-            update={"x": req.x[k:]})
+        head["x"], tail["x"] = req.x[:k], req.x[k:]
+    first, second = req.model_copy(update=head), req.model_copy(update=tail)
     first._offset, second._offset = offset, offset + k
     return [first, second]
 

@@ -67,6 +67,11 @@ def model_info(rt: ModelRuntime) -> ModelInfo:
         manifold=None if m.manifold is None else m.manifold.model_dump(),
         tokens=None if m.tokens is None else m.tokens.model_dump(),
         noise=None if m.noise is None else m.noise.model_dump(),
+        condition=None if m.condition is None else {
+            **m.condition.model_dump(include={"kind", "width", "classes", "priors",
+                                              "null_token", "cfg_dropout", "columns"}),
+            "thresholds": [c.threshold for c in m.condition.calibrations],
+        },
         calibration=None if m.calibration is None else {
             "score": m.score_kind,
             "target_fpr": m.calibration.target_fpr,

@@ -127,11 +127,37 @@ class _Request(BaseModel):
     _served: Any = PrivateAttr(default=None)
 
 
-class SampleRequest(_Request):
+LABELS_SCHEMA = {
+    "anyOf": [{"type": "integer"}, {"type": "string"},
+              {"type": "array", "minItems": 1,
+               "items": {"anyOf": [{"type": "integer"}, {"type": "string"}]}}],
+    "description": "label models: the class (a name from the model's 'condition.classes', or "
+    "the integer it names): one for every row, or one per row",
+}
+CONTEXT_SCHEMA = {
+    "anyOf": [{"type": "array", "minItems": 1, "items": {"type": "number"}}, ROWS_SCHEMA],
+    "description": "context models: one context row of 'condition.width' numbers for every "
+    "row, or one per row",
+}
+
+
+class _Conditioned(_Request):
+    """The condition of a conditional model's rows (``service.validation`` turns either into
+    one value per row before the request can join a batch)."""
+
+    y: Annotated[Any, WithJsonSchema(LABELS_SCHEMA)] = None
+    context: Annotated[Any, WithJsonSchema(CONTEXT_SCHEMA)] = None
+
+
+class SampleRequest(_Conditioned):
     n: int = Field(description="number of samples", ge=1)
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="same seed, same samples")
     steps: int | None = Field(None, ge=1, description="solver steps (ODE/diffusion models)")
     solver: str | None = Field(None, description="see GET /models for each model's solvers")
+    guidance: float | None = Field(None, ge=0, le=100, description="classifier-free guidance "
+                                   "weight w (diffusion and flow-matching label models "
+                                   "trained with label dropout): v_u + (1 + w)(v_c - v_u); "
+                                   "0 is the plain conditional model")
 
     @model_validator(mode="after")
     def _seeded(self) -> SampleRequest:
@@ -152,8 +178,10 @@ class SampleResponse(BaseModel):
     nfe: int = Field(description="graph evaluations that drew the batch the request ran in")
 
 
-class LogLikelihoodRequest(_Request):
+class LogLikelihoodRequest(_Conditioned):
     x: Rows
+    marginal: bool = Field(False, description="label models: log p(x), summed over the "
+                           "classes with the training data's priors, instead of log p(x | y)")
     method: Literal["exact", "hutchinson", "elbo"] | None = Field(
         None, description="divergence for ODE models; flows are always exact; discrete flow "
         "matching answers its evidence lower bound ('elbo')"
@@ -190,7 +218,7 @@ def _openapi30_open_interval(schema: dict[str, Any]) -> None:
                 part[bound], part[flag] = part[flag], True
 
 
-class AnomalyScoreRequest(_Request):
+class AnomalyScoreRequest(_Conditioned):
     x: Rows
     target_fpr: float | None = Field(
         None, gt=0, lt=1, description="override the model's calibrated false-positive rate",
@@ -207,6 +235,8 @@ class AnomalyScoreResponse(BaseModel):
     scores: Numbers = Field(description="the model's score kind per row (nll: nats per row)")
     score: str = Field("nll", description="the score kind: nll, denoise, dte or latent")
     threshold: float
+    thresholds: Numbers = Field(default_factory=list, description="label models calibrated "
+                                "per class: each row's class threshold (empty otherwise)")
     is_anomaly: Flags
     percentile: Numbers = Field(description="percentile among normal validation rows")
 
@@ -265,6 +295,9 @@ class ModelInfo(BaseModel):
     noise: dict[str, Any] | None = Field(
         None, description="tarflow trained with noise augmentation: the noise std in model "
         "space (log-likelihoods are of the noised data) and how samples are denoised")
+    condition: dict[str, Any] | None = Field(
+        None, description="conditional models: kind (label or context), width, classes and "
+        "their priors, the null token, the context's columns, per-class thresholds")
 
     @property
     def calibrated(self) -> bool:

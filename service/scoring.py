@@ -33,6 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from artifact.conditions import label_indices
 from artifact.manifest import Manifest
 from artifact.tables import (
     DataError,
@@ -71,6 +72,9 @@ class ScorePlan:
         target_fpr: flag at this false-positive rate instead of the calibrated one.
         per_dim: ``score`` as NLL per column (nats/dim); flags and percentiles unchanged.
         dim: the model's width (``per_dim``'s divisor).
+        condition: a conditional model's label column or context columns (the names its
+            manifest records), read beside the features.
+        classes: a label model's class names.
     """
 
     cols: tuple[str, ...]
@@ -79,11 +83,14 @@ class ScorePlan:
     target_fpr: float | None = None
     per_dim: bool = False
     dim: int = 1
+    condition: tuple[str, ...] = ()
+    classes: tuple[str, ...] = ()
 
     @property
     def read(self) -> list[str]:
-        """The input columns a job reads: keys, then features not already among them."""
-        return list(dict.fromkeys((*self.keep, *self.cols)))
+        """The input columns a job reads: keys, then features and the condition's columns
+        not already among them."""
+        return list(dict.fromkeys((*self.keep, *self.cols, *self.condition)))
 
     def output_schema(self, schema: pa.Schema) -> pa.Schema:
         """The output's schema for an input of ``schema``."""
@@ -119,12 +126,21 @@ def plan_scoring(schema: pa.Schema, manifest: Manifest, *, cols: Sequence[str] |
     if clash:
         raise DataError(f"--keep-cols {', '.join(clash)} would clash with the output columns "
                         f"{', '.join((*HEADER, REASON))}; rename them first")
+    cond = manifest.condition
+    condition: tuple[str, ...] = ()
+    if cond is not None:
+        if not cond.columns:
+            raise DataError(f"model '{manifest.name}' is conditioned on a {cond.kind} but "
+                            "records no column to read it from; train it from a table with "
+                            "--label-col or --context-cols")
+        check_columns(schema, cond.columns, f"the model's {cond.kind} column")
+        condition = tuple(cond.columns)
     if cols is None:
         recorded = manifest.data.columns
         if recorded and all(c in schema.names for c in recorded):
             cols = recorded
         else:
-            cols = [c for c in numeric_columns(schema) if c not in keep]
+            cols = [c for c in numeric_columns(schema) if c not in keep + condition]
         how = "; choose them with --cols"
     else:
         check_columns(schema, list(cols), "--cols")
@@ -132,7 +148,8 @@ def plan_scoring(schema: pa.Schema, manifest: Manifest, *, cols: Sequence[str] |
     if len(cols) != manifest.dim:
         raise DataError(f"the selected rows have {len(cols)} columns, but the model expects "
                         f"{manifest.dim} ({', '.join(cols) or 'no numeric columns'}){how}")
-    return ScorePlan(tuple(cols), keep, on_bad_row, target_fpr, per_dim, manifest.dim)
+    return ScorePlan(tuple(cols), keep, on_bad_row, target_fpr, per_dim, manifest.dim,
+                     condition, tuple(cond.classes) if cond is not None else ())
 
 
 @dataclass
@@ -168,22 +185,34 @@ def score_batch(rt: ModelRuntime, batch: pa.RecordBatch, plan: ScorePlan, *,
     batch's row ``i`` in an error when there are no key columns (e.g. its line in the file).
     Raises ``DataError`` at the first bad row under ``on_bad_row="error"``.
     """
-    feats = features(batch, list(plan.cols))
-    bad = feats.bad
+    names = [*plan.cols, *plan.condition]
+    feats = features(batch, names)
+    bad, given = feats.bad, _condition(feats.x[:, plan.dim:], plan)
+    unknown = np.zeros(len(bad), dtype=bool)
+    if "labels" in given:  # a label that names no class cannot be scored either
+        unknown = (given["labels"] < 0) & ~bad
+        bad = bad | unknown
     n_bad = int(bad.sum())
+
+    def why(i: int) -> str:
+        if unknown[i]:
+            return (f"column '{plan.condition[0]}' is {feats.x[i, plan.dim]:g}, not a class "
+                    f"of the model (its classes: {', '.join(plan.classes)})")
+        return bad_value(batch, names[feats.column[i]], i)
+
     if n_bad and plan.on_bad_row == "error":
         i = int(np.argmax(bad))
-        what = bad_value(batch, plan.cols[feats.column[i]], i)
-        raise DataError(f"{_row_name(batch, plan, i, locate)}: {what}; choose --on-bad-row "
+        raise DataError(f"{_row_name(batch, plan, i, locate)}: {why(i)}; choose --on-bad-row "
                         "skip or flag to score the other rows")
     good = ~bad
-    x = feats.x[good] if n_bad else feats.x
+    x = feats.x[good, :plan.dim] if n_bad else feats.x[:, :plan.dim]
+    given = {k: v[good] for k, v in given.items()} if n_bad else given
     scores = np.empty(0)
     percentile, flags = np.empty(0), np.empty(0, dtype=bool)
     if len(x):
         try:
             rows = first_row + (np.flatnonzero(good) if n_bad else np.arange(len(x)))
-            res = rt.anomaly_score(x, target_fpr=plan.target_fpr, rows=rows)
+            res = rt.anomaly_score(x, target_fpr=plan.target_fpr, rows=rows, **given)
         except InputError as err:
             raise DataError(str(err)) from None
         scores = res.scores / plan.dim if plan.per_dim else res.scores
@@ -200,13 +229,23 @@ def score_batch(rt: ModelRuntime, batch: pa.RecordBatch, plan: ScorePlan, *,
     if plan.on_bad_row == "flag":
         reasons = [None] * batch.num_rows
         for i in np.flatnonzero(bad):
-            reasons[i] = bad_value(batch, plan.cols[feats.column[i]], int(i))
+            reasons[i] = why(int(i))
         arrays.append(pa.array(reasons, type=pa.string()))
     out = pa.RecordBatch.from_arrays([*keys, *arrays],
                                      schema=plan.output_schema(batch.schema))
     counts = ScoreCounts(rows=batch.num_rows, scored=len(x), bad=n_bad,
                          anomalies=int(flags.sum()))
     return out, counts
+
+
+def _condition(values: np.ndarray, plan: ScorePlan) -> dict[str, np.ndarray]:
+    """The runtime's ``labels`` (class indices, -1 for none) or ``context`` of the rows whose
+    condition columns hold ``values: (rows, width)``; ``{}`` for an unconditional model."""
+    if not plan.condition:
+        return {}
+    if plan.classes:
+        return {"labels": label_indices(list(plan.classes), values[:, 0])}
+    return {"context": values}
 
 
 def _spread(values: np.ndarray, good: np.ndarray) -> np.ndarray:

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
+from artifact.conditions import label_index
 from artifact.families import family
 from numerics.manifolds import manifold
 from service.schemas import (
@@ -27,6 +28,7 @@ __all__ = [
     "Refused",
     "RequestError",
     "card_for",
+    "check_condition",
     "pydantic_message",
     "validate_anomaly_score",
     "validate_log_likelihood",
@@ -199,6 +201,95 @@ def _flat_image(row: Any, i: int, card: ModelInfo) -> Any:
     return arr.reshape(-1).tolist()
 
 
+def check_condition(req: Any, card: ModelInfo, rows: int, marginal: bool = False) -> None:
+    """Turn the request's ``y`` or ``context`` into one value per row (``(rows,)`` class
+    indices, ``(rows, width)`` floats) against the card's ``condition``, or 400 saying what
+    the model takes."""
+    y, context, name = req.y, req.context, card.name
+    if card.condition is None:
+        if y is not None or context is not None or marginal:
+            field = "'y'" if y is not None else "'context'" if context is not None \
+                else "'marginal'"
+            raise RequestError(400, f"model '{name}' is unconditional: {field} does not "
+                               "apply; leave it out")
+        return
+    spec = card.condition
+    if spec["kind"] == "label":
+        if context is not None:
+            raise RequestError(400, f"model '{name}' is conditioned on a label: send 'y' (one "
+                               f"of {_classes(spec)}), not 'context'")
+        if marginal:
+            if y is not None:
+                raise RequestError(400, "'marginal': true sums log p(x | y) over every class; "
+                                   "leave out 'y'")
+            return
+        req.y = _labels(y, spec, name, rows)
+        return
+    if y is not None:
+        raise RequestError(400, f"model '{name}' is conditioned on a context of "
+                           f"{spec['width']} numbers: send 'context', not 'y'")
+    if marginal:
+        raise RequestError(400, f"'marginal' applies to label models; model '{name}' is "
+                           "conditioned on a context")
+    req.context = _context(context, spec["width"], name, rows)
+
+
+def _classes(spec: dict[str, Any]) -> str:
+    classes = spec["classes"]
+    more = f", ... ({len(classes)} classes)" if len(classes) > 20 else ""
+    return ", ".join(classes[:20]) + more
+
+
+def _labels(y: Any, spec: dict[str, Any], name: str, rows: int) -> np.ndarray:
+    if y is None:
+        raise RequestError(400, f"model '{name}' is conditioned on a label: send 'y', one of "
+                           f"{_classes(spec)} (one for all rows, or one per row)")
+    many = isinstance(y, list | np.ndarray)
+    values = list(y) if many else [y]
+    if many and len(values) != rows:
+        raise RequestError(400, f"'y' has {len(values)} labels but the request has {rows} "
+                           "rows; send one label for all rows, or one per row")
+    index = [label_index(spec["classes"], v) for v in values]
+    for i, (v, k) in enumerate(zip(values, index, strict=True)):
+        if k is None:
+            where = f" (row {i})" if many else ""
+            raise RequestError(400, f"'y' {str(v)[:32]!r}{where} is not a class of model "
+                               f"'{name}'; its classes: {_classes(spec)}")
+    out = np.asarray(index, dtype=np.int64)
+    return out if many else np.repeat(out, rows)
+
+
+def _context(context: Any, width: int, name: str, rows: int) -> np.ndarray:
+    if context is None:
+        raise RequestError(400, f"model '{name}' is conditioned on a context: send 'context', "
+                           f"{width} numbers for all rows or a row of {width} per row")
+    if isinstance(context, list) and not all(
+            type(v) in (int, float) for v in _flat(context)):
+        raise RequestError(400, f"'context' must be {width} numbers, or a list of rows of "
+                           f"{width} numbers (one per row); no strings, booleans or nulls")
+    try:
+        arr = np.asarray(context, dtype=np.float64)
+    except (ValueError, TypeError):
+        arr = None
+    if arr is None or arr.ndim not in (1, 2) or arr.size == 0:
+        raise RequestError(400, f"'context' must be {width} numbers, or a list of rows of "
+                           f"{width} numbers (one per row)")
+    if arr.shape[-1] != width:
+        raise RequestError(400, f"'context' rows have {arr.shape[-1]} values but model "
+                           f"'{name}' takes a context of {width}")
+    if arr.ndim == 2 and len(arr) != rows:
+        raise RequestError(400, f"'context' has {len(arr)} rows but the request has {rows}; "
+                           "send one context row for all rows, or one per row")
+    if not np.isfinite(arr).all() or np.abs(arr).max() > FLOAT32_MAX:
+        raise RequestError(400, "'context' values must be finite numbers within float32 range")
+    return np.broadcast_to(arr, (rows, width)).copy() if arr.ndim == 1 else arr
+
+
+def _flat(values: list) -> list:
+    """The numbers of a list, or of a list of lists (anything deeper stays a list)."""
+    return list(chain.from_iterable(v if isinstance(v, list) else [v] for v in values))
+
+
 def validate_sample(body: Any, cards: dict[str, ModelInfo], s: Settings,
                     cls: type[SampleRequest] = SampleRequest) -> SampleRequest:
     req = _parse(cls, body)
@@ -208,7 +299,22 @@ def validate_sample(body: Any, cards: dict[str, ModelInfo], s: Settings,
     if req.solver is not None and req.solver not in card.solvers:
         raise RequestError(400, f"unknown solver {req.solver[:32]!r} for {card.family} model "
                            f"'{card.name}'; choose one of: {', '.join(card.solvers)}")
+    check_condition(req, card, req.n)
+    _check_guidance(req.guidance, card)
     return req
+
+
+def _check_guidance(guidance: float | None, card: ModelInfo) -> None:
+    """400 unless ``guidance`` applies: a label model of an ODE family with label dropout."""
+    if guidance is None:
+        return
+    if not family(card.family).timed:
+        raise RequestError(400, f"'guidance' applies to diffusion and flow-matching models; "
+                           f"model '{card.name}' is a {card.family}: leave it out")
+    if card.condition is None or not card.condition.get("cfg_dropout"):
+        raise RequestError(400, f"model '{card.name}' was trained without label dropout "
+                           "(train --condition label --cfg-dropout P), so it has no "
+                           "unconditional field to guide against: leave 'guidance' out")
 
 
 def validate_log_likelihood(body: Any, cards: dict[str, ModelInfo], s: Settings,
@@ -231,6 +337,7 @@ def validate_log_likelihood(body: Any, cards: dict[str, ModelInfo], s: Settings,
     elif req.solver is not None and req.solver not in spec.likelihood_solvers:
         raise RequestError(400, f"unknown solver {req.solver[:32]!r} for the likelihood; "
                            f"choose one of: {', '.join(spec.likelihood_solvers)}")
+    check_condition(req, card, len(req.x), marginal=req.marginal)
     return req
 
 
@@ -242,6 +349,7 @@ def validate_anomaly_score(body: Any, cards: dict[str, ModelInfo], s: Settings,
     if not card.calibrated:
         raise RequestError(400, f"model '{card.name}' has no anomaly calibration; re-export it")
     req.x = check_rows(body["x"], card, s.max_rows)  # as sent: the schema flattens images
+    check_condition(req, card, len(req.x))
     return req
 
 

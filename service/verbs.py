@@ -40,11 +40,23 @@ def _row_keys(parts: Sequence[LogLikelihoodRequest | AnomalyScoreRequest],
     return {"seed": np.concatenate(seeds), "rows": np.concatenate(rows)}
 
 
+def _conditions(parts: Sequence[SampleRequest | LogLikelihoodRequest | AnomalyScoreRequest],
+                ) -> dict[str, np.ndarray]:
+    """The rows' labels or contexts, in row order (validation made them one per row): rows of
+    every label share the group's one graph call."""
+    out = {}
+    for field, key in (("y", "labels"), ("context", "context")):
+        if getattr(parts[0], field) is not None:
+            out[key] = np.concatenate([getattr(p, field) for p in parts])
+    return out
+
+
 def run_sample(rt: ModelRuntime, parts: Sequence[SampleRequest]) -> list[SampleResponse]:
     first = parts[0]
     solver, steps = rt.resolve_solver(first.solver, first.steps)
     out = rt.sample_many([SeededRows(p.n, p.seed, p._offset) for p in parts],
-                         steps=steps, solver=solver)
+                         steps=steps, solver=solver, guidance=first.guidance,
+                         **_conditions(parts))
     return [
         SampleResponse(model=rt.name, version=rt.version, samples=block, seed=p.seed,
                        steps=steps, solver=solver, nfe=out.nfe)
@@ -57,7 +69,8 @@ def run_log_likelihood(rt: ModelRuntime,
     first = parts[0]
     x, spans = _stack(parts)
     out = rt.log_likelihood(x, method=first.method, steps=first.steps, solver=first.solver,
-                            probes=first.probes, **_row_keys(parts))
+                            probes=first.probes, marginal=first.marginal, **_row_keys(parts),
+                            **_conditions(parts))
     return [
         LogLikelihoodResponse(
             model=rt.name,
@@ -75,7 +88,8 @@ def run_log_likelihood(rt: ModelRuntime,
 def run_anomaly_score(rt: ModelRuntime,
                       parts: Sequence[AnomalyScoreRequest]) -> list[AnomalyScoreResponse]:
     x, spans = _stack(parts)
-    out = rt.anomaly_score(x, target_fpr=parts[0].target_fpr, **_row_keys(parts))
+    out = rt.anomaly_score(x, target_fpr=parts[0].target_fpr, **_row_keys(parts),
+                           **_conditions(parts))
     return [
         AnomalyScoreResponse(
             model=rt.name,
@@ -83,6 +97,7 @@ def run_anomaly_score(rt: ModelRuntime,
             scores=out.scores[a:b],
             score=rt.score_kind,
             threshold=out.threshold,
+            thresholds=[] if out.thresholds is None else out.thresholds[a:b],
             is_anomaly=out.is_anomaly[a:b],
             percentile=out.percentile[a:b],
         )
@@ -93,8 +108,8 @@ def run_anomaly_score(rt: ModelRuntime,
 # Requests that agree on these fields run as one graph call (``version``: the one each
 # request was given when it was validated; two versions never share a graph call).
 GROUP_KEYS = {
-    "sample": ("model", "version", "steps", "solver"),
-    "log_likelihood": ("model", "version", "method", "steps", "solver", "probes"),
+    "sample": ("model", "version", "steps", "solver", "guidance"),
+    "log_likelihood": ("model", "version", "method", "steps", "solver", "probes", "marginal"),
     "anomaly_score": ("model", "version", "target_fpr"),
 }
 RUNNERS = {

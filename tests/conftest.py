@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -127,10 +128,50 @@ def server(served_models: Path, tmp_path_factory: pytest.TempPathFactory):
         yield s
 
 
+def context_table(path: Path, rows: int = 2000, seed: int = 0) -> Path:
+    """A CSV ``x0, x1, c``: the context column ``c`` moves the rows, ``x = (c, -c) + noise``."""
+    rng = np.random.default_rng(seed)
+    c = rng.uniform(-2, 2, rows)
+    x = np.stack([c, -c], 1) + 0.3 * rng.standard_normal((rows, 2))
+    np.savetxt(path, np.column_stack([x, c]), delimiter=",", header="x0,x1,c", comments="")
+    return path
+
+
 @pytest.fixture(scope="session")
-def families_models(zoo_dir: Path, artifact_factory) -> Path:
+def conditional_models(zoo_dir: Path) -> dict[str, Path]:
+    """Conditional artifacts (ONNX and TorchScript), trained once: ``label`` a MAF on gmm2
+    given the mixture component (exact ``p(x | y)``), ``context`` a RealNVP on
+    :func:`context_table` given its column ``c``, ``cfm`` a tiny CFM on gmm2 given the
+    component with label dropout (classifier-free guidance; uncalibrated)."""
+    from training.checkpoint import load_checkpoint
+    from training.config import ModelConfig, TrainConfig
+    from training.export import export_checkpoint
+    from training.fit import fit
+
+    out = {}
+    flow = ModelConfig(hidden_features=32, transforms=3)
+    specs = {"label": ("maf", "gmm2", flow, 400, {"condition": "label", "rows": 3000}),
+             "context": ("realnvp", str(context_table(zoo_dir / "context.csv")), flow, 400,
+                         {"condition": "context", "context_cols": ["c"]}),
+             "cfm": ("cfm", "gmm2", ModelConfig(**TINY_MODEL, cfg_dropout=0.2), 100,
+                     {"condition": "label", "rows": 1000})}
+    for name, (kind, data, model, steps, options) in specs.items():
+        ckpt = zoo_dir / "ckpt" / f"cond-{name}"
+        if not ckpt.exists():
+            fit(kind, data, out=ckpt, model_cfg=model, **options, train_cfg=TrainConfig(
+                steps=steps, batch_size=256, eval_every=100, progress=False))
+        out[name] = zoo_dir / "models" / f"cond-{name}"
+        if not out[name].exists():  # the ODE model's PF-ODE calibration is left out (slow)
+            export_checkpoint(load_checkpoint(ckpt), out[name], formats=("onnx", "torchscript"),
+                              target_fpr=0.05, calibration=kind != "cfm")
+    return out
+
+
+@pytest.fixture(scope="session")
+def families_models(zoo_dir: Path, artifact_factory, conditional_models) -> Path:
     """A models directory of the newer families (EDM; RFM on vmf_s2; DFM on markov_seq), one
-    tiny model each (named ``moons-KIND`` like the zoo, whatever their data)."""
+    tiny model each (named ``moons-KIND`` like the zoo, whatever their data), and the
+    conditional models (``cond-label``, ``cond-context``, ``cond-cfm``)."""
     import shutil
 
     root = zoo_dir / "families"
@@ -138,6 +179,8 @@ def families_models(zoo_dir: Path, artifact_factory) -> Path:
         root.mkdir()
         for kind in ("edm", "rfm", "dfm"):
             shutil.copytree(artifact_factory(kind), root / f"moons-{kind}")
+        for path in conditional_models.values():
+            shutil.copytree(path, root / path.name)
     return root
 
 

@@ -93,17 +93,19 @@ from typing import Any
 import numpy as np
 import torch
 
+from artifact.conditions import ConditionSpec
 from artifact.families import family
 from artifact.scores import AnomalyScoreSpec
 from training.auto import AUTO, AUTO_CANDIDATES, best_by_validation
 from training.checkpoint import Checkpoint, DataSummary
+from training.conditioning import ConditionData, condition_data
 from training.config import ModelConfig, PreprocessConfig, TrainConfig
 from training.data import DataError, load_data
 from training.evaluate import data_log_prob
 from training.export import export_checkpoint
 from training.fit import fit_arrays
 from training.flows.mixture import FlowMixture
-from training.registry import MODEL_TYPES
+from training.registry import MODEL_TYPES, family_of
 from training.score_kinds import (
     denoise_spec,
     dte_spec,
@@ -343,6 +345,11 @@ class Prepared:
     summary: Any  # training.checkpoint.DataSummary
     rows: dict[str, Any]
     note: str = ""
+    # a conditional model's condition (artifact.conditions) and each row's, split alike
+    condition: ConditionSpec | None = None
+    c_train: np.ndarray | None = None  # of xt (the noisy copies)
+    c_val: np.ndarray | None = None  # of xv
+    c_cal: np.ndarray | None = None  # of x_cal
 
 
 @dataclass
@@ -359,9 +366,20 @@ def prepare(
     model: str | Sequence[str] | None = None,
     plan: Plan | None = None,
     steps: int | None = None,
+    label_col: str | None = None,
+    context_cols: Sequence[str] | None = None,
 ) -> Prepared:
-    """Load, split, classify columns, choose the plan and draw the training noise."""
-    x, data_name, source, note, columns = _as_rows(data)
+    """Load, split, classify columns, choose the plan and draw the training noise.
+
+    ``label_col`` / ``context_cols``: a conditional model's label or context columns of the
+    table (not features); every row of the table is normal."""
+    cond = None
+    if label_col or context_cols:
+        cond, x, data_name, source, columns = _conditioned_rows(data, seed, label_col,
+                                                                context_cols)
+        note = f"conditioned on {cond.spec.kind} column(s) {', '.join(cond.spec.columns)}"
+    else:
+        x, data_name, source, note, columns = _as_rows(data)
     rows, dim = x.shape
     train_idx, val_idx, cal_idx = _split(rows, seed)
     x_train, x_val = x[train_idx], x[val_idx]
@@ -384,7 +402,8 @@ def prepare(
             raise ValueError(f"{', '.join(coupling)} need at least 2 columns; use maf")
     rng = _noise_rng(seed)
     noise = column_noise(x_train, plan.noise, plan.smoothing)
-    xt = noise.apply(x_train, _copies(len(x_train), TRAIN_COPIES_ROWS), rng)
+    train_copies = _copies(len(x_train), TRAIN_COPIES_ROWS)
+    xt = noise.apply(x_train, train_copies, rng)
     val_copies = _copies(len(x_val), VAL_COPIES_ROWS) if noise.discrete.any() else 1
     disc = noise.discrete
     lo = x_train[:, disc].min(0) - noise.step[disc] / 2
@@ -398,7 +417,36 @@ def prepare(
     info = {"total": rows, "train": len(x_train), "val": len(x_val), "calibration": len(x_cal),
             "calibration_is_val": cal_idx is None, "train_noisy_copies": len(xt) // len(x_train),
             "val_copies": val_copies, "val_for_selection": len(x_sel)}
-    return Prepared(plan, x_train, x_val, x_cal, xt, xv, noise, summary, info, note)
+    if cond is None:
+        return Prepared(plan, x_train, x_val, x_cal, xt, xv, noise, summary, info, note)
+    values = cond.values  # the copies are stacked copy-major, as np.tile stacks them
+    c_val = values[val_idx][seen] if 2 * seen.sum() >= len(x_val) else values[val_idx]
+    return Prepared(plan, x_train, x_val, x_cal, xt, xv, noise, summary, info, note,
+                    cond.spec, _tile(values[train_idx], train_copies),
+                    _tile(c_val, val_copies),
+                    values[val_idx] if cal_idx is None else values[cal_idx])
+
+
+def _tile(values: np.ndarray, copies: int) -> np.ndarray:
+    return np.tile(values, (copies,) + (1,) * (values.ndim - 1))
+
+
+def _conditioned_rows(data: Any, seed: int, label_col: str | None,
+                      context_cols: Sequence[str] | None,
+                      ) -> tuple[ConditionData, np.ndarray, str, str, list[str]]:
+    """A table's features and condition (``training.conditioning``), the condition fitted on
+    the rows :func:`_split` trains on."""
+    if not isinstance(data, (str, os.PathLike)):
+        raise DataError("--label-col and --context-cols name columns of a CSV or Parquet file")
+    dataset = load_data(data)
+    if len(dataset.x) < MIN_ROWS:
+        raise DataError(f"fit-anomaly needs at least {MIN_ROWS} normal rows, got "
+                        f"{len(dataset.x)}")
+    train_idx = _split(len(dataset.x), seed)[0]
+    kind = "label" if label_col else "context"
+    cond = condition_data(dataset, kind, train_idx, label_col=label_col,
+                          context_cols=list(context_cols or []))
+    return cond, cond.x, dataset.name, dataset.source, list(cond.columns)
 
 
 def train_candidate(prep: Prepared, kind: str, seed: int = 0, *,
@@ -414,12 +462,15 @@ def train_candidate(prep: Prepared, kind: str, seed: int = 0, *,
                             patience=plan.patience, seed=seed, progress=progress,
                             warmup_steps=min(100, plan.steps // 10))
     t0 = time.perf_counter()
+    conditioned = {} if prep.condition is None else {
+        "condition": prep.condition, "c_train": prep.c_train, "c_val": prep.c_val}
     ckpt = fit_arrays(kind, prep.xt, prep.xv, data=prep.summary, model_cfg=model_cfg,
-                      pre_cfg=PreprocessConfig(standardize=True), train_cfg=train_cfg)
+                      pre_cfg=PreprocessConfig(standardize=True), train_cfg=train_cfg,
+                      **conditioned)
     s = ckpt.config.summary
     # A flow's validation NLL is one pass; an ODE model's would integrate the PF-ODE over
     # thousands of rows, so ODE candidates are compared on their validation loss.
-    val_nll = (float(-np.mean(data_log_prob(ckpt, prep.xv)["log_prob"]))
+    val_nll = (float(-np.mean(data_log_prob(ckpt, prep.xv, condition=prep.c_val)["log_prob"]))
                if ckpt.config.family == "flow" else math.nan)
     entry = {"model_type": kind, "seed": seed, "smoothing": plan.smoothing, "val_nll": val_nll,
              "val_loss": float(s["best_val_loss"]),
@@ -535,11 +586,13 @@ def export_candidate(
     ckpt.config.summary["anomaly"] = {"plan": asdict(prep.plan), "candidates": tried,
                                       "columns": prep.noise.describe(), "rows": prep.rows}
     t0 = time.perf_counter()
-    nll_val = (-data_log_prob(ckpt, prep.x_val)["log_prob"] if ckpt.config.family == "flow"
-               else np.full(1, math.nan))
+    nll_val = (-data_log_prob(ckpt, prep.xv, condition=prep.c_val)["log_prob"]
+               if prep.condition is not None else -data_log_prob(ckpt, prep.x_val)["log_prob"]
+               if ckpt.config.family == "flow" else np.full(1, math.nan))
     exported = export_checkpoint(ckpt, out_dir, formats=formats, name=name,
                                  target_fpr=target_fpr, calibration_rows=prep.x_cal,
-                                 score=score, latents=latents)
+                                 calibration_condition=prep.c_cal, score=score,
+                                 latents=latents)
     manifest, nll_cal = exported.manifest, exported.calibration_scores
     threshold = float(manifest.calibration.threshold)
     n_cal, dim = len(nll_cal), prep.x_train.shape[1]
@@ -586,6 +639,8 @@ def fit_anomaly(
     progress: bool = True,
     score: str = "nll",
     budget_s: float | None = None,
+    label_col: str | None = None,
+    context_cols: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Fit, calibrate and export an anomaly model on normal rows; returns a summary dict.
 
@@ -617,6 +672,10 @@ def fit_anomaly(
         budget_s: wall-clock seconds the fit should take: past a third of it the smoothing
             search is skipped, past half of it (``auto``) the flow-matching candidates are;
             the summary's ``budget`` says what was dropped.
+        label_col: a conditional model on each row's class in this column of a CSV or
+            Parquet file (not a feature): its score is ``-log p(x | y)`` and its threshold is
+            calibrated per class. Flows, score ``nll``, no ensemble or smoothing search.
+        context_cols: likewise, on each row's context in these columns.
     Returns:
         JSON-able summary (``format_summary`` prints it): chosen model type, validation NLL
         (nats/row on the raw validation rows), threshold, expected false-positive rate, the
@@ -626,6 +685,9 @@ def fit_anomaly(
         raise ValueError(f"target_fpr must be in (0, 1); got {target_fpr}")
     if ensemble < 1:
         raise ValueError(f"ensemble must be >= 1; got {ensemble}")
+    if label_col or context_cols:
+        _check_conditional(score, ensemble, smoothing_search, model)
+        smoothing_search = ()
     if score == "auto":
         return _fit_auto(data, out_dir, target_fpr=target_fpr, seed=seed, model=model,
                          plan=plan, steps=steps, smoothing_search=smoothing_search, name=name,
@@ -639,7 +701,8 @@ def fit_anomaly(
     if scales and ensemble > 1:
         raise ValueError("a smoothing search and ensemble > 1 cannot be combined; pass "
                          "--no-smoothing-search (smoothing_search=()) or ensemble 1")
-    prep = prepare(data, seed=seed, model=model, plan=plan, steps=steps)
+    prep = prepare(data, seed=seed, model=model, plan=plan, steps=steps, label_col=label_col,
+                   context_cols=context_cols)
     if ensemble > 1 and prep.x_train.shape[1] < 2:
         raise ValueError("ensemble > 1 needs at least 2 columns (a mixture samples its member "
                          "from two noise columns); use ensemble=1")
@@ -660,6 +723,19 @@ def fit_anomaly(
                            latents=latents, score_selection=selection)
     return out | {"budget": {"budget_s": budget_s, "dropped": dropped},
                   "total_seconds": round(time.perf_counter() - started, 3)}
+
+
+def _check_conditional(score: str, ensemble: int, smoothing_search: Sequence[float] | None,
+                       model: str | Sequence[str] | None) -> None:
+    """A conditional anomaly model is one flow scored by ``nll``."""
+    if score != "nll" or ensemble != 1 or smoothing_search:
+        raise ValueError("--label-col/--context-cols fit one conditional flow scored by nll: "
+                         "leave out --score, --ensemble and --smoothing-search")
+    kinds = (model,) if isinstance(model, str) else tuple(model or ())
+    bad = [k for k in kinds if family_of(k) != "flow" or not MODEL_TYPES[k].conditional]
+    if bad:
+        raise ValueError(f"{', '.join(bad)} cannot be a conditional anomaly model; choose "
+                         "conditional flows: nice, realnvp, glow, maf, iaf, nsf, nsf_ar")
 
 
 def _past(started: float, budget_s: float | None, share: float) -> bool:

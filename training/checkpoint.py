@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from artifact.conditions import ConditionSpec
 from artifact.manifest import sha256_file
 from training.config import ModelConfig, PreprocessConfig, TrainConfig
 from training.data import DATASETS, true_log_density
@@ -43,6 +44,7 @@ CONFIG = "config.json"
 CALIBRATION_ROWS = 10_000
 """Held-out rows a checkpoint keeps for calibration (a seeded subsample above this)."""
 _CALIBRATION_KEY = "calibration.rows"
+_CONDITION_KEY = "calibration.condition"
 
 
 class CheckpointError(ValueError):
@@ -89,6 +91,7 @@ class CheckpointConfig(BaseModel):
     train: TrainConfig
     data: DataSummary
     summary: dict[str, Any] = Field(default_factory=dict)
+    condition: ConditionSpec | None = None
     weights_sha256: str = ""
 
 
@@ -99,12 +102,15 @@ class Checkpoint:
     ``calibration_rows``: ``(rows, dim)`` normal held-out rows in data units (the validation
     split, at most :data:`CALIBRATION_ROWS`), which export scores through the served graphs
     to calibrate the anomaly threshold; None in checkpoints that carry none.
+    ``calibration_condition``: a conditional model's condition of those rows (class indices
+    ``(rows,)``, or raw context rows ``(rows, width)``).
     """
 
     model: nn.Module
     preprocessor: nn.Module
     config: CheckpointConfig
     calibration_rows: np.ndarray | None = None
+    calibration_condition: np.ndarray | None = None
 
 
 class atomic_directory:  # noqa: N801 - used like a function: ``with atomic_directory(p) as tmp``
@@ -145,6 +151,9 @@ def save_checkpoint(ckpt: Checkpoint, path: str | Path) -> Path:
     if ckpt.calibration_rows is not None:
         tensors[_CALIBRATION_KEY] = torch.from_numpy(
             np.ascontiguousarray(ckpt.calibration_rows, dtype=np.float64))
+    if ckpt.calibration_condition is not None:
+        tensors[_CONDITION_KEY] = torch.from_numpy(
+            np.ascontiguousarray(ckpt.calibration_condition, dtype=np.float64))
     with atomic_directory(path) as tmp:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format_version": str(FORMAT_VERSION)})
         ckpt.config.weights_sha256 = sha256_file(tmp / WEIGHTS)
@@ -185,6 +194,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         module.load_state_dict(state, strict=True)
     model.eval()
     pre.eval()
-    rows = tensors.get(_CALIBRATION_KEY)
+    rows, condition = tensors.get(_CALIBRATION_KEY), tensors.get(_CONDITION_KEY)
     return Checkpoint(model=model, preprocessor=pre, config=config,
-                      calibration_rows=None if rows is None else rows.numpy())
+                      calibration_rows=None if rows is None else rows.numpy(),
+                      calibration_condition=None if condition is None else condition.numpy())

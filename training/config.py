@@ -82,6 +82,12 @@ class ModelConfig(_Strict):
         None, description="image models: (C, H, W) of one row; dim = C*H*W (C-order)"
     )
     scales: int = Field(2, ge=1, le=6, description="image models: multi-scale levels")
+    # conditional models (artifact/conditions.py): 0 is unconditional
+    context_features: int = Field(0, ge=0, le=4096, description="conditional models: width "
+                                  "of the context every conditioner sees (labels: classes)")
+    cfg_dropout: float = Field(0.0, ge=0, lt=1, description="diffusion, flow matching: "
+                               "share of training rows whose label is dropped to the null "
+                               "token (classifier-free guidance; 0: none)")
 
     @model_validator(mode="after")
     def _edm_ranges(self) -> ModelConfig:

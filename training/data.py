@@ -107,16 +107,21 @@ class GaussianMixture:
         chols = np.linalg.cholesky(self.covariances)[labels]
         return self.means[labels] + np.einsum("nij,nj->ni", chols, noise), labels
 
-    def log_density(self, x: np.ndarray) -> np.ndarray:
-        """Exact ``log p(x)``: ``x: (..., D)`` -> ``(...,)``."""
-        x = np.asarray(x, dtype=np.float64)
-        dim = self.means.shape[1]
-        flat = x.reshape(-1, dim)
+    def component_log_densities(self, x: np.ndarray) -> np.ndarray:
+        """Exact ``log N(x; mu_k, Sigma_k)`` of every component: ``x: (n, D)`` -> ``(n, K)``
+        (the conditional density ``log p(x | y = k)`` when the component is the label)."""
+        flat = np.asarray(x, dtype=np.float64).reshape(-1, self.means.shape[1])
+        dim = flat.shape[1]
         chols = np.linalg.cholesky(self.covariances)
         diff = flat[:, None, :] - self.means[None]  # (n, K, D)
         z = np.einsum("kij,nkj->nki", np.linalg.inv(chols), diff)
         half_logdet = np.log(np.diagonal(chols, axis1=1, axis2=2)).sum(-1)
-        log_normal = -0.5 * (z**2).sum(-1) - half_logdet - 0.5 * dim * math.log(2 * math.pi)
+        return -0.5 * (z**2).sum(-1) - half_logdet - 0.5 * dim * math.log(2 * math.pi)
+
+    def log_density(self, x: np.ndarray) -> np.ndarray:
+        """Exact ``log p(x)``: ``x: (..., D)`` -> ``(...,)``."""
+        x = np.asarray(x, dtype=np.float64)
+        log_normal = self.component_log_densities(x)
         return _logsumexp(log_normal + np.log(self.weights), axis=1).reshape(x.shape[:-1])
 
 

@@ -16,6 +16,8 @@ need no autograd.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -27,13 +29,14 @@ from numerics.schedules import (
     eps_to_v,
     make_schedule,
     pf_ode_divergence,
+    pf_ode_eps,
     pf_ode_jvp,
     pf_ode_velocity,
     v_to_eps,
 )
 from numerics.solvers import SOLVERS
 from training.config import ModelConfig
-from training.nets import TimeMLP, VelocityModel
+from training.nets import TimeMLP, VelocityModel, conditioned, given
 
 __all__ = ["DIFFUSION_SAMPLERS", "DiffusionModel", "build_ddpm"]
 
@@ -82,12 +85,14 @@ class DiffusionModel(VelocityModel):
         """``alpha(t), sigma(t)`` as ``(batch, 1)`` columns."""
         return self.schedule.alpha(t)[:, None], self.schedule.sigma(t)[:, None]
 
-    def training_loss(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def training_loss(self, x: Tensor, generator: torch.Generator | None = None,
+                      context: Tensor | None = None) -> Tensor:
         """Denoising loss ``E |net(x_t, t) - target|^2`` with ``t ~ U(t_min, 1)``.
 
         ``target = eps`` (Ho et al. 2020, "simple" loss) or ``v = alpha eps - sigma x``
         (Salimans & Ho 2022); mean over batch and dims. ``x: (batch, D)``; all randomness
-        comes from ``generator``.
+        comes from ``generator``. A conditional model's network sees each row's ``context``
+        (dropped to the null token with probability ``cfg_dropout``).
         """
         u = torch.rand(len(x), generator=generator, dtype=x.dtype, device=x.device)
         t = self.t_min + (1 - self.t_min) * u
@@ -95,48 +100,59 @@ class DiffusionModel(VelocityModel):
         alpha, sigma = self._alpha_sigma(t)
         x_t = alpha * x + sigma * eps
         target = eps if self.prediction == "epsilon" else eps_to_v(x_t, eps, alpha, sigma)
-        return (self.net(x_t, t) - target).square().mean()
+        out = self.net(x_t, t, *given(self.dropped(context, generator)))
+        return (out - target).square().mean()
 
-    def eps(self, x: Tensor, t: Tensor) -> Tensor:
+    def eps(self, x: Tensor, t: Tensor, context: Tensor | None = None) -> Tensor:
         """Predicted noise ``(batch, D)`` at ``x: (batch, D)``, ``t: (batch,)``."""
-        out = self.net(x, t)
+        out = self.net(x, t, *given(context))
         if self.prediction == "epsilon":
             return out
         return v_to_eps(x, out, *self._alpha_sigma(t))
 
-    def _eps_jvp(self, x: Tensor, t: Tensor, e: Tensor) -> tuple[Tensor, Tensor]:
+    def _eps_jvp(self, x: Tensor, t: Tensor, e: Tensor,
+                 context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(eps, J_eps e)``; ``eps = sigma x + alpha v`` is linear in ``(x, v)``, so its
         tangent is the same map applied to ``(e, J_v e)``."""
-        out, tangent = self.net.jvp(x, t, e)
+        out, tangent = self.net.jvp(x, t, e, *given(context))
         if self.prediction == "epsilon":
             return out, tangent
         alpha, sigma = self._alpha_sigma(t)
         return v_to_eps(x, out, alpha, sigma), v_to_eps(e, tangent, alpha, sigma)
 
-    def _eps_div(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    def _eps_div(self, x: Tensor, t: Tensor,
+                 context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(eps, tr J_eps)``: ``tr(sigma I + alpha J_v) = sigma D + alpha div v``, i.e. the
         same linear map applied to the traces ``(D, div v)``."""
-        out, div = self.net.divergence(x, t)
+        out, div = self.net.divergence(x, t, *given(context))
         if self.prediction == "epsilon":
             return out, div
         alpha, sigma = self._alpha_sigma(t)
         return v_to_eps(x, out, alpha, sigma), v_to_eps(self.dim, div, alpha[:, 0], sigma[:, 0])
 
-    def velocity(self, x: Tensor, t: Tensor) -> Tensor:
+    def velocity(self, x: Tensor, t: Tensor, context: Tensor | None = None) -> Tensor:
         """Probability-flow ODE ``dx/dt = -beta/2 (x - eps / sigma)``: ``(batch, D)``."""
-        return pf_ode_velocity(x, self.eps(x, t), t, self.schedule)
+        return pf_ode_velocity(x, self.eps(x, t, context), t, self.schedule)
 
-    def velocity_div(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    def velocity_div(self, x: Tensor, t: Tensor,
+                     context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(v, div v)``: ``(batch, D)``, ``(batch,)``; exact, forward-mode."""
-        eps, div_eps = self._eps_div(x, t)
+        eps, div_eps = self._eps_div(x, t, context)
         velocity = pf_ode_velocity(x, eps, t, self.schedule)
         return velocity, pf_ode_divergence(div_eps, t, self.dim, self.schedule)
 
-    def velocity_jvp(self, x: Tensor, t: Tensor, e: Tensor) -> tuple[Tensor, Tensor]:
+    def velocity_jvp(self, x: Tensor, t: Tensor, e: Tensor,
+                     context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(v, (dv/dx) e)``, both ``(batch, D)``."""
-        eps, jvp_eps = self._eps_jvp(x, t, e)
+        eps, jvp_eps = self._eps_jvp(x, t, e, context)
         velocity = pf_ode_velocity(x, eps, t, self.schedule)
         return velocity, pf_ode_jvp(e, jvp_eps, t, self.schedule)
+
+    def _field_eps(self, context: Tensor, guidance: float | None,
+                   ) -> Callable[[Tensor, Tensor], Tensor]:
+        """The noise prediction behind the (guided) conditional field, for the samplers."""
+        v = self.field(context, guidance)
+        return lambda x, t: pf_ode_eps(x, v(x, t), t, self.schedule)
 
     def path(self, t: float) -> tuple[float, float, float, float]:
         """VP: ``a = alpha``, ``s = sigma``, ``a' = -beta alpha / 2``, ``s' = beta alpha^2 /
@@ -162,6 +178,8 @@ class DiffusionModel(VelocityModel):
         steps: int | None = None,
         solver: str = "dpmpp2m",
         eta: float = 0.0,
+        context: Tensor | None = None,
+        guidance: float | None = None,
     ) -> Tensor:
         """``(n, D)`` samples of ``p_{t_min}`` from ``z ~ N(0, I)`` at ``t = 1``.
 
@@ -169,6 +187,7 @@ class DiffusionModel(VelocityModel):
         in ``[0, 1]``), ``"dpmpp2m"`` (DPM-Solver++(2M)), or an ODE solver
         (``"euler"``, ``"heun"``, ``"midpoint"``, ``"rk4"``, ``"dopri5"``) on the PF-ODE.
         ``steps`` defaults per solver (200, 50, 25, 100; adaptive for dopri5).
+        ``context: (n, C)``/``guidance``: the conditional (guided) field of ``field``.
         """
         if solver not in DIFFUSION_SAMPLERS + SOLVERS:
             choices = ", ".join(DIFFUSION_SAMPLERS + SOLVERS)
@@ -176,18 +195,20 @@ class DiffusionModel(VelocityModel):
         steps = _DEFAULT_STEPS.get(solver, _DEFAULT_ODE_STEPS) if steps is None else steps
         z = self.noise(n, generator)
         if solver in SOLVERS:
-            return self.transport(z, steps=steps, solver=solver)
+            return self.transport(z, steps=steps, solver=solver, context=context,
+                                  guidance=guidance)
+        eps = self.eps if context is None else self._field_eps(context, guidance)
         with torch.no_grad():
             if solver == "ddpm":
                 noise = _ancestral_noise(generator)
-                x, _ = samplers.ddpm_sample(self.eps, z, self.schedule, steps, noise, self.t_min)
+                x, _ = samplers.ddpm_sample(eps, z, self.schedule, steps, noise, self.t_min)
             elif solver == "ddim":
                 noise = _ancestral_noise(generator) if eta > 0 else None
                 x, _ = samplers.ddim_sample(
-                    self.eps, z, self.schedule, steps, eta, noise, self.t_min
+                    eps, z, self.schedule, steps, eta, noise, self.t_min
                 )
             else:
-                x, _ = samplers.dpmpp_2m_sample(self.eps, z, self.schedule, steps, self.t_min)
+                x, _ = samplers.dpmpp_2m_sample(eps, z, self.schedule, steps, self.t_min)
         return x
 
 
@@ -203,5 +224,7 @@ def build_ddpm(dim: int, cfg: ModelConfig) -> DiffusionModel:
     """Untrained VP-SDE diffusion model with an MLP: ``cfg.schedule``, ``cfg.prediction``,
     ``cfg.t_min`` and (linear schedule) ``cfg.beta_min``/``cfg.beta_max``."""
     schedule = make_schedule(cfg.schedule, beta_min=cfg.beta_min, beta_max=cfg.beta_max)
-    net = TimeMLP(dim, cfg.hidden_features, cfg.hidden_layers, cfg.time_embedding)
-    return DiffusionModel(dim, net, schedule, cfg.prediction, cfg.t_min, "ddpm")
+    net = TimeMLP(dim, cfg.hidden_features, cfg.hidden_layers, cfg.time_embedding,
+                  cfg.context_features)
+    return conditioned(DiffusionModel(dim, net, schedule, cfg.prediction, cfg.t_min, "ddpm"),
+                       cfg)

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from artifact.conditions import context_rows
 from training.checkpoint import Checkpoint
 from training.data import DataError, load_data, split
 from training.metrics import likelihood_summary, wasserstein2
@@ -40,11 +41,14 @@ def data_log_prob(
     steps: int | None = None,
     solver: str | None = None,
     seed: int = 0,
+    condition: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """log p(x) in the user's data units for ``x: (rows, dim)``; returns arrays and NFE.
 
     Preprocessing's log-det is added; integer data is dequantized with seeded uniform noise, so
-    the figure is the usual variational lower bound on the discrete log-mass.
+    the figure is the usual variational lower bound on the discrete log-mass. A conditional
+    checkpoint answers ``log p(x | condition)`` given each row's ``condition`` (class indices
+    ``(rows,)`` or raw context rows ``(rows, width)``).
     """
     model, pre = ckpt.model, ckpt.preprocessor
     generator = torch.Generator().manual_seed(seed)
@@ -54,6 +58,11 @@ def data_log_prob(
     for key, value in (("method", method), ("steps", steps), ("solver", solver)):
         if value is not None:
             options[key] = value
+    cond = ckpt.config.condition
+    if cond is not None:
+        key = "labels" if cond.kind == "label" else "context"
+        options["context"] = torch.as_tensor(context_rows(cond, **{key: condition}),
+                                             dtype=dtype)
     with torch.no_grad():
         u, ladj = pre(xt, generator=generator if ckpt.config.data.levels else None)
         res = model.log_prob_with_error(u, **options)
@@ -91,8 +100,15 @@ def evaluate(
     samples: int = 2000,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Test log-likelihood (nats/sample, bits/dim, s.e.), W2 of samples, and sampling speed."""
+    """Test log-likelihood (nats/sample, bits/dim, s.e.), W2 of samples, and sampling speed.
+
+    Unconditional checkpoints only: a conditional model is evaluated through its export
+    (``/log_likelihood`` with ``y`` or ``marginal``; ``bench/conditional.py``)."""
     cfg = ckpt.config
+    if cfg.condition is not None:
+        raise DataError(f"this checkpoint is conditioned on a {cfg.condition.kind}; evaluate "
+                        "scores unconditional models only: export it and ask /log_likelihood "
+                        "with 'y' (or 'marginal') or 'context'")
     x_test = checkpoint_splits(ckpt).test if x is None else np.asarray(x, dtype=np.float64)
     start = time.perf_counter()
     lp = data_log_prob(ckpt, x_test, method=method, steps=steps, solver=solver, seed=seed)

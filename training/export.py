@@ -151,7 +151,10 @@ def _write_manifest(folder: Path, manifest: Manifest) -> None:
 
 
 def _calibration_rows(ckpt: Checkpoint, rows: np.ndarray | None, limit: int | None,
-                      seed: int) -> np.ndarray:
+                      seed: int, condition: np.ndarray | None = None,
+                      ) -> tuple[np.ndarray, np.ndarray | None]:
+    """The rows calibration scores, and their condition (a conditional model's)."""
+    condition = _calibration_condition(ckpt, rows, condition)
     rows = ckpt.calibration_rows if rows is None else np.asarray(rows, dtype=np.float64)
     if rows is None:
         raise ValueError("this checkpoint carries no calibration rows (it was saved before "
@@ -163,22 +166,58 @@ def _calibration_rows(ckpt: Checkpoint, rows: np.ndarray | None, limit: int | No
     if limit is not None and len(rows) > limit:
         keep = np.sort(np.random.default_rng(seed).choice(len(rows), limit, replace=False))
         rows = rows[keep]
-    return rows
+        condition = None if condition is None else condition[keep]
+    return rows, condition
+
+
+def _calibration_condition(ckpt: Checkpoint, rows: np.ndarray | None,
+                           condition: np.ndarray | None) -> np.ndarray | None:
+    """The condition of the rows calibration scores (None: an unconditional model)."""
+    if ckpt.config.condition is None:
+        return None
+    own = rows is None
+    if own and ckpt.calibration_rows is None:
+        return None  # _calibration_rows says what is missing
+    condition = ckpt.calibration_condition if own else condition
+    count = len(ckpt.calibration_rows if own else rows)
+    if condition is None or len(condition) != count:
+        raise ValueError("a conditional model calibrates on rows with their labels or "
+                         "context: give calibration_condition beside calibration_rows")
+    return np.asarray(condition)
 
 
 def _score_rows(folder: Path, manifest: Manifest, fmt: str, rows: np.ndarray,
-                progress: bool) -> np.ndarray:
-    """The anomaly score of ``rows`` through the served runtime on ``folder``."""
+                progress: bool, condition: np.ndarray | None = None) -> np.ndarray:
+    """The anomaly score of ``rows`` through the served runtime on ``folder`` (given each
+    row's ``condition``: class indices or context rows, for a conditional model)."""
     runtime = open_runtime(folder, manifest=manifest, runtime=fmt)
+    key = None if manifest.condition is None else (
+        "labels" if manifest.condition.kind == "label" else "context")
     scores = []
     with progress_bar(total=len(rows), desc="calibrate", unit="rows",
                       disable=not progress) as bar:
         for a in range(0, len(rows), CALIBRATION_BATCH):
             block = rows[a:a + CALIBRATION_BATCH]
             rows_index = np.arange(a, a + len(block))
-            scores.append(runtime.score(block, rows=rows_index))
+            given = {} if key is None else {key: condition[a:a + CALIBRATION_BATCH]}
+            scores.append(runtime.score(block, rows=rows_index, **given))
             bar.update(len(block))
     return np.concatenate(scores)
+
+
+def _calibrated(manifest: Manifest, scores: np.ndarray, condition: np.ndarray | None,
+                target_fpr: float) -> Manifest:
+    """``manifest`` with the calibration of ``scores``, and a label model's per class (on
+    that class's rows; a class without validation rows keeps the model-wide one)."""
+    cal = calibrate(scores, target_fpr, score=manifest.score_kind)
+    update: dict[str, Any] = {"calibration": cal}
+    cond = manifest.condition
+    if cond is not None and cond.kind == "label":
+        labels = np.asarray(condition, dtype=np.int64)
+        per_class = [calibrate(scores[labels == k], target_fpr, score=manifest.score_kind)
+                     if (labels == k).any() else cal for k in range(cond.width)]
+        update["condition"] = cond.model_copy(update={"calibrations": per_class})
+    return manifest.model_copy(update=update)
 
 
 def export_checkpoint(
@@ -190,6 +229,7 @@ def export_checkpoint(
     target_fpr: float = 0.01,
     calibration: bool = True,
     calibration_rows: np.ndarray | None = None,
+    calibration_condition: np.ndarray | None = None,
     max_calibration_rows: int | None = None,
     method: str | None = None,
     progress: bool = False,
@@ -206,6 +246,8 @@ def export_checkpoint(
         calibration: calibrate the anomaly threshold (False: the model serves no
             ``/anomaly_score``).
         calibration_rows: normal rows in data units (default: the checkpoint's own).
+        calibration_condition: a conditional model's condition of ``calibration_rows`` (class
+            indices or context rows; default: the checkpoint's own, with its own rows).
         max_calibration_rows: score at most this many of them (a seeded subsample).
         method: the served likelihood method of ODE models (default: the model's), which
             calibration uses too.
@@ -221,8 +263,8 @@ def export_checkpoint(
         raise ValueError(f"target_fpr must be in (0, 1); got {target_fpr}")
     out = Path(out)
     cfg, model = ckpt.config, ckpt.model
-    rows = _calibration_rows(ckpt, calibration_rows, max_calibration_rows, seed) \
-        if calibration else None
+    rows, condition = _calibration_rows(ckpt, calibration_rows, max_calibration_rows, seed,
+                                        calibration_condition) if calibration else (None, None)
     defaults = model.serving_defaults()
     if method is not None:
         methods = family(cfg.family).likelihood_methods
@@ -254,6 +296,7 @@ def export_checkpoint(
             defaults=defaults,
             calibration=None,
             anomaly=score,
+            condition=cfg.condition,
             data=DataInfo(name=cfg.data.name, rows=cfg.data.rows, dim=cfg.data.dim,
                           levels=cfg.data.levels, mean=cfg.data.mean, std=cfg.data.std,
                           columns=cfg.data.columns),
@@ -261,9 +304,8 @@ def export_checkpoint(
             versions=_versions(),
         )
         if rows is not None:
-            scores = _score_rows(tmp, manifest, formats[0], rows, progress)
-            cal = calibrate(scores, target_fpr, score=manifest.score_kind)
-            manifest = manifest.model_copy(update={"calibration": cal})
+            scores = _score_rows(tmp, manifest, formats[0], rows, progress, condition)
+            manifest = _calibrated(manifest, scores, condition, target_fpr)
         _write_manifest(tmp, manifest)
     return Exported(manifest, scores)
 

@@ -5,12 +5,14 @@ This is what ``genserve train`` runs; ``fit-anomaly`` and the benchmarks call it
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from artifact.conditions import ConditionSpec, context_rows
 from training.checkpoint import (
     CALIBRATION_ROWS,
     Checkpoint,
@@ -18,6 +20,7 @@ from training.checkpoint import (
     DataSummary,
     save_checkpoint,
 )
+from training.conditioning import ConditionData, condition_data
 from training.config import (
     ModelConfig,
     PreprocessConfig,
@@ -25,7 +28,7 @@ from training.config import (
     default_model_config,
     default_train_config,
 )
-from training.data import load_data, split
+from training.data import DataError, load_data, split, split_indices
 from training.distributed import barrier, is_main_process
 from training.preprocess import Preprocessor
 from training.registry import build_model, family_of, is_image_model, trains_raw
@@ -61,13 +64,18 @@ def fit_arrays(
     model_cfg: ModelConfig | None = None,
     pre_cfg: PreprocessConfig | None = None,
     train_cfg: TrainConfig | None = None,
+    condition: ConditionSpec | None = None,
+    c_train: np.ndarray | None = None,
+    c_val: np.ndarray | None = None,
 ) -> Checkpoint:
     """Train ``model_type`` on ``x_train`` (rows, dim), validating on ``x_val``.
 
     The best-validation weights are kept; training stops early only when
     ``train_cfg.patience`` or ``train_cfg.max_seconds`` is set (by default it runs
     ``train_cfg.steps``). Configs not given are the model type's defaults
-    (``training.config.default_model_config``, ``default_train_config``).
+    (``training.config.default_model_config``, ``default_train_config``). A conditional
+    model takes its ``condition`` and each row's (``c_train``, ``c_val``: class indices
+    ``(rows,)`` or raw context rows ``(rows, width)``).
     """
     dim = x_train.shape[1]
     model_cfg = model_cfg or default_model_config(model_type, dim)
@@ -75,10 +83,15 @@ def fit_arrays(
     if pre_cfg is None:
         pre_cfg = PreprocessConfig(standardize=False) if trains_raw(model_type) \
             else default_preprocess(data.levels)
+    condition = _with_dropout(model_type, condition, model_cfg.cfg_dropout)
+    if condition is not None:
+        model_cfg = model_cfg.model_copy(update={"context_features": condition.width})
     torch.manual_seed(train_cfg.seed)  # parameter initialisation
     model = build_model(model_type, dim, model_cfg)
     pre = Preprocessor.fit(pre_cfg, x_train, data.levels)
-    result = train_model(model, pre, x_train, x_val, train_cfg)
+    contexts = {} if condition is None else {
+        "c_train": _graph_context(condition, c_train), "c_val": _graph_context(condition, c_val)}
+    result = train_model(model, pre, x_train, x_val, train_cfg, **contexts)
     config = CheckpointConfig(
         model_type=model_type,
         family=family_of(model_type),
@@ -88,18 +101,37 @@ def fit_arrays(
         train=train_cfg,
         data=data,
         summary=result.summary() | {"history": result.history},
+        condition=condition,
     )
+    keep = _calibration_keep(len(x_val), train_cfg.seed)
     return Checkpoint(model=model, preprocessor=pre, config=config,
-                      calibration_rows=_calibration_rows(x_val, train_cfg.seed))
+                      calibration_rows=np.asarray(x_val[keep], dtype=np.float64),
+                      calibration_condition=None if condition is None else c_val[keep])
 
 
-def _calibration_rows(x_val: np.ndarray, seed: int) -> np.ndarray:
+def _with_dropout(kind: str, condition: ConditionSpec | None,
+                  cfg_dropout: float) -> ConditionSpec | None:
+    """The condition with its label dropout, or a ValueError where dropout does not apply."""
+    if not cfg_dropout:
+        return condition
+    if condition is None or condition.kind != "label":
+        raise ValueError("--cfg-dropout drops labels: it needs --condition label")
+    if family_of(kind) not in ("diffusion", "flow_matching"):
+        raise ValueError(f"--cfg-dropout (classifier-free guidance) applies to diffusion and "
+                         f"flow matching models; {kind!r} is a {family_of(kind)} model")
+    return condition.model_copy(update={"cfg_dropout": cfg_dropout})
+
+
+def _graph_context(condition: ConditionSpec, values: np.ndarray) -> np.ndarray:
+    key = "labels" if condition.kind == "label" else "context"
+    return context_rows(condition, **{key: values})
+
+
+def _calibration_keep(rows: int, seed: int) -> np.ndarray:
     """The validation rows export calibrates on (a seeded subsample above the cap)."""
-    if len(x_val) <= CALIBRATION_ROWS:
-        return np.asarray(x_val, dtype=np.float64)
-    keep = np.sort(np.random.default_rng(seed).choice(len(x_val), CALIBRATION_ROWS,
-                                                      replace=False))
-    return np.asarray(x_val[keep], dtype=np.float64)
+    if rows <= CALIBRATION_ROWS:
+        return np.arange(rows)
+    return np.sort(np.random.default_rng(seed).choice(rows, CALIBRATION_ROWS, replace=False))
 
 
 def fit(
@@ -114,12 +146,26 @@ def fit(
     pre_cfg: PreprocessConfig | None = None,
     train_cfg: TrainConfig | None = None,
     model_fields: dict[str, Any] | None = None,
+    condition: str | None = None,
+    label_col: str | None = None,
+    context_cols: list[str] | None = None,
 ) -> Checkpoint:
     """Train ``model_type`` on a named set or a file; save to ``out`` when given.
 
     Without ``model_cfg`` the architecture is the model type's default for the data's
-    dimension with ``model_fields`` (the fields a user gave) on top."""
+    dimension with ``model_fields`` (the fields a user gave) on top. ``condition``:
+    ``"label"`` or ``"context"`` trains a conditional model on each row's label (a named
+    set's or an ``.npz``'s own, or the column ``label_col``) or context (the columns
+    ``context_cols``), which are not features."""
     dataset = load_data(data, n=rows, seed=data_seed, images=is_image_model(model_type))
+    if condition is None and (label_col or context_cols):
+        raise DataError("--label-col and --context-cols need --condition label or context")
+    cond = None
+    if condition is not None:
+        train_rows = split_indices(len(dataset.x), split_seed)[0]
+        cond = condition_data(dataset, condition, train_rows, label_col=label_col,
+                              context_cols=context_cols)
+        dataset = replace(dataset, x=cond.x, columns=cond.columns)
     if model_cfg is None:
         model_cfg = default_model_config(model_type, int(dataset.x.shape[1]),
                                          **(model_fields or {}))
@@ -146,12 +192,19 @@ def fit(
         model_cfg=model_cfg,
         pre_cfg=pre_cfg,
         train_cfg=train_cfg,
+        **({} if cond is None else _condition_splits(cond, split_seed)),
     )
     if out is not None:
         if is_main_process():  # one writer; the other ranks wait until it is on disk
             save_checkpoint(ckpt, out)
         barrier()
     return ckpt
+
+
+def _condition_splits(cond: ConditionData, split_seed: int) -> dict[str, object]:
+    """Each training and validation row's condition, split as :func:`split` splits rows."""
+    train, val, _ = split_indices(len(cond.values), split_seed)
+    return {"condition": cond.spec, "c_train": cond.values[train], "c_val": cond.values[val]}
 
 
 def _with_image_shape(kind: str, cfg: ModelConfig, shape: tuple[int, int, int] | None,

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from artifact.manifest import Defaults
 from training.config import ModelConfig
-from training.nets import TimeMLP, VelocityModel
+from training.nets import TimeMLP, VelocityModel, conditioned, given
 
 __all__ = [
     "ConditionalFlowMatcher",
@@ -234,23 +234,28 @@ class FlowMatchingModel(VelocityModel):
         self.kind, self.dim, self.t_min = kind, dim, 0.0
         self.net, self.matcher = net, matcher
 
-    def training_loss(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Conditional flow matching loss ``E |v(x_t, t) - u_t|^2`` (mean over batch, dims)."""
+    def training_loss(self, x: Tensor, generator: torch.Generator | None = None,
+                      context: Tensor | None = None) -> Tensor:
+        """Conditional flow matching loss ``E |v(x_t, t) - u_t|^2`` (mean over batch, dims);
+        a conditional model's field sees each row's ``context`` (dropped to the null token
+        with probability ``cfg_dropout``)."""
         z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
         t, x_t, u_t = self.matcher.sample_location_and_flow(x, z, generator)
-        return (self.net(x_t, t) - u_t).square().mean()
+        return (self.net(x_t, t, *given(self.dropped(context, generator))) - u_t).square().mean()
 
-    def velocity(self, x: Tensor, t: Tensor) -> Tensor:
-        """``dx/dt``: ``(batch, dim), (batch,) -> (batch, dim)``."""
-        return self.net(x, t)
+    def velocity(self, x: Tensor, t: Tensor, context: Tensor | None = None) -> Tensor:
+        """``dx/dt``: ``(batch, dim), (batch,) -> (batch, dim)`` (given ``context``)."""
+        return self.net(x, t, *given(context))
 
-    def velocity_div(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    def velocity_div(self, x: Tensor, t: Tensor,
+                     context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(v, div v)``: ``(batch, dim)``, ``(batch,)``; exact, forward-mode."""
-        return self.net.divergence(x, t)
+        return self.net.divergence(x, t, *given(context))
 
-    def velocity_jvp(self, x: Tensor, t: Tensor, e: Tensor) -> tuple[Tensor, Tensor]:
+    def velocity_jvp(self, x: Tensor, t: Tensor, e: Tensor,
+                     context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(v, (dv/dx) e)``, both ``(batch, dim)``."""
-        return self.net.jvp(x, t, e)
+        return self.net.jvp(x, t, e, *given(context))
 
     def path(self, t: float) -> tuple[float, float, float, float]:
         """The matcher's path; ``a' = -1`` (``a = 1 - t``)."""
@@ -266,15 +271,19 @@ class FlowMatchingModel(VelocityModel):
         generator: torch.Generator | None = None,
         steps: int | None = 32,
         solver: str = "euler",
+        context: Tensor | None = None,
+        guidance: float | None = None,
     ) -> Tensor:
-        """``(n, dim)`` samples: ODE from ``z ~ N(0, I)`` at ``t = 1`` to ``t = 0``."""
-        return self.transport(self.noise(n, generator), steps=steps, solver=solver)
+        """``(n, dim)`` samples: ODE from ``z ~ N(0, I)`` at ``t = 1`` to ``t = 0`` (given
+        ``context: (n, C)``, guided with weight ``guidance``)."""
+        return self.transport(self.noise(n, generator), steps=steps, solver=solver,
+                              context=context, guidance=guidance)
 
 
 def build_cfm(dim: int, cfg: ModelConfig) -> FlowMatchingModel:
     """Untrained conditional flow matching (linear path, ``cfg.sigma_min``) with an MLP."""
-    return FlowMatchingModel("cfm", dim, _time_mlp(dim, cfg),
-                             ConditionalFlowMatcher(cfg.sigma_min))
+    return conditioned(FlowMatchingModel("cfm", dim, _time_mlp(dim, cfg),
+                                          ConditionalFlowMatcher(cfg.sigma_min)), cfg)
 
 
 def build_otcfm(dim: int, cfg: ModelConfig) -> FlowMatchingModel:
@@ -285,9 +294,10 @@ def build_otcfm(dim: int, cfg: ModelConfig) -> FlowMatchingModel:
 
 def build_si(dim: int, cfg: ModelConfig) -> FlowMatchingModel:
     """Untrained stochastic interpolant (noise level ``cfg.gamma``)."""
-    return FlowMatchingModel("si", dim, _time_mlp(dim, cfg),
-                             StochasticInterpolantMatcher(cfg.gamma))
+    return conditioned(FlowMatchingModel("si", dim, _time_mlp(dim, cfg),
+                                          StochasticInterpolantMatcher(cfg.gamma)), cfg)
 
 
 def _time_mlp(dim: int, cfg: ModelConfig) -> TimeMLP:
-    return TimeMLP(dim, cfg.hidden_features, cfg.hidden_layers, cfg.time_embedding)
+    return TimeMLP(dim, cfg.hidden_features, cfg.hidden_layers, cfg.time_embedding,
+                   cfg.context_features)

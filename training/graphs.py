@@ -16,6 +16,11 @@ from torch import Tensor, nn
 from artifact.manifest import TensorSpec
 
 __all__ = [
+    "ConditionalLogProbGraph",
+    "ConditionalSampleGraph",
+    "ConditionalVelocityDivGraph",
+    "ConditionalVelocityGraph",
+    "ConditionalVelocityJvpGraph",
     "EncodeGraph",
     "ExportGraph",
     "LogProbGraph",
@@ -126,20 +131,73 @@ class EncodeGraph(nn.Module):
         return self.model(u)[0]
 
 
-def one_pass_graphs(model: nn.Module, dim: int) -> dict[str, ExportGraph]:
-    """``log_prob`` and ``sample`` of a model with ``log_prob(u)`` and ``inverse(z)``."""
+class ConditionalLogProbGraph(LogProbGraph):
+    """Conditional one-pass models: ``(u: (batch, dim), context: (batch, C))`` ->
+    ``log p(u | context): (batch,)``."""
+
+    def forward(self, u: Tensor, context: Tensor) -> Tensor:  # type: ignore[override]
+        return self.model.log_prob(u, context)
+
+
+class ConditionalSampleGraph(SampleGraph):
+    """Conditional one-pass models: ``(z, context)`` -> ``u`` given the context."""
+
+    def forward(self, z: Tensor, context: Tensor) -> Tensor:  # type: ignore[override]
+        return self.model.inverse(z, context)
+
+
+def one_pass_graphs(model: nn.Module, dim: int, context_width: int = 0
+                    ) -> dict[str, ExportGraph]:
+    """``log_prob`` and ``sample`` of a model with ``log_prob(u)`` and ``inverse(z)``; with
+    ``context_width > 0`` both take ``context: (batch, context_width)`` as well."""
     u, z = spec("u", dim), spec("z", dim)
+    if context_width:
+        c = spec("context", context_width)
+        return {"log_prob": ExportGraph(ConditionalLogProbGraph(model), [u, c],
+                                        [spec("log_prob", None)]),
+                "sample": ExportGraph(ConditionalSampleGraph(model), [z, c], [u])}
     return {"log_prob": ExportGraph(LogProbGraph(model), [u], [spec("log_prob", None)]),
             "sample": ExportGraph(SampleGraph(model), [z], [u])}
 
 
-def velocity_graphs(model: nn.Module, dim: int) -> dict[str, ExportGraph]:
-    """``velocity``, ``velocity_div`` and ``velocity_jvp`` of an ODE model."""
+class ConditionalVelocityGraph(VelocityGraph):
+    """``(x, t, context: (batch, C))`` -> ``v`` given the context (the null token: zeros)."""
+
+    def forward(self, x: Tensor, t: Tensor, context: Tensor) -> Tensor:  # type: ignore[override]
+        return self.model.velocity(x, t, context)
+
+
+class ConditionalVelocityDivGraph(VelocityGraph):
+    """``(x, t, context)`` -> ``(v, div v)`` given the context."""
+
+    def forward(self, x: Tensor, t: Tensor,  # type: ignore[override]
+                context: Tensor) -> tuple[Tensor, Tensor]:
+        return self.model.velocity_div(x, t, context)
+
+
+class ConditionalVelocityJvpGraph(VelocityGraph):
+    """``(x, t, e, context)`` -> ``(v, J e)`` given the context."""
+
+    def forward(self, x: Tensor, t: Tensor, e: Tensor,  # type: ignore[override]
+                context: Tensor) -> tuple[Tensor, Tensor]:
+        return self.model.velocity_jvp(x, t, e, context)
+
+
+def velocity_graphs(model: nn.Module, dim: int, context_width: int = 0
+                    ) -> dict[str, ExportGraph]:
+    """``velocity``, ``velocity_div`` and ``velocity_jvp`` of an ODE model; with
+    ``context_width > 0`` each takes ``context: (batch, context_width)`` last."""
     x, t, e = spec("x", dim), spec("time", None), spec("probe", dim)
     v = spec("velocity", dim)
+    c = [spec("context", context_width)] if context_width else []
+    plain = not context_width
     return {
-        "velocity": ExportGraph(VelocityGraph(model), [x, t], [v]),
-        "velocity_div": ExportGraph(VelocityDivGraph(model), [x, t],
+        "velocity": ExportGraph(VelocityGraph(model) if plain
+                                else ConditionalVelocityGraph(model), [x, t, *c], [v]),
+        "velocity_div": ExportGraph(VelocityDivGraph(model) if plain
+                                    else ConditionalVelocityDivGraph(model), [x, t, *c],
                                     [v, spec("divergence", None)]),
-        "velocity_jvp": ExportGraph(VelocityJvpGraph(model), [x, t, e], [v, spec("jvp", dim)]),
+        "velocity_jvp": ExportGraph(VelocityJvpGraph(model) if plain
+                                    else ConditionalVelocityJvpGraph(model), [x, t, e, *c],
+                                    [v, spec("jvp", dim)]),
     }

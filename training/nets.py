@@ -18,12 +18,14 @@ from torch import Tensor, nn
 from artifact.manifest import Defaults, TimeSpec
 from artifact.scores import NoiseLevel
 from numerics import likelihood
+from numerics.guidance import guided
 from numerics.likelihood import LikelihoodResult
 from numerics.schedules import rho_grid
 from numerics.solvers import Trajectory, integrate, trajectory
+from training.config import ModelConfig
 from training.graphs import ExportGraph, velocity_graphs
 
-__all__ = ["TimeMLP", "VelocityModel", "silu_derivative"]
+__all__ = ["TimeMLP", "VelocityModel", "conditioned", "given", "silu_derivative"]
 
 
 def silu_derivative(h: Tensor) -> Tensor:
@@ -48,6 +50,9 @@ class TimeMLP(nn.Module):
         hidden_features: width ``H`` of each hidden layer.
         hidden_layers: number of hidden layers.
         time_embedding: number of Fourier features of ``t``.
+        context_features: ``C`` context columns the input layer also sees (a label's one-hot
+            row or a standardized context: conditional models; 0: none). Like ``t`` they carry
+            no tangent: derivatives are in ``x`` only.
 
     Example:
         >>> net = TimeMLP(2, 32, 2, 8)
@@ -63,13 +68,15 @@ class TimeMLP(nn.Module):
         hidden_features: int = 64,
         hidden_layers: int = 2,
         time_embedding: int = 16,
+        context_features: int = 0,
     ) -> None:
         super().__init__()
         self.dim = dim
+        self.context_features = context_features
         k = torch.arange(time_embedding)
         self.register_buffer("frequencies", math.pi * (k // 2 + 1).to(torch.get_default_dtype()))
         self.register_buffer("phases", (k % 2).to(torch.get_default_dtype()) * (math.pi / 2))
-        widths = [dim + time_embedding] + [hidden_features] * hidden_layers
+        widths = [dim + time_embedding + context_features] + [hidden_features] * hidden_layers
         self.hidden = nn.ModuleList(
             nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:], strict=True)
         )
@@ -79,14 +86,20 @@ class TimeMLP(nn.Module):
         """Fourier features: ``t: (batch,)`` -> ``(batch, time_embedding)``."""
         return torch.cos(t[:, None] * self.frequencies - self.phases)
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        """``x: (batch, D)``, ``t: (batch,)`` -> ``(batch, D)``."""
-        h = torch.cat([x, self.embed_time(t)], dim=-1)
+    def _inputs(self, x: Tensor, t: Tensor, context: Tensor | None) -> Tensor:
+        """The input layer's ``[x, phi(t), context]``."""
+        parts = [x, self.embed_time(t)] + ([] if context is None else [context])
+        return torch.cat(parts, dim=-1)
+
+    def forward(self, x: Tensor, t: Tensor, context: Tensor | None = None) -> Tensor:
+        """``x: (batch, D)``, ``t: (batch,)`` (``context: (batch, C)``) -> ``(batch, D)``."""
+        h = self._inputs(x, t, context)
         for layer in self.hidden:
             h = nn.functional.silu(layer(h))
         return self.output(h)
 
-    def _forward_mode(self, x: Tensor, t: Tensor, tangents: Tensor) -> tuple[Tensor, Tensor]:
+    def _forward_mode(self, x: Tensor, t: Tensor, tangents: Tensor,
+                      context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Output and ``K`` tangents pushed forward together.
 
         ``tangents: (batch or 1, K, D)`` are directions in ``x`` (``t`` has tangent zero);
@@ -94,7 +107,7 @@ class TimeMLP(nn.Module):
         tangents[b, k]`` where ``J_b = d f(x_b, t_b) / d x_b``.
         """
         first = self.hidden[0]
-        h = first(torch.cat([x, self.embed_time(t)], dim=-1))
+        h = first(self._inputs(x, t, context))
         # Only the x-columns of the first weight see the tangent; biases never do.
         tangent = tangents @ first.weight[:, : self.dim].T
         for i, layer in enumerate(self.hidden):
@@ -105,24 +118,27 @@ class TimeMLP(nn.Module):
             h = nn.functional.silu(h)
         return self.output(h), tangent @ self.output.weight.T
 
-    def forward_mode(self, x: Tensor, t: Tensor, tangents: Tensor) -> tuple[Tensor, Tensor]:
+    def forward_mode(self, x: Tensor, t: Tensor, tangents: Tensor,
+                     context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Output ``(batch, D)`` and ``tangents: (batch or 1, K, D)`` pushed forward,
         ``(batch, K, D)``: for models that compose the network with maps of their own."""
-        return self._forward_mode(x, t, tangents)
+        return self._forward_mode(x, t, tangents, context)
 
-    def jvp(self, x: Tensor, t: Tensor, e: Tensor) -> tuple[Tensor, Tensor]:
+    def jvp(self, x: Tensor, t: Tensor, e: Tensor,
+            context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Output and Jacobian-vector product ``(d f / d x) e``; all ``(batch, D)``."""
-        out, tangent = self._forward_mode(x, t, e[:, None, :])
+        out, tangent = self._forward_mode(x, t, e[:, None, :], context)
         return out, tangent[:, 0, :]
 
-    def divergence(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    def divergence(self, x: Tensor, t: Tensor,
+                   context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Output ``(batch, D)`` and exact divergence ``tr(d f / d x)``: ``(batch,)``.
 
         All ``D`` basis tangents travel at once, as a ``(batch, D, H)`` tensor; cost is
         ``D`` times a forward pass, which is what exact likelihood of a CNF costs anyway.
         """
         eye = torch.eye(self.dim, dtype=x.dtype, device=x.device)
-        out, jacobian = self._forward_mode(x, t, eye[None])
+        out, jacobian = self._forward_mode(x, t, eye[None], context)
         # jacobian[b, i, j] = d f_j / d x_i; masking with eye keeps the graph ONNX-friendly.
         return out, (jacobian * eye).sum(dim=(-2, -1))
 
@@ -154,18 +170,48 @@ class VelocityModel(nn.Module):
     """``TrainConfig.amp="auto"`` trains it under bfloat16 autocast on CUDA: the loss is a
     mean squared error of one network output, which bfloat16 matmuls and convolutions keep
     (the loss itself is reduced in float32)."""
+    context_features: int = 0
+    """Conditional models: the width of the ``context`` every field method takes (0: none)."""
+    cfg_dropout: float = 0.0
+    """The probability that training drops a row's label to the null token (the all-zero
+    context row), so one network learns the conditional and the unconditional field
+    (classifier-free guidance)."""
 
-    def training_loss(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def training_loss(self, x: Tensor, generator: torch.Generator | None = None,
+                      context: Tensor | None = None) -> Tensor:
         raise NotImplementedError
 
-    def velocity(self, x: Tensor, t: Tensor) -> Tensor:
+    def velocity(self, x: Tensor, t: Tensor, context: Tensor | None = None) -> Tensor:
         raise NotImplementedError
 
-    def velocity_div(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    def velocity_div(self, x: Tensor, t: Tensor,
+                     context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
-    def velocity_jvp(self, x: Tensor, t: Tensor, e: Tensor) -> tuple[Tensor, Tensor]:
+    def velocity_jvp(self, x: Tensor, t: Tensor, e: Tensor,
+                     context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
+
+    def dropped(self, context: Tensor | None, generator: torch.Generator | None) -> Tensor | None:
+        """Training's context: each row's dropped to the null token (zeros) with probability
+        ``cfg_dropout`` (Ho & Salimans 2022, algorithm 1); ``None`` stays ``None``."""
+        if context is None or self.cfg_dropout == 0:
+            return context
+        keep = torch.rand(len(context), generator=generator, dtype=context.dtype,
+                          device=context.device) >= self.cfg_dropout
+        return context * keep[:, None].to(context.dtype)
+
+    def field(self, context: Tensor | None = None,
+              guidance: float | None = None) -> Callable[[Tensor, Tensor], Tensor]:
+        """The sampling field ``(x, t) -> v``: given ``context: (n, C)`` (``None``:
+        unconditional), guided with weight ``guidance`` against the null context."""
+        if context is None:
+            return self.velocity
+        if guidance is None:
+            return lambda x, t: self.velocity(x, t, context)
+        null = torch.zeros_like(context)
+        return lambda x, t: guided(self.velocity(x, t, context), self.velocity(x, t, null),
+                                   guidance)
 
     def path(self, t: float) -> tuple[float, float, float, float]:
         """The Gaussian marginal path ``x_t = a u + s eps`` at ``t``: ``(a, s, da/dt,
@@ -177,9 +223,11 @@ class VelocityModel(nn.Module):
         return [NoiseLevel(t=float(t), **dict(zip(("a", "s", "da", "ds"), self.path(float(t)),
                                                   strict=True))) for t in ts]
 
-    def validation_loss(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def validation_loss(self, x: Tensor, generator: torch.Generator | None = None,
+                        context: Tensor | None = None) -> Tensor:
         """The training loss; the caller fixes ``generator``'s seed so evaluations compare."""
-        return self.training_loss(x, generator)
+        return self.training_loss(x, generator, **({} if context is None
+                                                   else {"context": context}))
 
     def noise(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """``(n, dim)`` draws of the base distribution ``N(0, noise_std^2 I)`` at ``t_max``."""
@@ -187,15 +235,18 @@ class VelocityModel(nn.Module):
         z = torch.randn(n, self.dim, generator=generator, dtype=p.dtype, device=p.device)
         return z * self.noise_std if self.noise_std != 1.0 else z
 
-    def transport(self, z: Tensor, *, steps: int | None = 32, solver: str = "rk4") -> Tensor:
+    def transport(self, z: Tensor, *, steps: int | None = 32, solver: str = "rk4",
+                  context: Tensor | None = None, guidance: float | None = None) -> Tensor:
         """Integrate the ODE from noise ``z: (n, dim)`` at ``t_max`` to ``t = t_min``.
 
         ``solver`` is any of ``numerics.solvers.SOLVERS``; for ``"dopri5"`` ``steps`` only
-        sets the first step (``None``: chosen automatically).
+        sets the first step (``None``: chosen automatically). ``context``/``guidance``: the
+        field of :meth:`field`.
         """
         with torch.no_grad():
-            return integrate(self.velocity, z, self.t_max, self.t_min, method=solver, steps=steps,
-                             rho=self.rho, retract=self.retraction()).x
+            return integrate(self.field(context, guidance), z, self.t_max, self.t_min,
+                             method=solver, steps=steps, rho=self.rho,
+                             retract=self.retraction()).x
 
     def log_prob_with_error(
         self,
@@ -205,6 +256,7 @@ class VelocityModel(nn.Module):
         solver: str = "dopri5",
         probes: int = 8,
         seed: int = 0,
+        context: Tensor | None = None,
         **options: float,
     ) -> LikelihoodResult:
         """Instantaneous change of variables (Chen et al., "Neural ODEs", 2018, thm. 1).
@@ -220,12 +272,16 @@ class VelocityModel(nn.Module):
         method = method or self.likelihood_method
         common = dict(t0=self.t_min, t1=self.t_max, method=solver, steps=steps, rho=self.rho,
                       base_log_prob=self.base_log_prob(), **options)
+        given = {} if context is None else {"context": context}
         with torch.no_grad():
             if method == "exact":
-                return likelihood.log_likelihood_exact(self.velocity_div, x, **common)
-            if method == "hutchinson":
+                return likelihood.log_likelihood_exact(
+                    lambda y, t: self.velocity_div(y, t, **given), x, **common)
+            if method == "hutchinson":  # the probes' replicas are probe-major: so is context
+                tiled = {} if context is None else {"context": context.repeat(probes, 1)}
                 return likelihood.log_likelihood_hutchinson(
-                    self.velocity_jvp, x, probes=probes, seed=seed, **common
+                    lambda y, t, e: self.velocity_jvp(y, t, e, **tiled), x, probes=probes,
+                    seed=seed, **common
                 )
         raise ValueError(f"unknown likelihood method {method!r}; choose 'exact' or 'hutchinson'")
 
@@ -255,8 +311,9 @@ class VelocityModel(nn.Module):
         return None
 
     def export_graphs(self) -> dict[str, ExportGraph]:
-        """``velocity``, ``velocity_div`` and ``velocity_jvp``."""
-        return velocity_graphs(self, self.dim)
+        """``velocity``, ``velocity_div`` and ``velocity_jvp`` (with a ``context`` input when
+        the model is conditional)."""
+        return velocity_graphs(self, self.dim, self.context_features)
 
     def time_spec(self) -> TimeSpec:
         return TimeSpec(t_min=float(self.t_min))
@@ -264,3 +321,16 @@ class VelocityModel(nn.Module):
     def serving_defaults(self) -> Defaults:
         """The solver and steps ``/sample`` uses by default, and the likelihood method."""
         raise NotImplementedError
+
+
+def conditioned(model: VelocityModel, cfg: ModelConfig) -> VelocityModel:
+    """``model`` with the context width and label dropout of ``cfg`` (its network built with
+    ``cfg.context_features`` context inputs)."""
+    model.context_features, model.cfg_dropout = cfg.context_features, cfg.cfg_dropout
+    return model
+
+
+def given(context: Tensor | None) -> tuple[Tensor, ...]:
+    """``(context,)``, or ``()`` without one: networks that are never conditional (the
+    tests' analytic oracles) keep their ``(x, t)`` signatures."""
+    return () if context is None else (context,)

@@ -60,6 +60,8 @@ class ModelType:
         image: it needs ``ModelConfig.image_shape`` (C, H, W); other types train on any
             ``(rows, dim)`` table.
         raw: it trains on the rows as they are, with no preprocessing (manifold rows).
+        conditional: it can be conditioned on a label or a context
+            (``ModelConfig.context_features``).
     """
 
     family: str
@@ -67,6 +69,7 @@ class ModelType:
     build: Callable[[int, ModelConfig], nn.Module]
     image: bool = False
     raw: bool = False
+    conditional: bool = False
 
 
 def trains_raw(kind: str) -> bool:
@@ -75,28 +78,38 @@ def trains_raw(kind: str) -> bool:
     return _spec(kind).raw
 
 
+def _conditional_flow(summary: str, build: Callable[[int, ModelConfig], nn.Module]
+                      ) -> ModelType:
+    """A flow whose conditioners can also see a label or a context."""
+    return ModelType("flow", summary, build, conditional=True)
+
+
 MODEL_TYPES: dict[str, ModelType] = {
-    "nice": ModelType("flow", "NICE: additive coupling + diagonal scale", build_nice),
-    "realnvp": ModelType("flow", "RealNVP: affine coupling, alternating masks", build_realnvp),
-    "glow": ModelType("flow", "Glow step: ActNorm + LU linear + affine coupling", build_glow),
-    "maf": ModelType("flow", "MAF: masked autoregressive affine (MADE)", build_maf),
-    "iaf": ModelType("flow", "IAF: inverse autoregressive affine (MADE)", build_iaf),
-    "nsf": ModelType("flow", "NSF: rational-quadratic spline coupling", build_nsf),
-    "nsf_ar": ModelType("flow", "NSF: rational-quadratic spline, autoregressive", build_nsf_ar),
+    "nice": _conditional_flow("NICE: additive coupling + diagonal scale", build_nice),
+    "realnvp": _conditional_flow("RealNVP: affine coupling, alternating masks", build_realnvp),
+    "glow": _conditional_flow("Glow step: ActNorm + LU linear + affine coupling", build_glow),
+    "maf": _conditional_flow("MAF: masked autoregressive affine (MADE)", build_maf),
+    "iaf": _conditional_flow("IAF: inverse autoregressive affine (MADE)", build_iaf),
+    "nsf": _conditional_flow("NSF: rational-quadratic spline coupling", build_nsf),
+    "nsf_ar": _conditional_flow("NSF: rational-quadratic spline, autoregressive",
+                                build_nsf_ar),
     "resflow": ModelType("flow", "residual flow: x + g(x), Lip(g) < 1, exact served log-det",
                          build_resflow),
     "tarflow": ModelType("flow", "TarFlow: causal-transformer autoregressive flow over tokens",
                          build_tarflow),
-    "ddpm": ModelType("diffusion", "VP-SDE diffusion (epsilon or v prediction)", build_ddpm),
+    "ddpm": ModelType("diffusion", "VP-SDE diffusion (epsilon or v prediction)", build_ddpm,
+                      conditional=True),
     "edm": ModelType("edm", "EDM: preconditioned denoiser, sigma steps, Heun sampler",
                      build_edm),
     "rfm": ModelType("rfm", "Riemannian flow matching on the sphere or the torus", build_rfm,
                      raw=True),
     "dfm": ModelType("dfm", "discrete flow matching over integer tokens (masked or uniform "
                      "source)", build_dfm, raw=True),
-    "cfm": ModelType("flow_matching", "conditional flow matching, linear path", build_cfm),
+    "cfm": ModelType("flow_matching", "conditional flow matching, linear path", build_cfm,
+                     conditional=True),
     "otcfm": ModelType("flow_matching", "CFM with minibatch exact OT pairs", build_otcfm),
-    "si": ModelType("flow_matching", "stochastic interpolant (noise gamma)", build_si),
+    "si": ModelType("flow_matching", "stochastic interpolant (noise gamma)", build_si,
+                    conditional=True),
     # served as flow matching (the same velocity graphs and ODE runtime); trained by ML
     "ffjord": ModelType("flow_matching", "FFJORD: CNF by maximum likelihood through the ODE",
                         build_ffjord),
@@ -135,9 +148,14 @@ def family_of(kind: str) -> str:
 def build_model(kind: str, dim: int, cfg: ModelConfig | None = None) -> nn.Module:
     """Build an untrained model of type ``kind`` for data of dimension ``dim``."""
     spec = _spec(kind)
+    cfg = cfg or ModelConfig()
     if dim < 1:
         raise ValueError(f"a model needs dim >= 1 features, got dim={dim}")
-    return spec.build(dim, cfg or ModelConfig())
+    if cfg.context_features and not spec.conditional:
+        kinds = ", ".join(k for k, t in MODEL_TYPES.items() if t.conditional)
+        raise ValueError(f"{kind!r} cannot be conditioned on a label or context; conditional "
+                         f"model types: {kinds}")
+    return spec.build(dim, cfg)
 
 
 def _spec(kind: str) -> ModelType:

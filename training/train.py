@@ -135,16 +135,24 @@ class _EMA:
                 s.copy_(p)
 
 
+def _context(c: torch.Tensor | None, idx: torch.Tensor | slice) -> dict[str, torch.Tensor]:
+    """``{"context": c[idx]}`` for a conditional model's rows, ``{}`` for any other."""
+    return {} if c is None else {"context": c[idx]}
+
+
 def _validation_loss(
-    model: nn.Module, preprocess: nn.Module, x_val: torch.Tensor, seed: int
+    model: nn.Module, preprocess: nn.Module, x_val: torch.Tensor, seed: int,
+    c_val: torch.Tensor | None = None,
 ) -> float:
     """Mean validation loss over the whole split, with fixed randomness (comparable evals)."""
     generator = torch.Generator(device=x_val.device).manual_seed(seed + 1)
     total, rows = 0.0, 0
     with torch.no_grad():
-        for chunk in torch.split(x_val, 4096):
+        for a in range(0, len(x_val), 4096):
+            chunk = x_val[a:a + 4096]
             u, _ = preprocess(chunk)
-            total += float(model.validation_loss(u, generator)) * len(chunk)
+            loss = model.validation_loss(u, generator, **_context(c_val, slice(a, a + 4096)))
+            total += float(loss) * len(chunk)
             rows += len(chunk)
     return total / max(rows, 1)
 
@@ -156,8 +164,9 @@ class _TrainingLoss(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, u: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        return self.model.training_loss(u, generator)
+    def forward(self, u: torch.Tensor, generator: torch.Generator,
+                **context: torch.Tensor) -> torch.Tensor:
+        return self.model.training_loss(u, generator, **context)
 
 
 def _clone(generator: torch.Generator) -> torch.Generator:
@@ -182,6 +191,7 @@ def _data_dependent_init(
     batch_size: int,
     index_gen: torch.Generator,
     noise_gen: torch.Generator,
+    ct: torch.Tensor | None = None,
 ) -> None:
     """Run the first global batch once, untrained, before DDP wraps the model.
 
@@ -194,7 +204,7 @@ def _data_dependent_init(
     idx = batch_indices(len(xt), batch_size, _clone(index_gen)).to(xt.device)
     noise = _clone(noise_gen)
     u, _ = preprocess(xt[idx], generator=noise)
-    model.training_loss(u, noise)
+    model.training_loss(u, noise, **_context(ct, idx))
 
 
 def train_model(
@@ -205,6 +215,8 @@ def train_model(
     cfg: TrainConfig,
     *,
     dist_ctx: DistContext | None = None,
+    c_train: np.ndarray | None = None,
+    c_val: np.ndarray | None = None,
 ) -> TrainResult:
     """Fit ``model`` in place on preprocessed minibatches; leaves the best weights loaded.
 
@@ -216,6 +228,9 @@ def train_model(
     describes (:func:`training.distributed.setup`), or none. ``cfg.batch_size`` is the global
     batch, split evenly across ranks. On return every rank holds the same (best) weights, on
     the CPU.
+
+    ``c_train``/``c_val``: a conditional model's ``context`` rows ``(rows, C)`` beside
+    ``x_train``/``x_val`` (``artifact.conditions.context_rows``); minibatches keep each row's.
     """
     ctx = dist_ctx if dist_ctx is not None else setup(cfg.dist_backend)
     device = ctx.device if ctx.enabled else training_device(cfg.device)
@@ -234,9 +249,11 @@ def train_model(
     dtype = next(model.parameters()).dtype
     xt = torch.as_tensor(x_train, dtype=dtype, device=device)
     xv = torch.as_tensor(x_val, dtype=dtype, device=device)
+    ct, cv = (None if c is None else torch.as_tensor(c, dtype=dtype, device=device)
+              for c in (c_train, c_val))
     loss_fn: nn.Module | None = None
     if ctx.enabled:
-        _data_dependent_init(model, preprocess, xt, cfg.batch_size, index_gen, noise_gen)
+        _data_dependent_init(model, preprocess, xt, cfg.batch_size, index_gen, noise_gen, ct)
         loss_fn = nn.parallel.DistributedDataParallel(
             _TrainingLoss(model),
             device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
@@ -261,13 +278,14 @@ def train_model(
         if loss_fn is None:
             u, _ = preprocess(xt[idx.to(device)], generator=noise_gen)
             with autocast(cfg.amp, model, device):
-                loss = model.training_loss(u, noise_gen).float()
+                loss = model.training_loss(u, noise_gen,
+                                           **_context(ct, idx.to(device))).float()
             loss_value = float(loss.detach())
         else:  # this rank's slice of the global batch; the logged loss is the global mean
             mine = idx[ctx.rank * local_batch:(ctx.rank + 1) * local_batch].to(device)
             u, _ = preprocess(xt[mine], generator=noise_gen)
             with autocast(cfg.amp, model, device):
-                loss = loss_fn(u, noise_gen).float()
+                loss = loss_fn(u, noise_gen, **_context(ct, mine)).float()
             loss_value = all_reduce_mean(float(loss.detach()), ctx)
         if not math.isfinite(loss_value):
             raise FloatingPointError(
@@ -288,7 +306,8 @@ def train_model(
             scored = ema.shadow if ema is not None else model
             scored.eval()
             preprocess.eval()
-            val = _validation_loss(scored, preprocess, xv, cfg.seed) if ctx.is_main else 0.0
+            val = (_validation_loss(scored, preprocess, xv, cfg.seed, cv) if ctx.is_main
+                   else 0.0)
             val = broadcast_float(val, ctx)  # every rank takes rank 0's decisions
             preprocess.train()
             history.append({"step": step, "loss": loss_value, "val_loss": val})

@@ -55,8 +55,9 @@ TOKEN_TYPES = ("INT64", "INT32", *X_TYPES)  # a token model's rows: integers, or
 
 # Request parameters each verb takes (the JSON field of the same name) and their kind.
 PARAMETERS = {
-    "sample": {"seed": int, "steps": int, "solver": str},
-    "log_likelihood": {"method": str, "steps": int, "solver": str, "probes": int, "seed": int},
+    "sample": {"seed": int, "steps": int, "solver": str, "guidance": float},
+    "log_likelihood": {"method": str, "steps": int, "solver": str, "probes": int, "seed": int,
+                       "marginal": bool},
     "anomaly_score": {"target_fpr": float, "seed": int},
 }
 # Parameters standard clients add on their own (tritonclient: timeout, priority, sequences).
@@ -78,20 +79,35 @@ def split_name(oip_name: str) -> tuple[str, str] | None:
     return (model, verb) if dot and model and verb in VERBS else None
 
 
+def _condition_inputs(info: ModelInfo) -> list[tuple[str, str, list[int]]]:
+    """A conditional model's extra input: ``y`` (the class each row is given, as the integer
+    that names it; one value for every row, or one per row) or ``context`` (one row for every
+    row, or one per row)."""
+    if info.condition is None:
+        return []
+    if info.condition["kind"] == "label":
+        return [("y", "INT64", [-1])]
+    return [("context", "FP32", [-1, info.condition["width"]])]
+
+
 def signature(verb: str, info: ModelInfo) -> tuple[list, list]:
     """``(inputs, outputs)`` as ``(name, datatype, shape)`` of the OIP model ``NAME.VERB``."""
     dim = info.dim
+    cond = _condition_inputs(info)
     if verb == "sample":
-        return ([("n", "INT64", [1]), ("seed", "INT64", [1])],
+        return ([("n", "INT64", [1]), ("seed", "INT64", [1]), *cond],
                 [("samples", "INT64" if family(info.family).tokens else "FP64", [-1, dim])])
-    x = [("x", "INT64" if family(info.family).tokens else "FP32", [-1, dim])]
+    x = [("x", "INT64" if family(info.family).tokens else "FP32", [-1, dim]), *cond]
     if verb == "log_likelihood":
         out = [("log_likelihood", "FP64", [-1]), ("bits_per_dim", "FP64", [-1])]
         if family(info.family).likelihood_methods != ("exact",):  # Hutchinson's, the ELBO's
             out.append(("std_error", "FP64", [-1]))
         return x, out
-    return x, [("scores", "FP64", [-1]), ("is_anomaly", "BOOL", [-1]),
-               ("percentile", "FP64", [-1]), ("threshold", "FP64", [1])]
+    out = [("scores", "FP64", [-1]), ("is_anomaly", "BOOL", [-1]),
+           ("percentile", "FP64", [-1]), ("threshold", "FP64", [1])]
+    if info.condition is not None and info.condition.get("thresholds"):
+        out.append(("thresholds", "FP64", [-1]))  # each row's class threshold
+    return x, out
 
 
 def _check_counts(req: pb.ModelInferRequest) -> None:
@@ -175,13 +191,16 @@ def _parameter(verb: str, key: str, p: pb.InferParameter) -> Any:
     try:
         if kind is str and choice == "string_param":
             return value
+        if kind is bool and choice == "bool_param":
+            return value
         if kind is int and choice in ("int64_param", "uint64_param", "string_param"):
             return int(value)
         if kind is float and choice in ("double_param", "int64_param", "string_param"):
             return float(value)
     except ValueError:
         pass
-    want = {str: "a string", int: "an integer", float: "a number (double or string)"}[kind]
+    want = {str: "a string", int: "an integer", float: "a number (double or string)",
+            bool: "a boolean"}[kind]
     raise OipError(INVALID, f"parameter '{key}' must be {want}; got {choice or 'nothing'} "
                    f"{value!r}"[:200])
 
@@ -264,7 +283,28 @@ def request_fields(model: str, verb: str, info: ModelInfo, req: pb.ModelInferReq
             kind = signature(verb, info)[0][0][1]
             raise OipError(INVALID, f"input 'x' ({kind} [rows, {info.dim}]) is missing")
         body["x"] = _rows(model, info, *tensors["x"])
+    body.update(_condition(tensors))
     return body, raw
+
+
+def _condition(tensors: dict[str, tuple[str, np.ndarray]]) -> dict[str, Any]:
+    """``y`` and ``context`` as the JSON request writes them; the data plane's validation
+    checks them against the model (HTTP's words)."""
+    out: dict[str, Any] = {}
+    if "y" in tensors:
+        datatype, arr = tensors["y"]
+        if datatype not in INT_TYPES:
+            raise OipError(INVALID, f"input 'y' has datatype {datatype}; send INT64 (the "
+                           "integers that name the classes)")
+        values = [int(v) for v in arr.reshape(-1)]
+        out["y"] = values[0] if arr.size == 1 else values
+    if "context" in tensors:
+        datatype, arr = tensors["context"]
+        if datatype not in X_TYPES:
+            raise OipError(INVALID, f"input 'context' has datatype {datatype}; send FP32 (or "
+                           "FP64)")
+        out["context"] = arr.astype(np.float64)
+    return out
 
 
 def response_tensors(verb: str, answer: BaseModel) -> tuple[list, dict[str, Any]]:
@@ -283,10 +323,13 @@ def response_tensors(verb: str, answer: BaseModel) -> tuple[list, dict[str, Any]
         if len(answer.std_error):  # Hutchinson's or the ELBO's (empty when exact)
             out.append(("std_error", "FP64", np.asarray(answer.std_error, f64)))
         return out, {"method": answer.method, "nfe": answer.nfe}
-    return [("scores", "FP64", np.asarray(answer.scores, f64)),
-            ("is_anomaly", "BOOL", np.asarray(answer.is_anomaly, bool)),
-            ("percentile", "FP64", np.asarray(answer.percentile, f64)),
-            ("threshold", "FP64", np.asarray([answer.threshold], f64))], {"score": answer.score}
+    out = [("scores", "FP64", np.asarray(answer.scores, f64)),
+           ("is_anomaly", "BOOL", np.asarray(answer.is_anomaly, bool)),
+           ("percentile", "FP64", np.asarray(answer.percentile, f64)),
+           ("threshold", "FP64", np.asarray([answer.threshold], f64))]
+    if len(answer.thresholds):  # a label model calibrated per class
+        out.append(("thresholds", "FP64", np.asarray(answer.thresholds, f64)))
+    return out, {"score": answer.score}
 
 
 def _set_param(p: pb.InferParameter, value: Any) -> None:

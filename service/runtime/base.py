@@ -23,7 +23,8 @@ from typing import ClassVar
 
 import numpy as np
 
-from artifact.calibration import percentile, threshold_at
+from artifact.calibration import Calibration, percentile, threshold_at
+from artifact.conditions import context_rows
 from artifact.families import FamilySpec, family
 from artifact.manifest import Manifest, ManifestError, read_manifest
 from numerics.arrays import Array
@@ -88,6 +89,8 @@ class AnomalyResult:
     percentile: np.ndarray  # (rows,) in [0, 100] among normal validation rows
     is_anomaly: np.ndarray  # (rows,) bool
     threshold: float
+    # (rows,) each row's class threshold (a label model calibrated per class), else None
+    thresholds: np.ndarray | None = None
 
 
 def _rows(gen: np.random.Generator, r: SeededRows, shape: tuple[int, ...]) -> np.ndarray:
@@ -187,6 +190,45 @@ class ModelRuntime:
         """The ``solver`` values ``sample`` accepts."""
         return self.spec.sample_solvers
 
+    def graph_context(self, labels: np.ndarray | None = None,
+                      context: np.ndarray | None = None) -> np.ndarray | None:
+        """A conditional model's ``context`` graph input ``(rows, width)`` from each row's
+        class index (``labels``) or raw ``context`` row; None for an unconditional model.
+        InputError when the request's condition does not fit the model (the service has
+        checked it at its boundary; this guards direct callers)."""
+        cond = self.manifest.condition
+        given = labels is not None or context is not None
+        if cond is None:
+            if given:
+                raise InputError(f"model '{self.name}' is unconditional: leave out 'y' and "
+                                 "'context'")
+            return None
+        if cond.kind == "label":
+            if labels is None:
+                raise InputError(f"model '{self.name}' is conditioned on a label: send 'y', "
+                                 f"one of {', '.join(cond.classes)}")
+            return context_rows(cond, labels=labels)
+        if context is None or np.shape(context)[-1] != cond.width:
+            raise InputError(f"model '{self.name}' is conditioned on a context: send "
+                             f"'context', {cond.width} numbers per row")
+        return context_rows(cond, context=context)
+
+    def check_guidance(self, guidance: float | None) -> None:
+        """InputError unless ``guidance`` (None: none) applies to this model: a label model
+        of an ODE family trained with label dropout, and a weight >= 0."""
+        if guidance is None:
+            return
+        cond = self.manifest.condition
+        why = (f"model '{self.name}' is a {self.family}: guidance applies to diffusion and "
+               "flow matching models" if not self.spec.timed
+               else f"model '{self.name}' was trained without label dropout (--cfg-dropout), "
+               "so it has no unconditional field to guide against"
+               if cond is None or not cond.guided else
+               f"'guidance' must be a number >= 0; got {guidance}" if not guidance >= 0
+               else None)
+        if why is not None:
+            raise InputError(why)
+
     def check(self) -> None:
         """The smoke call a version passes before it serves: every graph once, on one row of
         0.5 (inside every preprocessing's domain, a time inside (0, 1)); RuntimeError naming the
@@ -227,17 +269,27 @@ class ModelRuntime:
 
     # -- sample ----------------------------------------------------------------------------
     def sample(self, n: int, seed: int = 0, steps: int | None = None,
-               solver: str | None = None) -> np.ndarray:
-        """``n`` samples ``(n, dim)`` in data units, reproducible from ``seed``."""
-        return self.sample_many([SeededRows(n, seed)], steps=steps, solver=solver).blocks[0]
+               solver: str | None = None, labels: np.ndarray | None = None,
+               context: np.ndarray | None = None,
+               guidance: float | None = None) -> np.ndarray:
+        """``n`` samples ``(n, dim)`` in data units, reproducible from ``seed`` (given each
+        sample's class index ``labels: (n,)`` or ``context: (n, width)``, conditional; with
+        classifier-free ``guidance`` of that weight, a model trained with label dropout)."""
+        return self.sample_many([SeededRows(n, seed)], steps=steps, solver=solver,
+                                labels=labels, context=context, guidance=guidance).blocks[0]
 
     def sample_many(self, requests: Sequence[SeededRows], *, steps: int | None = None,
-                    solver: str | None = None) -> SampleOutput:
-        """Several requests in one graph call; each block depends only on its own seed."""
+                    solver: str | None = None, labels: np.ndarray | None = None,
+                    context: np.ndarray | None = None,
+                    guidance: float | None = None) -> SampleOutput:
+        """Several requests in one graph call; each block depends only on its own seed (and
+        its rows' conditions, given in request order)."""
         solver, steps = self.resolve_solver(solver, steps)
+        cond = self.graph_context(labels, context)
+        self.check_guidance(guidance)
         z = segmented_normal(requests, (self.dim,))
         before = getattr(self._calls, "count", 0)
-        u = self._generate(z, requests, solver, steps)
+        u = self._generate(z, requests, solver, steps, **_conditioned(cond, guidance))
         nfe = self._calls.count - before
         (x,) = self.call("postprocess", u)
         # Token models answer integers (JSON ints, gRPC INT64); the others float64.
@@ -247,22 +299,30 @@ class ModelRuntime:
         return SampleOutput([x[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)], nfe)
 
     def _generate(self, z: np.ndarray, requests: Sequence[SeededRows], solver: str,
-                  steps: int | None) -> np.ndarray:
+                  steps: int | None, cond: np.ndarray | None = None) -> np.ndarray:
         """Base noise ``z: (rows, dim)`` -> model space ``(rows, dim)``; a family's step.
 
-        ``requests`` give each row's seed, for samplers that draw noise on the way."""
+        ``requests`` give each row's seed, for samplers that draw noise on the way; ``cond``
+        the rows' ``context`` graph input of a conditional model."""
         raise NotImplementedError
 
     # -- log_likelihood --------------------------------------------------------------------
     def log_likelihood(self, x: np.ndarray, *, method: str | None = None,
                        steps: int | None = None, solver: str | None = None,
                        probes: int | None = None, seed: int | np.ndarray = 0,
-                       rows: np.ndarray | None = None) -> LikelihoodOutput:
+                       rows: np.ndarray | None = None, labels: np.ndarray | None = None,
+                       context: np.ndarray | None = None,
+                       marginal: bool = False) -> LikelihoodOutput:
         """log p(x) in nats per row, in the units of the data; ``x: (rows, dim)``.
 
         Hutchinson probes are keyed by each row's ``seed`` (an int, or ``(rows,)`` one per
         row) and its index within its own request (``rows``, default ``0 .. rows-1``), so a
         row's answer does not depend on the batch it is computed in.
+
+        A conditional model answers ``log p(x | y)`` given each row's class index
+        (``labels: (rows,)``) or ``log p(x | c)`` given ``context: (rows, width)``; with
+        ``marginal`` a label model answers ``log p(x) = logsumexp_y log p(x | y) + log p(y)``
+        over its classes, with the training data's priors, in one graph call.
         """
         x = np.asarray(x, dtype=np.float64)
         method = method or self.manifest.defaults.method
@@ -272,6 +332,7 @@ class ModelRuntime:
                              f"{', '.join(self.spec.likelihood_methods)}")
         seeds = np.broadcast_to(np.asarray(seed, dtype=np.uint64), (len(x),))
         rows = np.arange(len(x)) if rows is None else np.asarray(rows)
+        cond = None if marginal else self.graph_context(labels, context)
         u, ladj = self.call("preprocess", x)
         u, ladj = u.astype(np.float64), ladj.astype(np.float64)
         # Rows far outside the training support (or outside the logit's domain) never reach
@@ -281,9 +342,14 @@ class ModelRuntime:
         lp = np.full(len(x), LOG_LIKELIHOOD_FLOOR)
         se = None if method == "exact" else np.zeros(len(x))  # Hutchinson's and ELBO's
         nfe = 0
-        if inside.any():
-            got, got_se, nfe = self._log_prob(u[inside], method, steps, solver, probes,
-                                              seeds[inside], rows[inside])
+        if inside.any() and marginal:
+            got, got_se, nfe = self._marginal_log_prob(u[inside], method, steps, solver, probes,
+                                                       seeds[inside], rows[inside])
+            lp[inside] = got + ladj[inside]
+        elif inside.any():
+            got, got_se, nfe = self._log_prob(
+                u[inside], method, steps, solver, probes, seeds[inside], rows[inside],
+                **_conditioned(None if cond is None else cond[inside]))
             lp[inside] = got + ladj[inside]
             if got_se is not None:
                 se[inside] = got_se
@@ -294,10 +360,31 @@ class ModelRuntime:
 
     def _log_prob(self, u: np.ndarray, method: str, steps: int | None, solver: str | None,
                   probes: int | None, seeds: np.ndarray, rows: np.ndarray,
+                  cond: np.ndarray | None = None,
                   ) -> tuple[np.ndarray, np.ndarray | None, int]:
         """Model space ``u: (rows, dim)`` -> ``(log p(u): (rows,), std error or None, graph
-        calls)``; a family's step. ``seeds``/``rows`` key Hutchinson's probes."""
+        calls)``; a family's step. ``seeds``/``rows`` key Hutchinson's probes; ``cond`` is
+        the rows' ``context`` graph input of a conditional model."""
         raise NotImplementedError
+
+    def _marginal_log_prob(self, u: np.ndarray, method: str, steps: int | None,
+                           solver: str | None, probes: int | None, seeds: np.ndarray,
+                           rows: np.ndarray) -> tuple[np.ndarray, None, int]:
+        """``log p(u) = logsumexp_k log p(u | k) + log p(k)`` of a label model: every row
+        under every class, stacked class-major into one :meth:`_log_prob` call."""
+        cond = self.manifest.condition
+        if cond is None or cond.kind != "label":
+            raise InputError(f"'marginal' applies to a label-conditioned model; model "
+                             f"'{self.name}' is " + ("unconditional" if cond is None else
+                                                     "conditioned on a context"))
+        k, n = cond.width, len(u)
+        labels = np.repeat(np.arange(k), n)
+        lp, _, nfe = self._log_prob(np.tile(u, (k, 1)), method, steps, solver, probes,
+                                    np.tile(seeds, k), np.tile(rows, k),
+                                    cond=context_rows(cond, labels=labels))
+        joint = lp.reshape(k, n) + np.log(np.asarray(cond.priors))[:, None]
+        top = joint.max(0)
+        return top + np.log(np.exp(joint - top).sum(0)), None, nfe
 
     # -- anomaly_score ---------------------------------------------------------------------
     @property
@@ -305,14 +392,21 @@ class ModelRuntime:
         return self.manifest.score_kind
 
     def score(self, x: np.ndarray, *, seed: int | np.ndarray = 0,
-              rows: np.ndarray | None = None, **likelihood_options: object) -> np.ndarray:
+              rows: np.ndarray | None = None, labels: np.ndarray | None = None,
+              context: np.ndarray | None = None,
+              **likelihood_options: object) -> np.ndarray:
         """The model's anomaly score ``(rows,)`` of its kind (``artifact.scores``): higher is
         more anomalous. Seeded draws (Hutchinson probes, denoising noise) are keyed by each
         row's ``seed`` and ``rows`` index, as in :meth:`log_likelihood`. Rows no model can
-        score get ``-LOG_LIKELIHOOD_FLOOR`` (1e30), above every calibrated threshold."""
+        score get ``-LOG_LIKELIHOOD_FLOOR`` (1e30), above every calibrated threshold. A
+        conditional model scores each row given its ``labels`` or ``context``."""
         kind = self.score_kind
         if kind == "nll":
-            return -self.log_likelihood(x, seed=seed, rows=rows, **likelihood_options).log_prob
+            return -self.log_likelihood(x, seed=seed, rows=rows, labels=labels,
+                                        context=context, **likelihood_options).log_prob
+        if self.manifest.condition is not None:
+            raise InputError(f"score kind {kind!r} has no conditional form; a conditional "
+                             "model serves 'nll'")
         x = np.asarray(x, dtype=np.float64)
         seeds = np.broadcast_to(np.asarray(seed, dtype=np.uint64), (len(x),))
         rows = np.arange(len(x)) if rows is None else np.asarray(rows)
@@ -332,20 +426,47 @@ class ModelRuntime:
         raise NotImplementedError(f"{self.family} runtime has no {kind!r} score")
 
     def anomaly_score(self, x: np.ndarray, *, target_fpr: float | None = None,
+                      labels: np.ndarray | None = None, context: np.ndarray | None = None,
                       **score_options: object) -> AnomalyResult:
-        """The score, its percentile among normal calibration rows, and the calibrated flag."""
+        """The score, its percentile among normal calibration rows, and the calibrated flag.
+
+        A label model calibrated per class compares each row with its own class's validation
+        rows (``thresholds``: each row's class threshold); ``threshold`` stays the model-wide
+        one."""
         cal = self.manifest.calibration
         if cal is None:
             raise InputError(f"model '{self.name}' has no anomaly calibration")
-        scores = self.score(x, **score_options)
+        scores = self.score(x, labels=labels, context=context, **score_options)
         threshold = cal.threshold if target_fpr is None else self.threshold_at(target_fpr)
-        return AnomalyResult(scores=scores, percentile=percentile(cal, scores),
-                             is_anomaly=scores > threshold, threshold=float(threshold))
+        cond = self.manifest.condition
+        if cond is None or not cond.calibrations:
+            return AnomalyResult(scores=scores, percentile=percentile(cal, scores),
+                                 is_anomaly=scores > threshold, threshold=float(threshold))
+        labels = np.asarray(labels, dtype=np.int64)
+        per_class = [(c, self._threshold(c, target_fpr)) for c in cond.calibrations]
+        thresholds = np.array([t for _, t in per_class])[labels]
+        pct = np.empty(len(scores))
+        for k, (c, _) in enumerate(per_class):
+            mine = labels == k
+            pct[mine] = percentile(c, scores[mine])
+        return AnomalyResult(scores=scores, percentile=pct, is_anomaly=scores > thresholds,
+                             threshold=float(threshold), thresholds=thresholds)
+
+    def _threshold(self, cal: Calibration, target_fpr: float | None) -> float:
+        return cal.threshold if target_fpr is None else threshold_at(cal, target_fpr)
 
     def threshold_at(self, target_fpr: float) -> float:
         if not 0.0 < target_fpr < 1.0:
             raise InputError(f"target_fpr must be in (0, 1); got {target_fpr}")
         return threshold_at(self.manifest.calibration, target_fpr)
+
+
+def _conditioned(cond: np.ndarray | None, guidance: float | None = None) -> dict[str, object]:
+    """``{"cond": cond}`` (and ``guidance``) for a conditional model's family step, ``{}``
+    otherwise: a family runtime from outside genserve that serves no conditional model keeps
+    its signature."""
+    out: dict[str, object] = {} if cond is None else {"cond": cond}
+    return out if guidance is None else out | {"guidance": guidance}
 
 
 RUNTIMES: dict[str, type[ModelRuntime]] = {}

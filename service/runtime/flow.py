@@ -32,12 +32,17 @@ class FlowRuntime(ModelRuntime):
         return knn_mean_distance(z, self.latents, self.manifest.anomaly.neighbours)
 
     def _generate(self, z: np.ndarray, requests: Sequence[SeededRows], solver: str,
-                  steps: int | None) -> np.ndarray:
-        (u,) = self.call("sample", z)
+                  steps: int | None, cond: np.ndarray | None = None) -> np.ndarray:
+        (u,) = self.call("sample", z, *_given(cond))
         return u
 
     def _log_prob(self, u: np.ndarray, method: str, steps: int | None, solver: str | None,
                   probes: int | None, seeds: np.ndarray, rows: np.ndarray,
-                  ) -> tuple[np.ndarray, None, int]:
-        (lp,) = self.call("log_prob", u)
+                  cond: np.ndarray | None = None) -> tuple[np.ndarray, None, int]:
+        (lp,) = self.call("log_prob", u, *_given(cond))
         return lp.astype(np.float64), None, 1
+
+
+def _given(cond: np.ndarray | None) -> tuple[np.ndarray, ...]:
+    """The ``context`` input of a conditional model's graphs; nothing for another."""
+    return () if cond is None else (cond,)

@@ -25,8 +25,9 @@ from typing import Any
 import numpy as np
 
 from artifact.manifest import Manifest
-from numerics.arrays import Array, asarray_like, to_numpy
+from numerics.arrays import Array, array_namespace, asarray_like, to_numpy
 from numerics.denoise import denoise_features, diffusion_time_estimate, keyed_normal
+from numerics.guidance import guided
 from numerics.likelihood import log_likelihood_exact, log_likelihood_hutchinson, normal_log_prob
 from numerics.manifolds import manifold
 from numerics.samplers import EDM_SAMPLERS, SAMPLERS, diffusion_sample, edm_stochastic_sample
@@ -39,28 +40,55 @@ __all__ = ["DiffusionRuntime", "EdmRuntime", "FlowMatchingRuntime", "OdeRuntime"
 
 
 class OdeRuntime(ModelRuntime):
-    """A velocity field ``v(x, t)`` with ``t = t_min`` data and ``t = t_max`` normal noise."""
+    """A velocity field ``v(x, t)`` with ``t = t_min`` data and ``t = t_max`` normal noise.
+
+    A conditional model's graphs take each row's ``context`` last; sampling with
+    ``guidance`` runs each step's conditional and null-token rows in one graph call and
+    follows the guided field (``numerics.guidance``)."""
 
     def _generate(self, z: np.ndarray, requests: Sequence[SeededRows], solver: str,
-                  steps: int | None) -> np.ndarray:
+                  steps: int | None, cond: np.ndarray | None = None,
+                  guidance: float | None = None) -> np.ndarray:
         d, t = self.manifest.defaults, self.manifest.time
-        return to_numpy(integrate(self._velocity, self.stage(z) * t.noise_std, t.t_max,
-                                  t.t_min, method=solver, steps=steps, rtol=d.rtol,
+        return to_numpy(integrate(self._field(cond, guidance), self.stage(z) * t.noise_std,
+                                  t.t_max, t.t_min, method=solver, steps=steps, rtol=d.rtol,
                                   atol=d.atol, rho=t.rho).x)
+
+    def _field(self, cond: np.ndarray | None,
+               guidance: float | None) -> Callable[[Array, Array], Array]:
+        """The sampling field ``(x, t) -> v``: unconditional, given ``cond: (rows, C)``, or
+        guided with weight ``guidance`` against the null token (the all-zero row)."""
+        if cond is None:
+            return self._velocity
+        if guidance is None:
+            c = self.stage(cond)
+            return lambda x, t: self._velocity(x, t, c)
+        both = self.stage(np.concatenate([cond, np.zeros_like(cond)]))
+
+        def field(x: Array, t: Array) -> Array:
+            xp = array_namespace(x)
+            v = self._velocity(xp.concatenate([x, x]), xp.concatenate([t, t]), both)
+            return guided(v[:len(x)], v[len(x):], guidance)
+
+        return field
 
     def _log_prob(self, u: np.ndarray, method: str, steps: int | None, solver: str | None,
                   probes: int | None, seeds: np.ndarray, rows: np.ndarray,
+                  cond: np.ndarray | None = None,
                   ) -> tuple[np.ndarray, np.ndarray | None, int]:
         d, t = self.manifest.defaults, self.manifest.time
         common = {"t0": t.t_min, "t1": t.t_max, "steps": steps, "rtol": d.rtol, "atol": d.atol,
                   "method": solver or ("dopri5" if steps is None else "rk4"), "rho": t.rho,
                   "base_log_prob": self._base_log_prob()}
         x = self.stage(u)  # the state stays on the graphs' device until the answer
+        probes = probes or d.probes
         if method == "exact":
-            res = log_likelihood_exact(self._velocity_div, x, **common)
-        else:
-            res = log_likelihood_hutchinson(self._velocity_jvp, x, probes=probes or d.probes,
-                                            seed=seeds, rows=rows, **common)
+            c = () if cond is None else (self.stage(cond),)
+            res = log_likelihood_exact(lambda y, t: self._velocity_div(y, t, *c), x, **common)
+        else:  # the probes' replicas are probe-major: so is each row's context
+            c = () if cond is None else (self.stage(np.tile(cond, (probes, 1))),)
+            res = log_likelihood_hutchinson(lambda y, t, e: self._velocity_jvp(y, t, e, *c), x,
+                                            probes=probes, seed=seeds, rows=rows, **common)
         se = None if res.std_error is None else to_numpy(res.std_error)
         return to_numpy(res.log_prob), se, int(res.nfe)
 
@@ -79,16 +107,18 @@ class OdeRuntime(ModelRuntime):
 
     # The velocity callables take and return the solver's arrays (numpy, or torch tensors on
     # the graphs' device); graphs compute in float32, the solvers in float64.
-    def _velocity(self, x: Array, t: Array) -> Array:
-        (v,) = self.call("velocity", x, t)
+    # ``context``: a conditional model's rows' context input (none for another model).
+    def _velocity(self, x: Array, t: Array, *context: Array) -> Array:
+        (v,) = self.call("velocity", x, t, *context)
         return asarray_like(v, x)
 
-    def _velocity_div(self, x: Array, t: Array) -> tuple[Array, Array]:
-        v, div = self.call("velocity_div", x, t)
+    def _velocity_div(self, x: Array, t: Array, *context: Array) -> tuple[Array, Array]:
+        v, div = self.call("velocity_div", x, t, *context)
         return asarray_like(v, x), asarray_like(div, x)
 
-    def _velocity_jvp(self, x: Array, t: Array, e: Array) -> tuple[Array, Array]:
-        v, jvp = self.call("velocity_jvp", x, t, e)
+    def _velocity_jvp(self, x: Array, t: Array, e: Array,
+                      *context: Array) -> tuple[Array, Array]:
+        v, jvp = self.call("velocity_jvp", x, t, e, *context)
         return asarray_like(v, x), asarray_like(jvp, x)
 
 
@@ -107,15 +137,18 @@ class DiffusionRuntime(OdeRuntime):
         self.schedule = make_schedule(t.schedule, beta_min=t.beta_min, beta_max=t.beta_max)
 
     def _generate(self, z: np.ndarray, requests: Sequence[SeededRows], solver: str,
-                  steps: int | None) -> np.ndarray:
+                  steps: int | None, cond: np.ndarray | None = None,
+                  guidance: float | None = None) -> np.ndarray:
         if solver not in SAMPLERS:
-            return super()._generate(z, requests, solver, steps)
-        x, _ = diffusion_sample(solver, self._eps, z, self.schedule, steps,
+            return super()._generate(z, requests, solver, steps, cond, guidance)
+        field = self._field(cond, guidance)
+
+        def eps(x: np.ndarray, t: np.ndarray) -> np.ndarray:
+            return pf_ode_eps(x, field(x, t), t, self.schedule)
+
+        x, _ = diffusion_sample(solver, eps, z, self.schedule, steps,
                                 SegmentedNoise(requests), self.manifest.time.t_min)
         return x
-
-    def _eps(self, x: np.ndarray, t: np.ndarray) -> np.ndarray:
-        return pf_ode_eps(x, self._velocity(x, t), t, self.schedule)
 
 
 @register_runtime("edm")

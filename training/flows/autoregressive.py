@@ -32,6 +32,7 @@ class MaskedAutoregressive(Transform):
         univariate: the element-wise map ``tau`` (default ``Affine``: MAF; a spline: NSF-AR).
         hidden_features: width of MADE's hidden layers.
         hidden_layers: number of MADE hidden layers.
+        context_features: ``C`` context columns MADE sees besides ``x`` (0: unconditional).
 
     Shapes: ``x: (batch, dim)`` -> ``(y: (batch, dim), ladj: (batch,))``.
 
@@ -48,39 +49,44 @@ class MaskedAutoregressive(Transform):
         univariate: Univariate | None = None,
         hidden_features: int = 64,
         hidden_layers: int = 2,
+        context_features: int = 0,
     ) -> None:
         super().__init__()
         self.dim = dim
+        self.conditional = context_features > 0
         self.univariate = Affine() if univariate is None else univariate
         self.conditioner = MADE(
-            dim, self.univariate.params_per_dim, hidden_features, hidden_layers
+            dim, self.univariate.params_per_dim, hidden_features, hidden_layers,
+            context_features=context_features,
         )
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        y, ladj = self.univariate(x, self.conditioner(x))
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        y, ladj = self.univariate(x, self.conditioner(x, context))
         return y, ladj.sum(-1)
 
-    def inverse(self, y: Tensor) -> Tensor:
-        return self.inverse_and_ladj(y)[0]
+    def inverse(self, y: Tensor, context: Tensor | None = None) -> Tensor:
+        return self.inverse_and_ladj(y, context)[0]
 
-    def inverse_and_ladj(self, y: Tensor) -> tuple[Tensor, Tensor]:
+    def inverse_and_ladj(self, y: Tensor,
+                         context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         # Pass k fixes feature k; the last pass's parameters already see every settled
         # feature they depend on, so its log-det is that of the final x.
         x = y.new_zeros(y.shape)
         ladj = y.new_zeros(y.shape)
         for _ in range(self.dim):
-            x, ladj = self.univariate.inverse(y, self.conditioner(x))
+            x, ladj = self.univariate.inverse(y, self.conditioner(x, context))
         return x, ladj.sum(-1)
 
 
-def autoregressive_flow(dim: int, steps: int, make_step: Callable[[], Transform]) -> Flow:
+def autoregressive_flow(dim: int, steps: int, make_step: Callable[[], Transform],
+                        context_features: int = 0) -> Flow:
     """``steps`` autoregressive steps with a reversal between consecutive ones."""
     transforms: list[Transform] = []
     for i in range(steps):
         if i > 0:
             transforms.append(Permutation.reverse(dim))
         transforms.append(make_step())
-    return Flow(dim, transforms)
+    return Flow(dim, transforms, context_features)
 
 
 def build_maf(dim: int, cfg: ModelConfig) -> Flow:
@@ -88,7 +94,9 @@ def build_maf(dim: int, cfg: ModelConfig) -> Flow:
     return autoregressive_flow(
         dim,
         cfg.transforms,
-        lambda: MaskedAutoregressive(dim, Affine(), cfg.hidden_features, cfg.hidden_layers),
+        lambda: MaskedAutoregressive(dim, Affine(), cfg.hidden_features, cfg.hidden_layers,
+                                     cfg.context_features),
+        cfg.context_features,
     )
 
 
@@ -98,6 +106,8 @@ def build_iaf(dim: int, cfg: ModelConfig) -> Flow:
         dim,
         cfg.transforms,
         lambda: InverseTransform(
-            MaskedAutoregressive(dim, Affine(), cfg.hidden_features, cfg.hidden_layers)
+            MaskedAutoregressive(dim, Affine(), cfg.hidden_features, cfg.hidden_layers,
+                                 cfg.context_features)
         ),
+        cfg.context_features,
     )

@@ -29,7 +29,13 @@ class Transform(nn.Module):
     Subclasses implement ``forward(x) -> (y, ladj)`` and ``inverse(y) -> x``, where
     ``ladj: (batch,)`` is ``log |det df/dx|``. They may override ``inverse_and_ladj`` when the
     inverse log-det comes for free, and ``frozen`` when inference can avoid solvers.
+
+    A conditional transform (``conditional = True``: its conditioner also sees a context
+    row, as zuko's conditional flows do) takes ``context: (batch, C)`` as a keyword in
+    ``forward``, ``inverse`` and ``inverse_and_ladj``; :class:`Compose` hands it only to those.
     """
+
+    conditional: bool = False
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``x: (batch, dim)`` -> ``(y: (batch, dim), ladj: (batch,))``."""
@@ -71,15 +77,16 @@ class InverseTransform(Transform):
     def __init__(self, transform: Transform) -> None:
         super().__init__()
         self.transform = transform
+        self.conditional = transform.conditional
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return self.transform.inverse_and_ladj(x)
+    def forward(self, x: Tensor, **context: Tensor) -> tuple[Tensor, Tensor]:
+        return self.transform.inverse_and_ladj(x, **context)
 
-    def inverse(self, y: Tensor) -> Tensor:
-        return self.transform(y)[0]
+    def inverse(self, y: Tensor, **context: Tensor) -> Tensor:
+        return self.transform(y, **context)[0]
 
-    def inverse_and_ladj(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        return self.transform(y)
+    def inverse_and_ladj(self, y: Tensor, **context: Tensor) -> tuple[Tensor, Tensor]:
+        return self.transform(y, **context)
 
     def frozen(self) -> Transform:
         return InverseTransform(self.transform.frozen())
@@ -104,20 +111,31 @@ class Compose(Transform):
         super().__init__()
         self.transforms = nn.ModuleList(transforms)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         ladj = x.new_zeros(x.shape[0])
         for transform in self.transforms:
-            x, step_ladj = transform(x)
+            x, step_ladj = transform(x, **_given(transform, context))
             ladj = ladj + step_ladj
         return x, ladj
 
-    def inverse(self, y: Tensor) -> Tensor:
+    def inverse(self, y: Tensor, context: Tensor | None = None) -> Tensor:
         for transform in reversed(self.transforms):
-            y = transform.inverse(y)
+            y = transform.inverse(y, **_given(transform, context))
         return y
 
     def frozen(self) -> Compose:
         return Compose([t.frozen() for t in self.transforms])
+
+
+def _given(transform: Transform, context: Tensor | None) -> dict[str, Tensor]:
+    """``{"context": context}`` for a conditional transform, ``{}`` for any other."""
+    return _kw(context) if transform.conditional else {}
+
+
+def _kw(context: Tensor | None) -> dict[str, Tensor]:
+    """``{"context": context}`` when there is one: flows that are never conditional (TarFlow,
+    residual, image flows) keep their one-argument signatures."""
+    return {} if context is None else {"context": context}
 
 
 class ExactDensity:
@@ -130,17 +148,20 @@ class ExactDensity:
     dim: int
 
     def log_prob_with_error(self, x: Tensor, method: str | None = None,
+                            context: Tensor | None = None,
                             **options: object) -> LikelihoodResult:
-        """Exact ``log p(x)``: ``x: (batch, dim)`` -> ``log_prob: (batch,)``, no standard
-        error, one pass (``z`` is ``x``: there is no ODE end state). ODE options
-        (``steps``, ``solver``, ``seed``) do not apply."""
+        """Exact ``log p(x)`` (``log p(x | context)`` for a conditional flow): ``x: (batch,
+        dim)`` -> ``log_prob: (batch,)``, no standard error, one pass (``z`` is ``x``: there is
+        no ODE end state). ODE options (``steps``, ``solver``, ``seed``) do not apply."""
         if method not in (None, "exact"):
             raise ValueError(f"a flow's likelihood is exact; method {method!r} does not apply")
-        return LikelihoodResult(self.log_prob(x), None, 1, x)
+        given = {} if context is None else {"context": context}
+        return LikelihoodResult(self.log_prob(x, **given), None, 1, x)
 
     def export_graphs(self) -> dict[str, ExportGraph]:
-        """``log_prob`` and ``sample``, on the solver-free inference copy."""
-        return one_pass_graphs(self.frozen(), self.dim)
+        """``log_prob`` and ``sample``, on the solver-free inference copy (with a
+        ``context`` input when the model is conditional)."""
+        return one_pass_graphs(self.frozen(), self.dim, getattr(self, "context_features", 0))
 
     def time_spec(self) -> TimeSpec | None:
         return None
@@ -171,13 +192,16 @@ class Flow(ExactDensity, Compose):
 
     family = "flow"
 
-    def __init__(self, dim: int, transforms: Iterable[Transform]) -> None:
+    def __init__(self, dim: int, transforms: Iterable[Transform],
+                 context_features: int = 0) -> None:
         super().__init__(transforms)
         self.dim = dim
+        self.context_features = context_features
 
-    def log_prob(self, x: Tensor) -> Tensor:
-        """Exact log density ``x: (batch, dim)`` -> ``(batch,)`` in nats."""
-        z, ladj = self(x)
+    def log_prob(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """Exact log density ``x: (batch, dim)`` -> ``(batch,)`` in nats; a conditional flow
+        takes ``context: (batch, C)`` and answers ``log p(x | context)``."""
+        z, ladj = self(x, **_kw(context))
         return standard_normal_log_prob(z) + ladj
 
     def encode_graphs(self) -> dict[str, ExportGraph]:
@@ -185,13 +209,15 @@ class Flow(ExactDensity, Compose):
         return {"encode": ExportGraph(EncodeGraph(self.frozen()), [spec("u", self.dim)],
                                       [spec("z", self.dim)])}
 
-    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        """Draw ``n`` samples ``(n, dim)``; the same seeded ``generator`` gives the same draw."""
+    def sample(self, n: int, generator: torch.Generator | None = None,
+               context: Tensor | None = None) -> Tensor:
+        """Draw ``n`` samples ``(n, dim)`` (given ``context: (n, C)`` for a conditional flow);
+        the same seeded ``generator`` gives the same draw."""
         reference = next(self.parameters())
         z = torch.randn(
             n, self.dim, generator=generator, dtype=reference.dtype, device=reference.device
         )
-        return self.inverse(z)
+        return self.inverse(z, **_kw(context))
 
     def generation(self, z: Tensor, *, frames: int, solver: str = "rk4",
                    steps: int = 32) -> tuple[Trajectory, list[str], str]:
@@ -207,13 +233,16 @@ class Flow(ExactDensity, Compose):
         labels = [f"layer {i}/{layers} inverted" for i in range(layers + 1)]
         return path, labels, f"inverse pass, {layers} layers, NFE 1"
 
-    def training_loss(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Mean negative log-likelihood of ``x: (batch, dim)`` (``generator`` is unused)."""
-        return -self.log_prob(x).mean()
+    def training_loss(self, x: Tensor, generator: torch.Generator | None = None,
+                      context: Tensor | None = None) -> Tensor:
+        """Mean negative log-likelihood of ``x: (batch, dim)`` (given ``context``;
+        ``generator`` is unused)."""
+        return -self.log_prob(x, **_kw(context)).mean()
 
-    def validation_loss(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def validation_loss(self, x: Tensor, generator: torch.Generator | None = None,
+                        context: Tensor | None = None) -> Tensor:
         """Mean negative log-likelihood, the same as ``training_loss``."""
-        return -self.log_prob(x).mean()
+        return -self.log_prob(x, **_kw(context)).mean()
 
     def frozen(self) -> Flow:
         """A copy for inference export whose steps need no linear-algebra solvers.

@@ -52,8 +52,11 @@ class Coupling(Transform):
         univariate: the element-wise map ``tau`` (``Shift``, ``Affine``, a spline...).
         hidden_features: width of the conditioner's hidden layers.
         hidden_layers: number of hidden layers.
+        context_features: ``C`` context columns the conditioner sees besides ``x_a``
+            (``theta(x_a, c)``; 0: unconditional).
 
-    Shapes: ``x: (batch, dim)`` -> ``(y: (batch, dim), ladj: (batch,))``.
+    Shapes: ``x: (batch, dim)`` (and ``context: (batch, C)``) -> ``(y: (batch, dim), ladj:
+    (batch,))``.
 
     Example:
         >>> layer = Coupling(alternating_mask(4, 0), Affine(), hidden_features=16)
@@ -66,8 +69,10 @@ class Coupling(Transform):
         univariate: Univariate,
         hidden_features: int = 64,
         hidden_layers: int = 2,
+        context_features: int = 0,
     ) -> None:
         super().__init__()
+        self.conditional = context_features > 0
         mask = torch.as_tensor(mask, dtype=torch.bool)
         kept, moved = mask.nonzero().flatten(), (~mask).nonzero().flatten()
         if len(kept) == 0 or len(moved) == 0:
@@ -78,26 +83,29 @@ class Coupling(Transform):
         self.num_moved = len(moved)
         self.univariate = univariate
         out_features = len(moved) * univariate.params_per_dim
-        self.conditioner = MLP(len(kept), out_features, hidden_features, hidden_layers)
+        self.conditioner = MLP(len(kept) + context_features, out_features, hidden_features,
+                               hidden_layers)
 
-    def _split(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _split(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         x_a, x_b = x.index_select(-1, self.kept), x.index_select(-1, self.moved)
-        params = self.conditioner(x_a).unflatten(-1, (self.num_moved, -1))
+        seen = x_a if context is None else torch.cat([x_a, context], dim=-1)
+        params = self.conditioner(seen).unflatten(-1, (self.num_moved, -1))
         return x_a, x_b, params
 
     def _merge(self, x_a: Tensor, y_b: Tensor) -> Tensor:
         return torch.cat([x_a, y_b], dim=-1).index_select(-1, self.merge_order)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        x_a, x_b, params = self._split(x)
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        x_a, x_b, params = self._split(x, context)
         y_b, ladj = self.univariate(x_b, params)
         return self._merge(x_a, y_b), ladj.sum(-1)
 
-    def inverse(self, y: Tensor) -> Tensor:
-        return self.inverse_and_ladj(y)[0]
+    def inverse(self, y: Tensor, context: Tensor | None = None) -> Tensor:
+        return self.inverse_and_ladj(y, context)[0]
 
-    def inverse_and_ladj(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        y_a, y_b, params = self._split(y)
+    def inverse_and_ladj(self, y: Tensor,
+                         context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        y_a, y_b, params = self._split(y, context)
         x_b, ladj = self.univariate.inverse(y_b, params)
         return self._merge(y_a, x_b), ladj.sum(-1)
 
@@ -111,8 +119,9 @@ class AdditiveCoupling(Coupling):
         >>> y, ladj = AdditiveCoupling(alternating_mask(4, 1))(torch.randn(8, 4))  # ladj == 0
     """
 
-    def __init__(self, mask: Tensor, hidden_features: int = 64, hidden_layers: int = 2) -> None:
-        super().__init__(mask, Shift(), hidden_features, hidden_layers)
+    def __init__(self, mask: Tensor, hidden_features: int = 64, hidden_layers: int = 2,
+                 context_features: int = 0) -> None:
+        super().__init__(mask, Shift(), hidden_features, hidden_layers, context_features)
 
 
 class AffineCoupling(Coupling):
@@ -124,8 +133,9 @@ class AffineCoupling(Coupling):
         >>> y, ladj = AffineCoupling(alternating_mask(4, 0))(torch.randn(8, 4))
     """
 
-    def __init__(self, mask: Tensor, hidden_features: int = 64, hidden_layers: int = 2) -> None:
-        super().__init__(mask, Affine(), hidden_features, hidden_layers)
+    def __init__(self, mask: Tensor, hidden_features: int = 64, hidden_layers: int = 2,
+                 context_features: int = 0) -> None:
+        super().__init__(mask, Affine(), hidden_features, hidden_layers, context_features)
 
 
 def build_nice(dim: int, cfg: ModelConfig) -> Flow:
@@ -133,10 +143,11 @@ def build_nice(dim: int, cfg: ModelConfig) -> Flow:
     scale (the only volume change)."""
     check_coupling_dim("nice", dim)
     steps: list[Transform] = [
-        AdditiveCoupling(alternating_mask(dim, i), cfg.hidden_features, cfg.hidden_layers)
+        AdditiveCoupling(alternating_mask(dim, i), cfg.hidden_features, cfg.hidden_layers,
+                          cfg.context_features)
         for i in range(cfg.transforms)
     ]
-    return Flow(dim, [*steps, DiagonalScale(dim)])
+    return Flow(dim, [*steps, DiagonalScale(dim)], cfg.context_features)
 
 
 def build_realnvp(dim: int, cfg: ModelConfig) -> Flow:
@@ -145,9 +156,11 @@ def build_realnvp(dim: int, cfg: ModelConfig) -> Flow:
     return Flow(
         dim,
         [
-            AffineCoupling(alternating_mask(dim, i), cfg.hidden_features, cfg.hidden_layers)
+            AffineCoupling(alternating_mask(dim, i), cfg.hidden_features, cfg.hidden_layers,
+                           cfg.context_features)
             for i in range(cfg.transforms)
         ],
+        cfg.context_features,
     )
 
 
@@ -159,6 +172,7 @@ def build_glow(dim: int, cfg: ModelConfig) -> Flow:
         steps += [
             ActNorm(dim),
             LULinear(dim),
-            AffineCoupling(alternating_mask(dim, i), cfg.hidden_features, cfg.hidden_layers),
+            AffineCoupling(alternating_mask(dim, i), cfg.hidden_features, cfg.hidden_layers,
+                           cfg.context_features),
         ]
-    return Flow(dim, steps)
+    return Flow(dim, steps, cfg.context_features)

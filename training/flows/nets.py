@@ -73,8 +73,11 @@ class MADE(nn.Module):
         hidden_features: width of each hidden layer.
         hidden_layers: number of hidden layers (>= 1).
         order: a permutation of ``range(D)``, the autoregressive order (default identity).
+        context_features: ``C`` context inputs every output may depend on (zuko's
+            conditional MADE): degree 0, seen by every hidden unit; hidden degrees then start
+            at 0, so the first feature's parameters depend on the context alone.
 
-    Shapes: ``x: (batch, D)`` -> ``(batch, D, K)``.
+    Shapes: ``x: (batch, D)`` (and ``context: (batch, C)``) -> ``(batch, D, K)``.
 
     Example:
         >>> made = MADE(3, 2, hidden_features=16, hidden_layers=2)
@@ -89,15 +92,20 @@ class MADE(nn.Module):
         hidden_features: int,
         hidden_layers: int,
         order: Tensor | None = None,
+        context_features: int = 0,
     ) -> None:
         super().__init__()
         self.dim = dim
         self.params_per_dim = params_per_dim
         order = torch.arange(dim) if order is None else torch.as_tensor(order)
         input_degrees = order + 1
-        hidden_degrees = torch.arange(hidden_features) % max(dim - 1, 1) + 1
+        if context_features:
+            hidden_degrees = torch.arange(hidden_features) % dim
+            degrees = torch.cat([input_degrees, torch.zeros(context_features, dtype=torch.long)])
+        else:
+            hidden_degrees = torch.arange(hidden_features) % max(dim - 1, 1) + 1
+            degrees = input_degrees
         layers: list[nn.Module] = []
-        degrees = input_degrees
         for _ in range(hidden_layers):
             mask = hidden_degrees[:, None] >= degrees[None, :]
             layers += [MaskedLinear(mask), nn.ReLU()]
@@ -108,5 +116,7 @@ class MADE(nn.Module):
         nn.init.zeros_(output.bias)
         self.network = nn.Sequential(*layers, output)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        if context is not None:
+            x = torch.cat([x, context], dim=-1)
         return self.network(x).unflatten(-1, (self.dim, self.params_per_dim))

@@ -208,9 +208,11 @@ def build_nsf(dim: int, cfg: ModelConfig) -> Flow:
                 RationalQuadraticSpline(cfg.bins, cfg.tail_bound),
                 cfg.hidden_features,
                 cfg.hidden_layers,
+                cfg.context_features,
             )
             for i in range(cfg.transforms)
         ],
+        cfg.context_features,
     )
 
 
@@ -224,5 +226,7 @@ def build_nsf_ar(dim: int, cfg: ModelConfig) -> Flow:
             RationalQuadraticSpline(cfg.bins, cfg.tail_bound),
             cfg.hidden_features,
             cfg.hidden_layers,
+            cfg.context_features,
         ),
+        cfg.context_features,
     )
