@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.report import machine_line, markdown_table, write_results
+from bench.report import machine_line, markdown_table, rerender, write_results
 
 SECTION = "conditional"
 STEPS = 2000
@@ -219,10 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     ns = p.parse_args(argv)
     json_path = Path(__file__).resolve().parents[1] / "docs" / "bench" / "conditional.json"
     if ns.render:
-        import json
-
-        payload = json.loads(json_path.read_text())
-        write_results(SECTION, render(payload), json_path, payload)
+        rerender(SECTION, render, json_path)
         return 0
     import torch
 

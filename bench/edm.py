@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from bench.families import ModelPlan, _loglik, _w2, floor_draws, load_splits, train_one
-from bench.report import machine_line, markdown_table, write_results
+from bench.report import machine_line, markdown_table, rerender, write_results
 
 SECTION = "edm"
 SETS = ("gmm2", "8gaussians", "3clusters")
@@ -160,8 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     ns = p.parse_args(argv)
     json_path = Path(__file__).resolve().parents[1] / "docs" / "bench" / "edm.json"
     if ns.render:
-        payload = json.loads(json_path.read_text())
-        write_results(SECTION, render(payload), json_path, payload)
+        rerender(SECTION, render, json_path)
         return 0
     import torch
 

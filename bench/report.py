@@ -8,10 +8,12 @@ import os
 import platform
 import re
 import tempfile
+from collections.abc import Callable
 from datetime import date
 from pathlib import Path
 
-__all__ = ["BENCHMARKS", "machine_line", "markdown_table", "write_section"]
+__all__ = ["BENCHMARKS", "machine_line", "markdown_table", "rerender", "write_results",
+           "write_section"]
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "docs" / "BENCHMARKS.md"
 HEADER = """# genserve benchmarks
@@ -58,6 +60,12 @@ def write_section(name: str, markdown: str, path: Path = BENCHMARKS) -> None:
         os.replace(tmp, path)
     finally:
         os.close(lock)
+
+
+def rerender(section: str, render: Callable[[dict], str], json_path: Path) -> None:
+    """Rewrite ``section`` from the results already in ``json_path`` (a bench's ``--render``)."""
+    payload = json.loads(json_path.read_text())
+    write_results(section, render(payload), json_path, payload)
 
 
 def write_results(section: str, markdown: str, json_path: Path, payload: object) -> None:

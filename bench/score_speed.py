@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.report import machine_line, markdown_table, write_results
-from bench.serving import wrk
+from bench.serving import rows_per_second, wrk
 from service.devserver import running_server
 from service.runtime import open_runtime
 
@@ -69,13 +69,7 @@ def build(models: Path, kinds: list[str], steps: int, seed: int = 0) -> dict[str
 def ceiling(folder: Path, x: np.ndarray, repeats: int = 7) -> float:
     """In-process rows/s of ``anomaly_score`` on ``x`` (median of ``repeats`` calls)."""
     rt = open_runtime(folder)
-    rt.anomaly_score(x)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        rt.anomaly_score(x)
-        times.append(time.perf_counter() - t0)
-    return len(x) / statistics.median(times)
+    return rows_per_second(lambda: rt.anomaly_score(x), len(x), repeats)
 
 
 def run(kinds: list[str], steps: int, duration: int, rounds: int) -> dict:

@@ -21,6 +21,7 @@ import statistics
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -71,16 +72,21 @@ def _ms(text: str) -> float:
     return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}[unit]
 
 
-def ceiling(rt: ModelRuntime, rows: int, options: dict, repeats: int = 30) -> float:
-    """In-process rows/s of the runtime at ``rows`` rows per call (median of repeats)."""
-    x = np.random.default_rng(0).normal(size=(rows, rt.dim)) * 0.5
-    rt.log_likelihood(x, **options)
+def rows_per_second(call: Callable[[], object], rows: int, repeats: int) -> float:
+    """``rows`` over the median time of ``repeats`` calls of ``call``, after one warm-up."""
+    call()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        rt.log_likelihood(x, **options)
+        call()
         times.append(time.perf_counter() - start)
     return rows / statistics.median(times)
+
+
+def ceiling(rt: ModelRuntime, rows: int, options: dict, repeats: int = 30) -> float:
+    """In-process rows/s of the runtime at ``rows`` rows per call (median of repeats)."""
+    x = np.random.default_rng(0).normal(size=(rows, rt.dim)) * 0.5
+    return rows_per_second(lambda: rt.log_likelihood(x, **options), rows, repeats)
 
 
 CEILING_BLOCKS = 5  # blocks per scenario before the served runs, and again after them
