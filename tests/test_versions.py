@@ -221,6 +221,16 @@ def _failed(server: Server) -> dict[str, str]:
     return json.loads(server.get("/models")[1])["failed"]
 
 
+def _failure(server: Server, key: str, what: str) -> str:
+    """Why ``key`` is failed, from the first ``/models`` answer that lists it (the workers
+    converge one poll apart, so a second request may reach one that has not yet)."""
+    deadline = time.monotonic() + CONVERGE_S
+    while (why := _failed(server).get(key)) is None:
+        assert time.monotonic() < deadline, what
+        time.sleep(POLL_S / 2)
+    return why
+
+
 def _wait_until(check, what: str) -> None:
     deadline = time.monotonic() + CONVERGE_S
     while not check():
@@ -237,8 +247,8 @@ def test_faults_are_refused_or_finish_and_the_old_version_serves(versions_server
     (folder / "2").mkdir()
     manifest = json.loads((staged / "2" / "manifest.json").read_text()) | {"name": model}
     (folder / "2" / "manifest.json").write_text(json.dumps(manifest))
-    _wait_until(lambda: "faults/2" in _failed(server), "the half-copied version is not shown")
-    assert "is missing" in _failed(server)["faults/2"] or "sha256" in _failed(server)["faults/2"]
+    why = _failure(server, "faults/2", "the half-copied version is not shown")
+    assert "is missing" in why or "sha256" in why
     time.sleep(3 * POLL_S)
     assert _ask(server, "sample", model)[1]["version"] == 1
     for graph in sorted(p for p in (staged / "2").iterdir() if p.name != "manifest.json"):
@@ -248,14 +258,17 @@ def test_faults_are_refused_or_finish_and_the_old_version_serves(versions_server
     assert metric_sum(scrape_metrics(server), "genserve_model_loads_total", model=model,
                       version="2", result="ok") == WORKERS  # loaded once in each worker
     # a corrupted graph: refused with the reason, version 2 goes on serving
-    _copy_version(staged / "2", folder / "3", model)
-    graph = folder / "3" / "log_prob.onnx"
+    # (corrupted while hidden, then moved in, so no poll sees it whole)
+    hidden = folder / ".3"
+    _copy_version(staged / "2", hidden, model)
+    graph = hidden / "log_prob.onnx"
     data = bytearray(graph.read_bytes())
     data[len(data) // 2] ^= 0xFF
     graph.write_bytes(bytes(data))
-    _wait_until(lambda: "faults/3" in _failed(server), "the corrupted version is not refused")
-    assert "log_prob.onnx" in _failed(server)["faults/3"]
-    assert "sha256" in _failed(server)["faults/3"]
+    hidden.rename(folder / "3")
+    why = _failure(server, "faults/3", "the corrupted version is not refused")
+    assert "log_prob.onnx" in why
+    assert "sha256" in why
     status, body = _ask(server, "sample", model, version=3)
     assert status == 404 and "(it is failed: " in body["error"], body
     assert _ask(server, "sample", model)[1]["version"] == 2
