@@ -269,8 +269,13 @@ def test_faults_are_refused_or_finish_and_the_old_version_serves(versions_server
     why = _failure(server, "faults/3", "the corrupted version is not refused")
     assert "log_prob.onnx" in why
     assert "sha256" in why
-    status, body = _ask(server, "sample", model, version=3)
-    assert status == 404 and "(it is failed: " in body["error"], body
+    # every worker refuses version 3 (404); once each has polled, each says it is failed
+    def refused_as_failed() -> bool:
+        status, body = _ask(server, "sample", model, version=3)
+        assert status == 404, body
+        return "(it is failed: " in body["error"]
+    _wait_until(lambda: all(refused_as_failed() for _ in range(4)),
+                "a request for the corrupted version is not told it is failed")
     assert _ask(server, "sample", model)[1]["version"] == 2
     # version 2 removed while requests use it: they finish; version 1 serves after
     with Load(server, model, callers=8) as load:
