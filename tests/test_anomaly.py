@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from artifact.tables import DataError
-from service.scoring import HEADER, read_scores, score_file
+from service.score_files import HEADER, read_scores
+from service.scoring import score_file
 from training.anomaly import fit_anomaly, format_summary
 from training.anomaly_models import export_candidate
 from training.anomaly_rows import choose_plan, column_noise
