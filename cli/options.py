@@ -74,6 +74,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-every", dest="eval_every", type=int, help="steps between evals")
     g.add_argument("--patience", type=int, help="evals without improvement before stopping")
     g.add_argument("--seed", type=int, help="seed for initialisation and batches (0)")
+    g.add_argument("--threads", type=int, help="torch CPU threads while training (1; 0: every "
+                   "core, for large networks on a machine of your own)")
     g.add_argument("--dist-backend", dest="dist_backend", choices=["auto", "gloo", "nccl"],
                    help="data-parallel backend under torchrun (auto: nccl with CUDA, else gloo)")
     g.add_argument("--device", choices=["cpu", "cuda", "auto"],

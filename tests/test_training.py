@@ -17,7 +17,7 @@ from cli import main
 from training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from training.config import TrainConfig
 from training.evaluate import data_log_prob, evaluate
-from training.train import lr_lambda
+from training.train import lr_lambda, train_model
 
 
 def test_lr_schedule_warms_up_then_decays() -> None:
@@ -309,3 +309,41 @@ def test_tqdm_disable_turns_off_bars_that_progress_turned_on(monkeypatch, capsys
     assert "train:" not in train()
     monkeypatch.setenv("TQDM_DISABLE", "0")
     assert "train:" in train()
+
+
+def test_training_runs_on_the_configured_torch_threads(capsys) -> None:
+    """``TrainConfig.threads`` (default 1) holds inside the loop and the caller's setting is
+    restored after; 0 leaves torch's own; a negative count is refused at the CLI."""
+    from training.config import PreprocessConfig
+    from training.preprocess import Preprocessor
+
+    seen: list[int] = []
+
+    class Probe(torch.nn.Module):  # one parameter; its loss records torch's thread count
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(2))
+
+        def training_loss(self, u, generator, **_) -> torch.Tensor:
+            seen.append(torch.get_num_threads())
+            return ((u - self.w) ** 2).mean()
+
+        validation_loss = training_loss
+
+    x = np.random.default_rng(0).normal(size=(64, 2))
+    pre = Preprocessor.fit(PreprocessConfig(standardize=False), x, None)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for threads, expected in ((1, 1), (0, 2), (2, 2)):
+            seen.clear()
+            train_model(Probe(), pre, x, x, TrainConfig(steps=3, eval_every=2, threads=threads,
+                                                        progress=False))
+            assert seen and set(seen) == {expected}, (threads, seen)
+            assert torch.get_num_threads() == 2
+        assert TrainConfig().threads == 1
+    finally:
+        torch.set_num_threads(before)
+    assert main(["train", "--model", "maf", "--data", "moons", "--out", "unused",
+                 "--threads", "-1"]) == 2
+    assert "threads" in capsys.readouterr().err

@@ -33,8 +33,8 @@ from service.progress import progress_bar
 from training.config import TrainConfig
 from training.distributed import DistContext, all_reduce_mean, broadcast_float, setup
 
-__all__ = ["TrainResult", "autocast", "batch_indices", "lr_lambda", "train_model",
-           "training_device"]
+__all__ = ["TrainResult", "autocast", "batch_indices", "intra_op_threads", "lr_lambda",
+           "train_model", "training_device"]
 
 
 @dataclass
@@ -207,6 +207,22 @@ def _data_dependent_init(
     model.training_loss(u, noise, **_context(ct, idx))
 
 
+@contextlib.contextmanager
+def intra_op_threads(threads: int):
+    """torch's CPU threads set to ``threads`` (0: leave torch's default) and restored after.
+
+    The training loop's networks are small: one thread does their matrix products as fast as
+    several, and extra threads that busy-wait for cores other processes hold slow training
+    down several times on a shared machine (docs/BENCHMARKS.md, "Training threads")."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def train_model(
     model: nn.Module,
     preprocess: nn.Module,
@@ -232,6 +248,13 @@ def train_model(
     ``c_train``/``c_val``: a conditional model's ``context`` rows ``(rows, C)`` beside
     ``x_train``/``x_val`` (``artifact.conditions.context_rows``); minibatches keep each row's.
     """
+    with intra_op_threads(cfg.threads):
+        return _train(model, preprocess, x_train, x_val, cfg, dist_ctx, c_train, c_val)
+
+
+def _train(model: nn.Module, preprocess: nn.Module, x_train: np.ndarray, x_val: np.ndarray,
+           cfg: TrainConfig, dist_ctx: DistContext | None, c_train: np.ndarray | None,
+           c_val: np.ndarray | None) -> TrainResult:
     ctx = dist_ctx if dist_ctx is not None else setup(cfg.dist_backend)
     device = ctx.device if ctx.enabled else training_device(cfg.device)
     moved = device.type != "cpu"
