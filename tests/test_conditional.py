@@ -314,31 +314,39 @@ def test_ode_models_take_the_context_in_every_graph(conditional_models: dict[str
     np.testing.assert_allclose(marginal, np.logaddexp.reduce(each + priors, 0), rtol=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["otcfm", "ffjord"])
-def test_otcfm_and_ffjord_serve_log_p_x_given_y(kind: str, tmp_path: Path, gmm2_rows) -> None:
-    """OT-CFM (OT pairs within each class) and FFJORD (maximum likelihood given the label)
-    train on labels, export a context input in every velocity graph, and serve
-    ``log p(x | y)`` equal to the eager model's, different for another label."""
+@pytest.mark.parametrize("kind", ["otcfm", "ffjord", "rfm"])
+def test_ode_label_models_serve_log_p_x_given_y(kind: str, tmp_path: Path) -> None:
+    """OT-CFM (OT pairs within each class), FFJORD (maximum likelihood given the label) and
+    RFM (a tangent field given the label, on vmf_s2's components) train on labels, export a
+    context input in every velocity graph, and serve ``log p(x | y)`` equal to the eager
+    model's, different for another label; guided samples keep their shape (RFM's stay on
+    the sphere)."""
     from training.export import export_checkpoint
     from training.fit import fit
 
-    ckpt = fit(kind, "gmm2", rows=600, condition="label", out=tmp_path / "ckpt",
+    data, fields = ("vmf_s2", {"manifold": "sphere"}) if kind == "rfm" else ("gmm2", {})
+    ckpt = fit(kind, data, rows=600, condition="label", out=tmp_path / "ckpt",
                model_cfg=ModelConfig(hidden_features=16, hidden_layers=2, time_embedding=4,
-                                     cfg_dropout=0.2),
+                                     cfg_dropout=0.2, **fields),
                train_cfg=TrainConfig(steps=8, batch_size=128, eval_every=8, progress=False))
     export_checkpoint(ckpt, tmp_path / "m", formats=("onnx",), calibration=False)
     rt = open_runtime(tmp_path / "m", runtime="onnx")
-    x, y = gmm2_rows.x[:12], gmm2_rows.y[:12]
+    rows = load_data(data, n=12, seed=11)
+    x, y = rows.x, rows.y
     c = torch.as_tensor(context_rows(ckpt.config.condition, labels=y), dtype=torch.float32)
     with torch.no_grad():
         u, ladj = ckpt.preprocessor(torch.as_tensor(x, dtype=torch.float32))
         eager = (ckpt.model.log_prob(u, context=c, steps=4, solver="rk4") + ladj).numpy()
     got = rt.log_likelihood(x, labels=y, steps=4, solver="rk4").log_prob
     np.testing.assert_allclose(got, eager, rtol=1e-4, atol=1e-4)
-    other = rt.log_likelihood(x, labels=(y + 1) % 5, steps=4, solver="rk4").log_prob
+    classes = len(ckpt.config.condition.priors)
+    other = rt.log_likelihood(x, labels=(y + 1) % classes, steps=4, solver="rk4").log_prob
     assert np.abs(other - got).min() > 0
-    assert rt.sample_many([SeededRows(3, seed=1)], labels=np.full(3, 2), guidance=1.0,
-                          solver="heun", steps=3).blocks[0].shape == (3, 2)
+    s = rt.sample_many([SeededRows(3, seed=1)], labels=np.full(3, 1), guidance=1.0,
+                       solver="heun", steps=3).blocks[0]
+    assert s.shape == (3, x.shape[1])
+    if kind == "rfm":
+        np.testing.assert_allclose(np.linalg.norm(s, axis=1), 1.0, atol=1e-5)
 
 
 def test_guidance_zero_is_the_plain_conditional_model_and_batching_keeps_it(cfm_rt) -> None:

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from artifact.conditions import ConditionSpec, context_rows
+from artifact.families import family
 from training.checkpoint import (
     CALIBRATION_ROWS,
     Checkpoint,
@@ -116,7 +117,7 @@ def _with_dropout(kind: str, condition: ConditionSpec | None,
         return condition
     if condition is None or condition.kind != "label":
         raise ValueError("--cfg-dropout drops labels: it needs --condition label")
-    if family_of(kind) not in ("diffusion", "flow_matching"):
+    if not family(family_of(kind)).timed:  # the families whose samplers follow a field
         raise ValueError(f"--cfg-dropout (classifier-free guidance) applies to diffusion and "
                          f"flow matching models; {kind!r} is a {family_of(kind)} model")
     return condition.model_copy(update={"cfg_dropout": cfg_dropout})

@@ -102,7 +102,7 @@ MODEL_TYPES: dict[str, ModelType] = {
     "edm": ModelType("edm", "EDM: preconditioned denoiser, sigma steps, Heun sampler",
                      build_edm),
     "rfm": ModelType("rfm", "Riemannian flow matching on the sphere or the torus", build_rfm,
-                     raw=True),
+                     raw=True, conditional=True),
     "dfm": ModelType("dfm", "discrete flow matching over integer tokens (masked or uniform "
                      "source)", build_dfm, raw=True),
     "cfm": ModelType("flow_matching", "conditional flow matching, linear path", build_cfm,

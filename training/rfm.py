@@ -32,7 +32,7 @@ from torch import Tensor
 from artifact.manifest import Defaults, ManifoldSpec
 from numerics.manifolds import Manifold, Sphere, manifold
 from training.config import ModelConfig
-from training.nets import TimeMLP, VelocityModel
+from training.nets import TimeMLP, VelocityModel, conditioned, given
 
 __all__ = ["RiemannianFlowMatching", "build_rfm"]
 
@@ -61,18 +61,21 @@ class RiemannianFlowMatching(VelocityModel):
         self.net, self.manifold = net, manifold
 
     # -- the field and its forward-mode derivatives ----------------------------------------
-    def _field(self, x: Tensor, t: Tensor, tangents: Tensor | None) -> tuple[Tensor, Tensor]:
+    def _field(self, x: Tensor, t: Tensor, tangents: Tensor | None,
+               context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``v: (batch, D)`` and the pushed-forward ``tangents: (batch or 1, K, D)`` ->
-        ``(batch, K, D)`` (empty, and the network run once, when ``tangents`` is None)."""
+        ``(batch, K, D)`` (empty, and the network run once, when ``tangents`` is None); a
+        conditional model's network also sees each row's ``context: (batch, C)``."""
+        c = given(context)
         if isinstance(self.manifold, Sphere):
             r = x.norm(dim=-1, keepdim=True)
             u = x / r
             if tangents is None:
-                f = self.net(u, t)
+                f = self.net(u, t, *c)
                 return f - (u * f).sum(-1, keepdim=True) * u, f[:, None, :0]
             du = (tangents - (tangents * u[:, None]).sum(-1, keepdim=True) * u[:, None]) \
                 / r[:, None]
-            f, df = self.net.forward_mode(u, t, du)
+            f, df = self.net.forward_mode(u, t, du, *c)
             uf = (u * f).sum(-1, keepdim=True)
             v = f - uf * u
             dv = df - du * uf[:, None] - u[:, None] * ((du * f[:, None]).sum(-1, keepdim=True)
@@ -80,11 +83,11 @@ class RiemannianFlowMatching(VelocityModel):
             return v, dv
         cos, sin = torch.cos(x), torch.sin(x)
         if tangents is None:
-            out = self.net(torch.cat([cos, sin], -1), t)
+            out = self.net(torch.cat([cos, sin], -1), t, *c)
             v = -sin * out[:, : self.dim] + cos * out[:, self.dim:]
             return v, v[:, None, :0]
         tangent_in = torch.cat([-sin[:, None] * tangents, cos[:, None] * tangents], -1)
-        out, dout = self.net.forward_mode(torch.cat([cos, sin], -1), t, tangent_in)
+        out, dout = self.net.forward_mode(torch.cat([cos, sin], -1), t, tangent_in, *c)
         a, b = out[:, : self.dim], out[:, self.dim:]
         da, db = dout[..., : self.dim], dout[..., self.dim:]
         v = -sin * a + cos * b
@@ -92,29 +95,36 @@ class RiemannianFlowMatching(VelocityModel):
               - sin[:, None] * tangents * b[:, None] + cos[:, None] * db)
         return v, dv
 
-    def velocity(self, x: Tensor, t: Tensor) -> Tensor:
-        """The tangent field ``(batch, D)`` at ``x: (batch, D)``, ``t: (batch,)``."""
-        return self._field(x, t, None)[0]
+    def velocity(self, x: Tensor, t: Tensor, context: Tensor | None = None) -> Tensor:
+        """The tangent field ``(batch, D)`` at ``x: (batch, D)``, ``t: (batch,)`` (given
+        ``context``)."""
+        return self._field(x, t, None, context)[0]
 
-    def velocity_div(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    def velocity_div(self, x: Tensor, t: Tensor,
+                     context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(v, div v)``; the Riemannian divergence on the manifold, exact, forward-mode."""
         eye = torch.eye(self.dim, dtype=x.dtype, device=x.device)
-        v, jac = self._field(x, t, eye[None])
+        v, jac = self._field(x, t, eye[None], context)
         return v, (jac * eye).sum(dim=(-2, -1))
 
-    def velocity_jvp(self, x: Tensor, t: Tensor, e: Tensor) -> tuple[Tensor, Tensor]:
+    def velocity_jvp(self, x: Tensor, t: Tensor, e: Tensor,
+                     context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(v, (dv/dx) e)``, both ``(batch, D)``."""
-        v, jv = self._field(x, t, e[:, None, :])
+        v, jv = self._field(x, t, e[:, None, :], context)
         return v, jv[:, 0, :]
 
     # -- training ------------------------------------------------------------------------------
-    def training_loss(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Riemannian CFM: ``E |v(x_t, t) - u_t|^2`` on geodesics from data to uniform noise."""
+    def training_loss(self, x: Tensor, generator: torch.Generator | None = None,
+                      context: Tensor | None = None) -> Tensor:
+        """Riemannian CFM: ``E |v(x_t, t) - u_t|^2`` on geodesics from data to uniform noise
+        (a conditional model's ``context`` dropped to the null token with probability
+        ``cfg_dropout``). A guided field stays tangent: it combines two tangent vectors."""
         z = self.manifold.uniform_from_normal(
             torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device))
         t = torch.rand(len(x), generator=generator, dtype=x.dtype, device=x.device)
         x_t, u_t = self.manifold.geodesic(self.manifold.retract(x), z, t)
-        return (self.velocity(x_t, t) - u_t).square().mean()
+        v = self.velocity(x_t, t, self.dropped(context, generator))
+        return (v - u_t).square().mean()
 
     # -- sampling and likelihood ------------------------------------------------------------
     def noise(self, n: int, generator: torch.Generator | None = None) -> Tensor:
@@ -136,9 +146,12 @@ class RiemannianFlowMatching(VelocityModel):
         return Defaults(solver="rk4", steps=16, method=self.likelihood_method)
 
     def sample(self, n: int, generator: torch.Generator | None = None, steps: int | None = 32,
-               solver: str = "rk4") -> Tensor:
-        """``(n, D)`` points of the manifold: the ODE from uniform noise at ``t = 1``."""
-        return self.transport(self.noise(n, generator), steps=steps, solver=solver)
+               solver: str = "rk4", context: Tensor | None = None,
+               guidance: float | None = None) -> Tensor:
+        """``(n, D)`` points of the manifold: the ODE from uniform noise at ``t = 1`` (given
+        ``context: (n, C)``, guided with weight ``guidance``)."""
+        return self.transport(self.noise(n, generator), steps=steps, solver=solver,
+                              context=context, guidance=guidance)
 
 
 def build_rfm(dim: int, cfg: ModelConfig) -> RiemannianFlowMatching:
@@ -150,5 +163,6 @@ def build_rfm(dim: int, cfg: ModelConfig) -> RiemannianFlowMatching:
     if isinstance(m, Sphere) and dim < 2:
         raise ValueError(f"a sphere needs rows of at least 2 values, got dim={dim}")
     width = dim if isinstance(m, Sphere) else 2 * dim
-    net = TimeMLP(width, cfg.hidden_features, cfg.hidden_layers, cfg.time_embedding)
-    return RiemannianFlowMatching(dim, net, m)
+    net = TimeMLP(width, cfg.hidden_features, cfg.hidden_layers, cfg.time_embedding,
+                  cfg.context_features)
+    return conditioned(RiemannianFlowMatching(dim, net, m), cfg)

@@ -179,11 +179,12 @@ class RiemannianRuntime(OdeRuntime):
         self.manifold = manifold(manifest.manifold.name, manifest.manifold.tolerance)
 
     def _generate(self, z: np.ndarray, requests: Sequence[SeededRows], solver: str,
-                  steps: int | None) -> np.ndarray:
+                  steps: int | None, cond: np.ndarray | None = None,
+                  guidance: float | None = None) -> np.ndarray:
         d, t = self.manifest.defaults, self.manifest.time
-        return integrate(self._velocity, self.manifold.uniform_from_normal(z), t.t_max,
-                         t.t_min, method=solver, steps=steps, rtol=d.rtol, atol=d.atol,
-                         retract=self.manifold.retract).x
+        return integrate(self._field(cond, guidance), self.manifold.uniform_from_normal(z),
+                         t.t_max, t.t_min, method=solver, steps=steps, rtol=d.rtol,
+                         atol=d.atol, retract=self.manifold.retract).x
 
     def _base_log_prob(self) -> Callable[[Array], Array]:
         log_vol = self.manifold.log_volume(self.dim)
