@@ -5,6 +5,9 @@ whole: a skipped test fails the session unless it is marked ``gpu``."""
 from __future__ import annotations
 
 import os
+import shutil
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -55,20 +58,39 @@ def one_torch_thread():
 
 @pytest.fixture(scope="session")
 def zoo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("zoo")
+    """One zoo for the whole run: the xdist workers share it (their base temporary folders
+    are siblings), so each model is trained and exported once, not once per worker."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    zoo = root / "zoo"
+    zoo.mkdir(exist_ok=True)
+    return zoo
+
+
+def built_once(path: Path, build: Callable[[Path], object]) -> Path:
+    """``path``, made by ``build(path)`` once per run whichever worker asks first: under a file
+    lock, and marked done only when ``build`` returns (a worker that died half-way leaves no
+    mark, and the next one builds again)."""
+    from filelock import FileLock
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    done = path.parent / f".{path.name}.done"
+    with FileLock(str(path.parent / f".{path.name}.lock")):
+        if not done.exists():
+            if path.is_dir():
+                shutil.rmtree(path)
+            build(path)
+            done.touch()
+    return path
 
 
 @pytest.fixture(scope="session")
 def checkpoint_factory(zoo_dir: Path):
-    """``factory(model_type) -> checkpoint path``, trained once per type per session."""
-    cache: dict[str, Path] = {}
+    """``factory(model_type) -> checkpoint path``, trained once per type per run."""
 
     def factory(model_type: str) -> Path:
-        if model_type not in cache:
-            path = zoo_dir / "ckpt" / model_type
-            tiny_checkpoint(model_type, path)
-            cache[model_type] = path
-        return cache[model_type]
+        return built_once(zoo_dir / "ckpt" / model_type,
+                          lambda path: tiny_checkpoint(model_type, path))
 
     return factory
 
@@ -76,18 +98,14 @@ def checkpoint_factory(zoo_dir: Path):
 @pytest.fixture(scope="session")
 def artifact_factory(zoo_dir: Path, checkpoint_factory):
     """``factory(model_type) -> artifact dir`` exported to ONNX and TorchScript, once."""
-    cache: dict[str, Path] = {}
 
     def factory(model_type: str) -> Path:
-        if model_type not in cache:
-            from training.checkpoint import load_checkpoint
-            from training.export import export_checkpoint
+        from training.checkpoint import load_checkpoint
+        from training.export import export_checkpoint
 
-            out = zoo_dir / "models" / f"moons-{model_type}"
+        return built_once(zoo_dir / "models" / f"moons-{model_type}", lambda out: (
             export_checkpoint(load_checkpoint(checkpoint_factory(model_type)), out,
-                              formats=("onnx", "torchscript"))
-            cache[model_type] = out
-        return cache[model_type]
+                              formats=("onnx", "torchscript"))))
 
     return factory
 
@@ -102,10 +120,8 @@ from service.devserver import Server, running_server  # noqa: E402,F401
 @pytest.fixture(scope="session")
 def served_models(zoo_dir: Path, artifact_factory) -> Path:
     """A models directory: a flow, a diffusion and a flow-matching model, and a tampered one."""
-    import shutil
 
-    root = zoo_dir / "served"
-    if not root.exists():
+    def build(root: Path) -> None:
         root.mkdir()
         for kind in ("nsf", "ddpm", "cfm"):
             shutil.copytree(artifact_factory(kind), root / f"moons-{kind}")
@@ -115,7 +131,8 @@ def served_models(zoo_dir: Path, artifact_factory) -> Path:
         manifest["name"] = "broken"
         (broken / "manifest.json").write_text(json.dumps(manifest))
         (broken / "log_prob.onnx").write_bytes(b"not a graph")
-    return root
+
+    return built_once(zoo_dir / "served", build)
 
 
 @pytest.fixture(scope="session")
@@ -150,20 +167,28 @@ def conditional_models(zoo_dir: Path) -> dict[str, Path]:
 
     out = {}
     flow = ModelConfig(hidden_features=32, transforms=3)
+    table = built_once(zoo_dir / "context.csv", context_table)
     specs = {"label": ("maf", "gmm2", flow, 400, {"condition": "label", "rows": 3000}),
-             "context": ("realnvp", str(context_table(zoo_dir / "context.csv")), flow, 400,
+             "context": ("realnvp", str(table), flow, 400,
                          {"condition": "context", "context_cols": ["c"]}),
              "cfm": ("cfm", "gmm2", ModelConfig(**TINY_MODEL, cfg_dropout=0.2), 100,
                      {"condition": "label", "rows": 1000})}
+    def train(path: Path, kind: str, data: str, model: ModelConfig, steps: int,
+              options: dict) -> None:
+        fit(kind, data, out=path, model_cfg=model, **options, train_cfg=TrainConfig(
+            steps=steps, batch_size=256, eval_every=100, progress=False))
+
+    def export(path: Path, ckpt: Path, kind: str) -> None:
+        # the ODE model's PF-ODE calibration is left out (slow)
+        export_checkpoint(load_checkpoint(ckpt), path, formats=("onnx", "torchscript"),
+                          target_fpr=0.05, calibration=kind != "cfm")
+
     for name, (kind, data, model, steps, options) in specs.items():
-        ckpt = zoo_dir / "ckpt" / f"cond-{name}"
-        if not ckpt.exists():
-            fit(kind, data, out=ckpt, model_cfg=model, **options, train_cfg=TrainConfig(
-                steps=steps, batch_size=256, eval_every=100, progress=False))
-        out[name] = zoo_dir / "models" / f"cond-{name}"
-        if not out[name].exists():  # the ODE model's PF-ODE calibration is left out (slow)
-            export_checkpoint(load_checkpoint(ckpt), out[name], formats=("onnx", "torchscript"),
-                              target_fpr=0.05, calibration=kind != "cfm")
+        ckpt = built_once(zoo_dir / "ckpt" / f"cond-{name}",
+                          partial(train, kind=kind, data=data, model=model, steps=steps,
+                                  options=options))
+        out[name] = built_once(zoo_dir / "models" / f"cond-{name}",
+                               partial(export, ckpt=ckpt, kind=kind))
     return out
 
 
@@ -172,16 +197,15 @@ def families_models(zoo_dir: Path, artifact_factory, conditional_models) -> Path
     """A models directory of the newer families (EDM; RFM on vmf_s2; DFM on markov_seq), one
     tiny model each (named ``moons-KIND`` like the zoo, whatever their data), and the
     conditional models (``cond-label``, ``cond-context``, ``cond-cfm``)."""
-    import shutil
 
-    root = zoo_dir / "families"
-    if not root.exists():
+    def build(root: Path) -> None:
         root.mkdir()
         for kind in ("edm", "rfm", "dfm"):
             shutil.copytree(artifact_factory(kind), root / f"moons-{kind}")
         for path in conditional_models.values():
             shutil.copytree(path, root / path.name)
-    return root
+
+    return built_once(zoo_dir / "families", build)
 
 
 @pytest.fixture(scope="session")
