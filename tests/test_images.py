@@ -166,6 +166,41 @@ def test_unet_jvp_and_divergence_match_autograd() -> None:
     torch.testing.assert_close(div, jac.diagonal(dim1=1, dim2=2).sum(-1), atol=1e-10, rtol=0)
 
 
+def test_conditional_unet_sees_the_context_without_a_tangent() -> None:
+    """A label's embedding joins the time embedding: the output moves with the context, and
+    the forward-mode JVP and divergence given it still equal autograd's."""
+    net = UNet((1, 4, 4), channels=4, time_embedding=4, levels=1, context_features=3).double()
+    perturb(net, 0.1)
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 16, generator=gen, dtype=torch.float64)
+    t, e = torch.rand(3, generator=gen, dtype=torch.float64), torch.randn(3, 16, generator=gen,
+                                                                          dtype=torch.float64)
+    c = torch.eye(3, dtype=torch.float64)
+    assert (net(x, t, c) - net(x, t, c.roll(1, 0))).abs().max() > 1e-6
+    jac = torch.stack([torch.autograd.functional.jacobian(
+        lambda r, i=i: net(r[None], t[i:i + 1], c[i:i + 1])[0], x[i]) for i in range(3)])
+    out, jvp = net.jvp(x, t, e, c)
+    _, div = net.divergence(x, t, c)
+    torch.testing.assert_close(out, net(x, t, c))
+    torch.testing.assert_close(jvp, torch.einsum("bij,bj->bi", jac, e), atol=1e-10, rtol=0)
+    torch.testing.assert_close(div, jac.diagonal(dim1=1, dim2=2).sum(-1), atol=1e-10, rtol=0)
+    with pytest.raises(ValueError, match="needs a context of 3 columns"):
+        net(x, t)
+
+
+@pytest.mark.parametrize("kind", ["ddpm_image", "cfm_image", "otcfm_image"])
+def test_conditional_image_models_train_on_labels(kind: str) -> None:
+    """Every image ODE type takes a label (with dropout for guidance) and trains on it."""
+    cfg = TINY.model_copy(update={"image_shape": (1, 4, 4), "scales": 1,
+                                  "context_features": 3, "cfg_dropout": 0.2})
+    model = build_model(kind, 16, cfg)
+    x, c = images(8, (16,), torch.float32), torch.eye(3)[[0, 1, 2, 0, 1, 2, 0, 1]]
+    model.training_loss(x, torch.Generator().manual_seed(0), context=c).backward()
+    assert all(p.grad is not None for p in model.parameters())
+    v, div = model.velocity_div(x, torch.full((8,), 0.5), context=c)
+    assert v.shape == (8, 16) and div.shape == (8,)
+
+
 @pytest.mark.parametrize("kind", ["ddpm_image", "cfm_image", "otcfm_image"])
 def test_image_velocity_models_build_and_train(kind: str) -> None:
     cfg = TINY.model_copy(update={"image_shape": (1, 4, 4), "scales": 1})

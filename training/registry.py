@@ -121,11 +121,11 @@ MODEL_TYPES: dict[str, ModelType] = {
     "tarflow_image": ModelType("flow", "TarFlow over image patches (causal transformer)",
                                build_tarflow_image, image=True),
     "ddpm_image": ModelType("diffusion", "VP-SDE diffusion with a small U-Net",
-                            build_ddpm_image, image=True),
+                            build_ddpm_image, image=True, conditional=True),
     "cfm_image": ModelType("flow_matching", "conditional flow matching with a small U-Net",
-                           build_cfm_image, image=True),
+                           build_cfm_image, image=True, conditional=True),
     "otcfm_image": ModelType("flow_matching", "OT-CFM with a small U-Net", build_otcfm_image,
-                             image=True),
+                             image=True, conditional=True),
 }
 
 

@@ -35,7 +35,7 @@ from training.flow_matching import (
     FlowMatchingModel,
 )
 from training.flows.image import image_shape_of
-from training.nets import VelocityModel, silu_derivative
+from training.nets import VelocityModel, conditioned, silu_derivative
 
 __all__ = ["UNet", "build_cfm_image", "build_ddpm_image", "build_otcfm_image"]
 
@@ -106,11 +106,15 @@ class UNet(nn.Module):
         channels: width at full resolution.
         time_embedding: Fourier features of ``t`` (as in ``TimeMLP``), then a SiLU layer.
         levels: number of down-samplings.
+        context_features: ``C`` context columns (a label's one-hot row or a standardized
+            context: conditional models; 0: none), embedded by a linear layer and added to
+            the time embedding that every residual block sees (the class embedding of Ho &
+            Salimans' guided U-Nets). Constant in ``x``, so it carries no tangent.
     """
 
     def __init__(
         self, shape: tuple[int, int, int], channels: int = 32, time_embedding: int = 16,
-        levels: int = 2,
+        levels: int = 2, context_features: int = 0,
     ) -> None:
         super().__init__()
         c, h, w = shape
@@ -124,6 +128,8 @@ class UNet(nn.Module):
         self.register_buffer("phases", (k % 2).to(dtype) * (math.pi / 2))
         emb = 4 * channels
         self.embed = nn.Linear(time_embedding, emb)
+        self.context_features = context_features
+        self.embed_context = nn.Linear(context_features, emb) if context_features else None
         widths = [channels * min(2**i, 4) for i in range(levels + 1)]
         self.input = nn.Conv2d(c, channels, 3, padding=1)
         self.down_blocks = nn.ModuleList(ResBlock(wd, wd, emb) for wd in widths[:-1])
@@ -140,12 +146,19 @@ class UNet(nn.Module):
         """``t: (batch,)`` -> ``(batch, 4 * channels)``."""
         return F.silu(self.embed(torch.cos(t[:, None] * self.frequencies - self.phases)))
 
-    def _run(self, x: Tensor, t: Tensor, dx: Tensor | None) -> Dual:
-        """``x: (batch, D)``, tangents ``dx: (batch, K, D)`` or ``None`` -> flat outputs."""
+    def _run(self, x: Tensor, t: Tensor, dx: Tensor | None,
+             context: Tensor | None = None) -> Dual:
+        """``x: (batch, D)``, tangents ``dx: (batch, K, D)`` or ``None`` (``context: (batch,
+        C)``) -> flat outputs."""
         shape = self.image_shape
         h = x.reshape(x.shape[0], *shape)
         dh = None if dx is None else dx.reshape(dx.shape[0], dx.shape[1], *shape)
         temb = self.embed_time(t)
+        if self.embed_context is not None:
+            if context is None:
+                raise ValueError(f"this U-Net is conditional: it needs a context of "
+                                 f"{self.context_features} columns")
+            temb = temb + self.embed_context(context)
         h, dh = conv(self.input, h, dh)
         skips = []
         for block, down in zip(self.down_blocks, self.downs, strict=True):
@@ -161,20 +174,22 @@ class UNet(nn.Module):
         h, dh = conv(self.output, *silu(h, dh))
         return h.flatten(1), None if dh is None else dh.flatten(2)
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        """``x: (batch, D)``, ``t: (batch,)`` -> ``(batch, D)``."""
-        return self._run(x, t, None)[0]
+    def forward(self, x: Tensor, t: Tensor, context: Tensor | None = None) -> Tensor:
+        """``x: (batch, D)``, ``t: (batch,)`` (``context: (batch, C)``) -> ``(batch, D)``."""
+        return self._run(x, t, None, context)[0]
 
-    def jvp(self, x: Tensor, t: Tensor, e: Tensor) -> tuple[Tensor, Tensor]:
+    def jvp(self, x: Tensor, t: Tensor, e: Tensor,
+            context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Output and ``(d f / d x) e``, all ``(batch, D)``."""
-        out, tangent = self._run(x, t, e[:, None, :])
+        out, tangent = self._run(x, t, e[:, None, :], context)
         return out, tangent[:, 0, :]
 
-    def divergence(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    def divergence(self, x: Tensor, t: Tensor,
+                   context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Output ``(batch, D)`` and exact ``tr(d f / d x)``: ``(batch,)``, with all ``D``
         basis tangents pushed at once (``D`` times a forward pass)."""
         eye = torch.eye(self.dim, dtype=x.dtype, device=x.device)
-        out, jacobian = self._run(x, t, eye[None].expand(x.shape[0], -1, -1))
+        out, jacobian = self._run(x, t, eye[None].expand(x.shape[0], -1, -1), context)
         return out, (jacobian * eye).sum(dim=(-2, -1))
 
 
@@ -187,25 +202,28 @@ def _traced_by_probes(model: VelocityModel) -> VelocityModel:
 
 def _unet(dim: int, cfg: ModelConfig, kind: str) -> UNet:
     shape = image_shape_of(kind, dim, cfg)
-    return UNet(shape, cfg.hidden_features, cfg.time_embedding, cfg.scales)
+    return UNet(shape, cfg.hidden_features, cfg.time_embedding, cfg.scales,
+                cfg.context_features)
 
 
 def build_ddpm_image(dim: int, cfg: ModelConfig) -> DiffusionModel:
     """Untrained VP-SDE diffusion with a :class:`UNet` (width ``cfg.hidden_features``,
     ``cfg.scales`` down-samplings) on ``cfg.image_shape`` images."""
     schedule = make_schedule(cfg.schedule, beta_min=cfg.beta_min, beta_max=cfg.beta_max)
-    return _traced_by_probes(DiffusionModel(dim, _unet(dim, cfg, "ddpm_image"), schedule,
-                                            cfg.prediction, cfg.t_min, "ddpm_image"))
+    return _traced_by_probes(conditioned(DiffusionModel(
+        dim, _unet(dim, cfg, "ddpm_image"), schedule, cfg.prediction, cfg.t_min, "ddpm_image"),
+        cfg))
 
 
 def build_cfm_image(dim: int, cfg: ModelConfig) -> FlowMatchingModel:
     """Untrained conditional flow matching with a :class:`UNet`."""
-    return _traced_by_probes(FlowMatchingModel("cfm_image", dim, _unet(dim, cfg, "cfm_image"),
-                                               ConditionalFlowMatcher(cfg.sigma_min)))
+    return _traced_by_probes(conditioned(FlowMatchingModel(
+        "cfm_image", dim, _unet(dim, cfg, "cfm_image"), ConditionalFlowMatcher(cfg.sigma_min)),
+        cfg))
 
 
 def build_otcfm_image(dim: int, cfg: ModelConfig) -> FlowMatchingModel:
     """Untrained OT-CFM with a :class:`UNet`."""
-    return _traced_by_probes(FlowMatchingModel("otcfm_image", dim,
-                                               _unet(dim, cfg, "otcfm_image"),
-                                               ExactOptimalTransportMatcher(cfg.sigma_min)))
+    return _traced_by_probes(conditioned(FlowMatchingModel(
+        "otcfm_image", dim, _unet(dim, cfg, "otcfm_image"),
+        ExactOptimalTransportMatcher(cfg.sigma_min)), cfg))
