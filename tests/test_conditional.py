@@ -102,6 +102,30 @@ def test_ode_models_log_p_x_given_y_approaches_the_exact_density(kind: str, tmp_
     assert abs(np.mean(mixture.log_density(x) - marginal)) < 0.15, kind
 
 
+def test_evaluate_scores_a_conditional_checkpoint_on_its_test_rows(
+        conditional_models: dict[str, Path], tmp_path: Path, capsys) -> None:
+    """``evaluate`` gives ``log p(x | y)`` on the test split given each row's label, the
+    marginal beside it, both next to the exact densities of gmm2; a context model is scored
+    given its context column; ``--data`` is refused for a conditional checkpoint."""
+    from cli import main
+    from training.evaluate import evaluate
+
+    ckpt_dir = conditional_models["label"].parent.parent / "ckpt"
+    label = evaluate(load_checkpoint(ckpt_dir / "cond-label"), samples=200)
+    assert label["condition"] == "label" and label["log_likelihood_is"] == "log p(x | y)"
+    assert abs(label["gap_to_truth"]) < 0.2 and abs(label["marginal_gap_to_truth"]) < 0.2
+    # the conditional density of the right component beats the mixture: log p(y | x) > log p(y)
+    assert label["log_likelihood"] > label["marginal_log_likelihood"]
+    assert label["rows"] == 300 and np.isfinite(label["w2_to_test"])
+    context = evaluate(load_checkpoint(ckpt_dir / "cond-context"), samples=100)
+    assert context["condition"] == "context" and "marginal_log_likelihood" not in context
+    assert np.isfinite(context["log_likelihood"]) and context["w2_rows"] == 100
+    np.save(tmp_path / "rows.npy", np.zeros((5, 2)))
+    assert main(["evaluate", str(ckpt_dir / "cond-label"), "--data",
+                 str(tmp_path / "rows.npy")]) == 2
+    assert "leave out --data" in capsys.readouterr().err
+
+
 def test_onnx_torchscript_and_eager_agree_on_conditional_graphs(
         conditional_models: dict[str, Path], gmm2_rows) -> None:
     x, y = gmm2_rows.x[:64], gmm2_rows.y[:64]

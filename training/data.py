@@ -32,6 +32,7 @@ __all__ = [
     "Dataset",
     "DatasetSpec",
     "GaussianMixture",
+    "MIXTURE_SETS",
     "Splits",
     "check_dim",
     "check_levels",
@@ -178,6 +179,10 @@ _MIXTURES: dict[str, Callable[[], GaussianMixture]] = {
     "gmm6": lambda: _random_mixture(6, 6, 1006),
     "gmm16": lambda: _random_mixture(16, 8, 1016),
 }
+
+
+MIXTURE_SETS = frozenset(_MIXTURES)
+"""The named sets drawn from a Gaussian mixture; their labels are its components."""
 
 
 def gaussian_mixture(name: str) -> GaussianMixture:

@@ -11,26 +11,56 @@ import torch
 
 from artifact.conditions import context_rows
 from training.checkpoint import Checkpoint
-from training.data import DataError, load_data, split
+from training.conditioning import condition_data
+from training.data import (
+    MIXTURE_SETS,
+    DataError,
+    Dataset,
+    gaussian_mixture,
+    load_data,
+    split,
+    split_indices,
+)
 from training.metrics import likelihood_summary, wasserstein2
 
 __all__ = ["checkpoint_splits", "data_log_prob", "evaluate", "sample_data"]
 
 
-def checkpoint_splits(ckpt: Checkpoint) -> Any:
-    """Rebuild the train/validation/test splits the checkpoint was trained on."""
+def _checkpoint_dataset(ckpt: Checkpoint) -> Dataset:
+    """The data set the checkpoint was trained on, loaded again as at training time."""
     d = ckpt.config.data
     source = d.name if d.source == "named" else d.source
     try:
-        dataset = load_data(source, n=d.rows if d.source == "named" else None,
-                            seed=d.data_seed, images=ckpt.config.model.image_shape is not None)
+        return load_data(source, n=d.rows if d.source == "named" else None,
+                         seed=d.data_seed, images=ckpt.config.model.image_shape is not None)
     except DataError as err:
         if d.source == "named" or os.path.exists(source):
             raise
         raise DataError(f"{err}; the checkpoint was trained on the file '{source}' (a path "
                         "as given at training time): run from that directory, or pass the "
                         "test rows with --data FILE") from None
-    return split(dataset.x, seed=d.split_seed, fractions=d.split_fractions)
+
+
+def checkpoint_splits(ckpt: Checkpoint) -> Any:
+    """Rebuild the train/validation/test splits the checkpoint was trained on."""
+    d = ckpt.config.data
+    return split(_checkpoint_dataset(ckpt).x, seed=d.split_seed, fractions=d.split_fractions)
+
+
+def conditional_test_rows(ckpt: Checkpoint) -> tuple[np.ndarray, np.ndarray]:
+    """A conditional checkpoint's test rows and each one's condition (class indices, or raw
+    context rows), split and separated from the features as ``training.fit`` did."""
+    d, spec = ckpt.config.data, ckpt.config.condition
+    dataset = _checkpoint_dataset(ckpt)
+    train, _, test = split_indices(len(dataset.x), d.split_seed, d.split_fractions)
+    label = spec.kind == "label"
+    cond = condition_data(dataset, spec.kind, train,
+                          label_col=spec.columns[0] if label and spec.columns else None,
+                          context_cols=None if label else spec.columns)
+    if label and cond.spec.classes != spec.classes:
+        raise DataError(f"the data's classes {cond.spec.classes} are not the checkpoint's "
+                        f"{spec.classes}: it was trained on other data")
+    return cond.x[test], cond.values[test]
 
 
 def data_log_prob(
@@ -76,15 +106,22 @@ def data_log_prob(
 
 
 def sample_data(
-    ckpt: Checkpoint, n: int, *, seed: int = 0, steps: int | None = None, solver: str | None = None
+    ckpt: Checkpoint, n: int, *, seed: int = 0, steps: int | None = None,
+    solver: str | None = None, condition: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Draw ``n`` samples in data units."""
+    """Draw ``n`` samples in data units (a conditional checkpoint's given each sample's
+    ``condition``: class indices ``(n,)`` or raw context rows ``(n, width)``)."""
     generator = torch.Generator().manual_seed(seed)
     options: dict[str, Any] = {}
     if steps is not None:
         options["steps"] = steps
     if solver is not None:
         options["solver"] = solver
+    cond = ckpt.config.condition
+    if cond is not None:
+        key = "labels" if cond.kind == "label" else "context"
+        options["context"] = torch.as_tensor(context_rows(cond, **{key: condition}),
+                                             dtype=next(ckpt.model.parameters()).dtype)
     with torch.no_grad():
         u = ckpt.model.sample(n, generator=generator, **options)
         return ckpt.preprocessor.inverse(u).double().numpy()
@@ -102,16 +139,23 @@ def evaluate(
 ) -> dict[str, Any]:
     """Test log-likelihood (nats/sample, bits/dim, s.e.), W2 of samples, and sampling speed.
 
-    Unconditional checkpoints only: a conditional model is evaluated through its export
-    (``/log_likelihood`` with ``y`` or ``marginal``; ``bench/conditional.py``)."""
+    A conditional checkpoint is scored on its own test rows given each row's condition:
+    ``log p(x | y)`` (or ``| context``) with the same summary, a label model's marginal
+    ``log p(x)`` beside it, the exact conditional density where the named set is a Gaussian
+    mixture whose components are the labels, and samples drawn given the test rows'
+    conditions (W2 to those rows)."""
     cfg = ckpt.config
+    condition = None
     if cfg.condition is not None:
-        raise DataError(f"this checkpoint is conditioned on a {cfg.condition.kind}; evaluate "
-                        "scores unconditional models only: export it and ask /log_likelihood "
-                        "with 'y' (or 'marginal') or 'context'")
-    x_test = checkpoint_splits(ckpt).test if x is None else np.asarray(x, dtype=np.float64)
+        if x is not None:
+            raise DataError("a conditional checkpoint is evaluated on its own test rows and "
+                            "their conditions; leave out --data")
+        x_test, condition = conditional_test_rows(ckpt)
+    else:
+        x_test = checkpoint_splits(ckpt).test if x is None else np.asarray(x, dtype=np.float64)
     start = time.perf_counter()
-    lp = data_log_prob(ckpt, x_test, method=method, steps=steps, solver=solver, seed=seed)
+    lp = data_log_prob(ckpt, x_test, method=method, steps=steps, solver=solver, seed=seed,
+                       condition=condition)
     ll_seconds = time.perf_counter() - start
     report: dict[str, Any] = {
         "model_type": cfg.model_type,
@@ -125,20 +169,53 @@ def evaluate(
     }
     if lp["std_error"] is not None:
         report["hutchinson_se_mean"] = float(np.mean(lp["std_error"]))
-    truth = cfg.data.true_log_density() if x is None else None
-    if truth is not None:
-        true_ll = float(np.mean(truth(x_test)))
-        report["true_log_likelihood"] = true_ll
-        report["gap_to_truth"] = true_ll - report["log_likelihood"]
+    if cfg.condition is not None:
+        report |= _conditional_report(ckpt, x_test, condition, lp["log_prob"], method=method,
+                                      steps=steps, solver=solver, seed=seed)
+    else:
+        truth = cfg.data.true_log_density() if x is None else None
+        if truth is not None:
+            true_ll = float(np.mean(truth(x_test)))
+            report["true_log_likelihood"] = true_ll
+            report["gap_to_truth"] = true_ll - report["log_likelihood"]
     if samples > 0:
+        n = int(min(samples, len(x_test)))  # conditional: given the first test rows' conditions
         start = time.perf_counter()
-        generated = sample_data(ckpt, samples, seed=seed, steps=steps, solver=solver)
+        generated = sample_data(ckpt, samples if condition is None else n, seed=seed,
+                                steps=steps, solver=solver,
+                                condition=None if condition is None else condition[:n])
         seconds = time.perf_counter() - start
-        report["samples_per_second"] = samples / seconds
+        report["samples_per_second"] = len(generated) / seconds
         report["w2_to_test"] = wasserstein2(generated, x_test[:samples])
-        report["w2_rows"] = int(min(samples, len(x_test)))
+        report["w2_rows"] = n
     residual = getattr(ckpt.model, "inversion_residual", None)
     if callable(residual):  # residual flows: how far the served fixed-point inverse got
         z = torch.randn(max(samples, 256), cfg.dim, generator=torch.Generator().manual_seed(seed))
         report["fixed_point_residual"] = residual(z)
     return report
+
+
+def _conditional_report(ckpt: Checkpoint, x: np.ndarray, condition: np.ndarray,
+                        log_prob: np.ndarray, **options: Any) -> dict[str, Any]:
+    """What a conditional checkpoint adds: its condition, a label model's marginal
+    ``log p(x) = logsumexp_y log p(x | y) + log p(y)`` (the training priors), and the exact
+    conditional and marginal densities where the named set is a Gaussian mixture whose
+    components are the labels."""
+    cfg, spec = ckpt.config, ckpt.config.condition
+    out: dict[str, Any] = {"condition": spec.kind, "log_likelihood_is": "log p(x | " + (
+        "y)" if spec.kind == "label" else "context)")}
+    if spec.kind != "label":
+        return out
+    each = np.stack([data_log_prob(ckpt, x, condition=np.full(len(x), k), **options)["log_prob"]
+                     for k in range(spec.width)])
+    marginal = np.logaddexp.reduce(each + np.log(spec.priors)[:, None], axis=0)
+    out["marginal_log_likelihood"] = float(np.mean(marginal))
+    if cfg.data.source == "named" and cfg.data.name in MIXTURE_SETS:
+        mixture = gaussian_mixture(cfg.data.name)
+        exact = mixture.component_log_densities(x)[np.arange(len(x)), condition]
+        out["true_log_likelihood"] = float(np.mean(exact))
+        out["gap_to_truth"] = out["true_log_likelihood"] - float(np.mean(log_prob))
+        out["true_marginal_log_likelihood"] = float(np.mean(mixture.log_density(x)))
+        out["marginal_gap_to_truth"] = (out["true_marginal_log_likelihood"]
+                                        - out["marginal_log_likelihood"])
+    return out
