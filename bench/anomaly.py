@@ -29,7 +29,7 @@ Detectors:
   k-nearest-neighbour mean distance (k = 5) and GaussianMixture (full covariance, components
   in {1, 2, 4, 8} chosen by BIC on the training rows). Library defaults otherwise. PyOD's
   ECOD and COPOD (parameter-free, on the raw rows).
-* ``--scores``: ``fit-anomaly --score auto`` (``training.anomaly.choose_score_kind``) and each
+* ``--scores``: ``fit-anomaly --score auto`` (``training.anomaly_auto.choose_score_kind``) and each
   score kind it fitted (``nll``, ``latent``, ``denoise``, ``dte``), scored with the torch
   models. ``--add`` runs only the classical detectors (and ``--scores``) and merges their
   rows into the JSON's units, leaving the flows' rows as they were.
@@ -184,15 +184,15 @@ def run_unit(set_name: str, seed: int, quick: bool = False, ensemble: int = 1,
 
     torch.set_num_threads(1)
     from service.runtime import open_runtime
-    from training.anomaly import (
+    from training.anomaly_models import (
         DEFAULT_SMOOTHING_SEARCH,
         ensemble_candidates,
         export_candidate,
-        prepare,
         search_smoothing,
         select,
         train_candidate,
     )
+    from training.anomaly_rows import prepare
     from training.evaluate import data_log_prob
 
     x, y = load_set(set_name)
@@ -270,7 +270,7 @@ def score_kind_rows(base: dict[str, Any], x_train: np.ndarray, x_test: np.ndarra
     rows with the torch models (the served numbers up to float32 export rounding). One fit
     serves every row: ``nll`` and ``latent`` share the default's flow, ``denoise`` and ``dte``
     its flow-matching model; the fit time is the whole of auto's."""
-    from training.anomaly import choose_score_kind
+    from training.anomaly_auto import choose_score_kind
 
     t0 = time.perf_counter()
     auto = choose_score_kind(x_train, seed=seed, steps=60 if quick else None)

@@ -37,7 +37,8 @@ def probe(set_name: str, seed: int, scales: list[float]) -> dict[float, float]:
     """Validation NLL of the maf candidate at each smoothing scale."""
     import torch
 
-    from training.anomaly import prepare, train_candidate
+    from training.anomaly_models import train_candidate
+    from training.anomaly_rows import prepare
 
     torch.set_num_threads(1)
     x, y = load_set(set_name)

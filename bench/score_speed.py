@@ -4,7 +4,7 @@
 
 Issue #29's target: ``denoise`` on diffusion / flow-matching models at >= 20x the rows/s of
 their PF-ODE ``nll`` when served. One model per model type is trained once (fit-anomaly's
-pipeline: ``training.anomaly.prepare`` + ``train_candidate`` on scikit-learn's breast_cancer
+pipeline: ``training.anomaly_rows.prepare`` + ``train_candidate`` on scikit-learn's breast_cancer
 benign rows, 30 columns) and exported three times with the same weights, once per score kind,
 each calibrated as fit-anomaly calibrates. All exports are served by one real
 ``genserve serve`` (ONNX Runtime); ``wrk`` drives ``/anomaly_score`` with 64-row requests at
@@ -48,7 +48,8 @@ def normal_rows() -> np.ndarray:
 
 def build(models: Path, kinds: list[str], steps: int, seed: int = 0) -> dict[str, dict]:
     """Train each model type once; export it under every score kind. Returns timings."""
-    from training.anomaly import export_candidate, prepare, score_spec, train_candidate
+    from training.anomaly_models import export_candidate, score_spec, train_candidate
+    from training.anomaly_rows import prepare
 
     x = normal_rows()
     out: dict[str, dict] = {}

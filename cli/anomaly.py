@@ -9,7 +9,8 @@ import sys
 from artifact.tables import FORMATS, DataError, table_format
 from cli.options import add_progress_arg
 from service.scoring import ON_BAD_ROW, score_file
-from training.anomaly import SCORES, fit_anomaly, format_summary
+from training.anomaly import fit_anomaly, format_summary
+from training.anomaly_models import SCORES
 
 __all__ = ["register"]
 

@@ -40,7 +40,8 @@ from pyspark.sql.types import BooleanType, DoubleType, StringType, StructField, 
 from artifact.manifest import MANIFEST_FILE, read_manifest, sha256_file
 from artifact.tables import DataError
 from service.runtime import ModelRuntime, open_runtime
-from service.scoring import REASON, ScoreCounts, ScorePlan, out_format, plan_scoring, score_batch
+from service.score_files import out_format
+from service.scoring import REASON, ScoreCounts, ScorePlan, plan_scoring, score_batch
 
 __all__ = ["ScoreCounters", "score", "score_job", "session"]
 

@@ -17,7 +17,6 @@ scores and the reason.
 
 from __future__ import annotations
 
-import csv
 import os
 import queue
 import shutil
@@ -27,11 +26,10 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from artifact.conditions import label_indices
 from artifact.manifest import Manifest
@@ -47,15 +45,13 @@ from artifact.tables import (
 )
 from service.progress import progress_bar
 from service.runtime import InputError, ModelRuntime, open_runtime
+from service.score_files import HEADER, check_output, open_sink, out_format
 
-__all__ = ["HEADER", "ON_BAD_ROW", "OUT_FORMATS", "REASON", "ScoreCounts", "ScorePlan",
-           "check_output", "out_format", "plan_scoring", "read_ahead", "read_scores", "reblock",
-           "score_batch", "score_file"]
+__all__ = ["ON_BAD_ROW", "REASON", "ScoreCounts", "ScorePlan", "plan_scoring", "read_ahead",
+           "reblock", "score_batch", "score_file"]
 
-HEADER = ("score", "percentile", "is_anomaly")
 REASON = "reason"
 ON_BAD_ROW = ("error", "skip", "flag")
-OUT_FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 
 Rows = TypeVar("Rows", np.ndarray, pa.RecordBatch)
 
@@ -322,80 +318,6 @@ def read_ahead(items: Iterator[Rows], depth: int = 1) -> Iterator[Rows]:
         thread.join()
 
 
-def out_format(path: str | os.PathLike[str]) -> str:
-    """``csv`` or ``parquet``, from an output path's suffix."""
-    fmt = OUT_FORMATS.get(Path(path).suffix.lower())
-    if fmt is None:
-        raise DataError(f"cannot write '{path}': the output must end in "
-                        f"{', '.join(OUT_FORMATS)}")
-    return fmt
-
-
-def check_output(path: str | os.PathLike[str], overwrite: bool) -> None:
-    """Refuse an output path that exists unless ``overwrite``."""
-    if Path(path).exists() and not overwrite:
-        raise DataError(f"output '{path}' exists; pass --overwrite to replace it (it is "
-                        "replaced only when the whole job succeeds)")
-
-
-class _Sink(Protocol):
-    def write(self, batch: pa.RecordBatch) -> None: ...
-    def close(self) -> None: ...
-
-
-class _CsvSink:
-    """Floats printed with ``repr`` (they parse back to the same floats), flags as
-    ``true``/``false``, nulls as empty cells."""
-
-    def __init__(self, path: str, schema: pa.Schema) -> None:
-        self.fh = open(path, "w", newline="")  # closed by close()
-        self.writer = csv.writer(self.fh, lineterminator="\n")
-        self.writer.writerow(schema.names)
-
-    def write(self, batch: pa.RecordBatch) -> None:
-        columns = [[_cell(v) for v in column.to_pylist()] for column in batch.columns]
-        self.writer.writerows(zip(*columns, strict=True))
-
-    def close(self) -> None:
-        self.fh.close()
-
-
-def _cell(v: object) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    return repr(v) if isinstance(v, float) else str(v)
-
-
-class _ParquetSink:
-    """Row groups of about ``ROW_GROUP`` rows, whatever the batches' size (small row groups
-    cost writing time and file size). Dictionary encoding only for text keys: on scores and
-    numeric keys (nearly all values distinct) it quadruples the writing time for nothing."""
-
-    ROW_GROUP = 65_536
-
-    def __init__(self, path: str, schema: pa.Schema) -> None:
-        text = [f.name for f in schema if pa.types.is_string(f.type)
-                or pa.types.is_large_string(f.type) or pa.types.is_dictionary(f.type)]
-        self.writer = pq.ParquetWriter(path, schema, use_dictionary=text or False)
-        self.held: list[pa.RecordBatch] = []
-
-    def write(self, batch: pa.RecordBatch) -> None:
-        self.held.append(batch)
-        if sum(b.num_rows for b in self.held) >= self.ROW_GROUP:
-            self.flush()
-
-    def flush(self) -> None:
-        if self.held:
-            self.writer.write_table(pa.Table.from_batches(self.held))
-            self.held = []
-
-    def close(self) -> None:
-        self.flush()
-        self.writer.close()
-
-
 @dataclass
 class _Job:
     counts: ScoreCounts = field(default_factory=ScoreCounts)
@@ -471,8 +393,7 @@ def score_file(
     fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        sink: _Sink = (_CsvSink if fmt == "csv" else _ParquetSink)(
-            tmp, plan.output_schema(schema))
+        sink = open_sink(tmp, fmt, plan.output_schema(schema))
         try:
             blocks = read_ahead(iter_batches(in_path, chunk_rows, in_format=in_format,
                                              columns=plan.read))
@@ -501,19 +422,3 @@ def score_file(
     return {**asdict(job.counts), "on_bad_row": on_bad_row, "threshold": threshold * scale,
             "seconds": round(time.perf_counter() - job.start, 3), "out": str(out_path),
             "per_dim": per_dim}
-
-
-def read_scores(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
-    """Read a CSV written by ``score_file`` back: its ``score``, ``percentile`` and
-    ``is_anomaly`` columns as arrays (NaN and False where a flagged bad row has none)."""
-    with open(path, newline="") as fh:
-        reader = csv.reader(fh)
-        header = next(reader)
-        if not set(HEADER) <= set(header):
-            raise DataError(f"{path}: header {header} lacks {list(HEADER)}")
-        cols = list(zip(*reader, strict=True)) or [()] * len(header)
-    by_name = dict(zip(header, cols, strict=True))
-    return {"score": np.array([v or "nan" for v in by_name["score"]], dtype=np.float64),
-            "percentile": np.array([v or "nan" for v in by_name["percentile"]],
-                                   dtype=np.float64),
-            "is_anomaly": np.array([v == "true" for v in by_name["is_anomaly"]], dtype=bool)}

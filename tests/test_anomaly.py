@@ -15,14 +15,11 @@ import numpy as np
 import pytest
 
 from artifact.tables import DataError
-from service.scoring import HEADER, read_scores, score_file
-from training.anomaly import (
-    choose_plan,
-    column_noise,
-    export_candidate,
-    fit_anomaly,
-    format_summary,
-)
+from service.score_files import HEADER, read_scores
+from service.scoring import score_file
+from training.anomaly import fit_anomaly, format_summary
+from training.anomaly_models import export_candidate
+from training.anomaly_rows import choose_plan, column_noise
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated")
 
@@ -293,11 +290,11 @@ def test_labelled_npz_trains_on_normal_rows_and_picks_by_validation(tmp_path: Pa
 def test_unseen_categories_are_left_out_of_model_selection() -> None:
     """A validation row with a never-trained value of a discrete column does not drive early
     stopping (its NLL measures extrapolation); every row still counts for calibration."""
-    from training.anomaly import _split, prepare
+    from training.anomaly_rows import prepare, split_rows
 
     rng = np.random.default_rng(0)
     x = np.stack([rng.standard_normal(400), np.zeros(400)], axis=1)
-    _, val_idx, _ = _split(400, 3)
+    _, val_idx, _ = split_rows(400, 3)
     x[val_idx[:2], 1] = 13.0  # a rare flag value that only validation rows show
     prep = prepare(x, seed=3)
     assert prep.noise.step[1] == 1.0  # constant in training: unit step
@@ -311,7 +308,8 @@ def test_ensemble_serves_an_exact_mixture_chosen_by_validation(tmp_path: Path) -
     from scipy.special import logsumexp
 
     from service.runtime import open_runtime
-    from training.anomaly import mix_candidates, prepare, train_candidate
+    from training.anomaly_models import mix_candidates, train_candidate
+    from training.anomaly_rows import prepare
     from training.evaluate import data_log_prob
 
     x = normal_rows(600, 21)
@@ -345,7 +343,7 @@ def test_smoothing_search_keeps_the_validation_rows_and_the_lowest_nll(tmp_path:
     """smoothing_search: the winning type is trained again with Gaussian smoothing on every
     column; the same validation rows judge every scale, and the export is the lowest NLL."""
     from cli import main
-    from training.anomaly import prepare, resmooth
+    from training.anomaly_rows import prepare, resmooth
 
     x = normal_rows(400, 31)
     x[:, 0] = np.round(x[:, 0])  # one discrete column (unit grid), dequantized as before

@@ -19,7 +19,7 @@ from artifact.conditions import ConditionSpec, class_names, context_rows
 from service.runtime import SeededRows, open_runtime
 from training.checkpoint import load_checkpoint
 from training.conditioning import condition_data
-from training.config import ModelConfig
+from training.config import ModelConfig, TrainConfig
 from training.data import DataError, Dataset, gaussian_mixture, load_data
 from training.registry import build_model
 
@@ -52,7 +52,7 @@ def test_conditional_flows_condition_every_conditioner() -> None:
         assert (flow.log_prob(x, c) - flow.log_prob(x, c + 1)).abs().min() > 0, kind
     with pytest.raises(ValueError, match="cannot be conditioned.*conditional model types: "
                        "nice"):
-        build_model("otcfm", 2, ModelConfig(context_features=2))
+        build_model("edm", 2, ModelConfig(context_features=2))
 
 
 def test_log_p_x_given_y_and_marginal_approach_the_exact_densities(label_rt,
@@ -314,6 +314,33 @@ def test_ode_models_take_the_context_in_every_graph(conditional_models: dict[str
     np.testing.assert_allclose(marginal, np.logaddexp.reduce(each + priors, 0), rtol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["otcfm", "ffjord"])
+def test_otcfm_and_ffjord_serve_log_p_x_given_y(kind: str, tmp_path: Path, gmm2_rows) -> None:
+    """OT-CFM (OT pairs within each class) and FFJORD (maximum likelihood given the label)
+    train on labels, export a context input in every velocity graph, and serve
+    ``log p(x | y)`` equal to the eager model's, different for another label."""
+    from training.export import export_checkpoint
+    from training.fit import fit
+
+    ckpt = fit(kind, "gmm2", rows=600, condition="label", out=tmp_path / "ckpt",
+               model_cfg=ModelConfig(hidden_features=16, hidden_layers=2, time_embedding=4,
+                                     cfg_dropout=0.2),
+               train_cfg=TrainConfig(steps=8, batch_size=128, eval_every=8, progress=False))
+    export_checkpoint(ckpt, tmp_path / "m", formats=("onnx",), calibration=False)
+    rt = open_runtime(tmp_path / "m", runtime="onnx")
+    x, y = gmm2_rows.x[:12], gmm2_rows.y[:12]
+    c = torch.as_tensor(context_rows(ckpt.config.condition, labels=y), dtype=torch.float32)
+    with torch.no_grad():
+        u, ladj = ckpt.preprocessor(torch.as_tensor(x, dtype=torch.float32))
+        eager = (ckpt.model.log_prob(u, context=c, steps=4, solver="rk4") + ladj).numpy()
+    got = rt.log_likelihood(x, labels=y, steps=4, solver="rk4").log_prob
+    np.testing.assert_allclose(got, eager, rtol=1e-4, atol=1e-4)
+    other = rt.log_likelihood(x, labels=(y + 1) % 5, steps=4, solver="rk4").log_prob
+    assert np.abs(other - got).min() > 0
+    assert rt.sample_many([SeededRows(3, seed=1)], labels=np.full(3, 2), guidance=1.0,
+                          solver="heun", steps=3).blocks[0].shape == (3, 2)
+
+
 def test_guidance_zero_is_the_plain_conditional_model_and_batching_keeps_it(cfm_rt) -> None:
     labels = np.array([0, 1, 2, 3, 4, 0])
     plain = cfm_rt.sample(6, seed=5, labels=labels, solver="rk4", steps=6)
@@ -329,12 +356,12 @@ def test_guidance_zero_is_the_plain_conditional_model_and_batching_keeps_it(cfm_
         alone = cfm_rt.sample_many([r], labels=one, guidance=1.5, solver="heun", steps=5)
         np.testing.assert_allclose(block, alone.blocks[0], rtol=1e-6, atol=1e-6)
     # the training-side models follow the same formula; w = 0 is their plain field too
-    for kind in ("ddpm", "cfm", "si"):
+    for kind in ("ddpm", "cfm", "otcfm", "si", "ffjord"):
         torch.manual_seed(0)
         model = build_model(kind, 2, ModelConfig(hidden_features=8, context_features=3,
                                                  cfg_dropout=0.1))
         c = torch.eye(3)[[0, 1, 2, 1]]
-        solver = "ddim" if kind == "ddpm" else "euler"
+        solver = "ddim" if kind == "ddpm" else "euler"  # a fixed grid (ffjord's is dopri5)
         a, b = (model.sample(4, generator=torch.Generator().manual_seed(1), steps=3,
                              solver=solver, context=c, guidance=w) for w in (None, 0.0))
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

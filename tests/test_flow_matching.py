@@ -102,6 +102,27 @@ def test_ot_pairs_cost_no_more_than_independent_pairs() -> None:
     assert sorted(map(tuple, zp.tolist())) == sorted(map(tuple, z.tolist()))
 
 
+def test_conditional_ot_pairs_never_move_noise_across_classes() -> None:
+    """Given each row's condition, the noise is re-paired within each class only (so a
+    class's noise stays N(0, I)), optimally there; unique contexts leave pairs as drawn."""
+    g = torch.Generator().manual_seed(3)
+    x, z = mixture(60, 4), torch.randn(60, 2, generator=g)
+    labels = torch.randint(3, (60,), generator=g)
+    context = torch.eye(3)[labels]
+    xp, zp = ExactOptimalTransportMatcher(block=16).pair(x, z, context=context)
+    torch.testing.assert_close(xp, x)
+    for k in range(3):
+        rows = labels == k
+        assert sorted(map(tuple, zp[rows].tolist())) == sorted(map(tuple, z[rows].tolist()))
+        xk, zk = x[rows], z[rows]
+        best = zk[ExactOptimalTransportMatcher(block=16)._permutation(xk, zk)]
+        torch.testing.assert_close(zp[rows], best)
+    global_ot = ExactOptimalTransportMatcher(block=16).pair(x, z)[1]
+    assert not torch.equal(global_ot, zp)  # OT across classes would pair differently
+    unique = torch.randn(60, 1, generator=g)
+    torch.testing.assert_close(ExactOptimalTransportMatcher().pair(x, z, context=unique)[1], z)
+
+
 def test_ot_pairs_large_batches_block_by_block() -> None:
     g = torch.Generator().manual_seed(2)
     x, z = torch.randn(10, 2, generator=g), torch.randn(10, 2, generator=g)

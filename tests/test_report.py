@@ -148,7 +148,8 @@ def test_roc_curve_agrees_with_scikit_learn() -> None:
 
 
 def test_anomaly_report_uses_the_served_scores(tmp_path: Path) -> None:
-    from service.scoring import read_scores, score_file
+    from service.score_files import read_scores
+    from service.scoring import score_file
     from training.anomaly import fit_anomaly
     from training.data import save_data
 

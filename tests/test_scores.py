@@ -99,7 +99,8 @@ def kinds(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, dic
     fit-anomaly's own steps (the trained checkpoint kept in the summary for parity)."""
     import torch
 
-    from training.anomaly import export_candidate, prepare, score_spec, train_candidate
+    from training.anomaly_models import export_candidate, score_spec, train_candidate
+    from training.anomaly_rows import prepare
 
     root = tmp_path_factory.mktemp("kinds")
     x = clusters(1500, 1)
@@ -236,7 +237,8 @@ def test_auto_follows_its_protocol_and_the_budget_drops_candidates(tmp_path: Pat
     """--score auto on the clusters under a 1-second budget: the smoothing search and the
     flow-matching pair are dropped (and said so); the kind served is the one the protocol's
     rule picks from the statistics it reports (docs/anomaly-selection-protocol.md)."""
-    from training.anomaly import AUTO_MARGIN, AUTO_ORDER, fit_anomaly
+    from training.anomaly import fit_anomaly
+    from training.anomaly_auto import AUTO_MARGIN, AUTO_ORDER
 
     s = fit_anomaly(clusters(600, 12), tmp_path / "auto", score="auto", model="maf",
                     steps=150, progress=False, budget_s=1.0)

@@ -16,7 +16,8 @@ from events import BAD, FEATURES, MODEL, TEXT, events
 from artifact.tables import DataError, iter_table
 from cli import main
 from service.runtime import ModelRuntime, open_runtime
-from service.scoring import read_scores, score_file
+from service.score_files import read_scores
+from service.scoring import score_file
 
 
 def clean_rows(table: pa.Table) -> np.ndarray:

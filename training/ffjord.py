@@ -39,7 +39,7 @@ from numerics.likelihood import standard_normal_log_prob
 from numerics.solvers import integrate
 from training.config import ModelConfig
 from training.flow_matching import FlowMatchingModel
-from training.nets import TimeMLP
+from training.nets import TimeMLP, conditioned, given
 
 __all__ = ["FFJORD", "build_ffjord", "rademacher"]
 
@@ -73,21 +73,23 @@ class FFJORD(FlowMatchingModel):
         self.kinetic_energy, self.jacobian_norm = kinetic_energy, jacobian_norm
 
     def nll_terms(self, x: Tensor, probe: Tensor | None, *, solver: str = "dopri5",
-                  steps: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """Per-row ``(-log p(x), int |v|^2 dt, int |(dv/dx) e|^2 dt)``, each ``(batch,)``.
+                  steps: int | None = None, context: Tensor | None = None,
+                  ) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-row ``(-log p(x), int |v|^2 dt, int |(dv/dx) e|^2 dt)``, each ``(batch,)``
+        (``-log p(x | context)`` given a conditional model's ``context: (batch, C)``).
 
         ``probe: (batch, dim)`` is Hutchinson's trace estimate with that probe; ``None`` is
         the exact trace (forward-mode, ``dim`` tangents). Differentiable (direct backprop).
         """
-        d = self.dim
+        d, c = self.dim, given(context)
 
         def augmented(state: Tensor, t: Tensor) -> Tensor:
             h = state[:, :d]
             if probe is None:
-                v, div = self.net.divergence(h, t)
+                v, div = self.net.divergence(h, t, *c)
                 jac = torch.zeros_like(div)
             else:
-                v, jv = self.net.jvp(h, t, probe)
+                v, jv = self.net.jvp(h, t, probe, *c)
                 div, jac = (probe * jv).sum(-1), jv.square().sum(-1)
             kinetic = v.square().sum(-1)
             return torch.cat([v, torch.stack([div, kinetic, jac], -1)], -1)
@@ -98,9 +100,14 @@ class FFJORD(FlowMatchingModel):
         nll = -(standard_normal_log_prob(end[:, :d]) + end[:, d])
         return nll, end[:, d + 1], end[:, d + 2]
 
-    def training_loss(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Mean NLL with one Rademacher probe per row, plus the RNODE terms."""
-        nll, kinetic, jacobian = self.nll_terms(x, rademacher(x.shape, generator, x))
+    def training_loss(self, x: Tensor, generator: torch.Generator | None = None,
+                      context: Tensor | None = None) -> Tensor:
+        """Mean NLL with one Rademacher probe per row, plus the RNODE terms; a conditional
+        model's ``context`` is dropped to the null token with probability ``cfg_dropout``
+        (so that one network also gives the marginal density, and guidance)."""
+        probe = rademacher(x.shape, generator, x)
+        nll, kinetic, jacobian = self.nll_terms(x, probe,
+                                                context=self.dropped(context, generator))
         loss = nll.mean()
         if self.kinetic_energy:
             loss = loss + self.kinetic_energy * kinetic.mean()
@@ -108,22 +115,28 @@ class FFJORD(FlowMatchingModel):
             loss = loss + self.jacobian_norm * jacobian.mean()
         return loss
 
-    def validation_loss(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def validation_loss(self, x: Tensor, generator: torch.Generator | None = None,
+                        context: Tensor | None = None) -> Tensor:
         """Mean NLL with the exact trace at the training tolerances (no regularisers)."""
-        return self.nll_terms(x, None)[0].mean()
+        return self.nll_terms(x, None, context=context)[0].mean()
 
     def serving_defaults(self) -> Defaults:
         """Adaptive ``dopri5`` sampling (the solver it was trained with), exact likelihood."""
         return Defaults(solver="dopri5", method=self.likelihood_method)
 
     def sample(self, n: int, generator: torch.Generator | None = None,
-               steps: int | None = None, solver: str = "dopri5") -> Tensor:
-        """``(n, dim)`` samples: the ODE from ``z ~ N(0, I)`` at ``t = 1`` to ``t = 0``."""
-        return self.transport(self.noise(n, generator), steps=steps, solver=solver)
+               steps: int | None = None, solver: str = "dopri5",
+               context: Tensor | None = None, guidance: float | None = None) -> Tensor:
+        """``(n, dim)`` samples: the ODE from ``z ~ N(0, I)`` at ``t = 1`` to ``t = 0`` (given
+        ``context: (n, C)``, guided with weight ``guidance``)."""
+        return self.transport(self.noise(n, generator), steps=steps, solver=solver,
+                              context=context, guidance=guidance)
 
 
 def build_ffjord(dim: int, cfg: ModelConfig) -> FFJORD:
     """Untrained FFJORD with the flow-matching velocity MLP and ``cfg``'s solver settings."""
-    return FFJORD(dim, TimeMLP(dim, cfg.hidden_features, cfg.hidden_layers, cfg.time_embedding),
-                  rtol=cfg.ode_rtol, atol=cfg.ode_atol, kinetic_energy=cfg.kinetic_energy,
-                  jacobian_norm=cfg.jacobian_norm)
+    net = TimeMLP(dim, cfg.hidden_features, cfg.hidden_layers, cfg.time_embedding,
+                  cfg.context_features)
+    return conditioned(FFJORD(dim, net, rtol=cfg.ode_rtol, atol=cfg.ode_atol,
+                              kinetic_energy=cfg.kinetic_energy,
+                              jacobian_norm=cfg.jacobian_norm), cfg)

@@ -15,7 +15,11 @@ Variants are composition plus one override:
   normal base would be biased.)
 * :class:`ExactOptimalTransportMatcher` (``"otcfm"``): overrides ``pair``; pairs re-drawn
   by exact OT within the minibatch (Tong et al., "Improving and generalizing flow-based
-  generative models with minibatch optimal transport", 2023; Pooladian et al., 2023).
+  generative models with minibatch optimal transport", 2023; Pooladian et al., 2023). A
+  conditional model's rows are paired within each group of equal condition, so that the
+  noise a class's rows start from stays ``N(0, I)`` (OT across classes would hand each class
+  the noise nearest to it, and sampling from ``N(0, I)`` given that class would be wrong):
+  per class for labels; a context vector that no two rows share leaves pairs independent.
 * :class:`StochasticInterpolantMatcher` (``"si"``): overrides ``interpolate`` (Albergo &
   Vanden-Eijnden, "Building normalizing flows with stochastic interpolants", 2023).
 * :class:`ReflowMatcher`: overrides ``pair`` with a fixed bank of (noise, sample) pairs
@@ -60,9 +64,11 @@ class ConditionalFlowMatcher:
         self.sigma_min = sigma_min
 
     def pair(
-        self, x: Tensor, z: Tensor, generator: torch.Generator | None = None
+        self, x: Tensor, z: Tensor, generator: torch.Generator | None = None,
+        context: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """Coupling of data ``x: (batch, dim)`` and noise ``z: (batch, dim)``: independent."""
+        """Coupling of data ``x: (batch, dim)`` and noise ``z: (batch, dim)``: independent
+        (``context: (batch, C)``, each row's condition, for couplings that respect it)."""
         return x, z
 
     def interpolate(
@@ -80,10 +86,12 @@ class ConditionalFlowMatcher:
         return 1.0 - t, m + (1.0 - m) * t, 1.0 - m
 
     def sample_location_and_flow(
-        self, x: Tensor, z: Tensor, generator: torch.Generator | None = None
+        self, x: Tensor, z: Tensor, generator: torch.Generator | None = None,
+        context: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """``t ~ U(0, 1)``: ``(batch,)``; ``x_t`` and target ``u_t``: ``(batch, dim)``."""
-        x, z = self.pair(x, z, generator)
+        """``t ~ U(0, 1)``: ``(batch,)``; ``x_t`` and target ``u_t``: ``(batch, dim)``
+        (``context``: each row's condition, before any label dropout)."""
+        x, z = self.pair(x, z, generator, context)
         t = self.sample_time(len(x), generator, x)
         x_t, u_t = self.interpolate(x, z, t, generator)
         return t, x_t, u_t
@@ -130,14 +138,26 @@ class ExactOptimalTransportMatcher(ConditionalFlowMatcher):
         self.block = block
 
     def pair(
-        self, x: Tensor, z: Tensor, generator: torch.Generator | None = None
+        self, x: Tensor, z: Tensor, generator: torch.Generator | None = None,
+        context: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
+        if context is None:
+            return x, z[self._permutation(x, z)]
+        _, group = torch.unique(context, dim=0, return_inverse=True)
+        order = torch.arange(len(x), device=x.device)
+        for g in range(int(group.max()) + 1 if len(group) else 0):
+            rows = torch.nonzero(group == g).flatten()
+            order[rows] = rows[self._permutation(x[rows], z[rows])]
+        return x, z[order]
+
+    def _permutation(self, x: Tensor, z: Tensor) -> Tensor:
+        """The exact OT permutation of ``z`` onto ``x``, block by block."""
         perms = [
             start
             + exact_ot_permutation(x[start : start + self.block], z[start : start + self.block])
             for start in range(0, len(x), self.block)
         ]
-        return x, z[torch.cat(perms)]
+        return torch.cat(perms) if perms else torch.zeros(0, dtype=torch.long, device=x.device)
 
 
 class StochasticInterpolantMatcher(ConditionalFlowMatcher):
@@ -203,7 +223,8 @@ class ReflowMatcher(ConditionalFlowMatcher):
         return t.to(dtype=like.dtype, device=like.device)
 
     def pair(
-        self, x: Tensor, z: Tensor, generator: torch.Generator | None = None
+        self, x: Tensor, z: Tensor, generator: torch.Generator | None = None,
+        context: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         # drawn where the generator lives (the training device), the bank stays on the CPU
         idx = torch.randint(len(self.x), (len(x),), generator=generator, device=x.device)
@@ -240,7 +261,7 @@ class FlowMatchingModel(VelocityModel):
         a conditional model's field sees each row's ``context`` (dropped to the null token
         with probability ``cfg_dropout``)."""
         z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-        t, x_t, u_t = self.matcher.sample_location_and_flow(x, z, generator)
+        t, x_t, u_t = self.matcher.sample_location_and_flow(x, z, generator, context)
         return (self.net(x_t, t, *given(self.dropped(context, generator))) - u_t).square().mean()
 
     def velocity(self, x: Tensor, t: Tensor, context: Tensor | None = None) -> Tensor:
@@ -287,9 +308,10 @@ def build_cfm(dim: int, cfg: ModelConfig) -> FlowMatchingModel:
 
 
 def build_otcfm(dim: int, cfg: ModelConfig) -> FlowMatchingModel:
-    """Untrained OT-CFM: pairs drawn by minibatch exact optimal transport."""
-    return FlowMatchingModel("otcfm", dim, _time_mlp(dim, cfg),
-                             ExactOptimalTransportMatcher(cfg.sigma_min))
+    """Untrained OT-CFM: pairs drawn by minibatch exact optimal transport (within each group
+    of equal condition for a conditional model)."""
+    return conditioned(FlowMatchingModel("otcfm", dim, _time_mlp(dim, cfg),
+                                          ExactOptimalTransportMatcher(cfg.sigma_min)), cfg)
 
 
 def build_si(dim: int, cfg: ModelConfig) -> FlowMatchingModel:
