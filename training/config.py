@@ -16,9 +16,10 @@ __all__ = ["EDM_SIGMA_MAX_PER_SIGMA_DATA", "ModelConfig", "PreprocessConfig", "T
 EDM_SIGMA_MAX_PER_SIGMA_DATA = 3.0
 """EDM's default largest sigma in units of ``sigma_data``. Starting the PF-ODE there from
 ``N(0, (sigma_max^2 + sigma_data^2) I)`` treats the data as Gaussian beyond it. Measured with the
-exact denoiser of the standardized mixtures (docs/BENCHMARKS.md): Heun at 8 NFE has a W2 excess
-of +0.23 on gmm2 (+3.81 from the paper's sigma_max 80 and rho 7), at the price of a PF-ODE
-log-likelihood 0.0003 nats off on gmm2 and 0.05 on gmm16 (0 from 80)."""
+exact denoiser of the standardized mixtures (docs/BENCHMARKS.md, bench.edm): Heun at 8 NFE has a
+W2 excess of +0.27 on gmm2 (+3.72 from the paper's sigma_max 80 and rho 7), at the price of a
+PF-ODE log-likelihood -0.0003 +- 0.0013 nats off on gmm2 and 0.010 +- 0.013 on gmm16 (0 from
+80) and a W2 excess at 64 NFE 0.05 higher on gmm2."""
 
 
 class _Strict(BaseModel):
