@@ -155,12 +155,13 @@ def load_splits(name: str, rows: int = ROWS, seed: int = SEED) -> tuple[Any, Any
     return dataset, split(dataset.x, seed=seed)
 
 
-def train_one(kind: str, name: str, plan: ModelPlan, steps: int, seed: int = SEED) -> Any:
+def train_one(kind: str, name: str, plan: ModelPlan, steps: int, seed: int = SEED,
+              rows: int = ROWS) -> Any:
     from training.checkpoint import DataSummary
     from training.config import ModelConfig, TrainConfig
     from training.fit import fit_arrays
 
-    dataset, splits = load_splits(name, seed=seed)
+    dataset, splits = load_splits(name, rows=rows, seed=seed)
     summary = DataSummary(
         name=dataset.name, source=dataset.source, rows=int(len(dataset.x)),
         dim=int(dataset.x.shape[1]), levels=dataset.levels, data_seed=seed, split_seed=seed,

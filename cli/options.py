@@ -44,8 +44,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--edm-sigma-min", dest="edm_sigma_min", type=float,
                    help="EDM: smallest sigma (0.002)")
     g.add_argument("--edm-sigma-max", dest="edm_sigma_max", type=float,
-                   help="EDM: largest sigma (80)")
-    g.add_argument("--rho", type=float, help="EDM: sigma steps uniform in sigma^(1/rho) (7)")
+                   help="EDM: largest sigma (3 sigma_data)")
+    g.add_argument("--rho", type=float, help="EDM: sigma steps uniform in sigma^(1/rho) (3)")
     g.add_argument("--p-mean", dest="p_mean", type=float, help="EDM: training ln-sigma mean")
     g.add_argument("--p-std", dest="p_std", type=float, help="EDM: training ln-sigma std")
     g.add_argument("--s-churn", dest="s_churn", type=float, help="EDM stochastic sampler churn")

@@ -186,12 +186,13 @@ class LogLikelihoodRequest(_Conditioned):
         None, description="divergence for ODE models; flows are always exact; discrete flow "
         "matching answers its evidence lower bound ('elbo')"
     )
-    steps: int | None = Field(None, ge=1, description="fixed solver steps (default adaptive)")
+    steps: int | None = Field(None, ge=1, description="fixed solver steps (default adaptive; "
+                              "DFM with the uniform source: the ELBO's time nodes, 16)")
     solver: str | None = Field(None, description="ODE solver for the likelihood integral")
-    probes: int | None = Field(None, ge=1, description="Hutchinson probes (DFM: random "
-                               "orders of the ELBO)")
+    probes: int | None = Field(None, ge=1, description="Hutchinson probes (DFM: the ELBO's "
+                               "probes)")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Hutchinson probe seed "
-                             "(DFM: the ELBO's orders)")
+                             "(DFM: the ELBO's draws)")
 
 
 class LogLikelihoodResponse(BaseModel):

@@ -28,17 +28,17 @@ TINY_DATA = {"rfm": ("vmf_s2", {"manifold": "sphere"}), "dfm": ("markov_seq", {}
 
 
 def tiny_checkpoint(model_type: str, out: Path, data: str | None = None,
-                    steps: int = TINY_STEPS):
+                    steps: int = TINY_STEPS, **fields: object):
     from training.config import ModelConfig, TrainConfig
     from training.fit import fit
 
-    own_data, fields = TINY_DATA.get(model_type, ("moons", {}))
+    own_data, own_fields = TINY_DATA.get(model_type, ("moons", {}))
     return fit(
         model_type,
         data or own_data,
         out=out,
         rows=1000,
-        model_cfg=ModelConfig(**TINY_MODEL | fields),
+        model_cfg=ModelConfig(**TINY_MODEL | own_fields | fields),
         train_cfg=TrainConfig(steps=steps, batch_size=128, eval_every=steps, progress=False,
                               warmup_steps=5),
     )
@@ -193,15 +193,29 @@ def conditional_models(zoo_dir: Path) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
-def families_models(zoo_dir: Path, artifact_factory, conditional_models) -> Path:
-    """A models directory of the newer families (EDM; RFM on vmf_s2; DFM on markov_seq), one
-    tiny model each (named ``moons-KIND`` like the zoo, whatever their data), and the
-    conditional models (``cond-label``, ``cond-context``, ``cond-cfm``)."""
+def dfm_uniform_artifact(zoo_dir: Path) -> Path:
+    """A tiny DFM with the uniform source on markov_seq, exported to ONNX and TorchScript."""
+    from training.checkpoint import load_checkpoint
+    from training.export import export_checkpoint
+
+    ckpt = built_once(zoo_dir / "ckpt" / "dfm-uniform",
+                      lambda path: tiny_checkpoint("dfm", path, source="uniform"))
+    return built_once(zoo_dir / "models" / "moons-dfm-uniform", lambda out: export_checkpoint(
+        load_checkpoint(ckpt), out, formats=("onnx", "torchscript")))
+
+
+@pytest.fixture(scope="session")
+def families_models(zoo_dir: Path, artifact_factory, conditional_models,
+                    dfm_uniform_artifact) -> Path:
+    """A models directory of the newer families (EDM; RFM on vmf_s2; DFM on markov_seq, masked
+    and uniform source), one tiny model each (named ``moons-KIND`` like the zoo, whatever their
+    data), and the conditional models (``cond-label``, ``cond-context``, ``cond-cfm``)."""
 
     def build(root: Path) -> None:
         root.mkdir()
         for kind in ("edm", "rfm", "dfm"):
             shutil.copytree(artifact_factory(kind), root / f"moons-{kind}")
+        shutil.copytree(dfm_uniform_artifact, root / dfm_uniform_artifact.name)
         for path in conditional_models.values():
             shutil.copytree(path, root / path.name)
 

@@ -7,6 +7,11 @@ masked source is the conditional ``p(x^i | unmasked tokens)`` (by enumeration). 
 model's continuous-time generative process unmasks one token at a time in a uniformly random
 order, so its exact likelihood is ``mean_orders prod_j p(x_{o_j} | x_{o_<j})`` (3! orders),
 and the ELBO is ``mean_orders sum_j log p(...)``: Jensen's inequality puts it below.
+
+The uniform source's model is a CTMC over the 27 rows from the uniform law at ``t = 1`` to
+``t_eps``, then one redraw of every token: its exact law comes from the Kolmogorov forward
+equation over the 27 states (:func:`ctmc_law`), and its optimal denoiser is the posterior
+``p(x^i | x_t)`` under ``q_t(x_t | x) = prod_i ((1 - t) delta + t / V)`` (by enumeration).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import torch
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
-from numerics.discrete import masked_elbo
+from numerics.discrete import ELBO_T_MIN, masked_elbo, uniform_elbo
 from service.runtime import SeededRows, open_runtime
 from training.checkpoint import DataSummary
 from training.config import ModelConfig, TrainConfig
@@ -68,17 +73,23 @@ def exact_and_elbo(log_probs, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.array(exact), np.array(elbo)
 
 
-@pytest.fixture(scope="module")
-def trained() -> DiscreteFlowMatching:
-    rng = np.random.default_rng(1)
+def fit_toy(seed: int, source: str) -> DiscreteFlowMatching:
+    """A DFM with ``source`` trained on 6000 draws of ``P`` (seed ``seed``), 1500 steps."""
+    rng = np.random.default_rng(seed)
     x = STATES[rng.choice(len(STATES), size=6000, p=P)]
     summary = DataSummary(name="toy", source="generated", rows=6000, dim=D, levels=V,
-                          data_seed=1, split_seed=1, mean=[0.0] * D, std=[1.0] * D)
+                          data_seed=seed, split_seed=seed, mean=[0.0] * D, std=[1.0] * D)
     ckpt = fit_arrays("dfm", x[:5000], x[5000:], data=summary,
-                      model_cfg=ModelConfig(hidden_features=64, hidden_layers=2, vocab=V),
+                      model_cfg=ModelConfig(hidden_features=64, hidden_layers=2, vocab=V,
+                                            source=source),
                       train_cfg=TrainConfig(steps=1500, batch_size=256, lr=3e-3,
                                             eval_every=500, warmup_steps=20, progress=False))
     return ckpt.model
+
+
+@pytest.fixture(scope="module")
+def trained() -> DiscreteFlowMatching:
+    return fit_toy(1, "mask")
 
 
 def _torch_log_probs(model: DiscreteFlowMatching):
@@ -142,14 +153,118 @@ def test_the_ctmc_sampler_gives_integer_rows_from_the_law(trained, source: str) 
         assert 0.5 * np.abs(freq - P).sum() < 0.08  # total variation to the law
 
 
-def test_uniform_source_trains_and_refuses_the_elbo() -> None:
+# --- the uniform source's ELBO -----------------------------------------------------------------
+
+
+def q_path(z: np.ndarray, t: float) -> np.ndarray:
+    """``q_t(z | x)`` for rows ``z: (n, D)`` and every state ``x``: ``(n, 27)``."""
+    same = z[:, None, :] == STATES[None]
+    return np.where(same, 1 - t + t / V, t / V).prod(-1)
+
+
+STATE_ONE_HOT = (STATES[..., None] == np.arange(V)).astype(np.float64)  # (27, D, V)
+
+
+def uniform_oracle(z: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """The uniform source's optimal denoiser ``log p(x^i | z, t)``, ``(batch, D, V)``."""
+    w = np.stack([P * q_path(row[None], float(tt))[0] for row, tt in zip(z, t, strict=True)])
+    post = np.einsum("bs,sdv->bdv", w, STATE_ONE_HOT)
+    return np.log(post / post.sum(-1, keepdims=True))
+
+
+def ctmc_law(log_probs, t_eps: float = ELBO_T_MIN, steps: int = 400) -> np.ndarray:
+    """``log p(x)`` of every state under the uniform source's model: the Kolmogorov forward
+    equation ``dp/du = -p A~`` in ``u = ln t`` (``A~ = t A``: off-diagonal ``p(y^i | z, t)`` for
+    ``y`` one token away from ``z``) by RK4 from the uniform law at ``t = 1`` to ``t_eps``,
+    then the final redraw ``p(x) = sum_z p_eps(z) prod_i p(x^i | z, t_eps)``."""
+    n = len(STATES)
+    one_away = (STATES[:, None, :] != STATES[None]).sum(-1) == 1  # (z, y)
+    where = (STATES[:, None, :] != STATES[None]).argmax(-1)  # the token that differs
+
+    zi, yi = np.arange(n)[:, None], np.arange(n)[None, :]
+    target = STATES[yi, where].astype(int)  # y's value at that token
+
+    def generator(t: float) -> np.ndarray:
+        rate = np.exp(log_probs(STATES, np.full(n, t)))[zi, where, target]  # (z, y)
+        a = np.where(one_away, rate, 0.0)
+        return a - np.diag(a.sum(1))
+
+    p, h = np.full(n, 1.0 / n), math.log(t_eps) / steps
+    for k in range(steps):
+        u = k * h
+        k1 = -p @ generator(math.exp(u))
+        k2 = -(p + h / 2 * k1) @ generator(math.exp(u + h / 2))
+        k3 = -(p + h / 2 * k2) @ generator(math.exp(u + h / 2))
+        k4 = -(p + h * k3) @ generator(math.exp(u + h))
+        p = p + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+    redraw = np.exp(np.einsum("zdv,xdv->zx", log_probs(STATES, np.full(n, t_eps)),
+                              STATE_ONE_HOT))  # prod_i p(x^i | z, t_eps)
+    return np.log(p @ redraw)
+
+
+def test_the_uniform_elbo_bounds_the_oracle_ctmc() -> None:
+    """The exact denoiser: the Kolmogorov law at ``t_eps`` is the path's marginal, the model
+    is the data law to 2e-3 nats, the estimator agrees with the bound by enumeration and
+    quadrature, and the bound sits below by 0.86 nats on average (the conditional path jumps
+    only to the data token; the model's chain also leaves it and comes back)."""
+    law = ctmc_law(uniform_oracle)
+    lp = uniform_oracle(STATES, np.full(len(STATES), ELBO_T_MIN))
+    marginal = q_path(STATES, ELBO_T_MIN) @ P  # p_eps(z), the path's marginal
+    redraw = np.exp(np.einsum("zdv,xdv->zx", lp, STATE_ONE_HOT))
+    np.testing.assert_allclose(law, np.log(marginal @ redraw), atol=1e-7)
+    np.testing.assert_allclose(law, np.log(P), atol=2e-3)  # the redraw at t_eps: a blur
+    # the bound by enumeration over z and Gauss-Legendre in ln t
+    nodes, weights = np.polynomial.legendre.leggauss(64)
+    span = -math.log(ELBO_T_MIN)
+    bound = np.zeros(len(STATES))
+    for node, weight in zip(nodes, weights, strict=True):
+        t = math.exp(-span * (1 - node) / 2)
+        lp_t = uniform_oracle(STATES, np.full(len(STATES), t))  # (z, D, V)
+        log_px = np.einsum("zdv,xdv->zxd", lp_t, STATE_ONE_HOT)  # log p(x^i | z)
+        p_z = np.exp(np.einsum("zdv,zdv->zd", lp_t, STATE_ONE_HOT))
+        wrong = STATES[:, None, :] != STATES[None]
+        g = (np.where(wrong, 1 + log_px, 0.0) - (1 - p_z)[:, None, :]).sum(-1)  # (z, x)
+        bound += weight * span / 2 * (q_path(STATES, t) * g).sum(0)
+    bound += (q_path(STATES, ELBO_T_MIN) * np.einsum("zdv,xdv->zx", lp, STATE_ONE_HOT)).sum(0)
+    assert (bound < law).all()
+    gap = float((P * (law - bound)).sum())
+    assert 0.8 < gap < 0.9, gap
+    est = uniform_elbo(uniform_oracle, STATES, V, probes=48, seed=3)
+    z = (est.log_prob - bound) / est.std_error
+    assert np.abs(z).max() < 4 and abs(z.mean()) < 0.8, z
+    assert est.nfe == 48 * 17
+
+
+@pytest.fixture(scope="module")
+def trained_uniform() -> DiscreteFlowMatching:
+    return fit_toy(2, "uniform")
+
+
+def test_the_uniform_elbo_bounds_the_trained_models_own_ctmc(trained_uniform) -> None:
+    """A trained model: the estimated ELBO lies below its own chain's exact log-likelihood
+    on every row (within 3.5 standard errors), by a probability-weighted 1.2 nats or less, and
+    that chain's law is near the data's."""
+    log_probs = _torch_log_probs(trained_uniform)
+    law = ctmc_law(log_probs)
+    np.testing.assert_allclose(np.exp(law).sum(), 1.0, atol=1e-6)
+    res = trained_uniform.log_prob_with_error(torch.as_tensor(STATES, dtype=torch.float32),
+                                              probes=32, seed=1)
+    elbo, se = res.log_prob.double().numpy(), res.std_error.double().numpy()
+    assert (elbo <= law + 3.5 * se).all(), (elbo - law) / se
+    gap = float((P * (law - elbo)).sum())
+    assert 0.5 < gap < 1.2, gap  # 1.03 measured; the exact denoiser's: 0.86
+    cross = float((P * (np.log(P) - law)).sum())  # KL(data || model's chain) >= 0
+    assert 0 <= cross < 0.1, cross
+
+
+def test_uniform_source_trains() -> None:
     model = build_model("dfm", D, ModelConfig(hidden_features=16, vocab=V, source="uniform"))
     x = torch.as_tensor(STATES[:8], dtype=torch.float32)
     loss = model.training_loss(x, torch.Generator().manual_seed(0))
     loss.backward()
     assert all(p.grad is not None for p in model.parameters())
-    with pytest.raises(ValueError, match="masked source only"):
-        model.log_prob(x)
+    res = model.log_prob_with_error(x, probes=2, steps=4)
+    assert res.nfe == 2 * 5 and torch.isfinite(res.log_prob).all()
 
 
 def test_config_and_data_checks() -> None:
@@ -247,5 +362,53 @@ def test_http_and_grpc_equal_in_process_and_take_integer_tokens_only(
         with pytest.raises(InferenceServerException) as info:
             client.infer("moons-dfm.log_likelihood", [inp])
         assert "takes integer tokens: send INT64" in info.value.message()
+    finally:
+        client.close()
+
+
+
+def test_uniform_source_elbo_is_served_like_the_masked_one(
+        zoo_dir: Path, dfm_uniform_artifact: Path, families_server) -> None:
+    """The uniform source's ELBO over the exported denoiser (ONNX, TorchScript) equals the
+    in-process one, whatever the batch; ``steps`` sets its time nodes; HTTP and gRPC answer
+    the runtime's."""
+    from training.checkpoint import load_checkpoint
+
+    name = dfm_uniform_artifact.name
+    onnx = open_runtime(dfm_uniform_artifact, runtime="onnx")
+    ts = open_runtime(dfm_uniform_artifact, runtime="torchscript")
+    assert onnx.manifest.tokens.source == "uniform" and onnx.manifest.defaults.method == "elbo"
+    model = load_checkpoint(zoo_dir / "ckpt" / "dfm-uniform").model
+    x = load_data("markov_seq", n=6, seed=3).x
+    want = model.log_prob_with_error(torch.as_tensor(x, dtype=torch.float32), probes=4, seed=2,
+                                     steps=8)
+    for rt in (onnx, ts):
+        got = rt.log_likelihood(x, seed=2, steps=8)
+        assert got.method == "elbo" and got.nfe == 4 * 9
+        np.testing.assert_allclose(got.log_prob, want.log_prob.numpy(), atol=1e-4)
+        np.testing.assert_allclose(got.std_error, want.std_error.numpy(), atol=1e-4)
+    halves = [onnx.log_likelihood(x[:2], seed=2).log_prob,
+              onnx.log_likelihood(x[2:], seed=2, rows=np.arange(2, 6)).log_prob]
+    np.testing.assert_array_equal(np.concatenate(halves), onnx.log_likelihood(x, seed=2).log_prob)
+
+    status, out = families_server.post("/models", {})
+    assert status == 200, out
+    card = next(m for m in out["models"] if m["name"] == name)
+    assert card["tokens"] == {"vocab": 4, "source": "uniform"}
+    rt = open_runtime(dfm_uniform_artifact)
+    want = rt.log_likelihood(x)
+    status, out = families_server.post("/log_likelihood", {"model": name, "x": x.tolist()})
+    assert status == 200, out
+    assert out["method"] == "elbo" and len(out["std_error"]) == 6
+    np.testing.assert_array_equal(out["log_likelihood"], want.log_prob)
+    status, out = families_server.post("/anomaly_score", {"model": name, "x": x.tolist()})
+    assert status == 200, out
+    np.testing.assert_array_equal(out["scores"], rt.anomaly_score(x).scores)
+    client = triton.InferenceServerClient(families_server.grpc_address)
+    try:
+        inp = triton.InferInput("x", list(x.shape), "FP64")
+        inp.set_data_from_numpy(x)
+        got = client.infer(f"{name}.log_likelihood", [inp])
+        np.testing.assert_array_equal(got.as_numpy("log_likelihood"), want.log_prob)
     finally:
         client.close()

@@ -12,11 +12,14 @@ Sampling is the CTMC's Euler step over the rates (``numerics.discrete``): from `
 ``s < t`` each token that may still move (every token for the uniform source, the masked ones
 for the masked source) is redrawn from the denoiser with probability ``(t - s) / t``.
 
-Likelihood: the masked source's evidence lower bound (Shi et al. 2024, "Simplified and
+Likelihood: an evidence lower bound. The masked source's (Shi et al. 2024, "Simplified and
 generalized masked diffusion", eq. 4; with ``alpha_t = 1 - t``) ``log p(x) >= int_0^1 1/t
 E[sum_{i masked} log p(x^i | x_t)] dt``, whose time integral is done exactly: a set of ``k``
 masked tokens has weight ``1/k`` (``numerics.discrete.masked_elbo``). The network sees no
-time for the masked source (its optimal denoiser does not depend on it).
+time for the masked source (its optimal denoiser does not depend on it). The uniform source's
+is the continuous-time bound of the CTMC down to ``t_eps`` followed by one redraw of every
+token (the path KL to the conditional path; ``numerics.discrete.uniform_elbo``), its time
+integral estimated at stratified times.
 """
 
 from __future__ import annotations
@@ -129,13 +132,12 @@ class DiscreteFlowMatching(nn.Module):
             return discrete.ctmc_sample(self.denoiser, start, steps or 32, uniform, self.source)
 
     def log_prob_with_error(self, x: Tensor, probes: int = 4, seed: int = 0,
-                            **_: object) -> discrete.ElboResult:
-        """The masked source's ELBO per row (``numerics.discrete.masked_elbo``), nats."""
-        if self.source != "mask":
-            raise ValueError("the evidence lower bound is available for the masked source only")
+                            steps: int | None = None, **_: object) -> discrete.ElboResult:
+        """The source's ELBO per row (``numerics.discrete.elbo``), nats; ``steps``: the
+        uniform source's time nodes (``numerics.discrete.ELBO_NODES`` by default)."""
         with torch.no_grad():
-            return discrete.masked_elbo(self.denoiser, self._tokens(x), self.vocab, probes=probes,
-                                       seed=seed)
+            return discrete.elbo(self.denoiser, self._tokens(x), self.vocab, self.source,
+                                 probes=probes, nodes=steps, seed=seed)
 
     def log_prob(self, x: Tensor, **options: object) -> Tensor:
         return self.log_prob_with_error(x, **options).log_prob

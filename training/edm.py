@@ -13,9 +13,11 @@ D(x; sigma)) / sigma`` (eq. 3 with ``sigma(t) = t``, ``s(t) = 1``) from ``sigma_
 to ``sigma_max`` (noise), and the base at ``sigma_max`` is ``N(0, (sigma_max^2 +
 sigma_data^2) I)`` (the second moment of data plus noise). The ODE solvers step on EDM's
 ``rho``-grid (``numerics.schedules.rho_grid``), so ``heun`` is EDM's deterministic sampler
-(algorithm 1) and ``edm_stochastic`` its stochastic one (algorithm 2,
-``numerics.samplers``); the likelihood (exact or Hutchinson) is the shared one over the same
-field, as for every ODE model.
+(algorithm 1, except that ``steps`` Heun steps cost ``2 steps`` evaluations and the last one
+ends at ``sigma_min``: the paper's final Euler step from ``sigma_min`` to 0 costs an evaluation
+and leaves one Heun step fewer for the sigmas where trajectories bend) and ``edm_stochastic``
+its stochastic one (algorithm 2, ``numerics.samplers``); the likelihood (exact or Hutchinson)
+is the shared one over the same field, as for every ODE model.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ class EDMModel(VelocityModel):
         dim: data dimension ``D``.
         net: ``F((batch, D), (batch,)) -> (batch, D)`` with ``jvp`` and ``divergence``.
         precond: the preconditioning (``sigma_data``, ``sigma_min``, ``sigma_max``).
-        rho: the sigma steps' exponent (7 in the paper).
+        rho: the sigma steps' exponent (7 in the paper; ``ModelConfig`` defaults to 3).
         p_mean, p_std: ``ln sigma ~ N(p_mean, p_std^2)`` in training.
         churn: the stochastic sampler's ``s_churn``, ``s_tmin``, ``s_tmax`` (None: no
             bound), ``s_noise``.
@@ -160,9 +162,9 @@ class EDMModel(VelocityModel):
 
 
 def build_edm(dim: int, cfg: ModelConfig) -> EDMModel:
-    """Untrained EDM with an MLP ``F``: ``cfg.edm_sigma_min``/``edm_sigma_max``,
+    """Untrained EDM with an MLP ``F``: ``cfg.edm_sigma_min``/``edm_sigma_top``,
     ``sigma_data``, ``rho``, ``p_mean``/``p_std`` and the churn ``s_*``."""
-    precond = EDMPreconditioning(cfg.sigma_data, cfg.edm_sigma_min, cfg.edm_sigma_max)
+    precond = EDMPreconditioning(cfg.sigma_data, cfg.edm_sigma_min, cfg.edm_sigma_top)
     net = TimeMLP(dim, cfg.hidden_features, cfg.hidden_layers, cfg.time_embedding)
     return EDMModel(dim, net, precond, cfg.rho, cfg.p_mean, cfg.p_std,
                     (cfg.s_churn, cfg.s_tmin, cfg.s_tmax, cfg.s_noise))

@@ -1,6 +1,6 @@
 """Discrete flow matching: integer tokens sampled by the CTMC's Euler steps over the exported
-``denoiser`` graph, and scored by the masked source's evidence lower bound
-(``numerics.discrete``)."""
+``denoiser`` graph, and scored by the source's evidence lower bound (``numerics.discrete``:
+masked or uniform; for the uniform source ``steps`` sets the bound's time nodes)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from numerics.discrete import ctmc_sample, masked_elbo, normal_to_uniform, source_tokens
+from numerics.discrete import ctmc_sample, elbo, normal_to_uniform, source_tokens
 from service.runtime.base import (
-    InputError,
     ModelRuntime,
     SeededRows,
     SegmentedNoise,
@@ -43,9 +42,7 @@ class DiscreteRuntime(ModelRuntime):
     def _log_prob(self, u: np.ndarray, method: str, steps: int | None, solver: str | None,
                   probes: int | None, seeds: np.ndarray, rows: np.ndarray,
                   ) -> tuple[np.ndarray, np.ndarray | None, int]:
-        if self.manifest.tokens.source != "mask":
-            raise InputError(f"model '{self.name}' uses the uniform source: its evidence lower "
-                             "bound is not served (masked-source models only)")
-        res = masked_elbo(self._denoiser, np.round(u), self.vocab,
-                          probes=probes or self.manifest.defaults.probes, seed=seeds, rows=rows)
+        res = elbo(self._denoiser, np.round(u), self.vocab, self.manifest.tokens.source,
+                   probes=probes or self.manifest.defaults.probes, nodes=steps, seed=seeds,
+                   rows=rows)
         return res.log_prob, res.std_error, res.nfe
