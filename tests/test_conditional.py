@@ -52,7 +52,7 @@ def test_conditional_flows_condition_every_conditioner() -> None:
         assert (flow.log_prob(x, c) - flow.log_prob(x, c + 1)).abs().min() > 0, kind
     with pytest.raises(ValueError, match="cannot be conditioned.*conditional model types: "
                        "nice"):
-        build_model("edm", 2, ModelConfig(context_features=2))
+        build_model("glow_image", 4, ModelConfig(context_features=2))
 
 
 def test_log_p_x_given_y_and_marginal_approach_the_exact_densities(label_rt,
@@ -72,7 +72,7 @@ def test_log_p_x_given_y_and_marginal_approach_the_exact_densities(label_rt,
     np.testing.assert_allclose(marginal[:50], expected, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["cfm", "otcfm", "ddpm"])
+@pytest.mark.parametrize("kind", ["cfm", "otcfm", "ddpm", "edm"])
 def test_ode_models_log_p_x_given_y_approaches_the_exact_density(kind: str, tmp_path: Path,
                                                                  gmm2_rows) -> None:
     """The ODE families' PF-ODE ``log p(x | y)`` (exact divergence) on gmm2 given the
@@ -372,6 +372,7 @@ ODE_LABEL_MODELS = {  # model type: (data set, rows, ModelConfig fields)
     "otcfm": ("gmm2", 600, {"hidden_features": 16, "hidden_layers": 2}),
     "ffjord": ("gmm2", 600, {"hidden_features": 16, "hidden_layers": 2}),
     "rfm": ("vmf_s2", 600, {"hidden_features": 16, "hidden_layers": 2, "manifold": "sphere"}),
+    "edm": ("gmm2", 600, {"hidden_features": 16, "hidden_layers": 2}),
     "cfm_image": ("digits_image", None, {"hidden_features": 4, "scales": 1}),
 }
 
@@ -411,6 +412,10 @@ def test_ode_label_models_serve_log_p_x_given_y(kind: str, tmp_path: Path) -> No
     assert s.shape == (3, x.shape[1])
     if kind == "rfm":
         np.testing.assert_allclose(np.linalg.norm(s, axis=1), 1.0, atol=1e-5)
+    if kind == "edm":  # its stochastic sampler follows the guided field too
+        s = rt.sample_many([SeededRows(3, seed=1)], labels=np.full(3, 1), guidance=1.0,
+                           solver="edm_stochastic", steps=3).blocks[0]
+        assert s.shape == (3, 2) and np.isfinite(s).all()
 
 
 def test_guidance_zero_is_the_plain_conditional_model_and_batching_keeps_it(cfm_rt) -> None:
@@ -428,7 +433,7 @@ def test_guidance_zero_is_the_plain_conditional_model_and_batching_keeps_it(cfm_
         alone = cfm_rt.sample_many([r], labels=one, guidance=1.5, solver="heun", steps=5)
         np.testing.assert_allclose(block, alone.blocks[0], rtol=1e-6, atol=1e-6)
     # the training-side models follow the same formula; w = 0 is their plain field too
-    for kind in ("ddpm", "cfm", "otcfm", "si", "ffjord"):
+    for kind in ("ddpm", "cfm", "otcfm", "si", "ffjord", "edm"):
         torch.manual_seed(0)
         model = build_model(kind, 2, ModelConfig(hidden_features=8, context_features=3,
                                                  cfg_dropout=0.1))

@@ -32,7 +32,7 @@ from numerics import samplers
 from numerics.schedules import EDMPreconditioning, edm_divergence, edm_jvp, edm_velocity
 from numerics.solvers import SOLVERS
 from training.config import ModelConfig
-from training.nets import TimeMLP, VelocityModel
+from training.nets import TimeMLP, VelocityModel, conditioned, given
 
 __all__ = ["EDMModel", "build_edm"]
 
@@ -77,48 +77,57 @@ class EDMModel(VelocityModel):
         return (p.c_skip(sigma)[:, None], p.c_out(sigma)[:, None], p.c_in(sigma)[:, None],
                 p.c_noise(sigma))
 
-    def denoise(self, x: Tensor, sigma: Tensor) -> Tensor:
-        """``D(x; sigma)``: ``x: (batch, D)``, ``sigma: (batch,)`` -> ``(batch, D)``."""
+    def denoise(self, x: Tensor, sigma: Tensor, context: Tensor | None = None) -> Tensor:
+        """``D(x; sigma)``: ``x: (batch, D)``, ``sigma: (batch,)`` -> ``(batch, D)`` (given a
+        conditional model's ``context: (batch, C)``)."""
         c_skip, c_out, c_in, c_noise = self._coefficients(sigma)
-        return c_skip * x + c_out * self.net(c_in * x, c_noise)
+        return c_skip * x + c_out * self.net(c_in * x, c_noise, *given(context))
 
-    def training_loss(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def training_loss(self, x: Tensor, generator: torch.Generator | None = None,
+                      context: Tensor | None = None) -> Tensor:
         """``E lambda(sigma) |D(x + sigma n; sigma) - x|^2`` with ``ln sigma ~ N(P_mean,
         P_std^2)``, written as ``E |F - (x - c_skip x_sigma) / c_out|^2`` (``lambda c_out^2 =
-        1``); mean over batch and dims. All randomness comes from ``generator``."""
+        1``); mean over batch and dims. All randomness comes from ``generator``. A
+        conditional model's ``context`` is dropped to the null token with probability
+        ``cfg_dropout`` (classifier-free guidance)."""
         ln_sigma = torch.randn(len(x), generator=generator, dtype=x.dtype, device=x.device)
         sigma = torch.exp(self.p_mean + self.p_std * ln_sigma)
         n = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
         c_skip, c_out, c_in, c_noise = self._coefficients(sigma)
         x_sigma = x + sigma[:, None] * n
         target = (x - c_skip * x_sigma) / c_out
-        return (self.net(c_in * x_sigma, c_noise) - target).square().mean()
+        out = self.net(c_in * x_sigma, c_noise, *given(self.dropped(context, generator)))
+        return (out - target).square().mean()
 
-    def _denoise_jvp(self, x: Tensor, sigma: Tensor, e: Tensor) -> tuple[Tensor, Tensor]:
+    def _denoise_jvp(self, x: Tensor, sigma: Tensor, e: Tensor,
+                     context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(D, J_D e)``: ``J_D = c_skip I + c_out c_in J_F``."""
         c_skip, c_out, c_in, c_noise = self._coefficients(sigma)
-        out, tangent = self.net.jvp(c_in * x, c_noise, e)
+        out, tangent = self.net.jvp(c_in * x, c_noise, e, *given(context))
         return c_skip * x + c_out * out, c_skip * e + c_out * c_in * tangent
 
-    def _denoise_div(self, x: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
+    def _denoise_div(self, x: Tensor, sigma: Tensor,
+                     context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(D, tr J_D)``: ``tr J_D = c_skip D + c_out c_in tr J_F``."""
         c_skip, c_out, c_in, c_noise = self._coefficients(sigma)
-        out, div = self.net.divergence(c_in * x, c_noise)
+        out, div = self.net.divergence(c_in * x, c_noise, *given(context))
         return (c_skip * x + c_out * out,
                 (c_skip * self.dim + c_out * c_in * div[:, None])[:, 0])
 
-    def velocity(self, x: Tensor, t: Tensor) -> Tensor:
+    def velocity(self, x: Tensor, t: Tensor, context: Tensor | None = None) -> Tensor:
         """``dx/dsigma = (x - D(x; sigma)) / sigma`` at ``sigma = t``: ``(batch, D)``."""
-        return edm_velocity(x, self.denoise(x, t), t)
+        return edm_velocity(x, self.denoise(x, t, context), t)
 
-    def velocity_div(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    def velocity_div(self, x: Tensor, t: Tensor,
+                     context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(v, div v)``: ``(batch, D)``, ``(batch,)``; exact, forward-mode."""
-        denoised, div = self._denoise_div(x, t)
+        denoised, div = self._denoise_div(x, t, context)
         return edm_velocity(x, denoised, t), edm_divergence(div, t, self.dim)
 
-    def velocity_jvp(self, x: Tensor, t: Tensor, e: Tensor) -> tuple[Tensor, Tensor]:
+    def velocity_jvp(self, x: Tensor, t: Tensor, e: Tensor,
+                     context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(v, (dv/dx) e)``, both ``(batch, D)``."""
-        denoised, jvp = self._denoise_jvp(x, t, e)
+        denoised, jvp = self._denoise_jvp(x, t, e, context)
         return edm_velocity(x, denoised, t), edm_jvp(e, jvp, t)
 
     def time_spec(self) -> TimeSpec:
@@ -138,8 +147,11 @@ class EDMModel(VelocityModel):
         generator: torch.Generator | None = None,
         steps: int | None = _DEFAULT_STEPS,
         solver: str = "heun",
+        context: Tensor | None = None,
+        guidance: float | None = None,
     ) -> Tensor:
-        """``(n, D)`` samples of ``p_{sigma_min}`` from noise at ``sigma_max``.
+        """``(n, D)`` samples of ``p_{sigma_min}`` from noise at ``sigma_max`` (given
+        ``context: (n, C)``, guided with weight ``guidance``).
 
         ``solver``: an ODE solver of ``numerics.solvers.SOLVERS`` on the rho-grid (``heun``:
         EDM's algorithm 1) or ``"edm_stochastic"`` (algorithm 2 with the model's churn; its
@@ -151,11 +163,12 @@ class EDMModel(VelocityModel):
         steps = _DEFAULT_STEPS if steps is None and solver != "dopri5" else steps
         z = self.noise(n, generator)
         if solver in SOLVERS:
-            return self.transport(z, steps=steps, solver=solver)
+            return self.transport(z, steps=steps, solver=solver, context=context,
+                                  guidance=guidance)
         noise = generator if generator is not None else torch.Generator().manual_seed(
             int(torch.randint(2**62, (1,))))
         x, _ = samplers.edm_stochastic_sample(
-            self.velocity, z, self.t_max, self.t_min, steps, noise, rho=self.rho,
+            self.field(context, guidance), z, self.t_max, self.t_min, steps, noise, rho=self.rho,
             s_churn=self.s_churn, s_tmin=self.s_tmin,
             s_tmax=math.inf if self.s_tmax is None else self.s_tmax, s_noise=self.s_noise)
         return x
@@ -165,6 +178,7 @@ def build_edm(dim: int, cfg: ModelConfig) -> EDMModel:
     """Untrained EDM with an MLP ``F``: ``cfg.edm_sigma_min``/``edm_sigma_top``,
     ``sigma_data``, ``rho``, ``p_mean``/``p_std`` and the churn ``s_*``."""
     precond = EDMPreconditioning(cfg.sigma_data, cfg.edm_sigma_min, cfg.edm_sigma_top)
-    net = TimeMLP(dim, cfg.hidden_features, cfg.hidden_layers, cfg.time_embedding)
-    return EDMModel(dim, net, precond, cfg.rho, cfg.p_mean, cfg.p_std,
-                    (cfg.s_churn, cfg.s_tmin, cfg.s_tmax, cfg.s_noise))
+    net = TimeMLP(dim, cfg.hidden_features, cfg.hidden_layers, cfg.time_embedding,
+                  cfg.context_features)
+    return conditioned(EDMModel(dim, net, precond, cfg.rho, cfg.p_mean, cfg.p_std,
+                                (cfg.s_churn, cfg.s_tmin, cfg.s_tmax, cfg.s_noise)), cfg)

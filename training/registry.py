@@ -100,7 +100,7 @@ MODEL_TYPES: dict[str, ModelType] = {
     "ddpm": ModelType("diffusion", "VP-SDE diffusion (epsilon or v prediction)", build_ddpm,
                       conditional=True),
     "edm": ModelType("edm", "EDM: preconditioned denoiser, sigma steps, Heun sampler",
-                     build_edm),
+                     build_edm, conditional=True),
     "rfm": ModelType("rfm", "Riemannian flow matching on the sphere or the torus", build_rfm,
                      raw=True, conditional=True),
     "dfm": ModelType("dfm", "discrete flow matching over integer tokens (masked or uniform "

@@ -158,12 +158,14 @@ class EdmRuntime(OdeRuntime):
     noise is drawn per request from each row's seed."""
 
     def _generate(self, z: np.ndarray, requests: Sequence[SeededRows], solver: str,
-                  steps: int | None) -> np.ndarray:
+                  steps: int | None, cond: np.ndarray | None = None,
+                  guidance: float | None = None) -> np.ndarray:
         if solver not in EDM_SAMPLERS:
-            return super()._generate(z, requests, solver, steps)
+            return super()._generate(z, requests, solver, steps, cond, guidance)
         t = self.manifest.time
         x, _ = edm_stochastic_sample(
-            self._velocity, z * t.noise_std, t.t_max, t.t_min, steps, SegmentedNoise(requests),
+            self._field(cond, guidance), z * t.noise_std, t.t_max, t.t_min, steps,
+            SegmentedNoise(requests),
             rho=t.rho, s_churn=t.s_churn, s_tmin=t.s_tmin,
             s_tmax=float("inf") if t.s_tmax is None else t.s_tmax, s_noise=t.s_noise)
         return x
