@@ -9,6 +9,8 @@ against a hang."""
 
 from __future__ import annotations
 
+import http.client
+import math
 import os
 import signal
 import threading
@@ -55,15 +57,24 @@ def _slow_body(server: Server, seconds: float) -> dict:
 def _timed_steps(server: Server, body: dict, steps: int, at_least_s: float
                  ) -> tuple[int, float]:
     """Double ``steps`` from ``steps`` until one ``/sample`` request takes ``at_least_s``:
-    the steps and seconds of that request, the cost of a step without the fixed costs."""
-    took = 0.0
-    while took < at_least_s and steps < 1_000_000:
-        steps *= 2
+    the steps and the fastest of three requests of that many steps, the cost of a step
+    without the fixed costs. (Load only slows a request down: one slowed by a busy moment
+    would make a step look dearer, and a request sized from it far shorter than meant.)"""
+
+    def timed(again: bool = False) -> float:
         start = time.perf_counter()
         status, out = server.post("/sample", dict(body, steps=steps))
         took = time.perf_counter() - start
+        if again and status == 504:  # a repeat slowed past the server's timeout: no estimate
+            return math.inf
         assert status == 200, (steps, took, out)
-    return steps, took
+        return took
+
+    took = 0.0
+    while took < at_least_s and steps < 1_000_000:
+        steps *= 2
+        took = timed()
+    return steps, min(took, timed(again=True), timed(again=True))
 
 
 def _post_with_headers(server: Server, path: str, body: bytes) -> tuple[int, dict, float]:
@@ -274,7 +285,7 @@ def test_a_killed_worker_is_replaced_and_service_recovers(busy: Server) -> None:
         while time.monotonic() < stop:
             try:
                 status, _ = busy.post("/log_likelihood", SMALL, timeout=10)
-            except OSError as err:
+            except (OSError, http.client.HTTPException) as err:  # the killed worker's answers
                 status = type(err).__name__
             results.append((time.monotonic(), status))
             time.sleep(0.02)
