@@ -412,3 +412,34 @@ def test_uniform_source_elbo_is_served_like_the_masked_one(
         np.testing.assert_array_equal(got.as_numpy("log_likelihood"), want.log_prob)
     finally:
         client.close()
+
+
+@pytest.mark.parametrize("source", ["mask", "uniform"])
+def test_conditional_dfm_bounds_log_p_x_given_y(source: str, tmp_path) -> None:
+    """A DFM given the digit (binarised digits): the denoiser sees the label, the served
+    bound of ``log p(x | y)`` equals the eager one, another label gives another bound,
+    samples given a label are tokens, and label dropout is refused (no guidance for DFM)."""
+    from artifact.conditions import context_rows
+    from training.export import export_checkpoint
+    from training.fit import fit
+
+    cfg = ModelConfig(hidden_features=32, hidden_layers=2, source=source)
+    ckpt = fit("dfm", "digits_binary", condition="label", out=tmp_path / "ckpt", model_cfg=cfg,
+               train_cfg=TrainConfig(steps=20, batch_size=128, eval_every=20, progress=False))
+    export_checkpoint(ckpt, tmp_path / "m", formats=("onnx",), calibration=False)
+    rt = open_runtime(tmp_path / "m", runtime="onnx")
+    rows = load_data("digits_binary")
+    x, y = rows.x[:8], rows.y[:8]
+    c = torch.as_tensor(context_rows(ckpt.config.condition, labels=y), dtype=torch.float32)
+    eager = ckpt.model.log_prob_with_error(torch.as_tensor(x, dtype=torch.float32), probes=2,
+                                           seed=0, context=c).log_prob.numpy()
+    served = rt.log_likelihood(x, labels=y, probes=2).log_prob
+    np.testing.assert_allclose(served, eager, rtol=1e-4, atol=1e-3)
+    other = rt.log_likelihood(x, labels=(y + 1) % 10, probes=2).log_prob
+    assert np.abs(other - served).min() > 0
+    s = rt.sample_many([SeededRows(3, seed=1)], labels=np.full(3, 7), steps=4).blocks[0]
+    assert s.shape == (3, 64) and s.dtype == np.int64 and set(np.unique(s)) <= {0, 1}
+    with pytest.raises(ValueError, match="cfg-dropout"):
+        fit("dfm", "digits_binary", condition="label",
+            model_cfg=cfg.model_copy(update={"cfg_dropout": 0.2}),
+            train_cfg=TrainConfig(steps=1, progress=False))

@@ -39,24 +39,28 @@ __all__ = ["DiscreteFlowMatching", "build_dfm"]
 
 class _Denoiser(nn.Module):
     """Tokens ``(batch, D)`` (floats holding integers, ``V`` = mask) and ``t: (batch,)`` ->
-    log-probabilities ``(batch, D, V)``: one-hot inputs, an MLP, a softmax per token."""
+    log-probabilities ``(batch, D, V)``: one-hot inputs, an MLP, a softmax per token. A
+    conditional denoiser's input layer also sees each row's ``context: (batch, C)``."""
 
-    def __init__(self, dim: int, vocab: int, hidden: int, layers: int, timed: bool) -> None:
+    def __init__(self, dim: int, vocab: int, hidden: int, layers: int, timed: bool,
+                 context_features: int = 0) -> None:
         super().__init__()
         self.dim, self.vocab, self.timed = dim, vocab, timed
-        widths = [dim * (vocab + 1) + (8 if timed else 0)] + [hidden] * layers
+        widths = [dim * (vocab + 1) + (8 if timed else 0) + context_features] + [hidden] * layers
         self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:],
                                                                     strict=True))
         self.output = nn.Linear(hidden, dim * vocab)
         self.register_buffer("classes", torch.arange(vocab + 1, dtype=torch.float32))
         self.register_buffer("frequencies", math.pi * torch.arange(1, 5, dtype=torch.float32))
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, context: Tensor | None = None) -> Tensor:
         # one-hot by comparison (ONNX-friendly; no integer casts or scatter)
         one_hot = (x[..., None] == self.classes.to(x.dtype)).to(x.dtype).flatten(1)
         if self.timed:
             angles = t[:, None] * self.frequencies.to(x.dtype)
             one_hot = torch.cat([one_hot, torch.cos(angles), torch.sin(angles)], -1)
+        if context is not None:
+            one_hot = torch.cat([one_hot, context.to(x.dtype)], -1)
         h = one_hot
         for layer in self.hidden:
             h = nn.functional.silu(layer(h))
@@ -73,6 +77,11 @@ class _DenoiserGraph(nn.Module):
         return self.model.denoiser(x, t)
 
 
+class _ConditionalDenoiserGraph(_DenoiserGraph):
+    def forward(self, x: Tensor, t: Tensor, context: Tensor) -> Tensor:  # type: ignore[override]
+        return self.model.denoiser(x, t, context)
+
+
 class DiscreteFlowMatching(nn.Module):
     """A factorized denoiser over ``D`` tokens of ``V`` values, source ``"mask"`` or
     ``"uniform"``.
@@ -87,26 +96,39 @@ class DiscreteFlowMatching(nn.Module):
     family = "dfm"
     likelihood_method = "elbo"
 
-    def __init__(self, dim: int, vocab: int, source: str, hidden: int, layers: int) -> None:
+    def __init__(self, dim: int, vocab: int, source: str, hidden: int, layers: int,
+                 context_features: int = 0) -> None:
         super().__init__()
         if source not in discrete.SOURCES:
             raise ValueError(f"unknown source {source!r}; choose one of "
                              f"{', '.join(discrete.SOURCES)}")
         self.kind, self.dim, self.vocab, self.source = "dfm", dim, vocab, source
-        self.denoiser = _Denoiser(dim, vocab, hidden, layers, timed=source == "uniform")
+        self.context_features = context_features
+        self.denoiser = _Denoiser(dim, vocab, hidden, layers, timed=source == "uniform",
+                                  context_features=context_features)
 
     def _tokens(self, x: Tensor) -> Tensor:
         return x.round()
 
-    def training_loss(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def _given(self, context: Tensor | None) -> discrete.Denoiser:
+        """The denoiser given each row's ``context: (batch, C)``; the sampler and the bounds
+        call it on replicas of the rows stacked replica-major, so the context is tiled
+        alike."""
+        if context is None:
+            return self.denoiser
+        return lambda x, t: self.denoiser(x, t, context.repeat(len(x) // len(context), 1))
+
+    def training_loss(self, x: Tensor, generator: torch.Generator | None = None,
+                      context: Tensor | None = None) -> Tensor:
         """Cross entropy of the denoiser on the corrupted tokens of ``x_t``, ``t ~ U(0, 1)``
-        (for the uniform source, on every token: a kept token is a corrupted one's twin)."""
+        (for the uniform source, on every token: a kept token is a corrupted one's twin),
+        given a conditional model's ``context``."""
         x = self._tokens(x)
         t = torch.rand(len(x), generator=generator, dtype=x.dtype, device=x.device)
         u = torch.rand(x.shape, generator=generator, dtype=x.dtype, device=x.device)
         v = torch.rand(x.shape, generator=generator, dtype=x.dtype, device=x.device)
         x_t, corrupted = discrete.corrupt(x, t, u, v, self.vocab, self.source)
-        log_p = self.denoiser(x_t, t)
+        log_p = self.denoiser(x_t, t, context)
         picked = log_p.gather(-1, x.long()[..., None])[..., 0]
         weight = corrupted.to(x.dtype) if self.source == "mask" else torch.ones_like(x)
         return -(picked * weight).sum() / weight.sum().clamp(min=1.0)
@@ -114,9 +136,9 @@ class DiscreteFlowMatching(nn.Module):
     validation_loss = training_loss
 
     def sample(self, n: int, generator: torch.Generator | None = None, steps: int | None = 32,
-               solver: str = "ctmc") -> Tensor:
+               solver: str = "ctmc", context: Tensor | None = None) -> Tensor:
         """``(n, D)`` token rows (float tensors of whole numbers) by ``steps`` Euler steps of
-        the CTMC from the source at ``t = 1``."""
+        the CTMC from the source at ``t = 1`` (given ``context: (n, C)``)."""
         if solver not in discrete.DFM_SOLVERS:
             raise ValueError(f"unknown DFM solver {solver!r}; choose one of "
                              f"{', '.join(discrete.DFM_SOLVERS)}")
@@ -129,24 +151,31 @@ class DiscreteFlowMatching(nn.Module):
 
         start = discrete.source_tokens(uniform((n, self.dim)), self.vocab, self.source)
         with torch.no_grad():
-            return discrete.ctmc_sample(self.denoiser, start, steps or 32, uniform, self.source)
+            return discrete.ctmc_sample(self._given(context), start, steps or 32, uniform,
+                                        self.source)
 
     def log_prob_with_error(self, x: Tensor, probes: int = 4, seed: int = 0,
-                            steps: int | None = None, **_: object) -> discrete.ElboResult:
+                            steps: int | None = None, context: Tensor | None = None,
+                            **_: object) -> discrete.ElboResult:
         """The source's ELBO per row (``numerics.discrete.elbo``), nats; ``steps``: the
-        uniform source's time nodes (``numerics.discrete.ELBO_NODES`` by default)."""
+        uniform source's time nodes (``numerics.discrete.ELBO_NODES`` by default); a
+        conditional model's bound on ``log p(x | context)``."""
         with torch.no_grad():
-            return discrete.elbo(self.denoiser, self._tokens(x), self.vocab, self.source,
-                                 probes=probes, nodes=steps, seed=seed)
+            return discrete.elbo(self._given(context), self._tokens(x), self.vocab,
+                                 self.source, probes=probes, nodes=steps, seed=seed)
 
     def log_prob(self, x: Tensor, **options: object) -> Tensor:
         return self.log_prob_with_error(x, **options).log_prob
 
     def export_graphs(self) -> dict[str, ExportGraph]:
-        d = self.dim
+        """``denoiser``, with a ``context`` input last when the model is conditional."""
+        d, c = self.dim, self.context_features
+        inputs = [TensorSpec(name="x", shape=["batch", d]),
+                  TensorSpec(name="time", shape=["batch"])]
+        if c:
+            inputs.append(TensorSpec(name="context", shape=["batch", c]))
         return {"denoiser": ExportGraph(
-            _DenoiserGraph(self), [TensorSpec(name="x", shape=["batch", d]),
-                                   TensorSpec(name="time", shape=["batch"])],
+            (_ConditionalDenoiserGraph if c else _DenoiserGraph)(self), inputs,
             [TensorSpec(name="log_probs", shape=["batch", d, self.vocab])])}
 
     def time_spec(self) -> None:
@@ -165,4 +194,4 @@ def build_dfm(dim: int, cfg: ModelConfig) -> DiscreteFlowMatching:
         raise ValueError("dfm needs the number of token values: integer data with known "
                          "levels (a named discrete set) or --vocab V")
     return DiscreteFlowMatching(dim, cfg.vocab, cfg.source, cfg.hidden_features,
-                                cfg.hidden_layers)
+                                cfg.hidden_layers, cfg.context_features)

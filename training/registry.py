@@ -104,7 +104,7 @@ MODEL_TYPES: dict[str, ModelType] = {
     "rfm": ModelType("rfm", "Riemannian flow matching on the sphere or the torus", build_rfm,
                      raw=True, conditional=True),
     "dfm": ModelType("dfm", "discrete flow matching over integer tokens (masked or uniform "
-                     "source)", build_dfm, raw=True),
+                     "source)", build_dfm, raw=True, conditional=True),
     "cfm": ModelType("flow_matching", "conditional flow matching, linear path", build_cfm,
                      conditional=True),
     "otcfm": ModelType("flow_matching", "CFM with minibatch exact OT pairs", build_otcfm,
