@@ -207,6 +207,8 @@ class AffineCoupling2d(Transform):
         mask: ``"checkerboard"`` or ``"channel"`` (needs an even ``C``).
         parity: which half is kept.
         hidden: ResNet width; blocks: residual blocks.
+        context_features: ``C'`` context columns the ResNet also sees, each as a constant
+            plane beside the kept channels (``s(x_a, c)``, ``t(x_a, c)``; 0: unconditional).
 
     Example:
         >>> layer = AffineCoupling2d((2, 4, 4), "channel", 0, hidden=8, blocks=1)
@@ -220,6 +222,7 @@ class AffineCoupling2d(Transform):
         parity: int,
         hidden: int = 32,
         blocks: int = 1,
+        context_features: int = 0,
     ) -> None:
         super().__init__()
         c, h, w = shape
@@ -233,9 +236,14 @@ class AffineCoupling2d(Transform):
         else:
             raise ValueError(f"unknown mask {mask!r}; choose 'checkerboard' or 'channel'")
         self.kind, self.parity, self.half = mask, parity % 2, c // 2
-        self.net = ResNet(in_c, out_c, hidden, blocks)
+        self.conditional = context_features > 0
+        self.net = ResNet(in_c + context_features, out_c, hidden, blocks)
 
-    def _log_scale_and_shift(self, x_a: Tensor) -> tuple[Tensor, Tensor]:
+    def _log_scale_and_shift(self, x_a: Tensor,
+                             context: Tensor | None) -> tuple[Tensor, Tensor]:
+        if context is not None:
+            planes = context[:, :, None, None].expand(-1, -1, *x_a.shape[2:]).to(x_a.dtype)
+            x_a = torch.cat([x_a, planes], dim=1)
         raw_s, t = self.net(x_a).chunk(2, dim=1)
         return LOG_SCALE_BOUND * torch.tanh(raw_s / LOG_SCALE_BOUND), t
 
@@ -246,22 +254,22 @@ class AffineCoupling2d(Transform):
     def _merge(self, kept: Tensor, moved: Tensor) -> Tensor:
         return torch.cat([moved, kept] if self.parity else [kept, moved], dim=1)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         if self.kind == "checkerboard":
-            s, t = self._log_scale_and_shift(x * self.mask)
+            s, t = self._log_scale_and_shift(x * self.mask, context)
             s, t = s * (1 - self.mask), t * (1 - self.mask)
             return x * s.exp() + t, s.sum(dim=(1, 2, 3))
         kept, moved = self._split(x)
-        s, t = self._log_scale_and_shift(kept)
+        s, t = self._log_scale_and_shift(kept, context)
         return self._merge(kept, moved * s.exp() + t), s.sum(dim=(1, 2, 3))
 
-    def inverse(self, y: Tensor) -> Tensor:
+    def inverse(self, y: Tensor, context: Tensor | None = None) -> Tensor:
         if self.kind == "checkerboard":
-            s, t = self._log_scale_and_shift(y * self.mask)
+            s, t = self._log_scale_and_shift(y * self.mask, context)
             s, t = s * (1 - self.mask), t * (1 - self.mask)
             return (y - t) * (-s).exp()
         kept, moved = self._split(y)
-        s, t = self._log_scale_and_shift(kept)
+        s, t = self._log_scale_and_shift(kept, context)
         return self._merge(kept, (moved - t) * (-s).exp())
 
 
@@ -279,12 +287,15 @@ class ImageFlow(Flow):
         shape: ``(C, H, W)`` of one image.
         levels: one :class:`~training.flows.base.Compose` per scale.
         factor_out: channels factored out after each level (0 for none), same length.
+        context_features: a conditional flow's context width (its couplings see the
+            context; 0: unconditional).
     """
 
     def __init__(
-        self, shape: tuple[int, int, int], levels: list[Compose], factor_out: list[int]
+        self, shape: tuple[int, int, int], levels: list[Compose], factor_out: list[int],
+        context_features: int = 0,
     ) -> None:
-        super().__init__(math.prod(shape), levels)
+        super().__init__(math.prod(shape), levels, context_features)
         self.image_shape = tuple(shape)
         self.factor_out = list(factor_out)
         self._out_shapes = self._trace_shapes()
@@ -301,19 +312,19 @@ class ImageFlow(Flow):
             x = x[:, k:]
         return shapes
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         h = x.reshape(x.shape[0], *self.image_shape)
         ladj = x.new_zeros(x.shape[0])
         parts = []
         for level, k in zip(self.transforms, self.factor_out, strict=True):
-            h, step = level(h)
+            h, step = level(h, context)
             ladj = ladj + step
             parts.append(h[:, :k].flatten(1))
             h = h[:, k:]
         parts.append(h.flatten(1))
         return torch.cat(parts, dim=1), ladj
 
-    def inverse(self, z: Tensor) -> Tensor:
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> Tensor:
         sizes = [k * math.prod(s[1:]) for s, k in zip(self._out_shapes, self.factor_out,
                                                         strict=True)]
         h = z[:, sum(sizes):].reshape(z.shape[0], *self._last_shape())
@@ -323,7 +334,7 @@ class ImageFlow(Flow):
         ):
             offset -= size
             factored = z[:, offset : offset + size].reshape(z.shape[0], k, *shape[1:])
-            h = level.inverse(torch.cat([factored, h], dim=1))
+            h = level.inverse(torch.cat([factored, h], dim=1), context)
         return h.flatten(1)
 
     def _last_shape(self) -> tuple[int, ...]:
@@ -375,13 +386,14 @@ def build_glow_image(dim: int, cfg: ModelConfig) -> ImageFlow:
             steps += [
                 ActNorm2d(c),
                 InvertibleConv1x1(c),
-                AffineCoupling2d((c, h, w), "channel", i, cfg.hidden_features, cfg.hidden_layers),
+                AffineCoupling2d((c, h, w), "channel", i, cfg.hidden_features, cfg.hidden_layers,
+                                 cfg.context_features),
             ]
         levels.append(Compose(steps))
         last = level == cfg.scales - 1
         factor_out.append(0 if last else c // 2)
         c = c if last else c - c // 2
-    return ImageFlow(shape, levels, factor_out)
+    return ImageFlow(shape, levels, factor_out, cfg.context_features)
 
 
 def build_realnvp_image(dim: int, cfg: ModelConfig) -> ImageFlow:
@@ -396,7 +408,8 @@ def build_realnvp_image(dim: int, cfg: ModelConfig) -> ImageFlow:
     def couplings(mask: str, count: int, offset: int = 0) -> list[Transform]:
         out: list[Transform] = []
         for i in range(count):
-            out += [ActNorm2d(c), AffineCoupling2d((c, h, w), mask, i + offset, width, blocks)]
+            out += [ActNorm2d(c), AffineCoupling2d((c, h, w), mask, i + offset, width, blocks,
+                                                   cfg.context_features)]
         return out
 
     levels, factor_out = [], []
@@ -409,4 +422,4 @@ def build_realnvp_image(dim: int, cfg: ModelConfig) -> ImageFlow:
         c -= c // 2
     levels.append(Compose(couplings("checkerboard", cfg.transforms + 1)))
     factor_out.append(0)
-    return ImageFlow(shape, levels, factor_out)
+    return ImageFlow(shape, levels, factor_out, cfg.context_features)
