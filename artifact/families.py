@@ -47,6 +47,9 @@ class FamilySpec:
             refuses rows off it).
         tokens: whether its rows are integer tokens (a ``tokens`` section: the service
             refuses other values).
+        guidance: whether its samplers follow a field or denoiser that classifier-free
+            guidance can combine (a label model trained with label dropout takes
+            ``guidance``; ``numerics.guidance``).
     """
 
     name: str
@@ -59,6 +62,7 @@ class FamilySpec:
     optional_graphs: tuple[str, ...] = ()
     manifold: bool = False
     tokens: bool = False
+    guidance: bool = False
 
     @property
     def all_graphs(self) -> tuple[str, ...]:
@@ -95,17 +99,18 @@ register_family(FamilySpec("flow", graphs=("log_prob", "sample"), sample_solvers
                            score_kinds=("nll", "latent"), optional_graphs=("encode",)))
 register_family(FamilySpec("diffusion", graphs=_ODE_GRAPHS, sample_solvers=SOLVERS + SAMPLERS,
                            likelihood_methods=("exact", "hutchinson"),
-                           likelihood_solvers=SOLVERS, timed=True,
+                           likelihood_solvers=SOLVERS, timed=True, guidance=True,
                            score_kinds=("nll", "denoise", "dte")))
 register_family(FamilySpec("flow_matching", graphs=_ODE_GRAPHS, sample_solvers=SOLVERS,
                            likelihood_methods=("exact", "hutchinson"),
-                           likelihood_solvers=SOLVERS, timed=True,
+                           likelihood_solvers=SOLVERS, timed=True, guidance=True,
                            score_kinds=("nll", "denoise", "dte")))
 register_family(FamilySpec("edm", graphs=_ODE_GRAPHS, sample_solvers=SOLVERS + EDM_SAMPLERS,
                            likelihood_methods=("exact", "hutchinson"),
-                           likelihood_solvers=SOLVERS, timed=True))
+                           likelihood_solvers=SOLVERS, timed=True, guidance=True))
 register_family(FamilySpec("rfm", graphs=_ODE_GRAPHS, sample_solvers=SOLVERS,
                            likelihood_methods=("exact", "hutchinson"),
-                           likelihood_solvers=SOLVERS, timed=True, manifold=True))
+                           likelihood_solvers=SOLVERS, timed=True, manifold=True,
+                           guidance=True))
 register_family(FamilySpec("dfm", graphs=("denoiser",), sample_solvers=DFM_SOLVERS,
-                           likelihood_methods=("elbo",), tokens=True))
+                           likelihood_methods=("elbo",), tokens=True, guidance=True))

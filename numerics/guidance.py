@@ -15,11 +15,31 @@ Example:
 
 from __future__ import annotations
 
-from numerics.arrays import Array
+import numpy as np
 
-__all__ = ["guided"]
+from numerics.arrays import Array, array_namespace
+
+__all__ = ["guided", "guided_log_probs"]
 
 
 def guided(v_cond: Array, v_uncond: Array, weight: float) -> Array:
     """``v_u + (1 + w)(v_c - v_u)`` for fields ``(batch, dim)`` of one shape."""
     return v_uncond + (1.0 + weight) * (v_cond - v_uncond)
+
+
+def guided_log_probs(lp_cond: Array, lp_uncond: Array, weight: float) -> Array:
+    """The discrete form: ``p_w ∝ p_u^(-w) p_c^(1 + w)`` per token, renormalised over the
+    last axis (Nisonoff et al., "Unlocking guidance for discrete state-space diffusion and
+    flow models", 2024): log-probabilities ``(..., V)`` in, log-probabilities out. A value
+    either denoiser rules out (``-inf``) stays ruled out."""
+    xp = array_namespace(lp_cond)
+    possible = xp.isfinite(lp_cond) & xp.isfinite(lp_uncond)
+    zeros = xp.zeros_like(lp_cond)
+    raw = guided(xp.where(possible, lp_cond, zeros), xp.where(possible, lp_uncond, zeros),
+                 weight)
+    raw = xp.where(possible, raw, xp.full_like(raw, -xp.inf))
+    top = raw.max(-1, keepdims=True) if isinstance(raw, np.ndarray) \
+        else raw.amax(-1, keepdim=True)
+    return raw - top - xp.log(xp.exp(raw - top).sum(-1, keepdims=True)
+                              if isinstance(raw, np.ndarray)
+                              else xp.exp(raw - top).sum(-1, keepdim=True))

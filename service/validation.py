@@ -308,7 +308,7 @@ def _check_guidance(guidance: float | None, card: ModelInfo) -> None:
     """400 unless ``guidance`` applies: a label model of an ODE family with label dropout."""
     if guidance is None:
         return
-    if not family(card.family).timed:
+    if not family(card.family).guidance:
         raise RequestError(400, f"'guidance' applies to diffusion and flow-matching models; "
                            f"model '{card.name}' is a {card.family}: leave it out")
     if card.condition is None or not card.condition.get("cfg_dropout"):

@@ -31,8 +31,10 @@ from torch import Tensor, nn
 
 from artifact.manifest import Defaults, TensorSpec, TokenSpec
 from numerics import discrete
+from numerics.guidance import guided_log_probs
 from training.config import ModelConfig
 from training.graphs import ExportGraph
+from training.nets import drop_context
 
 __all__ = ["DiscreteFlowMatching", "build_dfm"]
 
@@ -97,26 +99,37 @@ class DiscreteFlowMatching(nn.Module):
     likelihood_method = "elbo"
 
     def __init__(self, dim: int, vocab: int, source: str, hidden: int, layers: int,
-                 context_features: int = 0) -> None:
+                 context_features: int = 0, cfg_dropout: float = 0.0) -> None:
         super().__init__()
         if source not in discrete.SOURCES:
             raise ValueError(f"unknown source {source!r}; choose one of "
                              f"{', '.join(discrete.SOURCES)}")
         self.kind, self.dim, self.vocab, self.source = "dfm", dim, vocab, source
-        self.context_features = context_features
+        # a conditional model's context width, and its label dropout (classifier-free guidance)
+        self.context_features, self.cfg_dropout = context_features, cfg_dropout
         self.denoiser = _Denoiser(dim, vocab, hidden, layers, timed=source == "uniform",
                                   context_features=context_features)
 
     def _tokens(self, x: Tensor) -> Tensor:
         return x.round()
 
-    def _given(self, context: Tensor | None) -> discrete.Denoiser:
+    def _given(self, context: Tensor | None,
+               guidance: float | None = None) -> discrete.Denoiser:
         """The denoiser given each row's ``context: (batch, C)``; the sampler and the bounds
         call it on replicas of the rows stacked replica-major, so the context is tiled
-        alike."""
+        alike. With ``guidance`` ``w`` the conditional and null-token rows run in one call
+        and combine as ``numerics.guidance.guided_log_probs``."""
         if context is None:
             return self.denoiser
-        return lambda x, t: self.denoiser(x, t, context.repeat(len(x) // len(context), 1))
+        if guidance is None:
+            return lambda x, t: self.denoiser(x, t, context.repeat(len(x) // len(context), 1))
+        both = torch.cat([context, torch.zeros_like(context)])
+
+        def guided_denoiser(x: Tensor, t: Tensor) -> Tensor:
+            lp = self.denoiser(torch.cat([x, x]), torch.cat([t, t]), both)
+            return guided_log_probs(lp[:len(x)], lp[len(x):], guidance)
+
+        return guided_denoiser
 
     def training_loss(self, x: Tensor, generator: torch.Generator | None = None,
                       context: Tensor | None = None) -> Tensor:
@@ -128,7 +141,7 @@ class DiscreteFlowMatching(nn.Module):
         u = torch.rand(x.shape, generator=generator, dtype=x.dtype, device=x.device)
         v = torch.rand(x.shape, generator=generator, dtype=x.dtype, device=x.device)
         x_t, corrupted = discrete.corrupt(x, t, u, v, self.vocab, self.source)
-        log_p = self.denoiser(x_t, t, context)
+        log_p = self.denoiser(x_t, t, drop_context(context, self.cfg_dropout, generator))
         picked = log_p.gather(-1, x.long()[..., None])[..., 0]
         weight = corrupted.to(x.dtype) if self.source == "mask" else torch.ones_like(x)
         return -(picked * weight).sum() / weight.sum().clamp(min=1.0)
@@ -136,9 +149,11 @@ class DiscreteFlowMatching(nn.Module):
     validation_loss = training_loss
 
     def sample(self, n: int, generator: torch.Generator | None = None, steps: int | None = 32,
-               solver: str = "ctmc", context: Tensor | None = None) -> Tensor:
+               solver: str = "ctmc", context: Tensor | None = None,
+               guidance: float | None = None) -> Tensor:
         """``(n, D)`` token rows (float tensors of whole numbers) by ``steps`` Euler steps of
-        the CTMC from the source at ``t = 1`` (given ``context: (n, C)``)."""
+        the CTMC from the source at ``t = 1`` (given ``context: (n, C)``, guided with weight
+        ``guidance``)."""
         if solver not in discrete.DFM_SOLVERS:
             raise ValueError(f"unknown DFM solver {solver!r}; choose one of "
                              f"{', '.join(discrete.DFM_SOLVERS)}")
@@ -151,8 +166,8 @@ class DiscreteFlowMatching(nn.Module):
 
         start = discrete.source_tokens(uniform((n, self.dim)), self.vocab, self.source)
         with torch.no_grad():
-            return discrete.ctmc_sample(self._given(context), start, steps or 32, uniform,
-                                        self.source)
+            return discrete.ctmc_sample(self._given(context, guidance), start, steps or 32,
+                                        uniform, self.source)
 
     def log_prob_with_error(self, x: Tensor, probes: int = 4, seed: int = 0,
                             steps: int | None = None, context: Tensor | None = None,
@@ -194,4 +209,4 @@ def build_dfm(dim: int, cfg: ModelConfig) -> DiscreteFlowMatching:
         raise ValueError("dfm needs the number of token values: integer data with known "
                          "levels (a named discrete set) or --vocab V")
     return DiscreteFlowMatching(dim, cfg.vocab, cfg.source, cfg.hidden_features,
-                                cfg.hidden_layers, cfg.context_features)
+                                cfg.hidden_layers, cfg.context_features, cfg.cfg_dropout)

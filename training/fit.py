@@ -117,7 +117,7 @@ def _with_dropout(kind: str, condition: ConditionSpec | None,
         return condition
     if condition is None or condition.kind != "label":
         raise ValueError("--cfg-dropout drops labels: it needs --condition label")
-    if not family(family_of(kind)).timed:  # the families whose samplers follow a field
+    if not family(family_of(kind)).guidance:
         raise ValueError(f"--cfg-dropout (classifier-free guidance) applies to diffusion and "
                          f"flow matching models; {kind!r} is a {family_of(kind)} model")
     return condition.model_copy(update={"cfg_dropout": cfg_dropout})

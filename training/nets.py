@@ -193,13 +193,8 @@ class VelocityModel(nn.Module):
         raise NotImplementedError
 
     def dropped(self, context: Tensor | None, generator: torch.Generator | None) -> Tensor | None:
-        """Training's context: each row's dropped to the null token (zeros) with probability
-        ``cfg_dropout`` (Ho & Salimans 2022, algorithm 1); ``None`` stays ``None``."""
-        if context is None or self.cfg_dropout == 0:
-            return context
-        keep = torch.rand(len(context), generator=generator, dtype=context.dtype,
-                          device=context.device) >= self.cfg_dropout
-        return context * keep[:, None].to(context.dtype)
+        """Training's context with label dropout (:func:`drop_context`)."""
+        return drop_context(context, self.cfg_dropout, generator)
 
     def field(self, context: Tensor | None = None,
               guidance: float | None = None) -> Callable[[Tensor, Tensor], Tensor]:
@@ -328,6 +323,17 @@ def conditioned(model: VelocityModel, cfg: ModelConfig) -> VelocityModel:
     ``cfg.context_features`` context inputs)."""
     model.context_features, model.cfg_dropout = cfg.context_features, cfg.cfg_dropout
     return model
+
+
+def drop_context(context: Tensor | None, p: float,
+                 generator: torch.Generator | None) -> Tensor | None:
+    """Training's context: each row's dropped to the null token (zeros) with probability
+    ``p`` (Ho & Salimans 2022, algorithm 1); ``None`` stays ``None``."""
+    if context is None or p == 0:
+        return context
+    keep = torch.rand(len(context), generator=generator, dtype=context.dtype,
+                      device=context.device) >= p
+    return context * keep[:, None].to(context.dtype)
 
 
 def given(context: Tensor | None) -> tuple[Tensor, ...]:

@@ -220,7 +220,7 @@ class ModelRuntime:
             return
         cond = self.manifest.condition
         why = (f"model '{self.name}' is a {self.family}: guidance applies to diffusion and "
-               "flow matching models" if not self.spec.timed
+               "flow matching models" if not self.spec.guidance
                else f"model '{self.name}' was trained without label dropout (--cfg-dropout), "
                "so it has no unconditional field to guide against"
                if cond is None or not cond.guided else

@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from numerics.discrete import ctmc_sample, elbo, normal_to_uniform, source_tokens
+from numerics.guidance import guided_log_probs
 from service.runtime.base import (
     ModelRuntime,
     SeededRows,
@@ -31,19 +32,30 @@ class DiscreteRuntime(ModelRuntime):
         (log_p,) = self.call("denoiser", x, t, *context)
         return log_p.astype(np.float64)
 
-    def _given(self, cond: np.ndarray | None) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    def _given(self, cond: np.ndarray | None, guidance: float | None = None,
+               ) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
         """The denoiser given each row's context rows ``cond: (rows, C)``, tiled over the
-        replicas of the rows (stacked replica-major) the sampler and the bounds send."""
+        replicas of the rows (stacked replica-major) the sampler and the bounds send; with
+        ``guidance`` the conditional and null-token rows run in one graph call and combine as
+        ``numerics.guidance.guided_log_probs``."""
         if cond is None:
             return self._denoiser
-        return lambda x, t: self._denoiser(x, t, np.tile(cond, (len(x) // len(cond), 1)))
+        if guidance is None:
+            return lambda x, t: self._denoiser(x, t, np.tile(cond, (len(x) // len(cond), 1)))
+        both = np.concatenate([cond, np.zeros_like(cond)])
+
+        def guided_denoiser(x: np.ndarray, t: np.ndarray) -> np.ndarray:
+            lp = self._denoiser(np.concatenate([x, x]), np.concatenate([t, t]), both)
+            return guided_log_probs(lp[:len(x)], lp[len(x):], guidance)
+
+        return guided_denoiser
 
     def _generate(self, z: np.ndarray, requests: Sequence[SeededRows], solver: str,
                   steps: int | None, cond: np.ndarray | None = None,
                   guidance: float | None = None) -> np.ndarray:
         noise = SegmentedNoise(requests)  # per request seed: batching never changes a row
         start = source_tokens(normal_to_uniform(z), self.vocab, self.manifest.tokens.source)
-        return ctmc_sample(self._given(cond), start, steps or 32,
+        return ctmc_sample(self._given(cond, guidance), start, steps or 32,
                            lambda shape: normal_to_uniform(noise(shape)),
                            self.manifest.tokens.source)
 
