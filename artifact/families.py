@@ -72,11 +72,14 @@ class FamilySpec:
     def one_pass_likelihood(self) -> bool:
         return not self.likelihood_solvers
 
-    def served_methods(self, default: str) -> tuple[str, ...]:
+    def served_methods(self, default: str | None) -> tuple[str, ...]:
         """The ``method`` values a model whose manifest's default is ``default`` serves: all
         of the family's for an ODE model (one graph per divergence), only its default for
-        a one-pass model (its ``log_prob`` graph computes one kind of answer)."""
-        return (default,) if self.one_pass_likelihood else self.likelihood_methods
+        a one-pass model (its ``log_prob`` graph computes one kind of answer; a card that
+        names none: the family's first)."""
+        if not self.one_pass_likelihood:
+            return self.likelihood_methods
+        return (default or self.likelihood_methods[0],)
 
 
 FAMILIES: dict[str, FamilySpec] = {}
