@@ -37,7 +37,11 @@ class FamilySpec:
         name: the family's name, as manifests write it.
         graphs: graphs its artifacts export besides :data:`COMMON_GRAPHS`.
         sample_solvers: the ``solver`` values ``/sample`` accepts (``("exact",)``: one pass).
-        likelihood_methods: ``method`` values of ``/log_likelihood``; the first is exact.
+        likelihood_methods: ``method`` values of ``/log_likelihood``; the first is exact. A
+            model of a one-pass family serves one of them, its manifest's default
+            (:meth:`served_methods`): a residual flow above ``EXACT_MAX_DIM`` dimensions
+            serves ``hutchinson`` (a truncated log-det series with Hutchinson's traces),
+            every other flow ``exact``.
         likelihood_solvers: ODE solvers of the likelihood integral (``()``: one pass, in
             which case ``solver`` and ``steps`` do not apply to ``/log_likelihood``).
         timed: whether the manifest carries a ``time`` section (ODE models).
@@ -72,6 +76,15 @@ class FamilySpec:
     def one_pass_likelihood(self) -> bool:
         return not self.likelihood_solvers
 
+    def served_methods(self, default: str | None) -> tuple[str, ...]:
+        """The ``method`` values a model whose manifest's default is ``default`` serves: all
+        of the family's for an ODE model (one graph per divergence), only its default for
+        a one-pass model (its ``log_prob`` graph computes one kind of answer; a card that
+        names none: the family's first)."""
+        if not self.one_pass_likelihood:
+            return self.likelihood_methods
+        return (default or self.likelihood_methods[0],)
+
 
 FAMILIES: dict[str, FamilySpec] = {}
 
@@ -96,6 +109,7 @@ def family(name: str) -> FamilySpec:
 
 _ODE_GRAPHS = ("velocity", "velocity_div", "velocity_jvp")
 register_family(FamilySpec("flow", graphs=("log_prob", "sample"), sample_solvers=(ONE_PASS,),
+                           likelihood_methods=("exact", "hutchinson"),
                            score_kinds=("nll", "latent"), optional_graphs=("encode",)))
 register_family(FamilySpec("diffusion", graphs=_ODE_GRAPHS, sample_solvers=SOLVERS + SAMPLERS,
                            likelihood_methods=("exact", "hutchinson"),

@@ -32,6 +32,7 @@ __all__ = [
     "DataInfo",
     "Defaults",
     "GraphFile",
+    "LogDetSpec",
     "Manifest",
     "ManifestError",
     "ManifoldSpec",
@@ -129,6 +130,31 @@ class NoiseSpec(_Model):
     denoise: Literal["tweedie"] = "tweedie"
 
 
+class LogDetSpec(_Model):
+    """How a served residual flow's ``log_prob`` graph computes ``log det(I + J_g)`` above
+    the dimension where it is exact (``training.flows.residual.EXACT_MAX_DIM``): the power
+    series ``sum_k (-1)^(k+1) tr(J^k) / k`` cut after ``terms`` terms, each trace by
+    Hutchinson's estimate ``e^T J^k e`` over the request's Rademacher probes (the answer's
+    standard error is theirs). With ``Lip(g_b) <= L_b < 1`` the cut costs at most
+    ``D sum_{k > terms} L_b^k / k`` nats per block: ``truncation_bound`` sums it over the
+    blocks (a bias, not in the standard error)."""
+
+    series: Literal["truncated_power_series"] = "truncated_power_series"
+    terms: int = Field(ge=1, description="power-series terms per residual block")
+    lipschitz: list[float] = Field(description="each residual block's bound on Lip(g), from "
+                                   "its layers' exact spectral norms at export")
+    truncation_bound: float = Field(ge=0, description="nats per row: the most the cut "
+                                    "series can differ from the full one")
+
+    @field_validator("lipschitz")
+    @classmethod
+    def _contractive(cls, v: list[float]) -> list[float]:
+        if not v or not all(0 <= c < 1 for c in v):
+            raise ValueError(f"log_det.lipschitz must list one bound in [0, 1) per block; "
+                             f"got {v}")
+        return v
+
+
 class Defaults(_Model):
     solver: str | None = None
     steps: int | None = Field(None, ge=1)
@@ -170,6 +196,9 @@ class Manifest(_Model):
     tokens: TokenSpec | None = None
     noise: NoiseSpec | None = Field(
         None, description="training-noise augmentation and the samples' denoising (TarFlow)")
+    log_det: LogDetSpec | None = Field(
+        None, description="a residual flow above the exact dimension: its served log-det "
+        "series, terms and truncation bound")
     defaults: Defaults = Field(default_factory=Defaults)
     calibration: Calibration | None = None
     anomaly: AnomalyScoreSpec | None = Field(
@@ -204,6 +233,13 @@ class Manifest(_Model):
                     raise ValueError(f"graph file {spec.file} has no sha256 in 'files'")
         if fam.timed and self.time is None:
             raise ValueError(f"a {self.family} model needs a 'time' section")
+        if self.defaults.method not in fam.likelihood_methods:
+            raise ValueError(f"defaults.method {self.defaults.method!r} does not apply to a "
+                             f"{self.family} model; its methods: "
+                             f"{', '.join(fam.likelihood_methods)}")
+        if self.log_det is not None and self.defaults.method != "hutchinson":
+            raise ValueError("a 'log_det' series is served by method 'hutchinson'; "
+                             f"defaults.method is {self.defaults.method!r}")
         self._check_score(fam.score_kinds)
         self._check_condition()
         if fam.manifold and self.manifold is None:

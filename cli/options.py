@@ -33,6 +33,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lipschitz", type=float, help="resflow: Lipschitz coefficient < 1 (0.9)")
     g.add_argument("--fixed-point-iterations", dest="fixed_point_iterations", type=int,
                    help="resflow: unrolled fixed-point iterations of the served inverse (50)")
+    g.add_argument("--series-terms", dest="series_terms", type=int,
+                   help="resflow above 64 dims: power-series terms of the served log-det (24)")
     g.add_argument("--token-size", dest="token_size", type=int,
                    help="tarflow: values per token, a divisor of the dimension (1)")
     g.add_argument("--patch-size", dest="patch_size", type=int,

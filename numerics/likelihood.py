@@ -39,6 +39,7 @@ __all__ = [
     "keyed_uniform",
     "log_likelihood_hutchinson",
     "normal_log_prob",
+    "probe_mean",
     "rademacher_probes",
     "standard_normal_log_prob",
 ]
@@ -248,11 +249,18 @@ def log_likelihood_hutchinson(
         base_log_prob=base_log_prob,
         rho=rho,
     )
-    estimates = res.log_prob.reshape(probes, batch)
-    mean = estimates.mean(0)
-    if probes > 1:
-        var = ((estimates - mean) ** 2).sum(0) / (probes - 1)
-        std_error = xp.sqrt(var / probes)
-    else:
-        std_error = xp.full_like(mean, float("nan"))
+    mean, std_error = probe_mean(res.log_prob.reshape(probes, batch))
     return LikelihoodResult(mean, std_error, res.nfe, res.z.reshape(probes, batch, dim).mean(0))
+
+
+def probe_mean(estimates: Array) -> tuple[Array, Array]:
+    """The mean over probes of ``estimates: (probes, batch)`` (one unbiased estimate per
+    probe, probe-major as :func:`rademacher_probes` draws them) and its standard error
+    ``std / sqrt(probes)`` (``ddof=1``; ``nan`` for one probe): both ``(batch,)``."""
+    xp = array_namespace(estimates)
+    probes = estimates.shape[0]
+    mean = estimates.mean(0)
+    if probes == 1:
+        return mean, xp.full_like(mean, float("nan"))
+    var = ((estimates - mean) ** 2).sum(0) / (probes - 1)
+    return mean, xp.sqrt(var / probes)

@@ -67,6 +67,7 @@ def model_info(rt: ModelRuntime) -> ModelInfo:
         manifold=None if m.manifold is None else m.manifold.model_dump(),
         tokens=None if m.tokens is None else m.tokens.model_dump(),
         noise=None if m.noise is None else m.noise.model_dump(),
+        log_det=None if m.log_det is None else m.log_det.model_dump(),
         condition=None if m.condition is None else {
             **m.condition.model_dump(include={"kind", "width", "classes", "priors",
                                               "null_token", "cfg_dropout", "columns"}),

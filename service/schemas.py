@@ -183,8 +183,9 @@ class LogLikelihoodRequest(_Conditioned):
     marginal: bool = Field(False, description="label models: log p(x), summed over the "
                            "classes with the training data's priors, instead of log p(x | y)")
     method: Literal["exact", "hutchinson", "elbo"] | None = Field(
-        None, description="divergence for ODE models; flows are always exact; discrete flow "
-        "matching answers its evidence lower bound ('elbo')"
+        None, description="divergence for ODE models; flows are exact but a residual flow "
+        "above 64 dims, which serves 'hutchinson' (its card's defaults.method); discrete "
+        "flow matching answers its evidence lower bound ('elbo')"
     )
     steps: int | None = Field(None, ge=1, description="fixed solver steps (default adaptive; "
                               "DFM with the uniform source: the ELBO's time nodes, 16)")
@@ -296,6 +297,10 @@ class ModelInfo(BaseModel):
     noise: dict[str, Any] | None = Field(
         None, description="tarflow trained with noise augmentation: the noise std in model "
         "space (log-likelihoods are of the noised data) and how samples are denoised")
+    log_det: dict[str, Any] | None = Field(
+        None, description="resflow above 64 dims (defaults.method 'hutchinson'): the served "
+        "log-det's power-series terms, each block's Lipschitz bound and the truncation bound "
+        "in nats per row")
     condition: dict[str, Any] | None = Field(
         None, description="conditional models: kind (label or context), width, classes and "
         "their priors, the null token, the context's columns, per-class thresholds")

@@ -327,8 +327,8 @@ def validate_log_likelihood(body: Any, cards: dict[str, ModelInfo], s: Settings,
     _limit(req.probes, "probes", s.max_probes)
     spec = family(card.family)
     if spec.one_pass_likelihood:
-        if req.method not in (None, *spec.likelihood_methods):
-            only = spec.likelihood_methods[0]
+        (only,) = spec.served_methods(card.defaults.get("method"))
+        if req.method not in (None, only):
             raise RequestError(400, f"model '{card.name}' is a {card.family}: its likelihood is "
                                f"{only}; use method '{only}' or leave it out")
         if req.solver is not None or req.steps is not None:

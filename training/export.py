@@ -267,7 +267,7 @@ def export_checkpoint(
                                         calibration_condition) if calibration else (None, None)
     defaults = model.serving_defaults()
     if method is not None:
-        methods = family(cfg.family).likelihood_methods
+        methods = family(cfg.family).served_methods(defaults.method)
         if method not in methods:
             raise ValueError(f"method {method!r} does not apply to a {cfg.family} model; "
                              f"choose one of: {', '.join(methods)}")
@@ -293,6 +293,7 @@ def export_checkpoint(
             manifold=model.manifold_spec() if hasattr(model, "manifold_spec") else None,
             tokens=model.token_spec() if hasattr(model, "token_spec") else None,
             noise=model.noise_spec() if hasattr(model, "noise_spec") else None,
+            log_det=model.log_det_spec() if hasattr(model, "log_det_spec") else None,
             defaults=defaults,
             calibration=None,
             anomaly=score,

@@ -26,6 +26,7 @@ __all__ = [
     "LogProbGraph",
     "PostprocessGraph",
     "PreprocessGraph",
+    "ProbeLogProbGraph",
     "SampleGraph",
     "VelocityDivGraph",
     "VelocityGraph",
@@ -81,6 +82,14 @@ class LogProbGraph(nn.Module):
 
     def forward(self, u: Tensor) -> Tensor:
         return self.model.log_prob(u)
+
+
+class ProbeLogProbGraph(LogProbGraph):
+    """One-pass models with an estimated log-det: ``(u: (batch, dim), probe: (batch, dim))``
+    -> one probe's estimate of ``log p(u)``, ``(batch,)`` (the runtime averages the probes)."""
+
+    def forward(self, u: Tensor, probe: Tensor) -> Tensor:  # type: ignore[override]
+        return self.model.series_log_prob(u, probe)
 
 
 class SampleGraph(nn.Module):

@@ -100,7 +100,8 @@ def signature(verb: str, info: ModelInfo) -> tuple[list, list]:
     x = [("x", "INT64" if family(info.family).tokens else "FP32", [-1, dim]), *cond]
     if verb == "log_likelihood":
         out = [("log_likelihood", "FP64", [-1]), ("bits_per_dim", "FP64", [-1])]
-        if family(info.family).likelihood_methods != ("exact",):  # Hutchinson's, the ELBO's
+        served = family(info.family).served_methods(info.defaults.get("method"))
+        if served != ("exact",):  # Hutchinson's, the ELBO's
             out.append(("std_error", "FP64", [-1]))
         return x, out
     out = [("scores", "FP64", [-1]), ("is_anomaly", "BOOL", [-1]),

@@ -326,10 +326,10 @@ class ModelRuntime:
         """
         x = np.asarray(x, dtype=np.float64)
         method = method or self.manifest.defaults.method
-        if method not in self.spec.likelihood_methods:
+        served = self.spec.served_methods(self.manifest.defaults.method)
+        if method not in served:
             raise InputError(f"unknown method {method!r} for {self.family} model "
-                             f"'{self.name}'; choose one of: "
-                             f"{', '.join(self.spec.likelihood_methods)}")
+                             f"'{self.name}'; choose one of: {', '.join(served)}")
         seeds = np.broadcast_to(np.asarray(seed, dtype=np.uint64), (len(x),))
         rows = np.arange(len(x)) if rows is None else np.asarray(rows)
         cond = None if marginal else self.graph_context(labels, context)

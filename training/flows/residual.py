@@ -15,11 +15,19 @@ flows for invertible generative modeling", 2019.
   = sum_k (-1)^k tr(J^k dJ)`` with the same probe and the same roulette (Chen et al. 2019,
   sec. 3.2): one differentiable vector-Jacobian product instead of backpropagating through
   every term.
-* Served and evaluated log-det: exact, ``log det(I + J)`` from the full Jacobian built by
-  ``D`` forward-mode Jacobian-vector products (explicit arithmetic through the layers, so
-  the exported graph holds no autograd) and ONNX ``Det``; ``det(I + J) > 0`` because
-  ``I + sJ`` stays invertible for ``s`` in ``[0, 1]``. Only for ``dim <= 64``
-  (:data:`EXACT_MAX_DIM`): above, the model refuses to build.
+* Evaluated log-det, and served for ``dim <= 64`` (:data:`EXACT_MAX_DIM`): exact,
+  ``log det(I + J)`` from the full Jacobian built by ``D`` forward-mode Jacobian-vector
+  products (explicit arithmetic through the layers, so the exported graph holds no autograd)
+  and ONNX ``Det``; ``det(I + J) > 0`` because ``I + sJ`` stays invertible for ``s`` in
+  ``[0, 1]``.
+* Served above 64 dims, where ``D`` JVPs and a ``D x D`` Det per block grow the graph and
+  its cost as ``D^2``: the power series cut after ``ModelConfig.series_terms`` terms, each
+  trace by Hutchinson's ``e^T J^k e`` with the probe ``e`` an input of the ``log_prob``
+  graph (one forward-mode product per term). The service feeds it each row's seeded
+  Rademacher probes and answers their mean and standard error (method ``hutchinson``); the
+  manifest's ``log_det`` section holds the terms and the cut's bound ``D L^(n+1) / ((n + 1)
+  (1 - L))`` per block, ``L`` the block's Lipschitz bound from its layers' exact spectral
+  norms (``|tr(J^k)| <= D L^k``).
 * Inverse: the fixed-point iteration ``x <- y - g(x)`` (a contraction of rate ``Lip(g)``).
   Eager code iterates to a tolerance; the exported ``sample`` graph unrolls
   ``ModelConfig.fixed_point_iterations`` iterations, and ``genserve evaluate`` reports the
@@ -29,20 +37,24 @@ flows for invertible generative modeling", 2019.
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
 
+from artifact.manifest import Defaults, LogDetSpec
 from numerics.likelihood import standard_normal_log_prob
 from training.config import ModelConfig
 from training.flows.base import Flow, Transform
 from training.flows.linear import ActNorm
+from training.graphs import ExportGraph, ProbeLogProbGraph, SampleGraph, spec
 
 __all__ = ["EXACT_MAX_DIM", "LipSwish", "ResidualBlock", "ResidualFlow", "SpectralLinear",
-           "build_resflow"]
+           "build_resflow", "series_truncation_bound"]
 
 EXACT_MAX_DIM = 64
-"""Largest dimension whose log-det is computed exactly (``D`` JVPs and a ``D x D`` Det)."""
+"""Largest dimension whose served log-det is exact (``D`` JVPs and a ``D x D`` Det); above
+it the served log-det is the truncated series with Hutchinson's traces."""
 ROULETTE_EXACT_TERMS = 2
 """Power-series terms always computed; later ones survive the roulette with prob. 1/2 each."""
 
@@ -141,6 +153,38 @@ class ResidualBlock(Transform):
         w = last.normalized_weight()
         return nn.functional.linear(h, w, last.bias), tangent @ w.T
 
+    def series_log_det(self, x: Tensor, probe: Tensor, terms: int) -> tuple[Tensor, Tensor]:
+        """``(g(x), sum_{k <= terms} (-1)^(k+1) e^T J^k e / k)``: the cut power series of
+        ``log det(I + J)`` with Hutchinson's traces, ``x, probe: (batch, D)`` -> ``(batch,
+        D), (batch,)``. ``J^k e`` by ``terms`` forward-mode products (explicit arithmetic:
+        the layers' slopes at ``x`` reused by every product)."""
+        slopes, weights, h = [], [], x
+        for linear, act in zip(self.linears[:-1], self.activations, strict=True):
+            w = linear.normalized_weight()
+            pre = nn.functional.linear(h, w, linear.bias)
+            slopes.append(act.derivative(pre))
+            weights.append(w)
+            h = act(pre)
+        last = self.linears[-1]
+        w_last = last.normalized_weight()
+        estimate, tangent = x.new_zeros(x.shape[0]), probe
+        for k in range(1, terms + 1):
+            for slope, w in zip(slopes, weights, strict=True):
+                tangent = slope * (tangent @ w.T)
+            tangent = tangent @ w_last.T  # J^k e
+            estimate = estimate + ((-1) ** (k + 1) / k) * (tangent * probe).sum(-1)
+        return nn.functional.linear(h, w_last, last.bias), estimate
+
+    def lipschitz_bound(self) -> float:
+        """``prod_l ||W_l||_2`` of the normalised weights (LipSwish is 1-Lipschitz): an upper
+        bound on ``Lip(g)`` from exact spectral norms, not the power-iteration estimates."""
+        bound = 1.0
+        with torch.no_grad():
+            for linear in self.linears:
+                w = linear.normalized_weight().double()
+                bound *= float(torch.linalg.matrix_norm(w, 2))
+        return bound
+
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         gx, jac = self.jacobian(x)
         eye = torch.eye(x.shape[-1], dtype=x.dtype, device=x.device)
@@ -201,8 +245,64 @@ class ResidualFlow(Flow):
 
     ``log_prob`` is exact (``D`` JVPs + Det per block); ``training_loss`` uses the unbiased
     Russian-roulette log-det with the Neumann gradient series, and runs one power iteration
-    per spectral norm first.
+    per spectral norm first. Above :data:`EXACT_MAX_DIM` dimensions the exported
+    ``log_prob`` is :meth:`series_log_prob` (module docstring).
+
+    Args:
+        dim: features ``D``.
+        transforms: the steps, in the data -> noise order.
+        series_terms: power-series terms of the served log-det above ``EXACT_MAX_DIM``.
+
+    Example:
+        >>> flow = build_resflow(80, ModelConfig(transforms=1, hidden_features=16))
+        >>> u, e = torch.randn(4, 80), torch.randn(4, 80)
+        >>> flow.series_log_prob(u, e).shape
+        torch.Size([4])
     """
+
+    def __init__(self, dim: int, transforms: Iterable[Transform], series_terms: int) -> None:
+        super().__init__(dim, transforms)
+        self.series_terms = series_terms
+
+    @property
+    def serves_exact_log_det(self) -> bool:
+        return self.dim <= EXACT_MAX_DIM
+
+    def series_log_prob(self, u: Tensor, probe: Tensor) -> Tensor:
+        """One probe's estimate of ``log p(u)``: the cut series per residual block with the
+        same probe ``e`` in every block (each block's estimate is unbiased for its cut series
+        whatever the others draw). ``u, probe: (batch, D)`` -> ``(batch,)``."""
+        ladj = u.new_zeros(u.shape[0])
+        for transform in self.transforms:
+            if isinstance(transform, ResidualBlock):
+                gx, step = transform.series_log_det(u, probe, self.series_terms)
+                u = u + gx
+            else:
+                u, step = transform(u)
+            ladj = ladj + step
+        return standard_normal_log_prob(u) + ladj
+
+    def export_graphs(self) -> dict[str, ExportGraph]:
+        """Exact dims: the flow's ``log_prob(u)`` and ``sample(z)``; above, ``log_prob(u,
+        probe)`` answers one probe's estimate per row (the service replicates each row once
+        per probe)."""
+        if self.serves_exact_log_det:
+            return super().export_graphs()
+        frozen, u = self.frozen(), spec("u", self.dim)
+        return {"log_prob": ExportGraph(ProbeLogProbGraph(frozen), [u, spec("probe", self.dim)],
+                                        [spec("log_prob", None)]),
+                "sample": ExportGraph(SampleGraph(frozen), [spec("z", self.dim)], [u])}
+
+    def serving_defaults(self) -> Defaults:
+        return Defaults(method="exact" if self.serves_exact_log_det else "hutchinson")
+
+    def log_det_spec(self) -> LogDetSpec | None:
+        """The served series' terms, Lipschitz bounds and truncation bound (none: exact)."""
+        if self.serves_exact_log_det:
+            return None
+        bounds = [t.lipschitz_bound() for t in self.transforms if isinstance(t, ResidualBlock)]
+        return LogDetSpec(terms=self.series_terms, lipschitz=bounds, truncation_bound=sum(
+            series_truncation_bound(self.dim, b, self.series_terms) for b in bounds))
 
     def _roulette(self, generator: torch.Generator | None, like: Tensor) -> tuple[int, Tensor]:
         extra = 0
@@ -241,14 +341,22 @@ class ResidualFlow(Flow):
             return float((frozen(frozen.inverse(z))[0] - z).abs().max())
 
 
+def series_truncation_bound(dim: int, lipschitz: float, terms: int) -> float:
+    """``D L^(n+1) / ((n+1) (1 - L))`` nats, ``n = terms``: at least ``|sum_{k > n} (-1)^(k+1)
+    tr(J^k) / k|`` when ``||J|| <= L < 1`` (``|tr(J^k)| <= D L^k``, the tail bounded by a
+    geometric series)."""
+    if not 0 <= lipschitz < 1:
+        raise ValueError(f"the series converges for a Lipschitz bound in [0, 1); got "
+                         f"{lipschitz}")
+    return dim * lipschitz ** (terms + 1) / ((terms + 1) * (1 - lipschitz))
+
+
 def build_resflow(dim: int, cfg: ModelConfig) -> ResidualFlow:
     """``cfg.transforms`` residual blocks (``cfg.hidden_layers`` hidden layers of
-    ``cfg.hidden_features``, Lipschitz coefficient ``cfg.lipschitz``), ActNorm before each."""
-    if dim > EXACT_MAX_DIM:
-        raise ValueError(f"resflow computes its served log-det exactly for dim <= "
-                         f"{EXACT_MAX_DIM}; got dim={dim}")
+    ``cfg.hidden_features``, Lipschitz coefficient ``cfg.lipschitz``), ActNorm before each;
+    ``cfg.series_terms`` terms of the served log-det above ``EXACT_MAX_DIM``."""
     steps: list[Transform] = []
     for _ in range(cfg.transforms):
         steps += [ActNorm(dim), ResidualBlock(dim, cfg.hidden_features, cfg.hidden_layers,
                                               cfg.lipschitz, cfg.fixed_point_iterations)]
-    return ResidualFlow(dim, steps)
+    return ResidualFlow(dim, steps, cfg.series_terms)

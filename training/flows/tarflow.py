@@ -9,8 +9,13 @@ map of token ``i``: ``z_i = (x_i - mu_i(x_<i)) exp(-alpha_i(x_<i))`` (data -> no
 Jacobian is block-triangular and ``log |det| = -sum alpha``: the exact log-likelihood in one
 pass per block. The token order is reversed between blocks. Sampling inverts a block token by
 token (``T`` transformer passes per block: the sequence length, not the dimension, sets the
-passes), unrolled in the exported ``sample`` graph; the transformer is re-run on the whole
-prefix at every step (no KV cache: the exported graph keeps fixed shapes).
+passes), unrolled in the exported ``sample`` graph. Each pass feeds the transformer only the
+newest token and keeps every layer's keys and values of the earlier ones (a KV cache): step
+``i`` costs one token's projections and MLP and attention over ``i + 1`` keys, not a pass
+over the whole prefix. Unrolled, the cache is a tensor per layer that grows by one token per
+step, each step's shape fixed, so the ONNX graph holds it as plain ``Concat``s.
+``TarBlock.kv_cache = False`` re-runs the whole prefix instead (the parity reference and
+the benchmark's baseline: docs/BENCHMARKS.md).
 
 Training adds Gaussian noise of standard deviation ``noise_std`` (``ModelConfig``, model
 space) to every batch, so the flow models the slightly smoothed density; a sample is then
@@ -33,8 +38,8 @@ from numerics.likelihood import standard_normal_log_prob
 from training.config import ModelConfig
 from training.flows.base import Flow, Transform
 
-__all__ = ["CausalTransformer", "TarBlock", "TarFlow", "build_tarflow", "build_tarflow_image",
-           "patch_order"]
+__all__ = ["CausalTransformer", "KVCache", "TarBlock", "TarFlow", "build_tarflow",
+           "build_tarflow_image", "patch_order"]
 
 ALPHA_BOUND = 4.0
 """``alpha = B tanh(raw / B)``: log-scales stay within ``(-B, B)``, smooth near zero."""
@@ -42,10 +47,27 @@ SCORE_STEP = 1e-2
 """Central-difference step of the denoising score (model space, float32-safe)."""
 
 
+KVCache = list[tuple[Tensor, Tensor]]
+"""Per layer, the keys and values ``(batch, heads, P, width / heads)`` of ``P`` tokens."""
+
+
 class CausalTransformer(nn.Module):
     """Pre-LayerNorm transformer over ``(batch, T, C)`` tokens with a causal mask, written
     with plain matmuls (ONNX-friendly). Output ``(batch, T, 2C)`` at position ``i`` depends
-    on input positions ``<= i``; the last projection starts at zero."""
+    on input positions ``<= i``; the last projection starts at zero.
+
+    Given a ``cache`` (a list, empty at first), ``x`` holds the tokens after the ``P``
+    cached ones: they sit at positions ``P ..``, attend to the cached keys and values and
+    their own, and append theirs to the cache; the output is theirs only. Feeding a
+    sequence in pieces gives what one pass over it gives.
+
+    Example:
+        >>> net = CausalTransformer(4, 2, 8, 1, 2)
+        >>> x, cache = torch.randn(3, 4, 2), []
+        >>> pieces = torch.cat([net(x[:, i:i + 1], cache) for i in range(4)], 1)
+        >>> bool(torch.allclose(pieces, net(x), atol=1e-6))
+        True
+    """
 
     def __init__(self, tokens: int, size: int, width: int, layers: int, heads: int) -> None:
         super().__init__()
@@ -69,15 +91,24 @@ class CausalTransformer(nn.Module):
         mask = torch.full((tokens, tokens), -1e9).triu(1)  # additive: no look ahead
         self.register_buffer("mask", mask)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
         b, t, _ = x.shape
-        h = self.embed(x) + self.position
+        past = cache[0][0].shape[2] if cache else 0
+        h = self.embed(x) + self.position[past:past + t]
         width = h.shape[-1]
         dh = width // self.heads
-        for norm1, qkv, proj, norm2, mlp in zip(self.norms1, self.qkv, self.proj, self.norms2,
-                                                self.mlp, strict=True):
+        mask = self.mask[past:past + t, :past + t]
+        for layer, (norm1, qkv, proj, norm2, mlp) in enumerate(zip(
+                self.norms1, self.qkv, self.proj, self.norms2, self.mlp, strict=True)):
             q, k, v = qkv(norm1(h)).reshape(b, t, 3, self.heads, dh).permute(2, 0, 3, 1, 4)
-            scores = q @ k.transpose(-1, -2) / math.sqrt(dh) + self.mask
+            if cache is not None:
+                if past:
+                    k = torch.cat([cache[layer][0], k], 2)
+                    v = torch.cat([cache[layer][1], v], 2)
+                    cache[layer] = (k, v)
+                else:
+                    cache.append((k, v))
+            scores = q @ k.transpose(-1, -2) / math.sqrt(dh) + mask
             attended = (scores.softmax(-1) @ v).permute(0, 2, 1, 3).reshape(b, t, width)
             h = h + proj(attended)
             h = h + mlp(norm2(h))
@@ -88,18 +119,24 @@ class TarBlock(Transform):
     """One autoregressive affine block over ``tokens`` tokens of ``size`` values; with
     ``reverse`` it reads the tokens in reverse order."""
 
+    kv_cache: bool = True
+    """Sample with the KV cache (False: re-run the whole prefix at every step)."""
+
     def __init__(self, tokens: int, size: int, width: int, layers: int, heads: int,
                  reverse: bool) -> None:
         super().__init__()
         self.tokens, self.size, self.reverse = tokens, size, reverse
         self.net = CausalTransformer(tokens, size, width, layers, heads)
 
+    def _affine(self, out: Tensor) -> tuple[Tensor, Tensor]:
+        """The transformer's output ``(..., 2C)`` as ``(mu, alpha)``, each ``(..., C)``."""
+        mu, raw = out[..., : self.size], out[..., self.size:]
+        return mu, ALPHA_BOUND * torch.tanh(raw / ALPHA_BOUND)
+
     def _params(self, seq: Tensor) -> tuple[Tensor, Tensor]:
         """``(mu, alpha)`` of every token from the tokens before it; ``seq: (b, T, C)``."""
         shifted = torch.cat([torch.zeros_like(seq[:, :1]), seq[:, :-1]], 1)
-        out = self.net(shifted)
-        mu, raw = out[..., : self.size], out[..., self.size:]
-        return mu, ALPHA_BOUND * torch.tanh(raw / ALPHA_BOUND)
+        return self._affine(self.net(shifted))
 
     def _tokens(self, x: Tensor) -> Tensor:
         seq = x.reshape(-1, self.tokens, self.size)
@@ -116,12 +153,25 @@ class TarBlock(Transform):
 
     def inverse(self, y: Tensor) -> Tensor:
         z = self._tokens(y)
-        x = torch.zeros_like(z)
+        if not self.kv_cache:
+            return self._flat(self._inverse_prefix(z))
+        cache: KVCache = []
+        token, tokens = torch.zeros_like(z[:, :1]), []
         for i in range(self.tokens):  # token i needs tokens < i: T passes, unrolled
+            mu, alpha = self._affine(self.net(token, cache))  # the shifted input's token i
+            token = z[:, i:i + 1] * torch.exp(alpha) + mu
+            tokens.append(token)
+        return self._flat(torch.cat(tokens, 1))
+
+    def _inverse_prefix(self, z: Tensor) -> Tensor:
+        """The inverse without a cache: every step re-runs the transformer on the whole
+        (zero-padded) sequence, ``z: (b, T, C)`` -> ``x: (b, T, C)``."""
+        x = torch.zeros_like(z)
+        for i in range(self.tokens):
             mu, alpha = self._params(x)
             token = z[:, i] * torch.exp(alpha[:, i]) + mu[:, i]
             x = torch.cat([x[:, :i], token[:, None], x[:, i + 1:]], 1)
-        return self._flat(x)
+        return x
 
 
 class TarFlow(Flow):
