@@ -17,6 +17,7 @@ import torch
 
 from artifact.conditions import ConditionSpec, class_names, context_rows
 from service.runtime import SeededRows, open_runtime
+from service.runtime.base import segmented_normal
 from training.checkpoint import load_checkpoint
 from training.conditioning import condition_data
 from training.config import ModelConfig, TrainConfig
@@ -41,7 +42,7 @@ def test_conditional_flows_condition_every_conditioner() -> None:
     """Every conditional model type's log-density and inverse depend on the context, and
     the inverse given the same context undoes the forward map."""
     x, c = torch.randn(6, 3), torch.randn(6, 2)
-    for kind in ("nice", "realnvp", "glow", "maf", "iaf", "nsf", "nsf_ar"):
+    for kind in ("nice", "realnvp", "glow", "maf", "iaf", "nsf", "nsf_ar", "tarflow"):
         torch.manual_seed(0)
         flow = build_model(kind, 3, ModelConfig(hidden_features=8, transforms=2,
                                                 context_features=2))
@@ -52,7 +53,7 @@ def test_conditional_flows_condition_every_conditioner() -> None:
         assert (flow.log_prob(x, c) - flow.log_prob(x, c + 1)).abs().min() > 0, kind
     with pytest.raises(ValueError, match="cannot be conditioned.*conditional model types: "
                        "nice"):
-        build_model("tarflow", 4, ModelConfig(context_features=2))
+        build_model("resflow", 4, ModelConfig(context_features=2))
 
 
 def test_log_p_x_given_y_and_marginal_approach_the_exact_densities(label_rt,
@@ -418,19 +419,30 @@ def test_ode_label_models_serve_log_p_x_given_y(kind: str, tmp_path: Path) -> No
         assert s.shape == (3, 2) and np.isfinite(s).all()
 
 
-def test_glow_image_given_the_digit_serves_log_p_x_given_y(tmp_path: Path) -> None:
-    """A conditional multi-scale Glow on digits_image: its exported one-pass graphs take the
-    label, and the served ``log p(x | y)`` and samples given a digit are the eager model's."""
+FLOW_LABEL_MODELS = {  # model type: (data set, rows, ModelConfig fields)
+    "glow_image": ("digits_image", None, {"hidden_features": 8, "hidden_layers": 1,
+                                          "transforms": 2, "scales": 2}),
+    # with training noise, so its samples take the one-step denoising given the label too
+    "tarflow": ("gmm2", 600, {"hidden_features": 16, "hidden_layers": 1, "transforms": 2,
+                              "noise_std": 0.05}),
+}
+
+
+@pytest.mark.parametrize("kind", list(FLOW_LABEL_MODELS))
+def test_image_and_transformer_flows_serve_log_p_x_given_y(kind: str, tmp_path: Path) -> None:
+    """A conditional multi-scale Glow (digits given the digit) and a conditional TarFlow
+    (the label's embedding added to every token): their exported one-pass graphs take the
+    label, and the served ``log p(x | y)`` and samples given a label are the eager model's."""
     from training.export import export_checkpoint
     from training.fit import fit
 
-    ckpt = fit("glow_image", "digits_image", condition="label", out=tmp_path / "ckpt",
-               model_cfg=ModelConfig(hidden_features=8, hidden_layers=1, transforms=2,
-                                     scales=2),
+    data, n, fields = FLOW_LABEL_MODELS[kind]
+    ckpt = fit(kind, data, rows=n, condition="label", out=tmp_path / "ckpt",
+               model_cfg=ModelConfig(**fields),
                train_cfg=TrainConfig(steps=5, batch_size=64, eval_every=5, progress=False))
     export_checkpoint(ckpt, tmp_path / "m", formats=("onnx",), calibration=False)
     rt = open_runtime(tmp_path / "m", runtime="onnx")
-    rows = load_data("digits_image")
+    rows = load_data(data, n=10, seed=11)
     x, y = rows.x[:10], rows.y[:10]
     c = torch.as_tensor(context_rows(ckpt.config.condition, labels=y), dtype=torch.float32)
     with torch.no_grad():
@@ -438,9 +450,18 @@ def test_glow_image_given_the_digit_serves_log_p_x_given_y(tmp_path: Path) -> No
         eager = (ckpt.model.log_prob(u, c) + ladj).numpy()
     got = rt.log_likelihood(x, labels=y).log_prob
     np.testing.assert_allclose(got, eager, rtol=1e-4, atol=1e-3)
-    assert np.abs(rt.log_likelihood(x, labels=(y + 1) % 10).log_prob - got).min() > 0
-    s = rt.sample_many([SeededRows(2, seed=1)], labels=np.full(2, 7)).blocks[0]
-    assert s.shape == (2, 64) and np.isfinite(s).all()
+    classes = len(ckpt.config.condition.priors)
+    assert np.abs(rt.log_likelihood(x, labels=(y + 1) % classes).log_prob - got).min() > 0
+    s = rt.sample_many([SeededRows(2, seed=1)], labels=np.full(2, 1)).blocks[0]
+    assert s.shape == (2, x.shape[1]) and np.isfinite(s).all()
+    # the eager model's samples of the same noise, given the label
+    z = torch.as_tensor(segmented_normal([SeededRows(2, seed=1)], (x.shape[1],)),
+                        dtype=torch.float32)
+    c1 = torch.as_tensor(context_rows(ckpt.config.condition, labels=np.full(2, 1)),
+                         dtype=torch.float32)
+    with torch.no_grad():
+        eager_s = ckpt.preprocessor.inverse(ckpt.model.inverse(z, c1)).numpy()
+    np.testing.assert_allclose(s, eager_s, rtol=1e-3, atol=1e-3)
 
 
 def test_guidance_zero_is_the_plain_conditional_model_and_batching_keeps_it(cfm_rt) -> None:

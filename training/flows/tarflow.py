@@ -69,13 +69,16 @@ class CausalTransformer(nn.Module):
         True
     """
 
-    def __init__(self, tokens: int, size: int, width: int, layers: int, heads: int) -> None:
+    def __init__(self, tokens: int, size: int, width: int, layers: int, heads: int,
+                 context_features: int = 0) -> None:
         super().__init__()
         if width % heads:
             raise ValueError(f"tarflow: hidden width {width} is not divisible by {heads} "
                              "attention heads")
         self.heads = heads
         self.embed = nn.Linear(size, width)
+        # a conditional flow's context, embedded and added to every token (like the position)
+        self.embed_context = nn.Linear(context_features, width) if context_features else None
         self.position = nn.Parameter(torch.randn(tokens, width) * 0.02)
         self.norms1 = nn.ModuleList(nn.LayerNorm(width) for _ in range(layers))
         self.qkv = nn.ModuleList(nn.Linear(width, 3 * width) for _ in range(layers))
@@ -91,10 +94,15 @@ class CausalTransformer(nn.Module):
         mask = torch.full((tokens, tokens), -1e9).triu(1)  # additive: no look ahead
         self.register_buffer("mask", mask)
 
-    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
+    def forward(self, x: Tensor, cache: KVCache | None = None,
+                context: Tensor | None = None) -> Tensor:
         b, t, _ = x.shape
         past = cache[0][0].shape[2] if cache else 0
         h = self.embed(x) + self.position[past:past + t]
+        if self.embed_context is not None:
+            if context is None:
+                raise ValueError("this TarFlow is conditional: it needs a context")
+            h = h + self.embed_context(context)[:, None, :]
         width = h.shape[-1]
         dh = width // self.heads
         mask = self.mask[past:past + t, :past + t]
@@ -123,20 +131,21 @@ class TarBlock(Transform):
     """Sample with the KV cache (False: re-run the whole prefix at every step)."""
 
     def __init__(self, tokens: int, size: int, width: int, layers: int, heads: int,
-                 reverse: bool) -> None:
+                 reverse: bool, context_features: int = 0) -> None:
         super().__init__()
         self.tokens, self.size, self.reverse = tokens, size, reverse
-        self.net = CausalTransformer(tokens, size, width, layers, heads)
+        self.conditional = context_features > 0
+        self.net = CausalTransformer(tokens, size, width, layers, heads, context_features)
 
     def _affine(self, out: Tensor) -> tuple[Tensor, Tensor]:
         """The transformer's output ``(..., 2C)`` as ``(mu, alpha)``, each ``(..., C)``."""
         mu, raw = out[..., : self.size], out[..., self.size:]
         return mu, ALPHA_BOUND * torch.tanh(raw / ALPHA_BOUND)
 
-    def _params(self, seq: Tensor) -> tuple[Tensor, Tensor]:
+    def _params(self, seq: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(mu, alpha)`` of every token from the tokens before it; ``seq: (b, T, C)``."""
         shifted = torch.cat([torch.zeros_like(seq[:, :1]), seq[:, :-1]], 1)
-        return self._affine(self.net(shifted))
+        return self._affine(self.net(shifted, context=context))
 
     def _tokens(self, x: Tensor) -> Tensor:
         seq = x.reshape(-1, self.tokens, self.size)
@@ -145,30 +154,31 @@ class TarBlock(Transform):
     def _flat(self, seq: Tensor) -> Tensor:
         return (seq.flip(1) if self.reverse else seq).reshape(-1, self.tokens * self.size)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         seq = self._tokens(x)
-        mu, alpha = self._params(seq)
+        mu, alpha = self._params(seq, context)
         z = (seq - mu) * torch.exp(-alpha)
         return self._flat(z), -alpha.sum((1, 2))
 
-    def inverse(self, y: Tensor) -> Tensor:
+    def inverse(self, y: Tensor, context: Tensor | None = None) -> Tensor:
         z = self._tokens(y)
         if not self.kv_cache:
-            return self._flat(self._inverse_prefix(z))
+            return self._flat(self._inverse_prefix(z, context))
         cache: KVCache = []
         token, tokens = torch.zeros_like(z[:, :1]), []
         for i in range(self.tokens):  # token i needs tokens < i: T passes, unrolled
-            mu, alpha = self._affine(self.net(token, cache))  # the shifted input's token i
+            # the shifted input's token i
+            mu, alpha = self._affine(self.net(token, cache, context))
             token = z[:, i:i + 1] * torch.exp(alpha) + mu
             tokens.append(token)
         return self._flat(torch.cat(tokens, 1))
 
-    def _inverse_prefix(self, z: Tensor) -> Tensor:
+    def _inverse_prefix(self, z: Tensor, context: Tensor | None = None) -> Tensor:
         """The inverse without a cache: every step re-runs the transformer on the whole
         (zero-padded) sequence, ``z: (b, T, C)`` -> ``x: (b, T, C)``."""
         x = torch.zeros_like(z)
         for i in range(self.tokens):
-            mu, alpha = self._params(x)
+            mu, alpha = self._params(x, context)
             token = z[:, i] * torch.exp(alpha[:, i]) + mu[:, i]
             x = torch.cat([x[:, :i], token[:, None], x[:, i + 1:]], 1)
         return x
@@ -187,51 +197,54 @@ class TarFlow(Flow):
     """
 
     def __init__(self, dim: int, blocks: list[TarBlock], order: Tensor,
-                 noise_std: float = 0.0) -> None:
-        super().__init__(dim, blocks)
+                 noise_std: float = 0.0, context_features: int = 0) -> None:
+        super().__init__(dim, blocks, context_features)
         self.noise_std = noise_std
         self.register_buffer("order", order)
         self.register_buffer("unorder", torch.argsort(order))
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return super().forward(x[:, self.order])
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return super().forward(x[:, self.order], context)
 
-    def inverse(self, y: Tensor) -> Tensor:
-        x = super().inverse(y)[:, self.unorder]
-        return self.denoise(x) if self.noise_std > 0 else x
+    def inverse(self, y: Tensor, context: Tensor | None = None) -> Tensor:
+        x = super().inverse(y, context)[:, self.unorder]
+        return self.denoise(x, context) if self.noise_std > 0 else x
 
-    def score(self, x: Tensor) -> Tensor:
-        """``grad log p(x)`` by central differences: ``(batch, D)``, one batched pass."""
+    def score(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """``grad log p(x)`` (``| context``) by central differences: ``(batch, D)``, one
+        batched pass."""
         b, d = x.shape
         step = SCORE_STEP * torch.eye(d, dtype=x.dtype, device=x.device)
         points = torch.cat([(x[:, None, :] + step).reshape(b * d, d),
                             (x[:, None, :] - step).reshape(b * d, d)], 0)
-        lp = self.log_prob(points).reshape(2, b, d)
+        each = None if context is None else context.repeat_interleave(d, 0).repeat(2, 1)
+        lp = self.log_prob(points, each).reshape(2, b, d)
         return (lp[0] - lp[1]) / (2 * SCORE_STEP)
 
     def noise_spec(self) -> NoiseSpec | None:
         """The manifest's record of the training noise (none without it)."""
         return NoiseSpec(std=self.noise_std) if self.noise_std > 0 else None
 
-    def denoise(self, x: Tensor) -> Tensor:
+    def denoise(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """Tweedie's one step ``x + noise_std^2 grad log p(x)``."""
-        return x + self.noise_std**2 * self.score(x)
+        return x + self.noise_std**2 * self.score(x, context)
 
-    def training_loss(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def training_loss(self, x: Tensor, generator: torch.Generator | None = None,
+                      context: Tensor | None = None) -> Tensor:
         if self.noise_std > 0 and self.training:
             x = x + self.noise_std * torch.randn(x.shape, generator=generator, dtype=x.dtype,
                                                  device=x.device)
-        z, ladj = self(x)
-        return -(standard_normal_log_prob(z) + ladj).mean()
+        return -self.log_prob(x, context).mean()
 
-    def log_prob(self, x: Tensor) -> Tensor:
-        z, ladj = self(x)
+    def log_prob(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        z, ladj = self(x, context)
         return standard_normal_log_prob(z) + ladj
 
 
 def _blocks(tokens: int, size: int, cfg: ModelConfig) -> list[TarBlock]:
     return [TarBlock(tokens, size, cfg.hidden_features, cfg.hidden_layers, cfg.heads,
-                     reverse=bool(i % 2)) for i in range(cfg.transforms)]
+                     reverse=bool(i % 2), context_features=cfg.context_features)
+            for i in range(cfg.transforms)]
 
 
 def build_tarflow(dim: int, cfg: ModelConfig) -> TarFlow:
@@ -240,7 +253,7 @@ def build_tarflow(dim: int, cfg: ModelConfig) -> TarFlow:
         raise ValueError(f"tarflow: token size {cfg.token_size} does not divide the "
                          f"dimension {dim}; use a divisor of {dim}")
     return TarFlow(dim, _blocks(dim // cfg.token_size, cfg.token_size, cfg),
-                   torch.arange(dim), cfg.noise_std)
+                   torch.arange(dim), cfg.noise_std, cfg.context_features)
 
 
 def patch_order(shape: tuple[int, int, int], patch: int) -> Tensor:
@@ -263,4 +276,4 @@ def build_tarflow_image(dim: int, cfg: ModelConfig) -> TarFlow:
     if c * h * w != dim:
         raise ValueError(f"image_shape {cfg.image_shape} has {c * h * w} values, not {dim}")
     return TarFlow(dim, _blocks((h // p) * (w // p), c * p * p, cfg),
-                   patch_order((c, h, w), p), cfg.noise_std)
+                   patch_order((c, h, w), p), cfg.noise_std, cfg.context_features)
