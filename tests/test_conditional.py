@@ -42,7 +42,8 @@ def test_conditional_flows_condition_every_conditioner() -> None:
     """Every conditional model type's log-density and inverse depend on the context, and
     the inverse given the same context undoes the forward map."""
     x, c = torch.randn(6, 3), torch.randn(6, 2)
-    for kind in ("nice", "realnvp", "glow", "maf", "iaf", "nsf", "nsf_ar", "tarflow"):
+    for kind in ("nice", "realnvp", "glow", "maf", "iaf", "nsf", "nsf_ar", "tarflow",
+                 "resflow"):
         torch.manual_seed(0)
         flow = build_model(kind, 3, ModelConfig(hidden_features=8, transforms=2,
                                                 context_features=2))
@@ -51,9 +52,14 @@ def test_conditional_flows_condition_every_conditioner() -> None:
         z, _ = flow(x, c)
         torch.testing.assert_close(flow.inverse(z, c), x, atol=1e-4, rtol=1e-4)
         assert (flow.log_prob(x, c) - flow.log_prob(x, c + 1)).abs().min() > 0, kind
+    # every built-in type takes a condition; a plug-in that does not say so is refused
+    import toy_family
+
     with pytest.raises(ValueError, match="cannot be conditioned.*conditional model types: "
                        "nice"):
-        build_model("resflow", 4, ModelConfig(context_features=2))
+        build_model(toy_family.MODEL_TYPE, 2, ModelConfig(context_features=2))
+    with pytest.raises(ValueError, match="conditional resflow .* up to 64 dims"):
+        build_model("resflow", 80, ModelConfig(context_features=2))
 
 
 def test_log_p_x_given_y_and_marginal_approach_the_exact_densities(label_rt,
@@ -425,6 +431,8 @@ FLOW_LABEL_MODELS = {  # model type: (data set, rows, ModelConfig fields)
     # with training noise, so its samples take the one-step denoising given the label too
     "tarflow": ("gmm2", 600, {"hidden_features": 16, "hidden_layers": 1, "transforms": 2,
                               "noise_std": 0.05}),
+    # the context shifts g's first pre-activation: Lip in x unchanged, exact log-det
+    "resflow": ("gmm2", 600, {"hidden_features": 16, "hidden_layers": 1, "transforms": 2}),
 }
 
 

@@ -191,7 +191,11 @@ def evaluate(
     residual = getattr(ckpt.model, "inversion_residual", None)
     if callable(residual):  # residual flows: how far the served fixed-point inverse got
         z = torch.randn(max(samples, 256), cfg.dim, generator=torch.Generator().manual_seed(seed))
-        report["fixed_point_residual"] = residual(z)
+        given = {} if condition is None else {"context": torch.as_tensor(context_rows(
+            cfg.condition, **{"labels" if cfg.condition.kind == "label" else "context":
+                              np.resize(condition, (len(z), *condition.shape[1:]))}),
+            dtype=z.dtype)}
+        report["fixed_point_residual"] = residual(z, **given)
     return report
 
 

@@ -95,7 +95,7 @@ MODEL_TYPES: dict[str, ModelType] = {
                                 build_nsf_ar),
     "resflow": ModelType("flow", "residual flow: x + g(x), Lip(g) < 1; served log-det "
                          "exact to 64 dims, a cut series with Hutchinson's traces above",
-                         build_resflow),
+                         build_resflow, conditional=True),
     "tarflow": ModelType("flow", "TarFlow: causal-transformer autoregressive flow over tokens",
                          build_tarflow, conditional=True),
     "ddpm": ModelType("diffusion", "VP-SDE diffusion (epsilon or v prediction)", build_ddpm,

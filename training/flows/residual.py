@@ -119,49 +119,66 @@ class ResidualBlock(Transform):
         layers: hidden layers of ``g``.
         coeff: the Lipschitz coefficient of each layer, in ``(0, 1)``.
         iterations: fixed-point iterations of the exported inverse.
+        context_features: a conditional block's context width: ``U c`` (an unconstrained
+            linear map) joins the first layer's pre-activation, so ``g(x, c)`` stays
+            ``coeff^(layers + 1)``-Lipschitz in ``x`` for every ``c`` (0: unconditional).
     """
 
     def __init__(self, dim: int, hidden: int, layers: int, coeff: float,
-                 iterations: int) -> None:
+                 iterations: int, context_features: int = 0) -> None:
         super().__init__()
         widths = [dim] + [hidden] * layers + [dim]
         self.linears = nn.ModuleList(SpectralLinear(a, b, coeff)
                                      for a, b in zip(widths[:-1], widths[1:], strict=True))
+        self.conditional = context_features > 0
+        self.context_in = nn.Linear(context_features, widths[1]) if context_features else None
         self.activations = nn.ModuleList(LipSwish() for _ in range(layers))
         nn.init.zeros_(self.linears[-1].weight)  # g = 0: the block starts as the identity
         nn.init.zeros_(self.linears[-1].bias)
         self.iterations = iterations
         self.fixed_iterations = False  # True in the export copy: no data-dependent loop
 
-    def g(self, x: Tensor) -> Tensor:
-        for linear, act in zip(self.linears[:-1], self.activations, strict=True):
-            x = act(linear(x))
+    def _shift(self, layer: int, context: Tensor | None) -> Tensor | float:
+        """What the context adds to layer ``layer``'s pre-activation (the first layer only)."""
+        if layer or self.context_in is None:
+            return 0.0
+        if context is None:
+            raise ValueError("this residual block is conditional: it needs a context")
+        return self.context_in(context)
+
+    def g(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        for i, (linear, act) in enumerate(zip(self.linears[:-1], self.activations,
+                                              strict=True)):
+            x = act(linear(x) + self._shift(i, context))
         return self.linears[-1](x)
 
-    def jacobian(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def jacobian(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``g(x): (batch, D)`` and ``J[b, i, j] = d g_j / d x_i`` by ``D`` forward-mode JVPs
         (basis tangents pushed through every layer together, explicit arithmetic)."""
         d = x.shape[-1]
         tangent = torch.eye(d, dtype=x.dtype, device=x.device)[None]  # (1, D, D)
         h = x
-        for linear, act in zip(self.linears[:-1], self.activations, strict=True):
+        for i, (linear, act) in enumerate(zip(self.linears[:-1], self.activations,
+                                              strict=True)):
             w = linear.normalized_weight()
-            pre = nn.functional.linear(h, w, linear.bias)
+            pre = nn.functional.linear(h, w, linear.bias) + self._shift(i, context)
             tangent = act.derivative(pre)[:, None, :] * (tangent @ w.T)
             h = act(pre)
         last = self.linears[-1]
         w = last.normalized_weight()
         return nn.functional.linear(h, w, last.bias), tangent @ w.T
 
-    def series_log_det(self, x: Tensor, probe: Tensor, terms: int) -> tuple[Tensor, Tensor]:
+    def series_log_det(self, x: Tensor, probe: Tensor, terms: int,
+                       context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(g(x), sum_{k <= terms} (-1)^(k+1) e^T J^k e / k)``: the cut power series of
         ``log det(I + J)`` with Hutchinson's traces, ``x, probe: (batch, D)`` -> ``(batch,
         D), (batch,)``. ``J^k e`` by ``terms`` forward-mode products (explicit arithmetic:
         the layers' slopes at ``x`` reused by every product)."""
         slopes, weights, h = [], [], x
-        for linear, act in zip(self.linears[:-1], self.activations, strict=True):
+        for i, (linear, act) in enumerate(zip(self.linears[:-1], self.activations,
+                                              strict=True)):
             w = linear.normalized_weight()
-            pre = nn.functional.linear(h, w, linear.bias)
+            pre = nn.functional.linear(h, w, linear.bias) + self._shift(i, context)
             slopes.append(act.derivative(pre))
             weights.append(w)
             h = act(pre)
@@ -185,22 +202,22 @@ class ResidualBlock(Transform):
                 bound *= float(torch.linalg.matrix_norm(w, 2))
         return bound
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        gx, jac = self.jacobian(x)
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        gx, jac = self.jacobian(x, context)
         eye = torch.eye(x.shape[-1], dtype=x.dtype, device=x.device)
         return x + gx, torch.log(torch.linalg.det(eye + jac))
 
-    def inverse(self, y: Tensor) -> Tensor:
-        x = y - self.g(y)
+    def inverse(self, y: Tensor, context: Tensor | None = None) -> Tensor:
+        x = y - self.g(y, context)
         if self.fixed_iterations:
             for _ in range(self.iterations - 1):
-                x = y - self.g(x)
+                x = y - self.g(x, context)
             return x
         # to a few units in the last place (a contraction converges there; rounding may
         # leave it oscillating within that band, hence the iteration cap)
         tol = 4 * torch.finfo(y.dtype).eps * max(1.0, float(y.detach().abs().max()))
         for _ in range(max(10 * self.iterations, 1000)):
-            step = y - self.g(x)
+            step = y - self.g(x, context)
             change = float((step - x).detach().abs().max())
             x = step
             if change <= tol:
@@ -219,13 +236,14 @@ class ResidualBlock(Transform):
             linear.power_iteration()
 
     def log_det_estimate(self, x: Tensor, probe: Tensor, terms: int,
-                         survival: Tensor) -> tuple[Tensor, Tensor]:
+                         survival: Tensor, context: Tensor | None = None,
+                         ) -> tuple[Tensor, Tensor]:
         """``(g(x), estimate of log det(I + J))`` by the roulette power series (value) and the
         Neumann gradient series (gradient); ``probe: (batch, D)``, ``survival[k - 1] =
         P(N >= k)`` for ``k = 1 .. terms``."""
         with torch.enable_grad():
             x = x if x.requires_grad else x.detach().requires_grad_(True)
-            gx = self.g(x)
+            gx = self.g(x, context)
             powers, r = [], probe  # r_k = e^T J^k, by vector-Jacobian products
             for _ in range(terms):
                 r = torch.autograd.grad(gx, x, r, retain_graph=True)[0].detach()
@@ -260,8 +278,9 @@ class ResidualFlow(Flow):
         torch.Size([4])
     """
 
-    def __init__(self, dim: int, transforms: Iterable[Transform], series_terms: int) -> None:
-        super().__init__(dim, transforms)
+    def __init__(self, dim: int, transforms: Iterable[Transform], series_terms: int,
+                 context_features: int = 0) -> None:
+        super().__init__(dim, transforms, context_features)
         self.series_terms = series_terms
 
     @property
@@ -312,33 +331,37 @@ class ResidualFlow(Flow):
         k = torch.arange(1, terms + 1, dtype=like.dtype, device=like.device)
         return terms, 0.5 ** (k - ROULETTE_EXACT_TERMS).clamp(min=0)
 
-    def estimated_log_prob(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Unbiased ``log p(x)`` estimate: roulette log-det per residual block."""
+    def estimated_log_prob(self, x: Tensor, generator: torch.Generator | None = None,
+                           context: Tensor | None = None) -> Tensor:
+        """Unbiased ``log p(x)`` (``| context``) estimate: roulette log-det per residual
+        block."""
         ladj = x.new_zeros(len(x))
         for transform in self.transforms:
             if isinstance(transform, ResidualBlock):
                 probe = torch.randn(x.shape, generator=generator, dtype=x.dtype,
                                     device=x.device)
                 terms, survival = self._roulette(generator, x)
-                gx, step = transform.log_det_estimate(x, probe, terms, survival)
+                gx, step = transform.log_det_estimate(x, probe, terms, survival, context)
                 x = x + gx
             else:
                 x, step = transform(x)
             ladj = ladj + step
         return standard_normal_log_prob(x) + ladj
 
-    def training_loss(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def training_loss(self, x: Tensor, generator: torch.Generator | None = None,
+                      context: Tensor | None = None) -> Tensor:
         if self.training:
             for transform in self.transforms:
                 if isinstance(transform, ResidualBlock):
                     transform.power_iteration()
-        return -self.estimated_log_prob(x, generator).mean()
+        return -self.estimated_log_prob(x, generator, context).mean()
 
-    def inversion_residual(self, z: Tensor) -> float:
-        """``max |f(f^-1(z)) - z|`` of the export copy (fixed iterations), ``z: (n, dim)``."""
-        frozen = self.frozen()
+    def inversion_residual(self, z: Tensor, context: Tensor | None = None) -> float:
+        """``max |f(f^-1(z)) - z|`` of the export copy (fixed iterations), ``z: (n, dim)``
+        (given ``context: (n, C)`` for a conditional flow)."""
+        frozen, given = self.frozen(), {} if context is None else {"context": context}
         with torch.no_grad():
-            return float((frozen(frozen.inverse(z))[0] - z).abs().max())
+            return float((frozen(frozen.inverse(z, **given), **given)[0] - z).abs().max())
 
 
 def series_truncation_bound(dim: int, lipschitz: float, terms: int) -> float:
@@ -355,8 +378,12 @@ def build_resflow(dim: int, cfg: ModelConfig) -> ResidualFlow:
     """``cfg.transforms`` residual blocks (``cfg.hidden_layers`` hidden layers of
     ``cfg.hidden_features``, Lipschitz coefficient ``cfg.lipschitz``), ActNorm before each;
     ``cfg.series_terms`` terms of the served log-det above ``EXACT_MAX_DIM``."""
+    if cfg.context_features and dim > EXACT_MAX_DIM:
+        raise ValueError(f"a conditional resflow serves its exact log-det, so up to "
+                         f"{EXACT_MAX_DIM} dims; got dim={dim}")
     steps: list[Transform] = []
     for _ in range(cfg.transforms):
         steps += [ActNorm(dim), ResidualBlock(dim, cfg.hidden_features, cfg.hidden_layers,
-                                              cfg.lipschitz, cfg.fixed_point_iterations)]
-    return ResidualFlow(dim, steps, cfg.series_terms)
+                                              cfg.lipschitz, cfg.fixed_point_iterations,
+                                              cfg.context_features)]
+    return ResidualFlow(dim, steps, cfg.series_terms, cfg.context_features)
