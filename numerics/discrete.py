@@ -25,10 +25,11 @@ from typing import Any
 import numpy as np
 
 from numerics.arrays import Array, array_namespace, asarray_like, no_grad
+from numerics.guidance import guided_log_probs
 
 __all__ = ["DFM_SOLVERS", "ELBO_NODES", "ELBO_T_MIN", "SOURCES", "ElboResult", "corrupt",
-           "ctmc_sample", "elbo", "masked_elbo", "normal_to_uniform", "source_tokens",
-           "uniform_elbo"]
+           "conditioned_denoiser", "ctmc_sample", "elbo", "masked_elbo", "normal_to_uniform",
+           "source_tokens", "uniform_elbo"]
 
 SOURCES = ("mask", "uniform")
 DFM_SOLVERS = ("ctmc",)
@@ -43,6 +44,27 @@ _UNIFORM_KEY = 1_000_003  # the uniform ELBO's probes in a row's seed sequence (
 
 Denoiser = Callable[[Array, Array], Array]
 Uniform = Callable[[tuple[int, ...]], Array]
+
+
+def conditioned_denoiser(denoiser: Callable[..., Array], cond: Array | None,
+                         guidance: float | None = None) -> Denoiser:
+    """``denoiser(x, t, context)`` as a :data:`Denoiser` given each row's context rows
+    ``cond: (rows, C)`` (None: ``denoiser`` itself). The sampler and the bounds call it on
+    replicas of the rows stacked replica-major, so the context is tiled alike. With
+    ``guidance`` ``w`` the conditional and null-token (all-zero) rows run in one call and
+    combine as ``numerics.guidance.guided_log_probs``. Numpy arrays or torch tensors."""
+    if cond is None:
+        return denoiser
+    xp = array_namespace(cond)
+    if guidance is None:
+        return lambda x, t: denoiser(x, t, xp.tile(cond, (len(x) // len(cond), 1)))
+    both = xp.concatenate([cond, xp.zeros_like(cond)])
+
+    def guided_denoiser(x: Array, t: Array) -> Array:
+        lp = denoiser(xp.concatenate([x, x]), xp.concatenate([t, t]), both)
+        return guided_log_probs(lp[:len(x)], lp[len(x):], guidance)
+
+    return guided_denoiser
 
 
 def normal_to_uniform(z: np.ndarray) -> np.ndarray:

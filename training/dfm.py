@@ -31,7 +31,6 @@ from torch import Tensor, nn
 
 from artifact.manifest import Defaults, TensorSpec, TokenSpec
 from numerics import discrete
-from numerics.guidance import guided_log_probs
 from training.config import ModelConfig
 from training.graphs import ExportGraph
 from training.nets import drop_context
@@ -113,24 +112,6 @@ class DiscreteFlowMatching(nn.Module):
     def _tokens(self, x: Tensor) -> Tensor:
         return x.round()
 
-    def _given(self, context: Tensor | None,
-               guidance: float | None = None) -> discrete.Denoiser:
-        """The denoiser given each row's ``context: (batch, C)``; the sampler and the bounds
-        call it on replicas of the rows stacked replica-major, so the context is tiled
-        alike. With ``guidance`` ``w`` the conditional and null-token rows run in one call
-        and combine as ``numerics.guidance.guided_log_probs``."""
-        if context is None:
-            return self.denoiser
-        if guidance is None:
-            return lambda x, t: self.denoiser(x, t, context.repeat(len(x) // len(context), 1))
-        both = torch.cat([context, torch.zeros_like(context)])
-
-        def guided_denoiser(x: Tensor, t: Tensor) -> Tensor:
-            lp = self.denoiser(torch.cat([x, x]), torch.cat([t, t]), both)
-            return guided_log_probs(lp[:len(x)], lp[len(x):], guidance)
-
-        return guided_denoiser
-
     def training_loss(self, x: Tensor, generator: torch.Generator | None = None,
                       context: Tensor | None = None) -> Tensor:
         """Cross entropy of the denoiser on the corrupted tokens of ``x_t``, ``t ~ U(0, 1)``
@@ -166,8 +147,8 @@ class DiscreteFlowMatching(nn.Module):
 
         start = discrete.source_tokens(uniform((n, self.dim)), self.vocab, self.source)
         with torch.no_grad():
-            return discrete.ctmc_sample(self._given(context, guidance), start, steps or 32,
-                                        uniform, self.source)
+            denoiser = discrete.conditioned_denoiser(self.denoiser, context, guidance)
+            return discrete.ctmc_sample(denoiser, start, steps or 32, uniform, self.source)
 
     def log_prob_with_error(self, x: Tensor, probes: int = 4, seed: int = 0,
                             steps: int | None = None, context: Tensor | None = None,
@@ -176,8 +157,9 @@ class DiscreteFlowMatching(nn.Module):
         uniform source's time nodes (``numerics.discrete.ELBO_NODES`` by default); a
         conditional model's bound on ``log p(x | context)``."""
         with torch.no_grad():
-            return discrete.elbo(self._given(context), self._tokens(x), self.vocab,
-                                 self.source, probes=probes, nodes=steps, seed=seed)
+            return discrete.elbo(discrete.conditioned_denoiser(self.denoiser, context),
+                                 self._tokens(x), self.vocab, self.source, probes=probes,
+                                 nodes=steps, seed=seed)
 
     def log_prob(self, x: Tensor, **options: object) -> Tensor:
         return self.log_prob_with_error(x, **options).log_prob
