@@ -30,8 +30,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from artifact.calibration import Calibration
 
-__all__ = ["CONDITION_KINDS", "ConditionSpec", "class_names", "context_rows", "label_index",
-           "label_indices"]
+__all__ = ["CONDITION_KINDS", "ConditionSpec", "class_names", "condition_rows", "context_rows",
+           "label_index", "label_indices"]
 
 CONDITION_KINDS = ("label", "context")
 """What a model can be conditioned on (``genserve train --condition``)."""
@@ -151,3 +151,9 @@ def context_rows(spec: ConditionSpec, *, labels: np.ndarray | None = None,
     context = np.asarray(context, dtype=np.float64)
     mean, std = np.asarray(spec.context_mean), np.asarray(spec.context_std)
     return ((context - mean) / std).astype(np.float32)
+
+
+def condition_rows(spec: ConditionSpec, values: np.ndarray) -> np.ndarray:
+    """:func:`context_rows` of each row's condition as training keeps it: class indices
+    ``(rows,)`` for a label model, raw context rows ``(rows, width)`` for a context model."""
+    return context_rows(spec, **{"labels" if spec.kind == "label" else "context": values})

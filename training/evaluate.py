@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from artifact.conditions import context_rows
+from artifact.conditions import condition_rows
 from training.checkpoint import Checkpoint
 from training.conditioning import condition_data
 from training.data import (
@@ -90,9 +90,7 @@ def data_log_prob(
             options[key] = value
     cond = ckpt.config.condition
     if cond is not None:
-        key = "labels" if cond.kind == "label" else "context"
-        options["context"] = torch.as_tensor(context_rows(cond, **{key: condition}),
-                                             dtype=dtype)
+        options["context"] = torch.as_tensor(condition_rows(cond, condition), dtype=dtype)
     with torch.no_grad():
         u, ladj = pre(xt, generator=generator if ckpt.config.data.levels else None)
         res = model.log_prob_with_error(u, **options)
@@ -119,8 +117,7 @@ def sample_data(
         options["solver"] = solver
     cond = ckpt.config.condition
     if cond is not None:
-        key = "labels" if cond.kind == "label" else "context"
-        options["context"] = torch.as_tensor(context_rows(cond, **{key: condition}),
+        options["context"] = torch.as_tensor(condition_rows(cond, condition),
                                              dtype=next(ckpt.model.parameters()).dtype)
     with torch.no_grad():
         u = ckpt.model.sample(n, generator=generator, **options)
@@ -191,9 +188,8 @@ def evaluate(
     residual = getattr(ckpt.model, "inversion_residual", None)
     if callable(residual):  # residual flows: how far the served fixed-point inverse got
         z = torch.randn(max(samples, 256), cfg.dim, generator=torch.Generator().manual_seed(seed))
-        given = {} if condition is None else {"context": torch.as_tensor(context_rows(
-            cfg.condition, **{"labels" if cfg.condition.kind == "label" else "context":
-                              np.resize(condition, (len(z), *condition.shape[1:]))}),
+        given = {} if condition is None else {"context": torch.as_tensor(condition_rows(
+            cfg.condition, np.resize(condition, (len(z), *condition.shape[1:]))),
             dtype=z.dtype)}
         report["fixed_point_residual"] = residual(z, **given)
     return report

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from artifact.conditions import ConditionSpec, context_rows
+from artifact.conditions import ConditionSpec, condition_rows
 from artifact.families import family
 from training.checkpoint import (
     CALIBRATION_ROWS,
@@ -91,7 +91,7 @@ def fit_arrays(
     model = build_model(model_type, dim, model_cfg)
     pre = Preprocessor.fit(pre_cfg, x_train, data.levels)
     contexts = {} if condition is None else {
-        "c_train": _graph_context(condition, c_train), "c_val": _graph_context(condition, c_val)}
+        "c_train": condition_rows(condition, c_train), "c_val": condition_rows(condition, c_val)}
     result = train_model(model, pre, x_train, x_val, train_cfg, **contexts)
     config = CheckpointConfig(
         model_type=model_type,
@@ -121,11 +121,6 @@ def _with_dropout(kind: str, condition: ConditionSpec | None,
         raise ValueError(f"--cfg-dropout (classifier-free guidance) applies to diffusion and "
                          f"flow matching models; {kind!r} is a {family_of(kind)} model")
     return condition.model_copy(update={"cfg_dropout": cfg_dropout})
-
-
-def _graph_context(condition: ConditionSpec, values: np.ndarray) -> np.ndarray:
-    key = "labels" if condition.kind == "label" else "context"
-    return context_rows(condition, **{key: values})
 
 
 def _calibration_keep(rows: int, seed: int) -> np.ndarray:
