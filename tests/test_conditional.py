@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from artifact.conditions import ConditionSpec, class_names, context_rows
+from artifact.conditions import ConditionSpec, class_names, condition_rows, context_rows
 from service.runtime import SeededRows, open_runtime
 from service.runtime.base import segmented_normal
 from training.checkpoint import load_checkpoint
@@ -36,6 +36,29 @@ def gmm2_rows() -> Dataset:
 @pytest.fixture(scope="module")
 def label_rt(conditional_models: dict[str, Path]):
     return open_runtime(conditional_models["label"], runtime="onnx")
+
+
+def _eager_log_prob(ckpt, x: np.ndarray, condition: np.ndarray, **options) -> np.ndarray:
+    """The checkpoint's own ``log p(x | condition)`` (class indices or raw context rows) in
+    data units, without dequantization noise (as the service answers): the reference every
+    served answer is held to."""
+    c = torch.as_tensor(condition_rows(ckpt.config.condition, condition), dtype=torch.float32)
+    with torch.no_grad():
+        u, ladj = ckpt.preprocessor(torch.as_tensor(x, dtype=torch.float32))
+        return (ckpt.model.log_prob(u, context=c, **options) + ladj).numpy()
+
+
+def _served_label_model(kind: str, data: str, rows: int | None, model: ModelConfig,
+                        train: TrainConfig, folder: Path):
+    """``kind`` trained on ``data`` given its labels, exported to ONNX (uncalibrated) and
+    opened: the checkpoint and its runtime."""
+    from training.export import export_checkpoint
+    from training.fit import fit
+
+    ckpt = fit(kind, data, rows=rows, condition="label", out=folder / "ckpt", model_cfg=model,
+               train_cfg=train)
+    export_checkpoint(ckpt, folder / "m", formats=("onnx",), calibration=False)
+    return ckpt, open_runtime(folder / "m", runtime="onnx")
 
 
 def test_conditional_flows_condition_every_conditioner() -> None:
@@ -96,10 +119,7 @@ def test_ode_models_log_p_x_given_y_approaches_the_exact_density(kind: str, tmp_
     cond = ckpt.config.condition
 
     def log_p(labels: np.ndarray) -> np.ndarray:
-        c = torch.as_tensor(context_rows(cond, labels=labels), dtype=torch.float32)
-        with torch.no_grad():
-            u, ladj = ckpt.preprocessor(torch.as_tensor(x, dtype=torch.float32))
-            return (ckpt.model.log_prob(u, context=c, method="exact") + ladj).numpy()
+        return _eager_log_prob(ckpt, x, labels, method="exact")
 
     exact = mixture.component_log_densities(x)[np.arange(len(x)), y]
     got = log_p(y)
@@ -140,12 +160,7 @@ def test_onnx_torchscript_and_eager_agree_on_conditional_graphs(
     for name in ("label", "context"):
         folder = conditional_models[name]
         ckpt = load_checkpoint(folder.parent.parent / "ckpt" / f"cond-{name}")
-        key, value = next(iter(contexts[name].items()))
-        c = torch.as_tensor(context_rows(ckpt.config.condition, **{key: value}),
-                            dtype=torch.float32)
-        with torch.no_grad():
-            u, ladj = ckpt.preprocessor(torch.as_tensor(x, dtype=torch.float32))
-            eager = (ckpt.model.log_prob(u, c) + ladj).numpy()
+        eager = _eager_log_prob(ckpt, x, next(iter(contexts[name].values())))
         for fmt in ("onnx", "torchscript"):
             served = open_runtime(folder, runtime=fmt).log_likelihood(x, **contexts[name])
             np.testing.assert_allclose(served.log_prob, eager, rtol=1e-4, atol=1e-4)
@@ -354,10 +369,7 @@ def test_ode_models_take_the_context_in_every_graph(conditional_models: dict[str
     answer as one call per label."""
     x, y = gmm2_rows.x[:24], gmm2_rows.y[:24]
     ckpt = load_checkpoint(conditional_models["cfm"].parent.parent / "ckpt" / "cond-cfm")
-    c = torch.as_tensor(context_rows(ckpt.config.condition, labels=y), dtype=torch.float32)
-    with torch.no_grad():
-        u, ladj = ckpt.preprocessor(torch.as_tensor(x, dtype=torch.float32))
-        eager = (ckpt.model.log_prob(u, context=c, steps=4, solver="rk4") + ladj).numpy()
+    eager = _eager_log_prob(ckpt, x, y, steps=4, solver="rk4")
     ts = open_runtime(conditional_models["cfm"], runtime="torchscript")
     for rt in (cfm_rt, ts):
         got = rt.log_likelihood(x, labels=y, steps=4, solver="rk4").log_prob
@@ -392,22 +404,13 @@ def test_ode_label_models_serve_log_p_x_given_y(kind: str, tmp_path: Path) -> No
     export a context input in every velocity graph, and serve ``log p(x | y)`` equal to the
     eager model's, different for another label; guided samples keep their shape (RFM's stay
     on the sphere)."""
-    from training.export import export_checkpoint
-    from training.fit import fit
-
-    data, rows, fields = ODE_LABEL_MODELS[kind]
-    ckpt = fit(kind, data, rows=rows, condition="label", out=tmp_path / "ckpt",
-               model_cfg=ModelConfig(time_embedding=4, cfg_dropout=0.2, **fields),
-               train_cfg=TrainConfig(steps=8, batch_size=128, eval_every=8, progress=False))
-    export_checkpoint(ckpt, tmp_path / "m", formats=("onnx",), calibration=False)
-    rt = open_runtime(tmp_path / "m", runtime="onnx")
+    data, n, fields = ODE_LABEL_MODELS[kind]
+    ckpt, rt = _served_label_model(
+        kind, data, n, ModelConfig(time_embedding=4, cfg_dropout=0.2, **fields),
+        TrainConfig(steps=8, batch_size=128, eval_every=8, progress=False), tmp_path)
     rows = load_data(data, n=12, seed=11)
     x, y = rows.x[:12], rows.y[:12]
-    c = torch.as_tensor(context_rows(ckpt.config.condition, labels=y), dtype=torch.float32)
-    with torch.no_grad():
-        u, ladj = ckpt.preprocessor(torch.as_tensor(x, dtype=torch.float32))
-        eager = (ckpt.model.log_prob(u, context=c, steps=4, solver="rk4", method="exact")
-                 + ladj).numpy()
+    eager = _eager_log_prob(ckpt, x, y, steps=4, solver="rk4", method="exact")
     got = rt.log_likelihood(x, labels=y, steps=4, solver="rk4", method="exact").log_prob
     np.testing.assert_allclose(got, eager, rtol=1e-4, atol=1e-4)
     classes = len(ckpt.config.condition.priors)
@@ -441,21 +444,13 @@ def test_image_and_transformer_flows_serve_log_p_x_given_y(kind: str, tmp_path: 
     """A conditional multi-scale Glow (digits given the digit) and a conditional TarFlow
     (the label's embedding added to every token): their exported one-pass graphs take the
     label, and the served ``log p(x | y)`` and samples given a label are the eager model's."""
-    from training.export import export_checkpoint
-    from training.fit import fit
-
     data, n, fields = FLOW_LABEL_MODELS[kind]
-    ckpt = fit(kind, data, rows=n, condition="label", out=tmp_path / "ckpt",
-               model_cfg=ModelConfig(**fields),
-               train_cfg=TrainConfig(steps=5, batch_size=64, eval_every=5, progress=False))
-    export_checkpoint(ckpt, tmp_path / "m", formats=("onnx",), calibration=False)
-    rt = open_runtime(tmp_path / "m", runtime="onnx")
+    ckpt, rt = _served_label_model(
+        kind, data, n, ModelConfig(**fields),
+        TrainConfig(steps=5, batch_size=64, eval_every=5, progress=False), tmp_path)
     rows = load_data(data, n=10, seed=11)
     x, y = rows.x[:10], rows.y[:10]
-    c = torch.as_tensor(context_rows(ckpt.config.condition, labels=y), dtype=torch.float32)
-    with torch.no_grad():
-        u, ladj = ckpt.preprocessor(torch.as_tensor(x, dtype=torch.float32))
-        eager = (ckpt.model.log_prob(u, c) + ladj).numpy()
+    eager = _eager_log_prob(ckpt, x, y)
     got = rt.log_likelihood(x, labels=y).log_prob
     np.testing.assert_allclose(got, eager, rtol=1e-4, atol=1e-3)
     classes = len(ckpt.config.condition.priors)
@@ -465,7 +460,7 @@ def test_image_and_transformer_flows_serve_log_p_x_given_y(kind: str, tmp_path: 
     # the eager model's samples of the same noise, given the label
     z = torch.as_tensor(segmented_normal([SeededRows(2, seed=1)], (x.shape[1],)),
                         dtype=torch.float32)
-    c1 = torch.as_tensor(context_rows(ckpt.config.condition, labels=np.full(2, 1)),
+    c1 = torch.as_tensor(condition_rows(ckpt.config.condition, np.full(2, 1)),
                          dtype=torch.float32)
     with torch.no_grad():
         eager_s = ckpt.preprocessor.inverse(ckpt.model.inverse(z, c1)).numpy()
