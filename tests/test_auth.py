@@ -461,9 +461,22 @@ def access_lines(log: Path) -> list[dict]:
             if line.startswith('{"ts":')]
 
 
+def settled_access_lines(log: Path, quiet_s: float = 1.0, deadline_s: float = 30) -> int:
+    """The number of access lines once none has arrived for ``quiet_s``: the workers write
+    through pipes, so an earlier test's lines may still be on their way."""
+    deadline = time.monotonic() + deadline_s
+    count, since = len(access_lines(log)), time.monotonic()
+    while time.monotonic() - since < quiet_s and time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = len(access_lines(log))
+        if now != count:
+            count, since = now, time.monotonic()
+    return count
+
+
 def test_access_log_is_json_without_payloads_or_tokens(secure_server, secure_grpc) -> None:
     stub, _, _ = secure_grpc
-    before = len(access_lines(secure_server.log))
+    before = settled_access_lines(secure_server.log)
     infer(stub, "alice")
     infer(stub, None)
     http_ll(secure_server, "alice")
