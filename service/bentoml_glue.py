@@ -1,6 +1,7 @@
-"""Every use of BentoML's private internals, in one place.
+"""Every use of BentoML's private internals (and of the prometheus_client internals behind
+BentoML's ``/metrics``), in one place.
 
-genserve relies on BentoML 1.4's public service API and on four private pieces, each listed
+genserve relies on BentoML 1.4's public service API and on five private pieces, each listed
 in :data:`PATCHES` with what it buys; ``tests/test_bentoml_glue.py`` fails by name when the
 installed BentoML no longer has what a piece touches.
 
@@ -18,11 +19,17 @@ installed BentoML no longer has what a piece touches.
 * ``app-factory``: the boundary hands an already validated request to the API's batcher (or,
   batching off, to its worker-thread call) and reads the served model set from the service
   instance, both reached through the object that owns BentoML's routes (:class:`AppFactory`).
+* ``metrics-unsized-files``: BentoML's ``/metrics`` merges every process's prometheus_client
+  multiprocess file. A process creates its file empty and sizes it a moment later; a scrape
+  that reads it in between raised ``struct.error`` and answered 500 (seen while a worker
+  starts or loads a model version). Such a file holds no samples yet, so it is read as
+  empty (:func:`skip_unsized_metric_files`).
 """
 
 from __future__ import annotations
 
 import itertools
+import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,11 +37,12 @@ from typing import Any
 from _bentoml_sdk.method import APIMethod
 from bentoml._internal.marshal.dispatcher import Optimizer
 from bentoml._internal.runner.container import DataContainer, DataContainerRegistry
+from prometheus_client.mmap_dict import MmapedDict
 
 from service.batching import Answers, Parts, merge_answers, rows_of, split_request
 
 __all__ = ["PATCHES", "AppFactory", "Patch", "bind_api_once", "cap_batch_wait",
-           "register_containers"]
+           "register_containers", "skip_unsized_metric_files"]
 
 
 @dataclass(frozen=True)
@@ -205,6 +213,27 @@ class AppFactory:
         return await self._factory._to_thread(func, request)
 
 
+# --- metrics-unsized-files ---------------------------------------------------------------
+
+
+def skip_unsized_metric_files() -> None:
+    """Read a multiprocess metrics file shorter than its 4-byte header as holding no samples.
+    prometheus_client opens a process's file (creating it empty) before it truncates it to
+    its initial size, and its reader unpacks the header unchecked. Idempotent."""
+    original = MmapedDict.read_all_values_from_file
+    if getattr(original, "_genserve_unsized", False):
+        return
+
+    def read_all_values_from_file(filename: str) -> Any:
+        try:
+            return original(filename)
+        except struct.error:  # only the header unpack runs eagerly: the file is unsized
+            return iter(())
+
+    read_all_values_from_file._genserve_unsized = True  # type: ignore[attr-defined]
+    MmapedDict.read_all_values_from_file = staticmethod(read_all_values_from_file)
+
+
 PATCHES: tuple[Patch, ...] = (
     Patch("row-containers", "batches counted in rows; one request split at a row boundary",
           _has("bentoml._internal.runner.container", "DataContainerRegistry",
@@ -216,4 +245,7 @@ PATCHES: tuple[Patch, ...] = (
     Patch("app-factory", "validated requests go straight to the batcher; the model set is "
           "read from the service instance", _has("_bentoml_impl.server.app",
                                                   "ServiceAppFactory", "batch_infer")),
+    Patch("metrics-unsized-files", "a scrape while a process creates its metrics file "
+          "answers 200, not 500", _has("prometheus_client.mmap_dict", "MmapedDict",
+                                      "read_all_values_from_file")),
 )

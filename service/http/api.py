@@ -21,7 +21,12 @@ from starlette.responses import JSONResponse
 from artifact.plugins import load_plugins
 from service.auth import security_config
 from service.batching import Answers, Parts, error_answer, rows_of
-from service.bentoml_glue import bind_api_once, cap_batch_wait, register_containers
+from service.bentoml_glue import (
+    bind_api_once,
+    cap_batch_wait,
+    register_containers,
+    skip_unsized_metric_files,
+)
 from service.http.boundary import VERB_PATHS, BoundaryMiddleware
 from service.http.uvicorn_glue import install as install_connection_guards
 from service.metrics import ABANDONED, ANOMALIES, BATCH_REQUESTS, BATCH_ROWS, REQUESTS, ROWS
@@ -57,6 +62,7 @@ register_containers((SampleRequest, LogLikelihoodRequest, AnomalyScoreRequest),
                     (SampleResponse, LogLikelihoodResponse, AnomalyScoreResponse, JSONResponse))
 cap_batch_wait(SETTINGS.max_batch_wait_ms / 1000)
 bind_api_once()
+skip_unsized_metric_files()
 install_connection_guards(SETTINGS)  # header deadline and size, connection bound (uvicorn)
 
 
