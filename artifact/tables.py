@@ -275,6 +275,12 @@ def _parquet_files(path: Path) -> list[Path]:
     return files
 
 
+def parquet_row_groups(path: str | os.PathLike[str]) -> int:
+    """The row groups of a Parquet file or data set directory: the finest split of it that a
+    reader (Spark's included) can hand to separate tasks."""
+    return sum(_parquet_file(f).metadata.num_row_groups for f in _parquet_files(Path(path)))
+
+
 def _parquet_file(path: Path) -> pq.ParquetFile:
     """``path`` opened for reading row group by row group (``pre_buffer`` would read every
     row group of the file ahead: memory growing with the file, and slower here)."""
@@ -390,11 +396,18 @@ def features(batch: pa.RecordBatch, names: list[str]) -> Features:
     x = np.empty((batch.num_rows, len(names)), dtype=np.float64)
     for j, name in enumerate(names):
         x[:, j] = _as_float(batch.column(name), name)
-    finite = np.isfinite(x)
-    bad = ~finite.all(axis=1)
+    # A row with a NaN or an Inf has a sum that is not finite (one matrix-vector product, a
+    # sixth of the cost of testing every cell); only such rows, and finite rows whose sum
+    # overflows, are tested cell by cell.
+    with np.errstate(over="ignore", invalid="ignore"):
+        suspect = np.flatnonzero(~np.isfinite(x @ np.ones(x.shape[1])))
+    bad = np.zeros(len(x), dtype=bool)
     column = np.full(len(x), -1)
-    if bad.any():
-        column[bad] = np.argmin(finite[bad], axis=1)
+    if len(suspect):
+        finite = np.isfinite(x[suspect])
+        rows = ~finite.all(axis=1)
+        bad[suspect[rows]] = True
+        column[suspect[rows]] = np.argmin(finite[rows], axis=1)
     return Features(x, bad, column)
 
 

@@ -35,6 +35,7 @@ from artifact.conditions import label_indices
 from artifact.manifest import Manifest
 from artifact.tables import (
     DataError,
+    Features,
     bad_value,
     check_columns,
     features,
@@ -87,6 +88,11 @@ class ScorePlan:
         """The input columns a job reads: keys, then features and the condition's columns
         not already among them."""
         return list(dict.fromkeys((*self.keep, *self.cols, *self.condition)))
+
+    @property
+    def names(self) -> list[str]:
+        """The columns of a batch's feature array: the features, then the condition's."""
+        return [*self.cols, *self.condition]
 
     def output_schema(self, schema: pa.Schema) -> pa.Schema:
         """The output's schema for an input of ``schema``."""
@@ -172,6 +178,7 @@ def _row_name(batch: pa.RecordBatch, plan: ScorePlan, row: int,
 def score_batch(rt: ModelRuntime, batch: pa.RecordBatch, plan: ScorePlan, *,
                 first_row: int = 0,
                 locate: Callable[[int], str] = lambda i: f"row {i + 1}",
+                feats: Features | None = None,
                 ) -> tuple[pa.RecordBatch, ScoreCounts]:
     """One input batch's output batch (``plan.output_schema``) and counts.
 
@@ -179,10 +186,12 @@ def score_batch(rt: ModelRuntime, batch: pa.RecordBatch, plan: ScorePlan, *,
     noise, Hutchinson probes) are keyed by ``first_row + i``, so a row's score depends on its
     place in the file, never on how the file is cut into batches. ``locate(i)`` names the
     batch's row ``i`` in an error when there are no key columns (e.g. its line in the file).
-    Raises ``DataError`` at the first bad row under ``on_bad_row="error"``.
+    ``feats``: ``features(batch, plan.names)`` when the caller has it already (built ahead,
+    in a reading thread). Raises ``DataError`` at the first bad row under
+    ``on_bad_row="error"``.
     """
-    names = [*plan.cols, *plan.condition]
-    feats = features(batch, names)
+    names = plan.names
+    feats = features(batch, names) if feats is None else feats
     bad, given = feats.bad, _condition(feats.x[:, plan.dim:], plan)
     unknown = np.zeros(len(bad), dtype=bool)
     if "labels" in given:  # a label that names no class cannot be scored either
@@ -395,11 +404,13 @@ def score_file(
     try:
         sink = open_sink(tmp, fmt, plan.output_schema(schema))
         try:
-            blocks = read_ahead(iter_batches(in_path, chunk_rows, in_format=in_format,
-                                             columns=plan.read))
-            for batch in reblock(blocks, batch_rows):
+            # reading, cutting into graph calls and building the feature arrays run in a
+            # thread ahead of the scoring (Arrow and numpy release the GIL for most of it)
+            blocks = reblock(iter_batches(in_path, chunk_rows, in_format=in_format,
+                                          columns=plan.read), batch_rows)
+            for batch, feats in read_ahead((b, features(b, plan.names)) for b in blocks):
                 done = job.counts.rows
-                out, counts = score_batch(rt, batch, plan, first_row=done,
+                out, counts = score_batch(rt, batch, plan, first_row=done, feats=feats,
                                           locate=lambda i, d=done: f"row {d + i + 1}")
                 sink.write(out)
                 job.counts.add(counts)

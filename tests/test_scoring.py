@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from events import BAD, FEATURES, MODEL, TEXT, events
 
-from artifact.tables import DataError, iter_table
+from artifact.tables import DataError, features, iter_table
 from cli import main
 from service.runtime import ModelRuntime, open_runtime
 from service.score_files import read_scores
@@ -177,3 +177,24 @@ def test_command_line(parquet: Path, tmp_path: Path, capsys: pytest.CaptureFixtu
     assert err == ("genserve score: error: --engine spark needs pyspark, which is not "
                    "installed; install it with pip install 'genserve[spark]' (and a Java 17+ "
                    "runtime)")
+
+
+def test_features_find_every_row_that_cannot_be_scored() -> None:
+    """Rows are screened by their sum and tested cell by cell only when it is not finite: a
+    NaN, +Inf or -Inf anywhere in a row (or +Inf and -Inf together, whose sum is NaN) marks
+    it, naming its first such column, while finite rows whose sum overflows stay good."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 7))
+    planted = {3: (2, np.nan), 50: (0, np.inf), 51: (6, -np.inf), 120: (4, np.nan)}
+    for row, (col, value) in planted.items():
+        x[row, col] = value
+    x[77, 1], x[77, 5] = np.inf, -np.inf  # sum NaN; first bad column 1
+    x[150, :] = 1e308  # finite cells, sum overflows: a good row
+    x[151, 0], x[151, 1] = -1e308, -1e308
+    names = [f"c{j}" for j in range(7)]
+    feats = features(pa.RecordBatch.from_arrays(list(x.T), names=names), names)
+    expected = {**{r: c for r, (c, _) in planted.items()}, 77: 1}
+    assert sorted(np.flatnonzero(feats.bad)) == sorted(expected)
+    assert {int(r): int(feats.column[r]) for r in np.flatnonzero(feats.bad)} == expected
+    assert (feats.column[~feats.bad] == -1).all()
+    np.testing.assert_array_equal(feats.x[~feats.bad], x[~feats.bad])
