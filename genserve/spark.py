@@ -29,6 +29,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import pyarrow as pa
 from pyspark import SparkFiles, TaskContext
@@ -38,7 +39,7 @@ from pyspark.sql.pandas.types import to_arrow_schema
 from pyspark.sql.types import BooleanType, DoubleType, StringType, StructField, StructType
 
 from artifact.manifest import MANIFEST_FILE, read_manifest, sha256_file
-from artifact.tables import DataError
+from artifact.tables import DataError, parquet_row_groups
 from service.runtime import ModelRuntime, open_runtime
 from service.score_files import out_format
 from service.scoring import REASON, ScoreCounts, ScorePlan, plan_scoring, score_batch
@@ -121,7 +122,7 @@ def _quoted(name: str) -> str:
 def score(df: DataFrame, model_dir: str | os.PathLike[str], cols: Sequence[str] | None = None,
           keep: Sequence[str] = (), *, on_bad_row: str = "error",
           target_fpr: float | None = None, per_dim: bool = False,
-          counters: ScoreCounters | None = None) -> DataFrame:
+          counters: ScoreCounters | None = None, spread: bool = False) -> DataFrame:
     """``df``'s anomaly scores by the model in ``model_dir`` (lazy: a DataFrame to write).
 
     The model folder is verified (every sha256) and the columns are checked on the driver
@@ -141,6 +142,9 @@ def score(df: DataFrame, model_dir: str | os.PathLike[str], cols: Sequence[str] 
         target_fpr: flag at this false-positive rate instead of the calibrated one.
         per_dim: ``score`` in nats per column.
         counters: accumulators that count the job's rows and runtime loads.
+        spread: repartition ``df`` round-robin over the application's task slots
+            (``defaultParallelism``) first, so that every slot scores, for a DataFrame of
+            fewer splits than slots (``score_job`` decides this for its input).
     """
     model_dir = Path(model_dir).resolve()
     manifest = read_manifest(model_dir, verify=True)
@@ -151,6 +155,8 @@ def score(df: DataFrame, model_dir: str | os.PathLike[str], cols: Sequence[str] 
     threads = int(spark.conf.get("spark.task.cpus", "1") or 1)
     task = _Task(plan, model_dir.name, sha256_file(model_dir / MANIFEST_FILE), threads,
                  counters)
+    if spread:
+        df = df.repartition(spark.sparkContext.defaultParallelism)
     fields = [df.schema[k] for k in plan.keep]
     fields += [StructField("score", DoubleType()), StructField("percentile", DoubleType()),
                StructField("is_anomaly", BooleanType())]
@@ -207,6 +213,21 @@ def _worker_error(err: Exception) -> DataError | None:
     return DataError(found.group(1).strip()) if found else None
 
 
+def too_few_splits(spark: SparkSession, df: DataFrame, in_path: str | None = None) -> bool:
+    """Whether ``df`` splits into fewer non-empty partitions than there are task slots.
+
+    A local Parquet input counts its row groups: Spark cuts a small file into as many byte
+    ranges as slots, but a row group is read whole by the range holding its start, so a
+    file of one row group leaves every slot but one with nothing to score. Other inputs
+    count their partitions."""
+    slots = spark.sparkContext.defaultParallelism
+    if in_path is not None and urlparse(in_path).scheme in ("", "file"):
+        local = urlparse(in_path).path if in_path.startswith("file:") else in_path
+        if Path(local).exists():
+            return parquet_row_groups(local) < slots
+    return df.rdd.getNumPartitions() < slots
+
+
 def score_job(spark: SparkSession, model_dir: str | os.PathLike[str], *,
               in_path: str | None = None, in_table: str | None = None,
               out_path: str | None = None, out_table: str | None = None,
@@ -239,7 +260,7 @@ def score_job(spark: SparkSession, model_dir: str | os.PathLike[str], *,
     df = spark.table(in_table) if in_table is not None else spark.read.parquet(in_path)
     counters = ScoreCounters(spark)
     scored = score(df, model_dir, cols, keep, on_bad_row=on_bad_row, target_fpr=target_fpr,
-                   per_dim=per_dim, counters=counters)
+                   per_dim=per_dim, counters=counters, spread=too_few_splits(spark, df, in_path))
     start = time.perf_counter()
     try:
         if output is not None:

@@ -4,6 +4,7 @@ the runtime loaded once per Python worker; nothing at the output unless the job 
 
 from __future__ import annotations
 
+import re
 import shutil
 import threading
 import time
@@ -18,9 +19,9 @@ import pytest
 from events import BAD, FEATURES, MODEL, events
 
 from artifact.manifest import ManifestError
-from artifact.tables import DataError
+from artifact.tables import DataError, parquet_row_groups
 from cli import main
-from genserve.spark import ScoreCounters, score, score_job
+from genserve.spark import ScoreCounters, score, score_job, too_few_splits
 from service.runtime import open_runtime
 from service.scoring import score_file
 
@@ -34,6 +35,14 @@ def parquet(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("spark-events") / "events.parquet"
     pq.write_table(events(), path)
     return path
+
+
+def names_a_planted_row(message: str) -> None:
+    """``message`` stops at one of the planted bad rows and names its column."""
+    found = re.search(r"row id=(\d+)\b.*?column '(\w+)'", message)
+    assert found is not None, message
+    row, column = int(found.group(1)), found.group(2)
+    assert row in BAD and BAD[row][0] == column, message
 
 
 def model_copy(tmp_path: Path) -> Path:
@@ -50,9 +59,10 @@ def test_spark_equals_single_process(spark, parquet: Path, tmp_path: Path, mode:
             score_file(MODEL, parquet, one, **options)
         with pytest.raises(DataError) as spread:
             score_job(spark, MODEL, in_path=str(parquet), out_path=str(dist), **options)
-        # one partition here, so Spark meets the same first bad row; nothing is written
-        assert str(single.value).endswith(str(spread.value))
-        assert "row id=17, site='s2': column 'f3' is missing" in str(spread.value)
+        # the file is spread over the task slots, each task stopping at its first bad row:
+        # the job names one of them, as the single-process engine words it; nothing is written
+        assert "row id=17, site='s2': column 'f3' is missing" in str(single.value)
+        names_a_planted_row(str(spread.value))
         assert list(tmp_path.iterdir()) == []
         return
     a = score_file(MODEL, parquet, one, **options)
@@ -88,6 +98,36 @@ def test_dataframe_scored_with_one_runtime_load_per_worker(spark, tmp_path: Path
     np.testing.assert_allclose([r["score"] for r in rows], expected.scores, rtol=1e-5)
     assert [r["is_anomaly"] for r in rows] == expected.is_anomaly.tolist()
     assert [r["id"] for r in rows] == clean.column("id").to_pylist()
+
+
+def test_an_input_of_fewer_splits_than_slots_is_spread(spark, parquet: Path,
+                                                        tmp_path: Path) -> None:
+    """A Parquet file of one row group has one non-empty split whatever Spark's byte ranges
+    say: scoring it as it is leaves every task slot but one idle. ``score_job`` spreads such
+    an input round-robin over the slots, and the scores do not change."""
+    slots = spark.sparkContext.defaultParallelism
+    assert slots >= 2, "the suite's Spark session runs local[2]"
+    assert parquet_row_groups(parquet) == 1
+    df = spark.read.parquet(str(parquet))
+    assert too_few_splits(spark, df, str(parquet))
+    assert too_few_splits(spark, df, "file://" + str(parquet))
+    groups = tmp_path / "groups.parquet"
+    pq.write_table(events(), groups, row_group_size=500)  # 5 row groups
+    assert not too_few_splits(spark, spark.read.parquet(str(groups)), str(groups))
+    assert too_few_splits(spark, df.coalesce(1)) and not too_few_splits(spark, df.repartition(4))
+
+    table = events()
+    clean = table.filter(pa.array(~np.isin(np.arange(table.num_rows), list(BAD))))
+    df = spark.createDataFrame(clean.to_pandas()).coalesce(1)
+    model = model_copy(tmp_path)
+    spread = score(df, model, cols=FEATURES, keep=["id"], spread=True)
+    kept = score(df, model, cols=FEATURES, keep=["id"])
+    assert spread.rdd.getNumPartitions() == slots
+    assert kept.rdd.getNumPartitions() == 1
+    a = sorted(spread.collect(), key=lambda r: r["id"])
+    b = sorted(kept.collect(), key=lambda r: r["id"])
+    assert [r["id"] for r in a] == [r["id"] for r in b] == clean.column("id").to_pylist()
+    np.testing.assert_allclose([r["score"] for r in a], [r["score"] for r in b], rtol=1e-5)
 
 
 def _slow(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
@@ -144,10 +184,11 @@ def test_refused_before_any_job(spark, parquet: Path, tmp_path: Path,
     assert main([*base, "--on-bad-row", "skip"]) == 2
     assert capsys.readouterr().err.strip().endswith(
         f"error: output '{out}' exists; pass --overwrite to replace it")
-    assert main([*base, "--overwrite"]) == 2  # the first bad row; the earlier output stays
-    assert capsys.readouterr().err.strip().endswith(
-        "error: row id=17: column 'f3' is missing; choose --on-bad-row skip or flag to score "
-        "the other rows")
+    assert main([*base, "--overwrite"]) == 2  # a bad row; the earlier output stays
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("genserve score: error: row id=") and err.endswith(
+        "; choose --on-bad-row skip or flag to score the other rows"), err
+    names_a_planted_row(err)
     assert pq.read_table(out).num_rows == 2276 - len(BAD)
     # a table in, a table out
     df.createOrReplaceTempView("events_view")
