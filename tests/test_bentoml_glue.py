@@ -130,3 +130,56 @@ def test_a_scrape_reads_a_not_yet_sized_metrics_file_as_empty(tmp_path: Path) ->
         "prometheus_client now reads an unsized multiprocess file without raising: the "
         "metrics-unsized-files patch in service.bentoml_glue can go")
     assert "PROBE" in lines and float(lines[lines.index("PROBE") + 1]) == 3.0, out.stdout
+
+
+TIMEOUT_TIMERS = """
+import asyncio, sys
+from bentoml._internal.server.http.traffic import TimeoutMiddleware
+
+async def quick(scope, receive, send):
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+async def slow(scope, receive, send):
+    await asyncio.sleep(5)
+
+async def requests(app, n):
+    sent = []
+    async def receive():
+        return {"type": "http.request", "body": b""}
+    async def send(message):
+        sent.append(message)
+    for _ in range(n):
+        await app({"type": "http", "method": "GET", "path": "/"}, receive, send)
+    loop = asyncio.get_running_loop()
+    live = sum(1 for h in loop._scheduled if not h.cancelled())  # pending timers
+    return live, [m["status"] for m in sent if m["type"] == "http.response.start"]
+
+def run(patched):
+    if patched:
+        from service.bentoml_glue import cancel_timeout_timers
+        cancel_timeout_timers()
+        cancel_timeout_timers()  # idempotent
+    live, statuses = asyncio.run(requests(TimeoutMiddleware(quick, timeout=60), 200))
+    _, late = asyncio.run(requests(TimeoutMiddleware(slow, timeout=0.05), 1))
+    print("PATCHED" if patched else "UNPATCHED", live, statuses.count(200), late)
+
+run(False)
+run(True)
+"""
+
+
+def test_the_request_timeout_timer_is_cancelled_once_the_answer_starts() -> None:
+    """BentoML's TimeoutMiddleware left one timer per request scheduled for
+    ``traffic.timeout``; under load the loop held rate x 60 s of them and full garbage
+    collections walked them all. Patched, no timer outlives its answer, and a request that
+    does not start its answer in time is still answered 504."""
+    out = subprocess.run([sys.executable, "-c", TIMEOUT_TIMERS], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = dict(line.split(" ", 1) for line in out.stdout.strip().splitlines())
+    assert lines["UNPATCHED"].startswith("200 200 "), (
+        f"BentoML now cancels its timers ({lines['UNPATCHED']}): the timeout-timers patch "
+        "in service.bentoml_glue can go")
+    assert lines["PATCHED"] == "0 200 [504]", out.stdout
+    assert lines["UNPATCHED"].endswith("[504]")

@@ -11,6 +11,7 @@ they can join a batch.
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections import defaultdict
 from typing import Any
@@ -23,6 +24,7 @@ from service.auth import security_config
 from service.batching import Answers, Parts, error_answer, rows_of
 from service.bentoml_glue import (
     bind_api_once,
+    cancel_timeout_timers,
     cap_batch_wait,
     register_containers,
     skip_unsized_metric_files,
@@ -62,6 +64,7 @@ register_containers((SampleRequest, LogLikelihoodRequest, AnomalyScoreRequest),
                     (SampleResponse, LogLikelihoodResponse, AnomalyScoreResponse, JSONResponse))
 cap_batch_wait(SETTINGS.max_batch_wait_ms / 1000)
 bind_api_once()
+cancel_timeout_timers()
 skip_unsized_metric_files()
 install_connection_guards(SETTINGS)  # header deadline and size, connection bound (uvicorn)
 
@@ -99,6 +102,11 @@ class GenServe:
     def __init__(self) -> None:
         self.model_set = ModelSet.load(SETTINGS, RepositoryState(server_state_path()))
         self.watcher = Watcher(self.model_set, SETTINGS.models_poll_s).start()
+        # What start-up made (modules, schemas, the models) lives as long as the worker:
+        # frozen out of the collector's reach, a full collection walks only what requests
+        # made since (a 65 ms pause every ~1.5 s under load otherwise: the p99)
+        gc.collect()
+        gc.freeze()
 
     def __is_ready__(self) -> bool:
         return bool(self.model_set.cards)
