@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from artifact.manifest import read_manifest
+from service.models import ModelSet
 from service.runtime import open_runtime
 from service.runtime.graphs import CPU, OnnxGraph, Placement, choose_providers
 from service.settings import SettingsError, load_settings
@@ -248,3 +249,20 @@ def test_the_gpu_section_reports_each_cell_its_ratio_and_the_targets() -> None:
     assert "| `log_likelihood` moons-ddpm, 4096 rows | rows/s | 100 | 2500 | 25 |" in text
     assert "PF-ODE `log_likelihood` at 4096 rows: CUDA 25x the CPU (target 20x): met" in text
     assert "image-diffusion training: CUDA 15x the CPU (target 20x): missed" in text
+
+
+def test_graph_threads_divide_the_cpus_among_the_workers() -> None:
+    """Unset, each worker's graph sessions take an equal share of the CPUs this process may
+    run on (at least one thread); ``GENSERVE_THREADS`` overrides it; and the model set opens
+    its sessions with that number."""
+    cpus = len(os.sched_getaffinity(0))
+    for workers in (1, 2, 3, 64):
+        settings = load_settings({"GENSERVE_WORKERS": str(workers)})
+        assert settings.graph_threads() == max(1, cpus // workers)
+    assert load_settings({"GENSERVE_WORKERS": "2", "GENSERVE_THREADS": "3"}).graph_threads() == 3
+    models = ModelSet.load(load_settings({"GENSERVE_WORKERS": "64",
+                                          "GENSERVE_MODELS_DIR": str(ROOT / "exported_models"),
+                                          "GENSERVE_RUNTIME": "onnx", "GENSERVE_DEVICE": "cpu"}))
+    sessions = [g.session for rt in models.runtimes.values() for g in rt.graphs.values()]
+    assert sessions and all(
+        s.get_session_options().intra_op_num_threads == 1 for s in sessions)
