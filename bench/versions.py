@@ -193,8 +193,9 @@ def markdown(data: dict) -> str:
     within = s["to_all_workers_s"]["max"] <= cfg["poll_s"]
     return f"""## Live version swaps under load
 
-`{data['command']}` ({data['machine']}). A real 2-worker `genserve serve` polling its models
-directory every {cfg['poll_s']} s (`GENSERVE_MODELS_POLL_S`); `wrk` at {cfg['connections']}
+`{data['command']}` ({data['machine']}). A real 2-worker `genserve serve` following its
+models directory within {cfg['poll_s']} s (`GENSERVE_MODELS_POLL_S`: each worker reads it every
+{cfg['poll_s'] / 4:g} s); `wrk` at {cfg['connections']}
 connections on `/log_likelihood` (8 rows of `moons-nsf`), {cfg['duration']} s per run; each
 round is one run without a swap and one while {cfg['swaps']} new versions land (one every
 {cfg['every_s']} s: files copied into a hidden folder, one rename into `moons-nsf/N/`; the
