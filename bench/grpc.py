@@ -44,9 +44,9 @@ SCENARIOS = (("moons-nsf", 1), ("moons-nsf", 64), ("moons-otcfm", 1), ("moons-ot
 WARMUP_S = 1
 
 
-def grpc_frame(model: str, x: np.ndarray) -> bytes:
-    """A ``log_likelihood`` call's request framed as gRPC (flag byte, big-endian length)."""
-    req = pb.ModelInferRequest(model_name=f"{model}.log_likelihood")
+def grpc_frame(model: str, x: np.ndarray, verb: str = "log_likelihood") -> bytes:
+    """A ``verb`` call's request framed as gRPC (flag byte, big-endian length)."""
+    req = pb.ModelInferRequest(model_name=f"{model}.{verb}")
     req.inputs.add(name="x", datatype="FP32", shape=list(x.shape))
     req.raw_input_contents.append(np.ascontiguousarray(x, dtype=np.float32).tobytes())
     msg = req.SerializeToString()
