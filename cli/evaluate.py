@@ -8,7 +8,8 @@ import json
 from artifact.tables import read_table
 from training.checkpoint import load_checkpoint
 from training.data import check_dim
-from training.evaluate import evaluate
+from training.evaluate import THREADS, evaluate
+from training.train import intra_op_threads
 
 __all__ = ["register"]
 
@@ -22,7 +23,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, help="solver steps (adaptive dopri5 when unset)")
     p.add_argument("--samples", type=int, default=2000, help="samples for W2 and speed (2000)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=_threads, default=THREADS,
+                   help=f"torch CPU threads ({THREADS}, as `train`; 0: torch's default, one "
+                   "per core)")
     p.set_defaults(run=run)
+
+
+def _threads(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 1024:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a thread count; give an integer "
+                                         "from 0 (torch's default) to 1024")
+    return value
 
 
 def run(ns: argparse.Namespace) -> int:
@@ -31,7 +46,8 @@ def run(ns: argparse.Namespace) -> int:
     if ns.data is not None:
         x = read_table(ns.data).x
         check_dim(x, ckpt.config.dim, ns.data)
-    report = evaluate(ckpt, x, method=ns.method, steps=ns.steps, solver=ns.solver,
-                      samples=ns.samples, seed=ns.seed)
+    with intra_op_threads(ns.threads):  # its timings too: see `train --threads`
+        report = evaluate(ckpt, x, method=ns.method, steps=ns.steps, solver=ns.solver,
+                          samples=ns.samples, seed=ns.seed)
     print(json.dumps(report, indent=2))
     return 0

@@ -45,11 +45,18 @@ from service.progress import progress_bar
 from training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from training.config import ModelConfig, TrainConfig
 from training.data import DataError, load_data
-from training.evaluate import checkpoint_splits, data_log_prob, evaluate, sample_data
+from training.evaluate import (
+    THREADS,
+    checkpoint_splits,
+    data_log_prob,
+    evaluate,
+    sample_data,
+)
 from training.fit import fit
 from training.flow_matching import FlowMatchingModel
 from training.reflow import reflow_checkpoint
 from training.registry import MODEL_TYPES
+from training.train import intra_op_threads
 
 __all__ = [
     "DEFAULT_MODELS",
@@ -287,8 +294,8 @@ def _models(cfg: ReportConfig, bar: Any) -> dict[str, tuple[Path, Checkpoint]]:
 
 def _metrics_row(path: Path, ckpt: Checkpoint, cfg: ReportConfig, sampler: str,
                  gen: Generation) -> dict[str, Any]:
-
-    result = evaluate(ckpt, samples=cfg.samples, seed=cfg.seed)
+    with intra_op_threads(THREADS):  # as `genserve evaluate` runs, to the last digit
+        result = evaluate(ckpt, samples=cfg.samples, seed=cfg.seed)
     return {
         "checkpoint": str(path),
         "evaluate": result,

@@ -72,6 +72,18 @@ def test_metrics_json_matches_genserve_evaluate(tiny_report: Path, capsys) -> No
         assert row["evaluate_command"].endswith(f"--samples 100 --seed {SEED}")
         assert row["straightness"] >= 1.0  # a path is never shorter than its chord
         assert f"{printed['log_likelihood']:.3f}" in (tiny_report / "metrics.md").read_text()
+    # evaluate runs on one torch thread unless told otherwise, and gives the caller's back
+    import torch
+
+    before = torch.get_num_threads()
+    first = next(iter(metrics["models"].values()))["checkpoint"]
+    assert main(["evaluate", first, "--samples", "100", "--threads", "2"]) == 0
+    assert torch.get_num_threads() == before
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as bad:
+        main(["evaluate", first, "--threads", "many"])
+    assert bad.value.code == 2
+    assert "'many' is not a thread count; give an integer from 0" in capsys.readouterr().err
 
 
 def test_training_report_is_deterministic_for_a_seed(tmp_path: Path) -> None:

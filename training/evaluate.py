@@ -12,6 +12,7 @@ import torch
 from artifact.conditions import condition_rows
 from training.checkpoint import Checkpoint
 from training.conditioning import condition_data
+from training.config import TrainConfig
 from training.data import (
     MIXTURE_SETS,
     DataError,
@@ -23,7 +24,11 @@ from training.data import (
 )
 from training.metrics import likelihood_summary, wasserstein2
 
-__all__ = ["checkpoint_splits", "data_log_prob", "evaluate", "sample_data"]
+__all__ = ["THREADS", "checkpoint_splits", "data_log_prob", "evaluate", "sample_data"]
+
+# torch CPU threads `genserve evaluate` (and the report, whose metrics it reproduces) runs on
+# unless told otherwise: training's default, for the same reason (training.train)
+THREADS: int = TrainConfig.model_fields["threads"].default
 
 
 def _checkpoint_dataset(ckpt: Checkpoint) -> Dataset:
