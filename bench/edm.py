@@ -5,7 +5,7 @@
 
 A bounded run of the issue's comparison (#25), sized for a shared 2-core machine: on each
 set with an exact density (``gmm2``, ``gmm6``, ``gmm16`` and the 2-D toys ``8gaussians`` and
-``3clusters``, ``training.data.gaussian_mixture``) it trains, with the same seed, data,
+``3clusters``, ``training.toys.gaussian_mixture``) it trains, with the same seed, data,
 network (``HIDDEN``) and budget, ``edm`` (the project's defaults: ``sigma_max = 3
 sigma_data``, ``rho = 3``), ``edm-paper`` (Karras et al.'s image defaults ``sigma_max = 80``,
 ``rho = 7``), ``ddpm`` with epsilon and with v prediction (cosine schedule) and ``otcfm``, all
@@ -134,7 +134,7 @@ def run_set(name: str, steps: int, rows: int, log: Any = print,
             bar: Any = None) -> dict[str, Any]:
     """Train every plan on ``name``, then W2 by NFE, likelihoods and the exact denoiser's rows;
     ``bar`` (a progress bar) advances once per training and once per W2 row."""
-    from training.data import gaussian_mixture
+    from training.toys import gaussian_mixture
 
     _, splits = load_splits(name, rows=rows)
     ref = splits.test[:HELD_OUT]
@@ -168,8 +168,8 @@ def exact_model(name: str, splits: Any, sigma_max: float, rho: float) -> Any:
     with the training split's mean and std as ``genserve train`` does; float64."""
     from numerics.schedules import EDMPreconditioning
     from training.config import ModelConfig
-    from training.data import gaussian_mixture
     from training.edm import EDMModel
+    from training.toys import gaussian_mixture
 
     mean, std = splits.train.mean(0), splits.train.std(0)
     mix = gaussian_mixture(name)
@@ -185,8 +185,8 @@ def exact_denoiser(name: str, splits: Any, ref: np.ndarray, floor: float,
     """W2 excess of EDM's Heun sampler and PF-ODE log-likelihood gap (true minus model, dopri5
     at 1e-5) with the exact denoiser, on the default sigma range and the paper's."""
     from training.config import ModelConfig
-    from training.data import gaussian_mixture
     from training.metrics import wasserstein2
+    from training.toys import gaussian_mixture
 
     mean, std = splits.train.mean(0), splits.train.std(0)
     truth = gaussian_mixture(name).log_density(x)

@@ -202,8 +202,8 @@ def _w2(ckpt: Any, ref: np.ndarray, solver: str | None, steps: int | None,
 
 def floor_draws(name: str, ref: np.ndarray) -> list[float]:
     """W2 between fresh true draws of mixture ``name`` (as many points as ``ref``) and ``ref``."""
-    from training.data import gaussian_mixture
     from training.metrics import wasserstein2
+    from training.toys import gaussian_mixture
 
     mixture = gaussian_mixture(name)
     return [wasserstein2(mixture.sample(len(ref), np.random.default_rng(FLOOR_SEED + k))[0], ref)

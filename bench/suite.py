@@ -29,7 +29,8 @@ from typing import Literal, Protocol
 import numpy as np
 from scipy.special import gammaln, logsumexp
 
-from training.data import DATASETS, GaussianMixture, load_data, split, true_log_density
+from training.data import DATASETS, load_data, split, true_log_density
+from training.toys import GaussianMixture
 
 __all__ = ["SUITE", "Curve", "Density", "NamedToy", "Product", "StudentTMixture", "SuiteSet",
            "gaussian_mixture", "student_t_mixture", "suite_splits"]
@@ -68,7 +69,7 @@ def _random_means(dim: int, k: int, rng: np.random.Generator, spread: float) -> 
 
 
 class _GaussianMixtureSet:
-    """``training.data.GaussianMixture`` under the :class:`Density` protocol."""
+    """``training.toys.GaussianMixture`` under the :class:`Density` protocol."""
 
     def __init__(self, mixture: GaussianMixture) -> None:
         self.mixture, self.dim = mixture, mixture.means.shape[1]

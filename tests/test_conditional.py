@@ -21,8 +21,9 @@ from service.runtime.base import segmented_normal
 from training.checkpoint import load_checkpoint
 from training.conditioning import condition_data
 from training.config import ModelConfig, TrainConfig
-from training.data import DataError, Dataset, gaussian_mixture, load_data
+from training.data import DataError, Dataset, load_data
 from training.registry import build_model
+from training.toys import gaussian_mixture
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

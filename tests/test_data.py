@@ -15,13 +15,13 @@ from training.data import (
     Dataset,
     check_dim,
     check_levels,
-    gaussian_mixture,
     load_data,
     save_data,
     split,
     split_indices,
     true_log_density,
 )
+from training.toys import gaussian_mixture
 
 GENERATED = [name for name, spec in DATASETS.items() if spec.generated]
 TWO_D_EXACT = ["gmm2", "8gaussians", "3clusters", "checkerboard"]

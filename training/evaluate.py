@@ -13,16 +13,9 @@ from artifact.conditions import condition_rows
 from training.checkpoint import Checkpoint
 from training.conditioning import condition_data
 from training.config import TrainConfig
-from training.data import (
-    MIXTURE_SETS,
-    DataError,
-    Dataset,
-    gaussian_mixture,
-    load_data,
-    split,
-    split_indices,
-)
+from training.data import DataError, Dataset, load_data, split, split_indices
 from training.metrics import likelihood_summary, wasserstein2
+from training.toys import MIXTURE_SETS, gaussian_mixture
 
 __all__ = ["THREADS", "checkpoint_splits", "data_log_prob", "evaluate", "sample_data"]
 
