@@ -258,9 +258,10 @@ spinning pool does not blur the CPU figures):
   (the GIL serialises the two loops' Python). Reproduce: `git checkout exp-grpc-thread &&
   python -m bench.grpc_loop`. So the edge stays on the worker's loop.
 
-gRPC's tail latency is lower than HTTP's in many cells (the HTTP p99 includes wrk's
-connection-level head-of-line waits), and it carries binary tensors, but on this 2-core
-machine it does not reach HTTP's rows/s.
+gRPC carries binary tensors, but on this 2-core machine it reaches neither HTTP's rows/s nor,
+since BentoML's per-request timers are cancelled and start-up objects frozen out of the
+garbage collector (bc2c55a; HTTP's p99 had included collection pauses of up to 350 ms), its
+p99.
 """
 
 
