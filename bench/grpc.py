@@ -83,7 +83,7 @@ def _tree_cpu(pid: int) -> float:
     return total
 
 
-def _answers(server: Server) -> dict[str, float]:
+def server_answers(server: Server) -> dict[str, float]:
     """The server's verb answers so far by status (HTTP codes and gRPC names), and its
     batches (``batches``) and the requests they held (``batched``)."""
     _, raw = server.get("/metrics")
@@ -104,9 +104,9 @@ def _run(server: Server, protocol: str, scenario: tuple[str, int], body: dict, f
         if protocol == "http" else (lambda d: h2load(server.grpc_address, frame, connections, d))
     load(WARMUP_S)
     time.sleep(0.5)  # the warm-up's queue drains
-    before, cpu0 = _answers(server), _tree_cpu(server.proc.pid)
+    before, cpu0 = server_answers(server), _tree_cpu(server.proc.pid)
     r = load(duration)
-    cpu1, after = _tree_cpu(server.proc.pid), _answers(server)
+    cpu1, after = _tree_cpu(server.proc.pid), server_answers(server)
     answered = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
     batches, batched = answered.pop("batches", 0.0), answered.pop("batched", 0.0)
     calls = sum(answered.values())

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.grpc import _answers, grpc_frame, h2load
+from bench.grpc import grpc_frame, h2load, server_answers
 from bench.report import machine_line, markdown_table, write_results
 from bench.serving import rows_per_second, wrk
 from service.devserver import running_server
@@ -81,10 +81,10 @@ def _grpc(server, frame: Path, duration: int) -> dict:
     (from ``/metrics``); ``cut`` is what h2load counts as failed: calls still in flight when
     its duration ends, which it abandons (at most the concurrency)."""
     time.sleep(0.5)  # the previous run's abandoned calls finish before counting starts
-    before = _answers(server)
+    before = server_answers(server)
     m = h2load(server.grpc_address, frame, CONNECTIONS, duration)
     time.sleep(0.5)
-    after = _answers(server)
+    after = server_answers(server)
     answered = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after
                 if k not in ("batches", "batched")}
     m["cut"] = m["errors"]

@@ -7,6 +7,7 @@ import json
 
 from artifact.tables import read_table
 from training.checkpoint import load_checkpoint
+from training.config import TrainConfig
 from training.data import check_dim
 from training.evaluate import THREADS, evaluate
 from training.train import intra_op_threads
@@ -30,14 +31,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _threads(text: str) -> int:
+    """A thread count as ``TrainConfig.threads`` takes it (its bounds are set there)."""
     try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if not 0 <= value <= 1024:
+        return TrainConfig(threads=int(text)).threads
+    except ValueError:  # not an integer, or out of TrainConfig.threads' bounds
         raise argparse.ArgumentTypeError(f"{text!r} is not a thread count; give an integer "
-                                         "from 0 (torch's default) to 1024")
-    return value
+                                         f"from 0 (torch's default) to {_MAX_THREADS}") from None
+
+
+_MAX_THREADS = next(m.le for m in TrainConfig.model_fields["threads"].metadata
+                    if getattr(m, "le", None) is not None)
 
 
 def run(ns: argparse.Namespace) -> int:

@@ -221,8 +221,9 @@ def too_few_splits(spark: SparkSession, df: DataFrame, in_path: str | None = Non
     file of one row group leaves every slot but one with nothing to score. Other inputs
     count their partitions."""
     slots = spark.sparkContext.defaultParallelism
-    if in_path is not None and urlparse(in_path).scheme in ("", "file"):
-        local = urlparse(in_path).path if in_path.startswith("file:") else in_path
+    url = urlparse(in_path) if in_path is not None else None
+    if url is not None and url.scheme in ("", "file"):
+        local = url.path if url.scheme == "file" else in_path
         if Path(local).exists():
             return parquet_row_groups(local) < slots
     return df.rdd.getNumPartitions() < slots

@@ -431,7 +431,7 @@ class Watcher:
     SCANS_PER_INTERVAL = 4
 
     def __init__(self, models: ModelSet, interval_s: float) -> None:
-        self.models, self.interval_s = models, interval_s
+        self.models = models
         self.scan_s = interval_s / self.SCANS_PER_INTERVAL
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="genserve-models-watcher",

@@ -14,13 +14,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from training.toys import logsumexp
+
 __all__ = ["MARKOV_SEQ", "VMF_S2", "WRAPPED_T2", "MarkovChain", "VonMisesFisherMixture",
            "WrappedGaussianMixture", "binary_digits"]
-
-
-def _logsumexp(a: np.ndarray, axis: int) -> np.ndarray:
-    top = a.max(axis=axis, keepdims=True)
-    return (top + np.log(np.exp(a - top).sum(axis=axis, keepdims=True))).squeeze(axis)
 
 
 @dataclass(frozen=True, eq=False)
@@ -49,7 +46,7 @@ class VonMisesFisherMixture:
         k = self.kappas
         # log C(k) = log k - log 2 pi - k - log(1 - exp(-2k)), stable for large k
         log_c = np.log(k) - math.log(2 * math.pi) - k - np.log1p(-np.exp(-2 * k))
-        return _logsumexp(np.log(self.weights) + log_c + k * (x @ self.means.T), axis=-1)
+        return logsumexp(np.log(self.weights) + log_c + k * (x @ self.means.T), axis=-1)
 
 
 @dataclass(frozen=True, eq=False)
@@ -73,8 +70,8 @@ class WrappedGaussianMixture:
         d = x[..., None, :, None] - self.means[:, :, None] + shifts  # (..., K, D, wraps)
         s = self.stds[:, :, None]
         log_n = -0.5 * (d / s) ** 2 - np.log(s) - 0.5 * math.log(2 * math.pi)
-        per_dim = _logsumexp(log_n, axis=-1).sum(-1)  # (..., K)
-        return _logsumexp(np.log(self.weights) + per_dim, axis=-1)
+        per_dim = logsumexp(log_n, axis=-1).sum(-1)  # (..., K)
+        return logsumexp(np.log(self.weights) + per_dim, axis=-1)
 
 
 def _unit(v: list[float]) -> list[float]:

@@ -25,6 +25,7 @@ __all__ = [
     "checkerboard_log_density",
     "circles",
     "gaussian_mixture",
+    "logsumexp",
     "mixture_sampler",
     "moons",
     "pinwheel",
@@ -75,10 +76,11 @@ class GaussianMixture:
         """Exact ``log p(x)``: ``x: (..., D)`` -> ``(...,)``."""
         x = np.asarray(x, dtype=np.float64)
         log_normal = self.component_log_densities(x)
-        return _logsumexp(log_normal + np.log(self.weights), axis=1).reshape(x.shape[:-1])
+        return logsumexp(log_normal + np.log(self.weights), axis=1).reshape(x.shape[:-1])
 
 
-def _logsumexp(a: np.ndarray, axis: int) -> np.ndarray:
+def logsumexp(a: np.ndarray, axis: int) -> np.ndarray:
+    """``log sum exp a`` along ``axis``, shifted by the maximum so that nothing overflows."""
     top = a.max(axis=axis, keepdims=True)
     return (top + np.log(np.exp(a - top).sum(axis=axis, keepdims=True))).squeeze(axis)
 
