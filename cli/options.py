@@ -42,12 +42,15 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--heads", type=int, help="tarflow: attention heads (2)")
     g.add_argument("--noise-std", dest="noise_std", type=float,
                    help="tarflow: training noise level; samples denoised by one score step (0)")
-    g.add_argument("--sigma-data", dest="sigma_data", type=float, help="EDM: data std (1)")
+    g.add_argument("--sigma-data", dest="sigma_data", type=float,
+                   help="EDM: sigma_data of the preconditioning (0.5)")
+    g.add_argument("--edm-data-std", dest="edm_data_std", type=float,
+                   help="EDM: std of the rows the model sees (1: standardized)")
     g.add_argument("--edm-sigma-min", dest="edm_sigma_min", type=float,
                    help="EDM: smallest sigma (0.002)")
     g.add_argument("--edm-sigma-max", dest="edm_sigma_max", type=float,
-                   help="EDM: largest sigma (3 sigma_data)")
-    g.add_argument("--rho", type=float, help="EDM: sigma steps uniform in sigma^(1/rho) (3)")
+                   help="EDM: largest sigma (3 edm_data_std)")
+    g.add_argument("--rho", type=float, help="EDM: sigma steps uniform in sigma^(1/rho) (2)")
     g.add_argument("--p-mean", dest="p_mean", type=float, help="EDM: training ln-sigma mean")
     g.add_argument("--p-std", dest="p_std", type=float, help="EDM: training ln-sigma std")
     g.add_argument("--s-churn", dest="s_churn", type=float, help="EDM stochastic sampler churn")

@@ -60,7 +60,7 @@ def standard_normal_log_prob(z: Array) -> Array:
 def normal_log_prob(std: float = 1.0) -> Callable[[Array], Array]:
     """``z -> log N(z; 0, std^2 I)``, ``(batch, dim) -> (batch,)``: the base density of an
     ODE whose noise end is ``std`` times standard normal (EDM: ``sqrt(sigma_max^2 +
-    sigma_data^2)``)."""
+    data_std^2)``)."""
     if std == 1.0:
         return standard_normal_log_prob
     return lambda z: standard_normal_log_prob(z / std) - z.shape[-1] * math.log(std)

@@ -137,13 +137,14 @@ def test_samplers_reproduce_the_gaussian_moments(solver: str) -> None:
 
 def test_default_sigma_range_makes_heun_accurate_at_8_nfe() -> None:
     """With the exact denoiser of ``N(0, 0.8^2 I)``, 4 Heun steps (8 NFE) on the default sigma
-    range and rho grid give a std 15 % high (20 000 draws), 8 steps 5 %; from the paper's image
+    range and rho grid give a std 7 % high (20 000 draws), 8 steps 2 %; from the paper's image
     defaults (sigma_max 80, rho 7) the std is 105 % high at 8 NFE and 25 % at 16: the rho grid
     then spends half of the steps above sigma = 2.5, where every trajectory is a straight
     line."""
     cfg = ModelConfig()
-    assert cfg.edm_sigma_top == 3.0 * cfg.sigma_data and cfg.rho == 3.0
-    assert ModelConfig(sigma_data=0.5).edm_sigma_top == 1.5
+    assert cfg.edm_sigma_top == 3.0 * cfg.edm_data_std and cfg.rho == 2.0
+    assert (cfg.edm_data_std, cfg.sigma_data) == (1.0, 0.5)
+    assert ModelConfig(edm_data_std=0.5).edm_sigma_top == 1.5
     assert ModelConfig(edm_sigma_max=80.0).edm_sigma_top == 80.0
     target = math.sqrt(SCALE**2 + 0.002**2)
 
@@ -153,9 +154,31 @@ def test_default_sigma_range_makes_heun_accurate_at_8_nfe() -> None:
         x = model.sample(20_000, torch.Generator().manual_seed(0), steps=steps, solver="heun")
         return x.std(0).mean().item() / target - 1
 
-    assert abs(std_error(cfg, 4)) < 0.2 and abs(std_error(cfg, 8)) < 0.07
-    paper = cfg.model_copy(update={"edm_sigma_max": 80.0, "rho": 7.0})
+    rows = cfg.model_copy(update={"edm_data_std": SCALE})  # the rows' std sets the base
+    assert abs(std_error(rows, 4)) < 0.1 and abs(std_error(rows, 8)) < 0.04
+    paper = rows.model_copy(update={"edm_sigma_max": 80.0, "rho": 7.0})
     assert std_error(paper, 4) > 0.8 and std_error(paper, 8) > 0.2
+
+
+def test_sigma_data_below_the_rows_std_gives_the_target_a_linear_part() -> None:
+    """At ``sigma_data`` = the rows' std, the skip connection is the best linear denoiser: the
+    training target ``(x - c_skip x_sigma) / c_out`` has no linear part in the network's input
+    ``c_in x_sigma``, so a network near 0 sees almost no gradient on symmetric data. The
+    default ``sigma_data`` (0.5, below standardized rows' std of 1) leaves a linear part."""
+    x = torch.randn(200_000, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    n = torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+    def linear_part(sigma_data: float, sigma: float) -> float:
+        p = EDMPreconditioning(sigma_data, 0.002, 80.0)
+        s = torch.full((len(x),), sigma, dtype=torch.float64)
+        x_sigma = x + sigma * n
+        target = (x - p.c_skip(s)[:, None] * x_sigma) / p.c_out(s)[:, None]
+        u = p.c_in(s)[:, None] * x_sigma
+        return torch.linalg.lstsq(u, target).solution.abs().max().item()
+
+    for sigma in (0.1, 0.3, 1.0, 3.0):  # sigmas at which the modes of toy sets are told apart
+        assert linear_part(1.0, sigma) < 0.01
+        assert linear_part(ModelConfig().sigma_data, sigma) > 0.1
 
 
 def test_stochastic_sampler_is_seeded_and_churns() -> None:
@@ -217,7 +240,10 @@ def test_registry_and_config() -> None:
     model = build_model("edm", 3, cfg)
     assert isinstance(model, EDMModel) and model.family == "edm"
     assert (model.t_min, model.t_max, model.rho, model.s_churn) == (0.002, 40.0, 5.0, 2.0)
-    assert model.noise_std == pytest.approx(math.sqrt(40.0**2 + 0.7**2))
+    # the base's std is the rows' (edm_data_std, 1), not the preconditioning's sigma_data
+    assert model.noise_std == pytest.approx(math.sqrt(40.0**2 + 1.0))
+    wide = build_model("edm", 3, cfg.model_copy(update={"edm_data_std": 2.0}))
+    assert wide.noise_std == pytest.approx(math.sqrt(40.0**2 + 4.0))
     spec = model.time_spec()
     assert (spec.t_min, spec.t_max, spec.rho, spec.sigma_data) == (0.002, 40.0, 5.0, 0.7)
     with pytest.raises(ValueError, match="unknown EDM solver"):
@@ -258,7 +284,7 @@ def test_export_parity_and_batch_independence(artifact_factory, checkpoint_facto
 
     folder = artifact_factory("edm")
     onnx, ts = open_runtime(folder, runtime="onnx"), open_runtime(folder, runtime="torchscript")
-    assert onnx.family == "edm" and onnx.manifest.time.rho == 3.0
+    assert onnx.family == "edm" and onnx.manifest.time.rho == ModelConfig().rho
     assert onnx.manifest.time.t_max == 3.0 and onnx.manifest.defaults.solver == "heun"
     model = load_checkpoint(checkpoint_factory("edm")).model.double()
     g = np.random.default_rng(0)
@@ -296,7 +322,7 @@ def test_http_and_grpc_equal_the_in_process_runtime(families_models: Path,
     card = next(m for m in out["models"] if m["name"] == "moons-edm")
     assert card["family"] == "edm" and "edm_stochastic" in card["solvers"]
     assert card["time"]["t_min"] == 0.002 and card["time"]["t_max"] == 3.0
-    assert card["time"]["rho"] == 3.0 and card["defaults"]["solver"] == "heun"
+    assert card["time"]["rho"] == ModelConfig().rho and card["defaults"]["solver"] == "heun"
     for solver in ("heun", "edm_stochastic"):
         status, out = server.post("/sample", {"model": "moons-edm", "n": 4, "seed": 9,
                                               "solver": solver, "steps": 6})

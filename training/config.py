@@ -10,16 +10,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-__all__ = ["EDM_SIGMA_MAX_PER_SIGMA_DATA", "ModelConfig", "PreprocessConfig", "TrainConfig",
+__all__ = ["EDM_SIGMA_MAX_PER_DATA_STD", "ModelConfig", "PreprocessConfig", "TrainConfig",
            "default_model_config", "default_train_config"]
 
-EDM_SIGMA_MAX_PER_SIGMA_DATA = 3.0
-"""EDM's default largest sigma in units of ``sigma_data``. Starting the PF-ODE there from
-``N(0, (sigma_max^2 + sigma_data^2) I)`` treats the data as Gaussian beyond it. Measured with the
-exact denoiser of the standardized mixtures (docs/BENCHMARKS.md, bench.edm): Heun at 8 NFE has a
-W2 excess of +0.27 on gmm2 (+3.72 from the paper's sigma_max 80 and rho 7), at the price of a
-PF-ODE log-likelihood -0.0003 +- 0.0013 nats off on gmm2 and 0.010 +- 0.013 on gmm16 (0 from
-80) and a W2 excess at 64 NFE 0.05 higher on gmm2."""
+EDM_SIGMA_MAX_PER_DATA_STD = 3.0
+"""EDM's default largest sigma in units of the rows' std (``edm_data_std``). Starting the
+PF-ODE there from ``N(0, (sigma_max^2 + edm_data_std^2) I)`` treats the data as Gaussian beyond
+it: a small likelihood error, against far better few-step samples than the paper's sigma_max 80
+(docs/BENCHMARKS.md, "EDM next to DDPM and OT-CFM", has both, with the exact denoiser)."""
 
 
 class _Strict(BaseModel):
@@ -68,17 +66,25 @@ class ModelConfig(_Strict):
     heads: int = Field(2, ge=1, le=64, description="tarflow: attention heads")
     noise_std: float = Field(0.0, ge=0, lt=1, description="tarflow: training noise "
                              "(model space); samples are denoised by one score step")
-    # EDM (Karras et al. 2022): sigma range, data std, rho steps, log-normal training sigmas
-    # and the stochastic sampler's churn. sigma_min, sigma_data (1: the data are standardized),
-    # P_mean, P_std and the churn are the paper's; sigma_max and rho are not (the paper's 80
-    # and 7 are for images): sigma_max = EDM_SIGMA_MAX_PER_SIGMA_DATA * sigma_data and rho = 3
-    # put the few steps of an 8-16 NFE Heun sampler where low-dimensional data's trajectories
-    # bend (docs/BENCHMARKS.md, "EDM next to DDPM and OT-CFM")
+    # EDM (Karras et al. 2022): sigma range, rows' std, preconditioning, rho steps, log-normal
+    # training sigmas and the stochastic sampler's churn. sigma_min, sigma_data, P_mean, P_std
+    # and the churn are the paper's; sigma_max and rho are not (the paper's 80 and 7 are for
+    # images): sigma_max = EDM_SIGMA_MAX_PER_DATA_STD * edm_data_std and rho = 2 put the few
+    # steps of an 8-16 NFE Heun sampler where low-dimensional data's trajectories bend.
+    # sigma_data = 0.5 is below the standardized rows' std on purpose: at sigma_data = the
+    # rows' std the skip connection is the best linear denoiser, F's target has no linear
+    # part, and on symmetric data (8gaussians) training sits at F = 0 for most of its steps.
+    # The evidence, on bench.suite's tuning half: docs/BENCHMARKS.md, "EDM defaults on the
+    # tuning half" (python -m bench.edm_tune).
     edm_sigma_min: float = Field(0.002, gt=0, lt=1, description="EDM: smallest sigma")
     edm_sigma_max: float | None = Field(None, gt=0, le=1e4, description="EDM: largest sigma "
-                                        "(None: EDM_SIGMA_MAX_PER_SIGMA_DATA * sigma_data)")
-    sigma_data: float = Field(1.0, gt=0, description="EDM: data std of the preconditioning")
-    rho: float = Field(3.0, gt=0, le=100, description="EDM: sigma steps uniform in sigma^(1/rho)")
+                                        "(None: EDM_SIGMA_MAX_PER_DATA_STD * edm_data_std)")
+    edm_data_std: float = Field(1.0, gt=0, description="EDM: std of the rows the model sees "
+                                "(1: standardized); the base is N(0, sigma_max^2 + "
+                                "edm_data_std^2)")
+    sigma_data: float = Field(0.5, gt=0, description="EDM: sigma_data of the preconditioning "
+                              "(c_skip, c_out, c_in)")
+    rho: float = Field(2.0, gt=0, le=100, description="EDM: sigma steps uniform in sigma^(1/rho)")
     p_mean: float = Field(-1.2, ge=-10, le=10, description="EDM: mean of log sigma in training")
     p_std: float = Field(1.2, gt=0, le=10, description="EDM: std of log sigma in training")
     s_churn: float = Field(0.0, ge=0, description="EDM stochastic sampler: churn")
@@ -109,11 +115,11 @@ class ModelConfig(_Strict):
 
     @property
     def edm_sigma_top(self) -> float:
-        """EDM's largest sigma: ``edm_sigma_max``, or ``EDM_SIGMA_MAX_PER_SIGMA_DATA *
-        sigma_data`` when that is None."""
+        """EDM's largest sigma: ``edm_sigma_max``, or ``EDM_SIGMA_MAX_PER_DATA_STD *
+        edm_data_std`` when that is None."""
         if self.edm_sigma_max is not None:
             return self.edm_sigma_max
-        return EDM_SIGMA_MAX_PER_SIGMA_DATA * self.sigma_data
+        return EDM_SIGMA_MAX_PER_DATA_STD * self.edm_data_std
 
     @model_validator(mode="after")
     def _edm_ranges(self) -> ModelConfig:

@@ -11,13 +11,15 @@ sigma.
 Time is sigma: the exported ``velocity`` is the probability-flow ODE ``dx/dsigma = (x -
 D(x; sigma)) / sigma`` (eq. 3 with ``sigma(t) = t``, ``s(t) = 1``) from ``sigma_min`` (data)
 to ``sigma_max`` (noise), and the base at ``sigma_max`` is ``N(0, (sigma_max^2 +
-sigma_data^2) I)`` (the second moment of data plus noise). The ODE solvers step on EDM's
-``rho``-grid (``numerics.schedules.rho_grid``), so ``heun`` is EDM's deterministic sampler
-(algorithm 1, except that ``steps`` Heun steps cost ``2 steps`` evaluations and the last one
-ends at ``sigma_min``: the paper's final Euler step from ``sigma_min`` to 0 costs an evaluation
-and leaves one Heun step fewer for the sigmas where trajectories bend) and ``edm_stochastic``
-its stochastic one (algorithm 2, ``numerics.samplers``); the likelihood (exact or Hutchinson)
-is the shared one over the same field, as for every ODE model.
+data_std^2) I)`` (the second moment of data plus noise; ``data_std`` is the rows' std, 1 for
+standardized rows, and need not be the preconditioning's ``sigma_data``). The ODE solvers
+step on EDM's ``rho``-grid (``numerics.schedules.rho_grid``), so ``heun`` is EDM's
+deterministic sampler (algorithm 1, except that ``steps`` Heun steps cost ``2 steps``
+evaluations and the last one ends at ``sigma_min``: the paper's final Euler step from
+``sigma_min`` to 0 costs an evaluation and leaves one Heun step fewer for the sigmas where
+trajectories bend) and ``edm_stochastic`` its stochastic one (algorithm 2,
+``numerics.samplers``); the likelihood (exact or Hutchinson) is the shared one over the same
+field, as for every ODE model.
 """
 
 from __future__ import annotations
@@ -46,7 +48,9 @@ class EDMModel(VelocityModel):
         dim: data dimension ``D``.
         net: ``F((batch, D), (batch,)) -> (batch, D)`` with ``jvp`` and ``divergence``.
         precond: the preconditioning (``sigma_data``, ``sigma_min``, ``sigma_max``).
-        rho: the sigma steps' exponent (7 in the paper; ``ModelConfig`` defaults to 3).
+        rho: the sigma steps' exponent (7 in the paper; ``ModelConfig`` defaults to 2).
+        data_std: the rows' std, which sets the base (None: ``precond.sigma_data``, the
+            paper's assumption that the two agree).
         p_mean, p_std: ``ln sigma ~ N(p_mean, p_std^2)`` in training.
         churn: the stochastic sampler's ``s_churn``, ``s_tmin``, ``s_tmax`` (None: no
             bound), ``s_noise``.
@@ -63,11 +67,12 @@ class EDMModel(VelocityModel):
     def __init__(self, dim: int, net: TimeMLP, precond: EDMPreconditioning, rho: float = 7.0,
                  p_mean: float = -1.2, p_std: float = 1.2,
                  churn: tuple[float, float, float | None, float] = (0.0, 0.0, None, 1.0),
-                 kind: str = "edm") -> None:
+                 kind: str = "edm", data_std: float | None = None) -> None:
         super().__init__()
         self.kind, self.dim, self.net, self.precond = kind, dim, net, precond
         self.t_min, self.t_max = precond.sigma_min, precond.sigma_max
-        self.noise_std = math.sqrt(precond.sigma_max**2 + precond.sigma_data**2)
+        data_std = precond.sigma_data if data_std is None else data_std
+        self.noise_std = math.sqrt(precond.sigma_max**2 + data_std**2)
         self.rho, self.p_mean, self.p_std = rho, p_mean, p_std
         self.s_churn, self.s_tmin, self.s_tmax, self.s_noise = churn
 
@@ -176,9 +181,10 @@ class EDMModel(VelocityModel):
 
 def build_edm(dim: int, cfg: ModelConfig) -> EDMModel:
     """Untrained EDM with an MLP ``F``: ``cfg.edm_sigma_min``/``edm_sigma_top``,
-    ``sigma_data``, ``rho``, ``p_mean``/``p_std`` and the churn ``s_*``."""
+    ``edm_data_std``, ``sigma_data``, ``rho``, ``p_mean``/``p_std`` and the churn ``s_*``."""
     precond = EDMPreconditioning(cfg.sigma_data, cfg.edm_sigma_min, cfg.edm_sigma_top)
     net = TimeMLP(dim, cfg.hidden_features, cfg.hidden_layers, cfg.time_embedding,
                   cfg.context_features)
     return conditioned(EDMModel(dim, net, precond, cfg.rho, cfg.p_mean, cfg.p_std,
-                                (cfg.s_churn, cfg.s_tmin, cfg.s_tmax, cfg.s_noise)), cfg)
+                                (cfg.s_churn, cfg.s_tmin, cfg.s_tmax, cfg.s_noise),
+                                data_std=cfg.edm_data_std), cfg)
