@@ -668,8 +668,9 @@ and OT-CFM 0.017x (tens of adaptive dopri5 steps, each a velocity and divergence
 Cut from the issue's benchmark, **not measured**: gmm6, gmm16, checkerboard, 2spirals and
 digits (bits/dim); the zoo's 3000-step budget on 100k rows (here 400 steps on 5000 rows:
 every model is far from converged, so the gaps say more about speed of learning than about
-capacity); FFJORD against OT-CFM at equal wall time; TarFlow on digits_image against
-glow_image at equal parameters, and its samples beside glow_image's.
+capacity); FFJORD against OT-CFM at equal wall time. TarFlow on digits_image against
+glow_image at equal parameters, with its samples beside glow_image's, is in the images
+section (`python -m bench.images`).
 
 Why the residual flow misses: each block's Jacobian I + J has singular values in [1 - L,
 1 + L] with L = Lip(g) <= 0.9^3 = 0.73 (three spectrally normalised layers), so 4 blocks can

@@ -1,6 +1,7 @@
 """Image benchmark: bits/dim on scikit-learn digits (1x8x8, 17 levels), test split.
 
-    python -m bench.images [--quick] [--models glow_image realnvp_image ddpm_image cfm_image]
+    python -m bench.images [--quick] [--models glow_image realnvp_image ddpm_image cfm_image
+                                              tarflow_image] [--merge]
 
 Each model trains through the project's one loop on ``digits_image`` (1797 images, split
 80/10/10 with seed 0; uniform dequantization then ``logit(0.05 + 0.9 u)``, both log-dets
@@ -17,6 +18,12 @@ Every model must beat the full Gaussian.
 
 Writes the ``images`` section of ``docs/BENCHMARKS.md``, ``docs/bench/images.json`` and one
 sample grid per model, ``docs/img/digits-<model>.png`` (64 samples, 8x8, rounded to levels).
+``--merge`` keeps the rows of models not run from the JSON, each with the command and date
+that measured it (the quality figures do not depend on load; the training seconds do).
+
+TarFlow (issue #24) runs at glow_image's parameter count (125 312 against 127 344): 4 blocks
+of one causal transformer layer, width 60, 4 heads, 2x2 patches (16 tokens of 4 values),
+glow_image's steps, batch and learning rate, no training noise (a likelihood model).
 """
 
 from __future__ import annotations
@@ -41,7 +48,8 @@ DATA = "digits_image"
 SEED = 0
 LEVELS = 17
 DIM = 64
-MODELS = ("glow_image", "realnvp_image", "ddpm_image", "cfm_image")
+MODELS = ("glow_image", "realnvp_image", "ddpm_image", "cfm_image", "tarflow_image")
+TARFLOW_GAP = 0.1  # issue #24: tarflow_image within this many bits/dim of glow_image
 
 # Architecture and budget per model type (chosen on the validation split).
 CONFIGS: dict[str, dict[str, Any]] = {
@@ -56,6 +64,10 @@ CONFIGS: dict[str, dict[str, Any]] = {
                    "train": {"steps": 3000, "batch_size": 64, "lr": 2e-3, "ema_decay": 0.999}},
     "cfm_image": {"model": {"hidden_features": 16, "scales": 1, "time_embedding": 16},
                   "train": {"steps": 3000, "batch_size": 64, "lr": 2e-3, "ema_decay": 0.999}},
+    # glow_image's parameter count, steps, batch and learning rate (not tuned)
+    "tarflow_image": {"model": {"hidden_features": 60, "transforms": 4, "hidden_layers": 1,
+                                "heads": 4, "patch_size": 2},
+                      "train": {"steps": 2000, "batch_size": 64, "lr": 1e-3}},
 }
 QUICK_STEPS = 150
 
@@ -171,26 +183,37 @@ def markdown(results: dict[str, Any], command: str) -> str:
     from bench.report import machine_line, markdown_table
 
     base = results["baselines"]
+    runs = list(dict.fromkeys(r.get("run", command) for r in results["models"].values()))
     rows = []
     for kind, r in results["models"].items():
         se = r["bits_per_dim_se"]
         beats = "yes" if r["bits_per_dim"] < base["full_gaussian"] else "**no**"
         rows.append([kind, f"{r['bits_per_dim']:.3f} ± {se:.3f}", r["method"], r["nfe"],
-                     r["params"], r["steps"], f"{r['train_seconds']:.0f}", beats])
+                     r["params"], r["steps"], f"{r['train_seconds']:.0f}", beats,
+                     runs.index(r.get("run", command)) + 1])
     rows.append(["independent Gaussian per pixel", f"{base['independent_gaussian']:.3f}",
-                 "exact", "-", 128, "-", "-", "-"])
+                 "exact", "-", 128, "-", "-", "-", "-"])
     rows.append(["full-covariance Gaussian", f"{base['full_gaussian']:.3f}", "exact", "-",
-                 64 + 64 * 65 // 2, "-", "-", "-"])
+                 64 + 64 * 65 // 2, "-", "-", "-", "-"])
     table = markdown_table(["model", "test bits/dim (± s.e.)", "likelihood", "NFE", "params",
-                            "steps", "train s", "beats full Gaussian"], rows)
+                            "steps", "train s", "beats full Gaussian", "run"], rows)
+    table += "\n\n" + "\n".join(f"Run {i + 1}: {run}." for i, run in enumerate(runs))
+    models = results["models"]
+    if "tarflow_image" in models and "glow_image" in models:
+        t, g = models["tarflow_image"], models["glow_image"]
+        gap = t["bits_per_dim"] - g["bits_per_dim"]
+        table += (f"\n\ntarflow_image minus glow_image: {gap:+.3f} bits/dim (s.e. "
+                  f"{math.hypot(t['bits_per_dim_se'], g['bits_per_dim_se']):.3f}, unpaired) at "
+                  f"{t['params']} against {g['params']} parameters; target within "
+                  f"{TARFLOW_GAP} bits/dim: **{'met' if gap <= TARFLOW_GAP else 'not met'}**.")
     grids = " ".join(f"![{k}]({r['grid']})" for k, r in results["models"].items())
     names = " · ".join(results["models"])
     load = results["load"]
     return f"""## Images: bits/dim on digits (1x8x8, 17 levels)
 
-Reproduce: `{command}` ({machine_line()}; {load['jobs']} models trained side by side, one
-thread each; load average {load['before'][0]:.1f} before, {load['after'][0]:.1f} after: the
-machine is shared, so training seconds are indicative).
+Reproduce: the runs below the table (the last: {machine_line()}; {load['jobs']} models trained
+side by side, one thread each; load average {load['before'][0]:.1f} before,
+{load['after'][0]:.1f} after: the machine is shared, so training seconds are indicative).
 
 Test split of `digits_image` (180 images), bits per dimension of the 17-level data: uniform
 dequantization and the logit transform are part of the model and their log-dets are counted
@@ -214,9 +237,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     parser.add_argument("--jobs", type=int, default=1, help="models trained side by side")
     parser.add_argument("--no-write", action="store_true", help="print only; write nothing")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the other models' rows from docs/bench/images.json")
     args = parser.parse_args(argv)
-    results = run(args.models, args.quick, args.jobs)
+    from bench.report import machine_line
+
     command = "python -m bench.images " + shlex.join(sys.argv[1:] if argv is None else argv)
+    run_line = f"`{command.strip()}` ({machine_line()})"
+    results = run(args.models, args.quick, args.jobs)
+    for row in results["models"].values():
+        row["run"] = run_line
+    if args.merge and JSON_PATH.exists():
+        old = json.loads(JSON_PATH.read_text())
+        results["models"] = {kind: results["models"].get(kind) or
+                             old["models"][kind] | {"run": old["models"][kind].get(
+                                 "run", f"`{old.get('command', 'python -m bench.images')}`")}
+                             for kind in MODELS
+                             if kind in results["models"] or kind in old["models"]}
+    results["command"] = command.strip()
     text = markdown(results, command.strip())
     print(text)
     if not args.no_write:
