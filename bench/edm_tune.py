@@ -17,6 +17,9 @@ gmm16; the defaults it runs with are weighed here, on other sets and on validati
 3. **The training sigmas** ``ln sigma ~ N(P_mean, P_std^2)``, trained likewise with the
    defaults, for every pair in ``P_MEANS`` x ``P_STDS``; the paper's (-1.2, 1.2) is the
    default.
+4. **The network and schedule** ``genserve train --model edm`` builds
+   (``default_model_config`` / ``default_train_config``) next to ``ModelConfig``'s and
+   ``TrainConfig``'s class defaults (2 x 64, lr 1e-3, no EMA).
 
 W2: 1000 samples against the first 1000 validation rows, mean of ``SEEDS`` noise seeds, minus
 the mean W2 of ``SEEDS`` fresh true draws to the same rows. Writes the ``edm-tune`` section
@@ -46,6 +49,7 @@ RHOS = (2.0, 3.0, 5.0, 7.0)
 SIGMA_DATA = (1.0, 0.5)
 P_MEANS = (-1.2, -0.6, 0.0)
 P_STDS = (1.2, 1.8)
+NETWORKS = ("class", "default")  # ModelConfig()/TrainConfig(), or default_*_config("edm")
 NFES = (8, 16)
 SEEDS = 10  # noise seeds (and floor draws) per cell: gmm3_t's W2 moves by 0.25 between draws
 HELD_OUT = 1000
@@ -153,6 +157,27 @@ def _trained_table(trained: dict[str, dict[str, dict[str, float]]], what: str) -
                           rows)
 
 
+def network_excess(name: str, steps: int) -> dict[str, dict[str, float]]:
+    """``"class" | "default" -> {nfe: W2 excess}`` of ``edm`` trained with the class
+    defaults or with what ``genserve train`` builds."""
+    from bench.defaults import train_ours
+    from training.config import ModelConfig, TrainConfig
+    from training.evaluate import sample_data
+    from training.metrics import wasserstein2
+
+    _, _, ref, floor = _reference(name)
+    fields = set(TrainConfig.model_fields) - {"steps", "batch_size", "progress"}
+    out: dict[str, dict[str, float]] = {}
+    for label in NETWORKS:
+        ckpt, _ = (train_ours("edm", _suite(name), steps) if label == "default" else
+                   train_ours("edm", _suite(name), steps, model=ModelConfig().model_dump(),
+                              train=TrainConfig().model_dump(include=fields)))
+        out[label] = {str(nfe): float(np.mean([wasserstein2(
+            sample_data(ckpt, len(ref), seed=k, steps=nfe // 2, solver="heun"), ref)
+            for k in range(SEEDS)])) - floor for nfe in NFES}
+    return out
+
+
 def _suite(name: str) -> Any:
     from bench.suite import SUITE
 
@@ -199,7 +224,12 @@ def render(payload: dict[str, Any]) -> str:
         "same on 8gaussians).", "",
         "**The training σs** (P_mean, P_std), the other defaults as shipped; pairs below the "
         f"paper's ({paper}) at both NFEs: {', '.join(p_better) or 'none'}.", "",
-        _trained_table(payload["p_trained"], "P"), ""])
+        _trained_table(payload["p_trained"], "P"), "",
+        "**The network and schedule**: `ModelConfig`'s and `TrainConfig`'s class defaults "
+        "(2 x 64, lr 1e-3, no EMA) against what `genserve train --model edm` builds "
+        "(`default_model_config`: 3 x 256, `default_train_config`: lr 3e-3, EMA 0.999, the "
+        f"other continuous-time models' defaults), {payload['steps']} steps:", "",
+        _trained_table(payload["networks"], "network"), ""])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -223,20 +253,21 @@ def main(argv: list[str] | None = None) -> int:
         for name in MIXTURES:
             grids[name] = grid_excess(name)
             bar.update()
-        trained, p_trained = {}, {}
+        trained, p_trained, networks = {}, {}, {}
         for name in TRAINED:
             trained[name] = trained_excess(name, ns.steps, {
                 f"{sd:g}": {"sigma_data": sd} for sd in SIGMA_DATA})
             p_trained[name] = trained_excess(name, ns.steps, {
                 f"{pm:g}, {ps:g}": {"p_mean": pm, "p_std": ps}
                 for pm, ps in itertools.product(P_MEANS, P_STDS)})
-            bar.write(f"{name}: {trained[name]}")
+            networks[name] = network_excess(name, ns.steps)
+            bar.write(f"{name}: {trained[name]} {networks[name]}")
             bar.update()
     payload = {"command": "python -m bench.edm_tune " + shlex.join(argv or sys.argv[1:]),
                "machine": machine_line(), "steps": ns.steps,
                "seconds": time.perf_counter() - start, "grids": grids,
                "grid_vs_default": best_vs_default(grids), "trained": trained,
-               "p_trained": p_trained}
+               "p_trained": p_trained, "networks": networks}
     text = render(payload)
     write_results(SECTION, text, json_path, payload)
     print(text)

@@ -182,12 +182,13 @@ class TrainConfig(_Strict):
 _FLOW = {"hidden_features": 128, "hidden_layers": 2, "transforms": 5}
 _FIELD = {"hidden_features": 256, "hidden_layers": 3}
 _FIELD_TRAIN = {"lr": 3e-3, "ema_decay": 0.999}
+# edm takes the same network and schedule (bench.edm_tune, "The network and schedule")
 _MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
     "nsf": _FLOW, "nsf_ar": _FLOW, "maf": _FLOW,
-    "ddpm": _FIELD, "cfm": _FIELD, "otcfm": _FIELD,
+    "ddpm": _FIELD, "cfm": _FIELD, "otcfm": _FIELD, "edm": _FIELD,
 }
 _TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
-    "ddpm": _FIELD_TRAIN, "cfm": _FIELD_TRAIN, "otcfm": _FIELD_TRAIN,
+    "ddpm": _FIELD_TRAIN, "cfm": _FIELD_TRAIN, "otcfm": _FIELD_TRAIN, "edm": _FIELD_TRAIN,
 }
 
 
