@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.report import machine_line, markdown_table, rerender, write_results
+from bench.report import machine_line, markdown_table, publish, rerender
 
 SECTION = "defaults-zoo"
 SETS = ("gmm2", "gmm6", "gmm16")
@@ -166,9 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     payload = {"command": "python -m bench.defaults_zoo " + shlex.join(argv or sys.argv[1:]),
                "machine": machine_line(), "sets": ns.sets,
                "seconds": time.perf_counter() - start, "results": results}
-    text = render(payload)
-    write_results(SECTION, text, json_path, payload)
-    print(text)
+    print(publish(SECTION, render, json_path, payload))
     return 0
 
 

@@ -173,16 +173,15 @@ def run_set(name: str, steps: int, rows: int, log: Any = print,
     return out
 
 
-def exact_model(name: str, splits: Any, sigma_max: float, rho: float) -> Any:
-    """An ``EDMModel`` whose ``F`` is :class:`ExactMixtureF` of mixture ``name``, standardized
-    with the training split's mean and std as ``genserve train`` does; float64."""
+def exact_model(mix: Any, mean: np.ndarray, std: np.ndarray, sigma_max: float,
+                rho: float) -> Any:
+    """An ``EDMModel`` whose ``F`` is :class:`ExactMixtureF` of the Gaussian mixture ``mix``
+    (a ``training.toys.GaussianMixture``), standardized with ``mean`` and ``std`` as ``genserve
+    train`` does; the other EDM settings are ``ModelConfig``'s; float64."""
     from numerics.schedules import EDMPreconditioning
     from training.config import ModelConfig
     from training.edm import EDMModel
-    from training.toys import gaussian_mixture
 
-    mean, std = splits.train.mean(0), splits.train.std(0)
-    mix = gaussian_mixture(name)
     cfg = ModelConfig()
     precond = EDMPreconditioning(cfg.sigma_data, cfg.edm_sigma_min, sigma_max)
     net = ExactMixtureF(precond, mix.weights, (mix.means - mean) / std,
@@ -191,25 +190,34 @@ def exact_model(name: str, splits: Any, sigma_max: float, rho: float) -> Any:
                     data_std=cfg.edm_data_std).double()
 
 
+def exact_w2(model: Any, ref: np.ndarray, mean: np.ndarray, std: np.ndarray, nfe: int,
+             seeds: range) -> list[float]:
+    """W2 to ``ref`` of ``len(ref)`` samples of :func:`exact_model`'s Heun sampler at ``nfe``
+    (``nfe // 2`` steps), mapped back to data units; one per noise seed in ``seeds``."""
+    from training.metrics import wasserstein2
+
+    return [wasserstein2(model.sample(len(ref), torch.Generator().manual_seed(k),
+                                      steps=nfe // 2, solver="heun").numpy() * std + mean, ref)
+            for k in seeds]
+
+
 def exact_denoiser(name: str, splits: Any, ref: np.ndarray, floor: float,
                    x: np.ndarray) -> dict[str, Any]:
     """W2 excess of EDM's Heun sampler and PF-ODE log-likelihood gap (true minus model, dopri5
     at 1e-5) with the exact denoiser, on the default sigma range and the paper's."""
     from training.config import ModelConfig
-    from training.metrics import wasserstein2
     from training.toys import gaussian_mixture
 
     mean, std = splits.train.mean(0), splits.train.std(0)
-    truth = gaussian_mixture(name).log_density(x)
+    mix = gaussian_mixture(name)
+    truth = mix.log_density(x)
     out = {}
     for key, plan in (("edm", PLANS["edm"][1]), ("edm-paper", PLANS["edm-paper"][1])):
         cfg = ModelConfig(**plan.model)
-        model = exact_model(name, splits, cfg.edm_sigma_top, cfg.rho)
-        w2 = {}
-        for nfe in NFES:
-            w2[str(nfe)] = float(np.mean([wasserstein2(model.sample(
-                len(ref), torch.Generator().manual_seed(SAMPLE_SEED + k), steps=nfe // 2,
-                solver="heun").numpy() * std + mean, ref) for k in range(SEEDS)])) - floor
+        model = exact_model(mix, mean, std, cfg.edm_sigma_top, cfg.rho)
+        w2 = {str(nfe): float(np.mean(exact_w2(model, ref, mean, std, nfe,
+                                               range(SAMPLE_SEED, SAMPLE_SEED + SEEDS))))
+              - floor for nfe in NFES}
         lp = model.log_prob(torch.as_tensor((x - mean) / std), method="exact",
                             solver="dopri5", rtol=1e-5, atol=1e-5).numpy() - np.log(std).sum()
         gap = truth - lp

@@ -29,6 +29,7 @@ of ``docs/BENCHMARKS.md`` and ``docs/bench/edm_tune.json``.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import shlex
 import sys
@@ -38,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.report import machine_line, markdown_table, rerender, write_results
+from bench.report import machine_line, markdown_table, publish, rerender
 from service.progress import progress_bar
 
 SECTION = "edm-tune"
@@ -49,14 +50,15 @@ RHOS = (2.0, 3.0, 5.0, 7.0)
 SIGMA_DATA = (1.0, 0.5)
 P_MEANS = (-1.2, -0.6, 0.0)
 P_STDS = (1.2, 1.8)
-NETWORKS = ("class", "default")  # ModelConfig()/TrainConfig(), or default_*_config("edm")
 NFES = (8, 16)
 SEEDS = 10  # noise seeds (and floor draws) per cell: gmm3_t's W2 moves by 0.25 between draws
 HELD_OUT = 1000
 
 
+@functools.cache
 def _reference(name: str) -> tuple[Any, np.ndarray, np.ndarray, float]:
-    """The set, its training rows, the validation rows W2 is measured on, and the floor."""
+    """The set, its training rows, the validation rows W2 is measured on, and the floor (once
+    per set: every stage scores against them)."""
     from bench.suite import SUITE, suite_splits
     from training.metrics import wasserstein2
 
@@ -72,29 +74,16 @@ def _reference(name: str) -> tuple[Any, np.ndarray, np.ndarray, float]:
 def grid_excess(name: str) -> dict[str, dict[str, list[float]]]:
     """``"sigma_max,rho" -> {nfe: W2 excess per seed}`` of Heun driven by the exact
     denoiser."""
-    import torch
-
-    from bench.edm import ExactMixtureF
-    from numerics.schedules import EDMPreconditioning
-    from training.config import ModelConfig
-    from training.edm import EDMModel
-    from training.metrics import wasserstein2
+    from bench.edm import exact_model, exact_w2
 
     s, train, ref, floor = _reference(name)
     mean, std = train.mean(0), train.std(0)
-    mix = s.density().mixture
     out: dict[str, dict[str, list[float]]] = {}
     for sigma_max, rho in itertools.product(SIGMA_MAX, RHOS):
-        precond = EDMPreconditioning(ModelConfig().sigma_data, ModelConfig().edm_sigma_min,
-                                     sigma_max)
-        net = ExactMixtureF(precond, mix.weights, (mix.means - mean) / std,
-                            mix.covariances / std[:, None] / std[None, :])
-        model = EDMModel(len(mean), net, precond, rho=rho,  # type: ignore[arg-type]
-                         data_std=1.0).double()
-        out[f"{sigma_max:g},{rho:g}"] = {str(nfe): [wasserstein2(
-            model.sample(len(ref), torch.Generator().manual_seed(k), steps=nfe // 2,
-                         solver="heun").numpy() * std + mean, ref) - floor
-            for k in range(SEEDS)] for nfe in NFES}
+        model = exact_model(s.density().mixture, mean, std, sigma_max, rho)
+        out[f"{sigma_max:g},{rho:g}"] = {
+            str(nfe): [w - floor for w in exact_w2(model, ref, mean, std, nfe, range(SEEDS))]
+            for nfe in NFES}
     return out
 
 
@@ -121,19 +110,21 @@ def best_vs_default(grids: dict[str, Any]) -> dict[str, Any]:
             "diff_se": float(per_seed.std(ddof=1) / np.sqrt(len(per_seed)))}
 
 
-def trained_excess(name: str, steps: int, candidates: dict[str, dict[str, float]]
+Candidate = tuple[dict[str, Any] | None, dict[str, Any] | None]
+"""``(model, train)`` fields of one training; ``None``: what ``genserve train`` builds."""
+
+
+def trained_excess(name: str, steps: int, candidates: dict[str, Candidate]
                    ) -> dict[str, dict[str, float]]:
-    """``label -> {nfe: W2 excess}`` of ``edm`` trained with ``bench.edm``'s plan and each
-    candidate's model fields."""
+    """``label -> {nfe: W2 excess}`` of ``edm`` trained with each candidate's fields."""
     from bench.defaults import train_ours
-    from bench.edm import HIDDEN, TRAIN
     from training.evaluate import sample_data
     from training.metrics import wasserstein2
 
     _, _, ref, floor = _reference(name)
     out: dict[str, dict[str, float]] = {}
-    for label, fields in candidates.items():
-        ckpt, _ = train_ours("edm", _suite(name), steps, model=HIDDEN | fields, train=TRAIN)
+    for label, (model, train) in candidates.items():
+        ckpt, _ = train_ours("edm", _suite(name), steps, model=model, train=train)
         out[label] = {str(nfe): float(np.mean([wasserstein2(
             sample_data(ckpt, len(ref), seed=k, steps=nfe // 2, solver="heun"), ref)
             for k in range(SEEDS)])) - floor for nfe in NFES}
@@ -155,27 +146,6 @@ def _trained_table(trained: dict[str, dict[str, dict[str, float]]], what: str) -
     rows.append(["mean"] + [f"{means[lb][str(n)]:+.3f}" for lb in labels for n in NFES])
     return markdown_table(["set"] + [f"{what} {lb}, NFE {n}" for lb in labels for n in NFES],
                           rows)
-
-
-def network_excess(name: str, steps: int) -> dict[str, dict[str, float]]:
-    """``"class" | "default" -> {nfe: W2 excess}`` of ``edm`` trained with the class
-    defaults or with what ``genserve train`` builds."""
-    from bench.defaults import train_ours
-    from training.config import ModelConfig, TrainConfig
-    from training.evaluate import sample_data
-    from training.metrics import wasserstein2
-
-    _, _, ref, floor = _reference(name)
-    fields = set(TrainConfig.model_fields) - {"steps", "batch_size", "progress"}
-    out: dict[str, dict[str, float]] = {}
-    for label in NETWORKS:
-        ckpt, _ = (train_ours("edm", _suite(name), steps) if label == "default" else
-                   train_ours("edm", _suite(name), steps, model=ModelConfig().model_dump(),
-                              train=TrainConfig().model_dump(include=fields)))
-        out[label] = {str(nfe): float(np.mean([wasserstein2(
-            sample_data(ckpt, len(ref), seed=k, steps=nfe // 2, solver="heun"), ref)
-            for k in range(SEEDS)])) - floor for nfe in NFES}
-    return out
 
 
 def _suite(name: str) -> Any:
@@ -245,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import torch
 
+    from bench.edm import HIDDEN, TRAIN
+    from training.config import ModelConfig, TrainConfig
+
     torch.set_num_threads(1)
     start = time.perf_counter()
     with progress_bar(total=len(MIXTURES) + len(TRAINED), desc="bench.edm_tune",
@@ -256,11 +229,14 @@ def main(argv: list[str] | None = None) -> int:
         trained, p_trained, networks = {}, {}, {}
         for name in TRAINED:
             trained[name] = trained_excess(name, ns.steps, {
-                f"{sd:g}": {"sigma_data": sd} for sd in SIGMA_DATA})
+                f"{sd:g}": (HIDDEN | {"sigma_data": sd}, TRAIN) for sd in SIGMA_DATA})
             p_trained[name] = trained_excess(name, ns.steps, {
-                f"{pm:g}, {ps:g}": {"p_mean": pm, "p_std": ps}
+                f"{pm:g}, {ps:g}": (HIDDEN | {"p_mean": pm, "p_std": ps}, TRAIN)
                 for pm, ps in itertools.product(P_MEANS, P_STDS)})
-            networks[name] = network_excess(name, ns.steps)
+            networks[name] = trained_excess(name, ns.steps, {
+                "class": (ModelConfig().model_dump(), TrainConfig().model_dump(
+                    exclude={"steps", "batch_size", "progress"})),
+                "default": (None, None)})
             bar.write(f"{name}: {trained[name]} {networks[name]}")
             bar.update()
     payload = {"command": "python -m bench.edm_tune " + shlex.join(argv or sys.argv[1:]),
@@ -268,9 +244,7 @@ def main(argv: list[str] | None = None) -> int:
                "seconds": time.perf_counter() - start, "grids": grids,
                "grid_vs_default": best_vs_default(grids), "trained": trained,
                "p_trained": p_trained, "networks": networks}
-    text = render(payload)
-    write_results(SECTION, text, json_path, payload)
-    print(text)
+    print(publish(SECTION, render, json_path, payload))
     return 0
 
 

@@ -62,10 +62,17 @@ def write_section(name: str, markdown: str, path: Path = BENCHMARKS) -> None:
         os.close(lock)
 
 
+def publish(section: str, render: Callable[[dict], str], json_path: Path,
+            payload: dict) -> str:
+    """Write ``payload`` and its rendered ``section`` (:func:`write_results`); the markdown."""
+    text = render(payload)
+    write_results(section, text, json_path, payload)
+    return text
+
+
 def rerender(section: str, render: Callable[[dict], str], json_path: Path) -> None:
     """Rewrite ``section`` from the results already in ``json_path`` (a bench's ``--render``)."""
-    payload = json.loads(json_path.read_text())
-    write_results(section, render(payload), json_path, payload)
+    publish(section, render, json_path, json.loads(json_path.read_text()))
 
 
 def write_results(section: str, markdown: str, json_path: Path, payload: object) -> None:
