@@ -55,6 +55,9 @@ __all__ = ["EXACT_MAX_DIM", "LipSwish", "ResidualBlock", "ResidualFlow", "Spectr
 EXACT_MAX_DIM = 64
 """Largest dimension whose served log-det is exact (``D`` JVPs and a ``D x D`` Det); above
 it the served log-det is the truncated series with Hutchinson's traces."""
+SPECTRAL_RTOL = 1e-4
+"""Relative change of a power-iteration estimate at which a training step's iteration stops."""
+SPECTRAL_MAX_ITERATIONS = 200
 ROULETTE_EXACT_TERMS = 2
 """Power-series terms always computed; later ones survive the roulette with prob. 1/2 each."""
 
@@ -64,7 +67,9 @@ class SpectralLinear(nn.Linear):
 
     ``sigma`` is the power-iteration estimate ``u^T W v`` with ``u``, ``v`` buffers updated
     by :meth:`power_iteration` (called once per training step, never by ``forward``, so a
-    forward pass is a pure function of the state dict).
+    forward pass is a pure function of the state dict). ``u^T W v`` never exceeds the
+    largest singular value, so an estimate that lags a fast-moving weight lets the
+    normalised weight's norm pass ``coeff``: each step iterates until the estimate settles.
     """
 
     def __init__(self, a: int, b: int, coeff: float) -> None:
@@ -75,8 +80,11 @@ class SpectralLinear(nn.Linear):
         self.register_buffer("v", nn.functional.normalize(torch.randn(a, generator=gen), dim=0))
 
     @torch.no_grad()
-    def power_iteration(self, n: int = 1) -> None:
-        for _ in range(n):
+    def power_iteration(self, n: int | None = None) -> None:
+        """``n`` iterations; ``None``: until the estimate changes by at most
+        :data:`SPECTRAL_RTOL` of itself (at most :data:`SPECTRAL_MAX_ITERATIONS`)."""
+        previous = float(self.u @ self.weight @ self.v)
+        for _ in range(SPECTRAL_MAX_ITERATIONS if n is None else n):
             # a zero weight (the last layer at initialisation) maps the vectors to zero;
             # they are kept as they are then, so the estimate recovers once it grows
             for out, mat, vec in ((self.v, self.weight.T, self.u), (self.u, self.weight, self.v)):
@@ -84,6 +92,20 @@ class SpectralLinear(nn.Linear):
                 norm = step.norm()
                 if norm > 1e-12:
                     out.copy_(step / norm)
+            if n is None:
+                sigma = float(self.u @ self.weight @ self.v)
+                if abs(sigma - previous) <= SPECTRAL_RTOL * abs(sigma):
+                    return
+                previous = sigma
+
+    @torch.no_grad()
+    def settle(self) -> None:
+        """Set ``u``, ``v`` to the weight's exact top singular vectors (an SVD), so that the
+        normalised weight's spectral norm is at most ``coeff`` to rounding."""
+        left, _, right = torch.linalg.svd(self.weight.double(), full_matrices=False)
+        u, v = left[:, 0], right[0]
+        self.u.copy_(u.to(self.u.dtype))
+        self.v.copy_(v.to(self.v.dtype))
 
     def normalized_weight(self) -> Tensor:
         sigma = self.u @ self.weight @ self.v
@@ -282,6 +304,19 @@ class ResidualFlow(Flow):
                  context_features: int = 0) -> None:
         super().__init__(dim, transforms, context_features)
         self.series_terms = series_terms
+
+    def train(self, mode: bool = True) -> ResidualFlow:
+        """``eval()`` first settles every spectral norm exactly on the weights as they are
+        now (:meth:`SpectralLinear.settle`: the last step's update came after its power
+        iteration, which converges slowly when the top singular values are close), so a
+        flow that is evaluated, kept as the best state or exported holds ``Lip(g) <=
+        coeff^layers < 1``."""
+        if not mode:
+            for transform in self.transforms:
+                if isinstance(transform, ResidualBlock):
+                    for linear in transform.linears:
+                        linear.settle()
+        return super().train(mode)
 
     @property
     def serves_exact_log_det(self) -> bool:
