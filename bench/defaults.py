@@ -14,6 +14,10 @@ Two phases over ``bench/suite.py``:
   (3 x 256 SELU MLP of its examples, sigma 0, Adam 1e-3, Euler), with paired standard errors
   and seconds per 1000 steps. It writes the section of docs/BENCHMARKS.md.
 
+``--groups resflow`` runs the residual flow alone: ``tune`` weighs its candidates (learning
+rate and Lipschitz coefficient) on the flows' tuning sets, ``confirm`` its default's gap on
+the confirmation sets with a true density, set beside the flows' table of the same set.
+
 Peers train on the same rows, standardized with the training split's mean and std (the
 log-det is counted, so every log-likelihood is in data units).
 
@@ -50,10 +54,19 @@ FIELDS = ("otcfm", "cfm", "ddpm")
 # The search, cut to what 2 shared cores run in about 15 minutes: 1000 steps, not 3000; two
 # tuning sets for flows and three for fields; two flow and three field candidates; otcfm
 # stands for the fields.
+_RESFLOW_NET = {"hidden_features": 128, "hidden_layers": 2, "transforms": 5}
 CANDIDATES: dict[str, dict[str, tuple[dict[str, Any], dict[str, Any]]]] = {
     "flow": {
         "w64 (old default)": ({"hidden_features": 64}, {}),
         "w128": ({"hidden_features": 128}, {}),
+    },
+    # the residual flow on the other flows' default network (the width rule of D, 2 layers,
+    # 5 blocks): its spectrally normalised blocks and the flows' lr 1e-3 (bench.resflow_ablation)
+    "resflow": {
+        "lr 1e-3, Lipschitz 0.9 (old default)": (_RESFLOW_NET, {}),
+        "lr 1e-2, Lipschitz 0.97": (_RESFLOW_NET | {"lipschitz": 0.97}, {"lr": 1e-2}),
+        "lr 2e-2, Lipschitz 0.97": (_RESFLOW_NET | {"lipschitz": 0.97}, {"lr": 2e-2}),
+        "lr 4e-2, Lipschitz 0.97": (_RESFLOW_NET | {"lipschitz": 0.97}, {"lr": 4e-2}),
     },
     "field": {
         "64x2 (old default)": ({"hidden_features": 64, "hidden_layers": 2}, {}),
@@ -63,8 +76,11 @@ CANDIDATES: dict[str, dict[str, tuple[dict[str, Any], dict[str, Any]]]] = {
                                 {"lr": 3e-3, "ema_decay": 0.999}),
     },
 }
-TUNE_SETS = {"flow": ("gmm10_t", "tmix4_t"),
+TUNE_SETS = {"flow": ("gmm10_t", "tmix4_t"), "resflow": ("gmm10_t", "tmix4_t"),
              "field": ("gmm10_t", "tmix4_t", "curve8_t")}
+DENSITY_GROUPS = {"flow": FLOWS, "resflow": ("resflow",)}
+"""The tuning groups scored by the gap to the true validation log-likelihood, and their
+model types (each candidate trained once per type and set)."""
 
 
 # --------------------------------------------------------------------------- training
@@ -225,20 +241,22 @@ def tune(groups: tuple[str, ...] = ("flow", "field"), only: list[str] | None = N
     from bench.report import machine_line
 
     out: dict[str, Any] = {"machine": machine_line(), "steps": TUNE_STEPS, "batch": BATCH,
-                           "sets": TUNE_SETS, "flow": {}, "field": {}}
-    for label, (model, train) in CANDIDATES["flow"].items() if "flow" in groups else ():
-        rows = {}
-        for name in TUNE_SETS["flow"]:
-            s = SUITE[name]
-            _, x_val, _ = suite_splits(s)
-            truth = float(s.density().log_density(x_val).mean())
-            for kind in FLOWS:
-                ckpt, secs = train_ours(kind, s, TUNE_STEPS, _width(model, s.dim), train)
-                gap = truth - float(_ours_log_prob(ckpt)(x_val).mean())
-                rows[f"{name}/{kind}"] = {"gap": gap, "seconds": secs}
-                print(f"tune flow {label} {name} {kind}: gap {gap:.4f} ({secs:.0f} s)",
-                      file=sys.stderr, flush=True)
-        out["flow"][label] = rows
+                           "sets": {g: TUNE_SETS[g] for g in groups},
+                           **{g: {} for g in groups}}
+    for group, kinds in DENSITY_GROUPS.items():
+        for label, (model, train) in CANDIDATES[group].items() if group in groups else ():
+            rows = {}
+            for name in TUNE_SETS[group]:
+                s = SUITE[name]
+                _, x_val, _ = suite_splits(s)
+                truth = float(s.density().log_density(x_val).mean())
+                for kind in kinds:
+                    ckpt, secs = train_ours(kind, s, TUNE_STEPS, _width(model, s.dim), train)
+                    gap = truth - float(_ours_log_prob(ckpt)(x_val).mean())
+                    rows[f"{name}/{kind}"] = {"gap": gap, "seconds": secs}
+                    print(f"tune {group} {label} {name} {kind}: gap {gap:.4f} ({secs:.0f} s)",
+                          file=sys.stderr, flush=True)
+            out[group][label] = rows
     for label, (model, train) in CANDIDATES["field"].items() if "field" in groups else ():
         if only and label not in only:
             continue
@@ -299,6 +317,15 @@ def confirm_set(name: str, groups: tuple[str, ...] = ("flow", "field")) -> dict[
         res["flow"]["best_ours"], res["flow"]["best_peer"] = ours, peer
         res["flow"]["best_vs_peer"] = _paired(ll[peer], ll[ours])  # > 0: ours further
         res["flow"]["auto_vs_best"] = _paired(ll[ours], ll["auto"])
+    if "resflow" in groups and truth is not None:
+        ckpt, secs_rf = train_ours("resflow", s, STEPS)
+        ll_rf = _ours_log_prob(ckpt)(x_test)
+        print(f"confirm {name} resflow: {ll_rf.mean():.4f} ({secs_rf:.0f} s)",
+              file=sys.stderr, flush=True)
+        res["resflow"] = {"seconds_per_1000": {"resflow": secs_rf * 1000 / STEPS},
+                          "test_log_likelihood": float(ll_rf.mean()),
+                          "true_log_likelihood": float(truth.mean()),
+                          "gap": _paired(truth, ll_rf)}
     if "field" in groups and density is not None:
         floor = _w2_floor(s, x_test)
         samplers, secs = {}, {}
@@ -341,12 +368,17 @@ def _tune_tables(tune_: dict[str, Any]) -> list[str]:
     from bench.report import markdown_table
 
     out = []
-    flows = tune_.get("flow", {})
-    if flows:
-        rows = [[label] + [float(np.mean([v["gap"] for k, v in res.items()
-                                          if k.endswith("/" + kind)])) for kind in FLOWS]
-                for label, res in flows.items()]
-        out.append(markdown_table(["flow candidate", *[f"{k}: mean gap" for k in FLOWS]], rows))
+    for group, kinds in DENSITY_GROUPS.items():
+        cands = tune_.get(group, {})
+        if cands:
+            rows = [[label] + [float(np.mean([v["gap"] for k, v in res.items()
+                                              if k.endswith("/" + kind)])) for kind in kinds]
+                    + ([", ".join(f"{k.split('/')[0]} {v['gap']:.3f}" for k, v in res.items())]
+                       if len(kinds) == 1 else [])
+                    for label, res in cands.items()]
+            out.append(markdown_table([f"{group} candidate",
+                                       *[f"{k}: mean gap" for k in kinds]]
+                                      + (["per set"] if len(kinds) == 1 else []), rows))
     fields = tune_.get("field", {})
     if fields:
         rows = [[label, float(np.mean([v["w2_excess_16"] for v in res.values()])),
@@ -375,6 +407,21 @@ def _flow_rows(results: list[dict[str, Any]]) -> tuple[list[list[Any]], list[flo
                      _pm(f["best_vs_peer"]), "met" if ok else "missed",
                      _pm(f["auto_vs_best"])])
     return rows, ratios, met
+
+
+def _resflow_rows(results: list[dict[str, Any]]) -> list[list[Any]]:
+    rows = []
+    for r in results:
+        rf, f = r.get("resflow"), r.get("flow")
+        if rf is None or f is None:
+            continue
+        ours, peer = f["gap"][f["best_ours"]], f["gap"][f["best_peer"]]
+        diff = {"mean": rf["gap"]["mean"] - peer["mean"],
+                "se": math.hypot(rf["gap"]["se"], peer["se"])}
+        rows.append([r["set"], r["dim"], _pm(rf["gap"]), f"{f['best_ours']} {_pm(ours)}",
+                     f"{f['best_peer']} {_pm(peer)}", _pm(diff),
+                     "closer" if diff["mean"] <= 0 else "further"])
+    return rows
 
 
 def _field_rows(results: list[dict[str, Any]]) -> tuple[list[list[Any]], list[float], int]:
@@ -406,10 +453,13 @@ def render(tune_: dict[str, Any] | None, confirm: dict[str, Any] | None, command
              "halves fixed in the code before any run). Commands:", "", "```", command,
              "```", ""]
     if tune_:
+        where = {"flow": "flows", "resflow": "the residual flow",
+                 "field": "fields (otcfm for all three)"}
         parts += [f"**Search on the tuning half** ({tune_['steps']} steps x {tune_['batch']}, "
                   "validation splits; cut from 3000 steps and from the whole half to what two "
-                  f"shared cores run in minutes: flows on {', '.join(tune_['sets']['flow'])}, "
-                  f"fields (otcfm for all three) on {', '.join(tune_['sets']['field'])}):", ""]
+                  "shared cores run in minutes: " + ", ".join(
+                      f"{where[g]} on {', '.join(sets)}" for g, sets in tune_["sets"].items())
+                  + "):", ""]
         parts += [t + "\n" for t in _tune_tables(tune_)]
     if confirm:
         res = confirm["results"]
@@ -444,9 +494,19 @@ def render(tune_: dict[str, Any] | None, confirm: dict[str, Any] | None, command
                       f"**: met on {fmet} of {n_field} sets; mean ratio ours/peer **{fr:.2f}** "
                       f"(≤ 0.8: **{'met' if fr <= 0.8 else 'missed'}**; excesses near or below "
                       "the finite-sample floor make this ratio noisy).", ""]
+        rrows = _resflow_rows(res)
+        if rrows:
+            parts += ["The residual flow's default (chosen on the tuning half after the run "
+                      "above; this is its one look at the confirmation half; sets with a "
+                      "true density): its gap next to our best of nsf / nsf_ar / maf and "
+                      "the best zuko flow from the table above ('resflow − peer' < 0: "
+                      "closer; s.e. of a difference of two runs' means, not paired).", ""]
+            parts.append(markdown_table(["set", "D", "resflow", "best of ours above",
+                                         "best peer", "resflow − peer", ""], rrows))
+            parts.append("")
         secs: dict[str, list[float]] = {}
         for r in res:
-            for g in ("flow", "field"):
+            for g in ("flow", "resflow", "field"):
                 for k, v in r.get(g, {}).get("seconds_per_1000", {}).items():
                     secs.setdefault(k, []).append(v)
         parts.append(markdown_table(["model", "s per 1000 steps (median over sets)"],
@@ -469,6 +529,21 @@ def _merged(paths: list[Path]) -> dict[str, Any] | None:
     order = [k for k in SUITE if k in merged]
     return {"steps": payload["steps"], "batch": payload["batch"],
             "results": [merged[k] for k in order]}
+
+
+def _merged_tune(paths: list[Path]) -> dict[str, Any] | None:
+    """The tuning JSONs of separate runs (``tune --groups ... --out ...``) merged group by
+    group, in ``TUNE_SETS``' order."""
+    if not paths:
+        return None
+    merged: dict[str, Any] = {}
+    sets: dict[str, Any] = {}
+    for path in paths:
+        payload = json.loads(path.read_text())
+        sets |= {g: v for g, v in payload["sets"].items() if payload.get(g)}
+        merged |= {k: v for k, v in payload.items() if k != "sets" and v != {}}
+    merged["sets"] = {g: sets[g] for g in TUNE_SETS if g in sets}
+    return merged
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -498,8 +573,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from bench.report import write_section
 
-        tune_path = ROOT / "docs/bench/defaults_tune.json"
-        md = render(json.loads(tune_path.read_text()) if tune_path.exists() else None,
+        md = render(_merged_tune(sorted((ROOT / "docs/bench").glob("defaults_tune*.json"))),
                     _merged(sorted((ROOT / "docs/bench").glob("defaults_confirm_*.json"))),
                     ns.command or "python -m bench.defaults tune && python -m bench.defaults "
                     "confirm && python -m bench.defaults render",

@@ -1,6 +1,6 @@
 """The flow-zoo and OT-CFM targets on gmm2/gmm6/gmm16, trained with the defaults only.
 
-    python -m bench.defaults_zoo [--sets gmm2 gmm6 gmm16] [--jobs 2]
+    python -m bench.defaults_zoo [--sets gmm2 gmm6 gmm16] [--flows nsf ...] [--jobs 2]
 
 Issue #30 asks that the existing gmm2/6/16 targets keep holding with the defaults (no per-set
 configuration). ``bench.flows`` and ``bench.families`` meet them with configurations of their
@@ -8,19 +8,21 @@ own; this runs what a user gets from ``genserve train --model KIND`` (``default_
 and ``default_train_config``) on the same data and budget:
 
 * flows (``bench.flows``' data: 100 000 rows split 80/10/10, seed 0; 3000 steps of batch 256):
-  ``nsf``, ``nsf_ar`` and ``maf``; the best one's gap to the true test log-likelihood against
-  ``bench.flows.TARGETS`` (0.01 / 0.05 / 0.25 nats);
+  ``nsf``, ``nsf_ar``, ``maf`` and ``resflow``; the best one's gap to the true test
+  log-likelihood against ``bench.flows.TARGETS`` (0.01 / 0.05 / 0.25 nats);
 * ``otcfm`` (``bench.families``' data: 30 000 rows; same budget): the W2 excess over the
   finite-sample floor at 16 Euler steps, mean of ``bench.families.TARGET_SEEDS`` noise seeds,
   against ``bench.families.OTCFM_TARGET``.
 
 Writes the ``defaults-zoo`` section of ``docs/BENCHMARKS.md`` and
-``docs/bench/defaults_zoo.json``.
+``docs/bench/defaults_zoo.json``; a run of some flows or sets replaces those rows of the
+earlier run and keeps the others (each command is listed).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import shlex
 import sys
@@ -34,7 +36,7 @@ from bench.report import machine_line, markdown_table, publish, rerender
 
 SECTION = "defaults-zoo"
 SETS = ("gmm2", "gmm6", "gmm16")
-FLOWS = ("nsf", "nsf_ar", "maf")
+FLOWS = ("nsf", "nsf_ar", "maf", "resflow")
 STEPS = 3000
 BATCH = 256
 FLOW_ROWS = 100_000
@@ -120,10 +122,11 @@ def render(payload: dict[str, Any]) -> str:
                        if f else "not measured"])
     widths = ", ".join(f"{r['set']} {r['kind']} {r['config']['hidden_features']}"
                        for r in res if r["job"] == "flow" and r["kind"] == "nsf")
+    runs = "; ".join(f"`{c['command']}` ({c['machine']}; {c['seconds'] / 60:.1f} min)"
+                     for c in _commands(payload))
     return "\n".join([
         "## The gmm2/6/16 targets with the defaults (issue #30)", "",
-        f"Command: `{payload['command']}` ({payload['machine']}; "
-        f"{payload['seconds'] / 60:.1f} min). Every model as `genserve train --model KIND` "
+        f"Commands: {runs}. Every model as `genserve train --model KIND` "
         f"builds it (`training.config.default_model_config` / `default_train_config`), "
         f"{STEPS} steps of batch {BATCH}, seed {SEED}; no per-set configuration "
         f"(flow widths by the rule max(128, 4 D): {widths}).", "",
@@ -135,6 +138,25 @@ def render(payload: dict[str, Any]) -> str:
         markdown_table(["set", "otcfm W2 excess", "target", ""], o_rows), ""])
 
 
+def _commands(payload: dict[str, Any]) -> list[dict[str, Any]]:
+    """The runs behind ``payload`` (a single-run file names one ``command``)."""
+    if "commands" in payload:
+        return list(payload["commands"])
+    return ([{k: payload[k] for k in ("command", "machine", "seconds")}]
+            if "command" in payload else [])
+
+
+def _merged(json_path: Path, results: list[dict[str, Any]], run: dict[str, Any]
+            ) -> dict[str, Any]:
+    """This run's rows and the earlier runs' rows of the other (job, model, set) triples."""
+    old = json.loads(json_path.read_text()) if json_path.exists() else {"results": []}
+    commands = _commands(old)
+    fresh = {(r["job"], r["kind"], r["set"]) for r in results}
+    kept = [r for r in old["results"] if (r["job"], r["kind"], r["set"]) not in fresh]
+    return {"sets": [s for s in SETS if any(r["set"] == s for r in kept + results)],
+            "commands": commands + [run], "results": kept + results}
+
+
 def main(argv: list[str] | None = None) -> int:
     from bench.jobs import run_jobs
     from service.progress import progress_bar
@@ -142,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.defaults_zoo",
                                 description=__doc__.split("\n")[0])
     p.add_argument("--sets", nargs="+", choices=SETS, default=list(SETS))
+    p.add_argument("--flows", nargs="+", choices=FLOWS, default=list(FLOWS))
+    p.add_argument("--no-otcfm", action="store_true", help="flows only")
     p.add_argument("--jobs", type=int, default=2, help="trainings side by side")
     p.add_argument("--render", action="store_true",
                    help="rewrite the section from docs/bench/defaults_zoo.json without running")
@@ -150,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     if ns.render:
         rerender(SECTION, render, json_path)
         return 0
-    jobs = [("flow", k, s) for s in ns.sets for k in FLOWS] + [("otcfm", s) for s in ns.sets]
+    jobs = [("flow", k, s) for s in ns.sets for k in ns.flows] + (
+        [] if ns.no_otcfm else [("otcfm", s) for s in ns.sets])
     results: list[dict[str, Any]] = []
     start = time.perf_counter()
     with progress_bar(total=len(jobs), desc="bench.defaults_zoo", unit="run") as bar:
@@ -163,10 +188,10 @@ def main(argv: list[str] | None = None) -> int:
             bar.update()
 
         run_jobs(_run, jobs, ns.jobs, report)
-    payload = {"command": "python -m bench.defaults_zoo " + shlex.join(argv or sys.argv[1:]),
-               "machine": machine_line(), "sets": ns.sets,
-               "seconds": time.perf_counter() - start, "results": results}
-    print(publish(SECTION, render, json_path, payload))
+    run = {"command": ("python -m bench.defaults_zoo " + shlex.join(
+        sys.argv[1:] if argv is None else argv)).strip(), "machine": machine_line(),
+        "seconds": time.perf_counter() - start}
+    print(publish(SECTION, render, json_path, _merged(json_path, results, run)))
     return 0
 
 

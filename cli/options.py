@@ -30,7 +30,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="ffjord: RNODE kinetic-energy weight (0)")
     g.add_argument("--jacobian-norm", dest="jacobian_norm", type=float,
                    help="ffjord: RNODE Jacobian Frobenius-norm weight (0)")
-    g.add_argument("--lipschitz", type=float, help="resflow: Lipschitz coefficient < 1 (0.9)")
+    g.add_argument("--lipschitz", type=float, help="resflow: Lipschitz coefficient < 1 (0.97)")
     g.add_argument("--fixed-point-iterations", dest="fixed_point_iterations", type=int,
                    help="resflow: unrolled fixed-point iterations of the served inverse (50)")
     g.add_argument("--series-terms", dest="series_terms", type=int,

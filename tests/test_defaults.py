@@ -22,7 +22,7 @@ DATA = ["--data", "gmm2", "--rows", "600", "--no-progress"]
 BUDGET_SLACK_S = 3.0
 
 
-@pytest.mark.parametrize("kind", ["maf", "otcfm", "edm", "realnvp"])
+@pytest.mark.parametrize("kind", ["maf", "otcfm", "edm", "resflow", "realnvp"])
 def test_train_without_options_uses_the_model_types_defaults(tmp_path: Path, kind: str) -> None:
     assert main(["train", "--model", kind, *DATA, "--steps", "3", "--out",
                  str(tmp_path / kind)]) == 0
