@@ -306,10 +306,10 @@ class ResidualFlow(Flow):
         self.series_terms = series_terms
 
     def train(self, mode: bool = True) -> ResidualFlow:
-        """``eval()`` first settles every spectral norm exactly on the weights as they are
-        now (:meth:`SpectralLinear.settle`: the last step's update came after its power
-        iteration, which converges slowly when the top singular values are close), so a
-        flow that is evaluated, kept as the best state or exported holds ``Lip(g) <=
+        """Switching to eval mode first settles every spectral norm exactly on the weights as
+        they are now (:meth:`SpectralLinear.settle`: the last step's update came after its
+        power iteration, which converges slowly when the top singular values are close), so
+        a flow that is evaluated, kept as the best state or exported holds ``Lip(g) <=
         coeff^layers < 1``."""
         if not mode:
             for transform in self.transforms:
