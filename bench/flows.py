@@ -828,7 +828,10 @@ Run 3 repeats FFJORD and OT-CFM at 400 steps (the same test log-likelihoods as r
 set (`TrainConfig.max_seconds`: OT-CFM's cosine schedule then runs on the clock). At equal
 wall time OT-CFM takes 7.5 (gmm2) and 6.2 (8gaussians) times the steps, and its PF-ODE
 log-likelihood ends 0.64 (gmm2) and 0.83 (8gaussians) nats above FFJORD's: maximum likelihood
-learns more per step, the simulation-free loss more per second, at this budget.
+learns more per step, the simulation-free loss more per second, at this budget and rate. At
+each model's own rate, chosen on validation (`python -m bench.ffjord_rate`, section "FFJORD
+against OT-CFM at equal wall time, each at its own rate"), the two tie on gmm2 and OT-CFM
+leads by 0.06 nats on 8gaussians.
 
 Why the residual flow misses here: its learning rate. Every model above trains at lr 1e-3;
 changing one thing at a time on the same rows (`python -m bench.resflow_ablation`, section

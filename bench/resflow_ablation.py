@@ -131,7 +131,7 @@ def render(payload: dict[str, Any]) -> str:
         markdown_table(["set", "variant", "test gap ± s.e.", "val gap", "steps",
                         "s / 1000 steps"], rows),
         "",
-        payload["notes"],
+        NOTES,
     ]).rstrip() + "\n"
 
 
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     results = [r for name in args.sets for r in run(name, args.steps, args.rows)]
     publish(SECTION, render, JSON_PATH, {
         "command": command.strip(), "machine": machine_line(), "steps": args.steps,
-        "rows": args.rows, "wall": time.perf_counter() - start, "notes": NOTES,
+        "rows": args.rows, "wall": time.perf_counter() - start,
         "results": results})
     return 0
 
