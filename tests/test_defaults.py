@@ -10,7 +10,12 @@ import pytest
 from cli import main
 from training.auto import AUTO_CANDIDATES, best_by_validation, fit_auto
 from training.checkpoint import load_checkpoint
-from training.config import ModelConfig, default_model_config, default_train_config
+from training.config import (
+    ModelConfig,
+    TrainConfig,
+    default_model_config,
+    default_train_config,
+)
 from training.evaluate import checkpoint_splits, data_log_prob
 from training.fit import fit
 
@@ -22,7 +27,7 @@ DATA = ["--data", "gmm2", "--rows", "600", "--no-progress"]
 BUDGET_SLACK_S = 3.0
 
 
-@pytest.mark.parametrize("kind", ["maf", "otcfm", "edm", "resflow", "realnvp"])
+@pytest.mark.parametrize("kind", ["maf", "otcfm", "edm", "resflow", "ffjord", "realnvp"])
 def test_train_without_options_uses_the_model_types_defaults(tmp_path: Path, kind: str) -> None:
     assert main(["train", "--model", kind, *DATA, "--steps", "3", "--out",
                  str(tmp_path / kind)]) == 0
@@ -31,6 +36,9 @@ def test_train_without_options_uses_the_model_types_defaults(tmp_path: Path, kin
     assert cfg.train == default_train_config(kind, steps=3, progress=False)
     if kind == "realnvp":  # no tuned defaults: the class defaults
         assert cfg.model == ModelConfig()
+        assert cfg.train == TrainConfig(steps=3, progress=False)
+    elif kind == "ffjord":  # a tuned rate on the class network
+        assert cfg.model == ModelConfig() and cfg.train.lr != TrainConfig().lr
     else:
         assert cfg.model != ModelConfig()
 
