@@ -817,11 +817,13 @@ measures that). Next to NSF: the residual flow's exact 2-D log-det graph answers
 rows/s, TarFlow 0.039x (its one pass runs two transformer layers per block), FFJORD 0.021x
 and OT-CFM 0.017x (tens of adaptive dopri5 steps, each a velocity and divergence call).
 
-Cut from the issue's benchmark, **not measured**: gmm6, gmm16, checkerboard, 2spirals and
-digits (bits/dim); the zoo's 3000-step budget on 100k rows (here 400 steps on 5000 rows:
-every model is far from converged, so the gaps say more about speed of learning than about
-capacity). TarFlow on digits_image against glow_image at equal parameters, with its
-samples beside glow_image's, is in the images section (`python -m bench.images`).
+Here 400 steps on 5000 rows: every model is far from converged, so the gaps say more about
+speed of learning than about capacity. The residual flow at the zoo's budget (3000 steps on
+100k rows; gmm2, gmm6, gmm16, 8gaussians, checkerboard, 2spirals) is in the flow zoo
+section. **Not measured** at that budget: FFJORD and TarFlow (vector tokens), and digits
+(bits/dim) for the residual flow and FFJORD. TarFlow on digits_image against glow_image at
+equal parameters, with its samples beside glow_image's, is in the images section
+(`python -m bench.images`).
 
 Run 3 repeats FFJORD and OT-CFM at 400 steps (the same test log-likelihoods as runs 1 and
 2, to the fourth decimal) and then trains OT-CFM for as long as FFJORD's loop took on each
