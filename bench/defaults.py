@@ -54,9 +54,9 @@ W2_SEEDS = 3  # noise seeds of the 16-NFE cell (paired standard errors)
 FLOWS = ("nsf", "nsf_ar", "maf")
 FIELDS = ("otcfm", "cfm", "ddpm")
 
-# The search, cut to what 2 shared cores run in about 15 minutes: 1000 steps, not 3000; two
-# tuning sets for flows and three for fields; two flow and three field candidates; otcfm
-# stands for the fields.
+# The search, cut to what 2 shared cores run in about 15 minutes per group: 1000 steps, not
+# 3000; two tuning sets for the density groups and three for fields; otcfm stands for the
+# fields.
 _RESFLOW_NET = {"hidden_features": 128, "hidden_layers": 2, "transforms": 5}
 _FFJORD_NET = {"hidden_features": 64, "hidden_layers": 2}
 CANDIDATES: dict[str, dict[str, tuple[dict[str, Any], dict[str, Any]]]] = {

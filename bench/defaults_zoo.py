@@ -24,15 +24,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shlex
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bench.report import machine_line, markdown_table, publish, rerender
+from bench.report import command_line, machine_line, markdown_table, publish, rerender
 
 SECTION = "defaults-zoo"
 SETS = ("gmm2", "gmm6", "gmm16")
@@ -123,7 +121,7 @@ def render(payload: dict[str, Any]) -> str:
     widths = ", ".join(f"{r['set']} {r['kind']} {r['config']['hidden_features']}"
                        for r in res if r["job"] == "flow" and r["kind"] == "nsf")
     runs = "; ".join(f"`{c['command']}` ({c['machine']}; {c['seconds'] / 60:.1f} min)"
-                     for c in _commands(payload))
+                     for c in payload["commands"])
     return "\n".join([
         "## The gmm2/6/16 targets with the defaults (issue #30)", "",
         f"Commands: {runs}. Every model as `genserve train --model KIND` "
@@ -138,23 +136,15 @@ def render(payload: dict[str, Any]) -> str:
         markdown_table(["set", "otcfm W2 excess", "target", ""], o_rows), ""])
 
 
-def _commands(payload: dict[str, Any]) -> list[dict[str, Any]]:
-    """The runs behind ``payload`` (a single-run file names one ``command``)."""
-    if "commands" in payload:
-        return list(payload["commands"])
-    return ([{k: payload[k] for k in ("command", "machine", "seconds")}]
-            if "command" in payload else [])
-
-
 def _merged(json_path: Path, results: list[dict[str, Any]], run: dict[str, Any]
             ) -> dict[str, Any]:
     """This run's rows and the earlier runs' rows of the other (job, model, set) triples."""
-    old = json.loads(json_path.read_text()) if json_path.exists() else {"results": []}
-    commands = _commands(old)
+    old = (json.loads(json_path.read_text()) if json_path.exists()
+           else {"commands": [], "results": []})
     fresh = {(r["job"], r["kind"], r["set"]) for r in results}
     kept = [r for r in old["results"] if (r["job"], r["kind"], r["set"]) not in fresh]
     return {"sets": [s for s in SETS if any(r["set"] == s for r in kept + results)],
-            "commands": commands + [run], "results": kept + results}
+            "commands": old["commands"] + [run], "results": kept + results}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,9 +178,8 @@ def main(argv: list[str] | None = None) -> int:
             bar.update()
 
         run_jobs(_run, jobs, ns.jobs, report)
-    run = {"command": ("python -m bench.defaults_zoo " + shlex.join(
-        sys.argv[1:] if argv is None else argv)).strip(), "machine": machine_line(),
-        "seconds": time.perf_counter() - start}
+    run = {"command": command_line("bench.defaults_zoo", argv), "machine": machine_line(),
+           "seconds": time.perf_counter() - start}
     print(publish(SECTION, render, json_path, _merged(json_path, results, run)))
     return 0
 

@@ -34,8 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -53,7 +51,7 @@ from bench.families import (
     seeded_w2,
     train_one,
 )
-from bench.report import machine_line, markdown_table, rerender, write_results
+from bench.report import command_line, machine_line, markdown_table, rerender, write_results
 from service.progress import progress_bar
 
 SECTION = "edm"
@@ -376,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     with progress_bar(total=len(ns.sets) * (len(PLANS) + len(METHODS)), desc="bench.edm",
                       unit="step") as bar:
         results = [run_set(name, ns.steps, ns.rows, log=bar.write, bar=bar) for name in ns.sets]
-    payload = {"command": "python -m bench.edm " + shlex.join(argv or sys.argv[1:]),
+    payload = {"command": command_line("bench.edm", argv),
                "machine": machine_line(), "sets": ns.sets, "steps": ns.steps, "rows": ns.rows,
                "seconds": time.perf_counter() - start, "results": results}
     payload["targets"] = targets(results)

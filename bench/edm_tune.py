@@ -31,15 +31,13 @@ from __future__ import annotations
 import argparse
 import functools
 import itertools
-import shlex
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bench.report import machine_line, markdown_table, publish, rerender
+from bench.report import command_line, machine_line, markdown_table, publish, rerender
 from service.progress import progress_bar
 
 SECTION = "edm-tune"
@@ -239,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
                 "default": (None, None)})
             bar.write(f"{name}: {trained[name]} {networks[name]}")
             bar.update()
-    payload = {"command": "python -m bench.edm_tune " + shlex.join(argv or sys.argv[1:]),
+    payload = {"command": command_line("bench.edm_tune", argv),
                "machine": machine_line(), "steps": ns.steps,
                "seconds": time.perf_counter() - start, "grids": grids,
                "grid_vs_default": best_vs_default(grids), "trained": trained,

@@ -22,8 +22,6 @@ A set's runs go one after another in one process, so both models train under the
 from __future__ import annotations
 
 import argparse
-import shlex
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -34,16 +32,13 @@ JSON_PATH = ROOT / "docs" / "bench" / "ffjord_rate.json"
 SECTION = "ffjord-rate"
 RATES = (1e-3, 1e-2, 3e-2)
 STEPS, ROWS = 400, 5000
-CLOCK_STEP_CAP = 1_000_000  # OT-CFM: the clock, not this, ends its run
 
 
 def one_set(name: str) -> list[dict[str, Any]]:
     """Every run of one set (FFJORD per rate, then OT-CFM per rate on FFJORD's clock)."""
-    from bench.flows import PLANS, Arch, run_one
+    from bench.flows import PLANS, TIMED_STEP_CAP, run_one, subset_plan
 
-    base = replace(PLANS[name], steps=STEPS, rows=ROWS, eval_every=min(250, STEPS),
-                   by_kind={}, max_steps={},
-                   arch=Arch(hidden_features=64, hidden_layers=2, transforms=4, bins=8))
+    base = subset_plan(PLANS[name], STEPS, ROWS)
     rows: list[dict[str, Any]] = []
 
     def record(kind: str, lr: float, res: dict[str, Any], clock: float | None) -> None:
@@ -62,7 +57,7 @@ def one_set(name: str) -> list[dict[str, Any]]:
                key=lambda r: r["val_log_likelihood"])
     clock = kept["train_seconds"]
     for lr in RATES:
-        plan = replace(base, lr=lr, steps=CLOCK_STEP_CAP, max_seconds=clock)
+        plan = replace(base, lr=lr, steps=TIMED_STEP_CAP, max_seconds=clock)
         record("otcfm", lr, run_one("otcfm", name, plan), clock)
     return rows
 
@@ -122,7 +117,7 @@ apart from these sets, on bench.suite's tuning half ("Defaults on data nobody tu
 
 def main(argv: list[str] | None = None) -> int:
     from bench.jobs import run_jobs
-    from bench.report import machine_line, publish, rerender
+    from bench.report import command_line, machine_line, publish, rerender
 
     parser = argparse.ArgumentParser(prog="python -m bench.ffjord_rate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -135,8 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.render:
         rerender(SECTION, render, JSON_PATH)
         return 0
-    command = ("python -m bench.ffjord_rate " + " ".join(
-        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))).strip()
+    command = command_line("bench.ffjord_rate", argv)
     start = time.perf_counter()
     found: dict[str, list[dict[str, Any]]] = {}
     run_jobs(one_set, [(s,) for s in args.sets], args.jobs,

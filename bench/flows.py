@@ -34,8 +34,6 @@ import argparse
 import json
 import math
 import os
-import shlex
-import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -138,9 +136,9 @@ PLANS: dict[str, Plan] = {
 
 TUNE: dict[str, list[dict[str, Any]]] = {
     # --tune: candidate overrides of a set's plan per flow type, compared on the validation
-    # split only. The residual flow's spectrally normalised blocks learn slowly at the plans'
-    # lr 1e-3 (docs/BENCHMARKS.md, the zoo's notes), so its candidates are higher rates, and
-    # a Lipschitz coefficient nearer 1 with the highest
+    # split only. The residual flow barely leaves its initial state at the plans' lr 1e-3
+    # (bench.resflow_ablation), so its candidates are higher rates, each with a Lipschitz
+    # coefficient of 0.97
     "resflow": [_RESFLOW_1E2, _RESFLOW_2E2, _RESFLOW_4E2],
 }
 
@@ -169,6 +167,19 @@ def flow_kinds() -> list[str]:
 
     return [k for k, spec in MODEL_TYPES.items()
             if spec.family == "flow" and not is_image_model(k)]
+
+
+SUBSET_ARCH = Arch(hidden_features=64, hidden_layers=2, transforms=4, bins=8)
+"""Every model's network at the reduced budget."""
+
+
+def subset_plan(plan: Plan, steps: int | None = None, rows: int | None = None) -> Plan:
+    """``plan`` at a reduced budget: ``steps`` and ``rows`` where given, ``SUBSET_ARCH``, no
+    per-flow overrides or step caps."""
+    steps = steps or plan.steps
+    return replace(plan, steps=steps, rows=rows or plan.rows,
+                   eval_every=min(plan.eval_every, steps), arch=SUBSET_ARCH, max_steps={},
+                   by_kind={})
 
 
 def quick_plan(plan: Plan) -> Plan:
@@ -674,10 +685,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.render:
-        from bench.report import write_results
+        from bench.report import publish as publish_section
 
-        payload = json.loads(JSON_PATH.read_text()) | {"notes": NOTES}
-        write_results(SECTION, render(payload), JSON_PATH, payload)
+        publish_section(SECTION, render, JSON_PATH,
+                        json.loads(JSON_PATH.read_text()) | {"notes": NOTES})
         return 0
     kinds_all = flow_kinds()
     kinds = args.only or kinds_all
@@ -688,14 +699,10 @@ def main(argv: list[str] | None = None) -> int:
     plans = {s: quick_plan(PLANS[s]) if args.quick else PLANS[s] for s in sets}
     subset = args.steps is not None or args.rows is not None
     if subset:
-        plans = {s: replace(p, steps=args.steps or p.steps, rows=args.rows or p.rows,
-                            eval_every=min(p.eval_every, args.steps or p.steps),
-                            arch=Arch(hidden_features=64, hidden_layers=2, transforms=4,
-                                      bins=8), max_steps={}, by_kind={})
-                 for s, p in plans.items()}
-    command = "python -m bench.flows " + " ".join(shlex.quote(a) for a in (
-        sys.argv[1:] if argv is None else argv))
-    command = command.strip()
+        plans = {s: subset_plan(p, args.steps, args.rows) for s, p in plans.items()}
+    from bench.report import command_line
+
+    command = command_line("bench.flows", argv)
 
     jobs = [(k, s, plans[s], SEED, args.served) for s in sets for k in kinds
             if not (args.tune and k in TUNE)]

@@ -7,13 +7,15 @@ import json
 import os
 import platform
 import re
+import shlex
+import sys
 import tempfile
 from collections.abc import Callable
 from datetime import date
 from pathlib import Path
 
-__all__ = ["BENCHMARKS", "machine_line", "markdown_table", "rerender", "write_results",
-           "write_section"]
+__all__ = ["BENCHMARKS", "command_line", "machine_line", "markdown_table", "publish",
+           "rerender", "write_results", "write_section"]
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "docs" / "BENCHMARKS.md"
 HEADER = """# genserve benchmarks
@@ -22,6 +24,13 @@ Every figure comes with the command that reproduced it. The machines are small (
 shared: timings are medians of repeated runs, and comparisons are ratios measured side by side
 in one run. Quality figures (log-likelihoods, W2) do not depend on load.
 """
+
+
+def command_line(module: str, argv: list[str] | None) -> str:
+    """The command that reproduces a bench run: ``python -m MODULE`` and its arguments
+    (``argv``, or this process's when ``None``), shell-quoted."""
+    args = sys.argv[1:] if argv is None else argv
+    return f"python -m {module} {shlex.join(args)}".strip()
 
 
 def machine_line() -> str:

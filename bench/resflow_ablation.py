@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import shlex
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -91,11 +89,9 @@ def gaussian_fit(name: str, rows: int) -> dict[str, Any]:
 
 
 def run(name: str, steps: int, rows: int) -> list[dict[str, Any]]:
-    from bench.flows import PLANS, Arch, run_one
+    from bench.flows import PLANS, run_one, subset_plan
 
-    base = replace(PLANS[name], steps=steps, rows=rows, eval_every=min(250, steps),
-                   by_kind={}, max_steps={},
-                   arch=Arch(hidden_features=64, hidden_layers=2, transforms=4, bins=8))
+    base = subset_plan(PLANS[name], steps, rows)
     out = [gaussian_fit(name, rows)]
     for label, changes, exact in VARIANTS:
         plan = replace(base, **{k: v for k, v in changes.items() if k != "arch"},
@@ -153,7 +149,7 @@ residual flow's rate at the full budget on the validation split
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from bench.report import machine_line, publish, rerender
+    from bench.report import command_line, machine_line, publish, rerender
 
     parser = argparse.ArgumentParser(prog="python -m bench.resflow_ablation",
                                      description=__doc__,
@@ -169,13 +165,11 @@ def main(argv: list[str] | None = None) -> int:
         rerender(SECTION, render, JSON_PATH)
         return 0
     torch.set_num_threads(1)
-    command = "python -m bench.resflow_ablation " + " ".join(
-        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     start = time.perf_counter()
     results = [r for name in args.sets for r in run(name, args.steps, args.rows)]
     publish(SECTION, render, JSON_PATH, {
-        "command": command.strip(), "machine": machine_line(), "steps": args.steps,
-        "rows": args.rows, "wall": time.perf_counter() - start,
+        "command": command_line("bench.resflow_ablation", argv), "machine": machine_line(),
+        "steps": args.steps, "rows": args.rows, "wall": time.perf_counter() - start,
         "results": results})
     return 0
 

@@ -83,7 +83,7 @@ class SpectralLinear(nn.Linear):
     def power_iteration(self, n: int | None = None) -> None:
         """``n`` iterations; ``None``: until the estimate changes by at most
         :data:`SPECTRAL_RTOL` of itself (at most :data:`SPECTRAL_MAX_ITERATIONS`)."""
-        previous = float(self.u @ self.weight @ self.v)
+        previous = float(self.u @ self.weight @ self.v) if n is None else 0.0
         for _ in range(SPECTRAL_MAX_ITERATIONS if n is None else n):
             # a zero weight (the last layer at initialisation) maps the vectors to zero;
             # they are kept as they are then, so the estimate recovers once it grows
