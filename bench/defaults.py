@@ -16,7 +16,9 @@ Two phases over ``bench/suite.py``:
 
 ``--groups resflow`` runs the residual flow alone: ``tune`` weighs its candidates (learning
 rate and Lipschitz coefficient) on the flows' tuning sets, ``confirm`` its default's gap on
-the confirmation sets with a true density, set beside the flows' table of the same set.
+the confirmation sets with a true density, set beside the flows' table of the same set, and
+its validation log-likelihood, from which ``render`` puts ``--model auto`` (whose candidates
+include it) beside the best default on every set.
 ``tune --groups ffjord`` weighs FFJORD's learning rates the same way (its log-likelihood by
 the PF-ODE); ``--candidates`` splits a group's candidates between processes, and ``render``
 merges every ``defaults_tune*.json``.
@@ -330,15 +332,18 @@ def confirm_set(name: str, groups: tuple[str, ...] = ("flow", "field")) -> dict[
         res["flow"]["best_ours"], res["flow"]["best_peer"] = ours, peer
         res["flow"]["best_vs_peer"] = _paired(ll[peer], ll[ours])  # > 0: ours further
         res["flow"]["auto_vs_best"] = _paired(ll[ours], ll["auto"])
-    if "resflow" in groups and truth is not None:
+    if "resflow" in groups:
         ckpt, secs_rf = train_ours("resflow", s, STEPS)
         ll_rf = _ours_log_prob(ckpt)(x_test)
         print(f"confirm {name} resflow: {ll_rf.mean():.4f} ({secs_rf:.0f} s)",
               file=sys.stderr, flush=True)
         res["resflow"] = {"seconds_per_1000": {"resflow": secs_rf * 1000 / STEPS},
+                          # --model auto's score, to choose among the flows' and this run
+                          "val_log_likelihood": validation_log_likelihood_rows(ckpt, s),
                           "test_log_likelihood": float(ll_rf.mean()),
-                          "true_log_likelihood": float(truth.mean()),
-                          "gap": _paired(truth, ll_rf)}
+                          "test_se": float(ll_rf.std(ddof=1) / math.sqrt(len(ll_rf))),
+                          "true_log_likelihood": None if truth is None else float(truth.mean()),
+                          "gap": None if truth is None else _paired(truth, ll_rf)}
     if "field" in groups and density is not None:
         floor = _w2_floor(s, x_test)
         samplers, secs = {}, {}
@@ -426,7 +431,7 @@ def _resflow_rows(results: list[dict[str, Any]]) -> list[list[Any]]:
     rows = []
     for r in results:
         rf, f = r.get("resflow"), r.get("flow")
-        if rf is None or f is None:
+        if rf is None or f is None or rf["gap"] is None:
             continue
         ours, peer = f["gap"][f["best_ours"]], f["gap"][f["best_peer"]]
         diff = {"mean": rf["gap"]["mean"] - peer["mean"],
@@ -435,6 +440,34 @@ def _resflow_rows(results: list[dict[str, Any]]) -> list[list[Any]]:
                      f"{f['best_peer']} {_pm(peer)}", _pm(diff),
                      "closer" if diff["mean"] <= 0 else "further"])
     return rows
+
+
+def _auto_rows(results: list[dict[str, Any]]) -> tuple[list[list[Any]], int]:
+    """``--model auto`` over ``AUTO_CANDIDATES`` (the flows' run and the residual flow's run
+    of the same set): its choice by validation, and its test log-likelihood against the best
+    candidate's (s.e. of a difference of two runs' means where they differ, not paired)."""
+    from training.auto import AUTO_CANDIDATES, best_by_validation
+
+    rows, met = [], 0
+    for r in results:
+        rf, f = r.get("resflow"), r.get("flow")
+        if rf is None or f is None or "val_log_likelihood" not in rf:
+            continue
+        val = f["val_log_likelihood"] | {"resflow": rf["val_log_likelihood"]}
+        test = f["test_log_likelihood"] | {"resflow": rf["test_log_likelihood"]}
+        # the s.e. of each candidate's mean: paired against the truth (or zuko NSF's rows)
+        # for the flows' run; the resflow run's against the truth, or its rows' own spread
+        se = {k: f["gap"][k]["se"] for k in FLOWS} | {
+            "resflow": rf["gap"]["se"] if rf["gap"] is not None else rf["test_se"]}
+        chose = best_by_validation({k: val[k] for k in AUTO_CANDIDATES})
+        best = max(AUTO_CANDIDATES, key=test.__getitem__)
+        diff = {"mean": test[best] - test[chose],
+                "se": 0.0 if chose == best else math.hypot(se[best], se[chose])}
+        ok = diff["mean"] <= diff["se"]
+        met += ok
+        rows.append([r["set"], r["dim"], chose, f"{test[chose]:.3f}", best, f"{test[best]:.3f}",
+                     _pm(diff), "met" if ok else "missed"])
+    return rows, met
 
 
 def _field_rows(results: list[dict[str, Any]]) -> tuple[list[list[Any]], list[float], int]:
@@ -485,8 +518,8 @@ def render(tune_: dict[str, Any] | None, confirm: dict[str, Any] | None, command
                   "minus the model's). 'best − peer' = our best default's gap minus the best "
                   "zuko flow's (< 0: ours closer).", ""]
         parts.append(markdown_table(
-            ["set", "D", *FLOWS, "auto", "auto chose", "zuko NSF", "zuko MAF",
-             "best − peer", "target", "auto − best"], rows))
+            ["set", "D", *FLOWS, "best of 3 by val", "it chose", "zuko NSF", "zuko MAF",
+             "best − peer", "target", "it − best of 3"], rows))
         mean_ratio = float(np.mean(ratios)) if ratios else math.nan
         parts += ["", f"Density target (every set at least as close as the peer's best): "
                   f"**{'met' if met == n_flow else 'missed'}**: met on {met} of {n_flow} sets; "
@@ -517,6 +550,18 @@ def render(tune_: dict[str, Any] | None, confirm: dict[str, Any] | None, command
             parts.append(markdown_table(["set", "D", "resflow", "best of ours above",
                                          "best peer", "resflow − peer", ""], rrows))
             parts.append("")
+        arows, amet = _auto_rows(res)
+        if arows:
+            parts += ["`--model auto` with the residual flow among its candidates (nsf, "
+                      "nsf_ar, maf, resflow; the flows' run and the residual flow's run of each "
+                      "set): its choice by validation log-likelihood, and its test "
+                      "log-likelihood (nats/row) against the best candidate's.", ""]
+            parts.append(markdown_table(["set", "D", "auto chose", "its test log-lik",
+                                         "best candidate", "its test log-lik",
+                                         "best − auto", "within 1 s.e."], arows))
+            parts += ["", f"`--model auto` within one standard error of the best default: "
+                      f"**{'met' if amet == len(arows) else 'missed'}** on {amet} of "
+                      f"{len(arows)} sets.", ""]
         secs: dict[str, list[float]] = {}
         for r in res:
             for g in ("flow", "resflow", "field"):

@@ -11,8 +11,10 @@ from cli import main
 from training.auto import AUTO_CANDIDATES, best_by_validation, fit_auto
 from training.checkpoint import load_checkpoint
 from training.config import (
+    OWN_RATE_TYPES,
     ModelConfig,
     TrainConfig,
+    candidate_lr,
     default_model_config,
     default_train_config,
 )
@@ -65,7 +67,8 @@ def test_auto_keeps_the_best_candidate_and_records_the_others(
     ckpt = load_checkpoint(out)
     auto = ckpt.config.summary["auto"]
     scores = {k: v["val_log_likelihood"] for k, v in auto["candidates"].items()}
-    assert set(scores) == set(AUTO_CANDIDATES) and len(set(scores.values())) == 3
+    assert set(scores) == set(AUTO_CANDIDATES)
+    assert len(set(scores.values())) == len(AUTO_CANDIDATES)
     assert auto["chosen"] == ckpt.config.model_type == max(scores, key=scores.__getitem__)
     # the recorded scores are the candidates' own: the saved winner scores the same again,
     # and a loser trained on its own (same data, seed and defaults) scores what was recorded
@@ -118,6 +121,16 @@ def test_fit_anomaly_auto_trains_the_auto_candidates_and_chooses_alike(tmp_path:
     tried = {c["model_type"]: -c["val_nll"] for c in s["candidates"]}
     assert tuple(tried) == AUTO_CANDIDATES
     assert s["model_type"] == best_by_validation(tried)
+    # one rate for every candidate, except the types that stall at it
+    rates = {c["model_type"]: c["lr"] for c in s["candidates"]}
+    assert rates["resflow"] == default_train_config("resflow").lr > rates["maf"]
+    assert {rates[k] for k in AUTO_CANDIDATES if k not in OWN_RATE_TYPES} == {rates["maf"]}
+
+
+def test_a_type_that_stalls_at_the_shared_rate_trains_at_its_own() -> None:
+    for kind in OWN_RATE_TYPES:
+        assert candidate_lr(kind, 1e-3) == default_train_config(kind).lr != 1e-3
+    assert candidate_lr("maf", 2e-3) == 2e-3
 
 
 def test_ema_warms_up_so_the_first_weights_fade() -> None:

@@ -25,7 +25,7 @@ from artifact.scores import AnomalyScoreSpec
 from training.anomaly_rows import Prepared, check_smoothing_scales, resmooth
 from training.auto import best_by_validation
 from training.checkpoint import Checkpoint
-from training.config import ModelConfig, PreprocessConfig, TrainConfig
+from training.config import ModelConfig, PreprocessConfig, TrainConfig, candidate_lr
 from training.evaluate import data_log_prob
 from training.export import export_checkpoint
 from training.fit import fit_arrays
@@ -72,7 +72,8 @@ def train_candidate(prep: Prepared, kind: str, seed: int = 0, *,
     model_cfg = ModelConfig(hidden_features=plan.hidden_features,
                             hidden_layers=plan.hidden_layers, transforms=plan.transforms,
                             bins=plan.bins, tail_bound=plan.tail_bound)
-    train_cfg = TrainConfig(steps=plan.steps, batch_size=plan.batch_size, lr=plan.lr,
+    train_cfg = TrainConfig(steps=plan.steps, batch_size=plan.batch_size,
+                            lr=candidate_lr(kind, plan.lr),
                             weight_decay=plan.weight_decay, eval_every=plan.eval_every,
                             patience=plan.patience, seed=seed, progress=progress,
                             warmup_steps=min(100, plan.steps // 10))
@@ -87,7 +88,8 @@ def train_candidate(prep: Prepared, kind: str, seed: int = 0, *,
     # thousands of rows, so ODE candidates are compared on their validation loss.
     val_nll = (float(-np.mean(data_log_prob(ckpt, prep.xv, condition=prep.c_val)["log_prob"]))
                if ckpt.config.family == "flow" else math.nan)
-    entry = {"model_type": kind, "seed": seed, "smoothing": plan.smoothing, "val_nll": val_nll,
+    entry = {"model_type": kind, "seed": seed, "lr": train_cfg.lr, "smoothing": plan.smoothing,
+             "val_nll": val_nll,
              "val_loss": float(s["best_val_loss"]),
              "steps": int(s["steps"]), "best_step": int(s["best_step"]),
              "seconds": round(time.perf_counter() - t0, 3)}

@@ -10,8 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-__all__ = ["EDM_SIGMA_MAX_PER_DATA_STD", "ModelConfig", "PreprocessConfig", "TrainConfig",
-           "default_model_config", "default_train_config"]
+__all__ = ["EDM_SIGMA_MAX_PER_DATA_STD", "OWN_RATE_TYPES", "ModelConfig", "PreprocessConfig",
+           "TrainConfig", "candidate_lr", "default_model_config", "default_train_config"]
 
 EDM_SIGMA_MAX_PER_DATA_STD = 3.0
 """EDM's default largest sigma in units of the rows' std (``edm_data_std``). Starting the
@@ -212,3 +212,16 @@ def default_model_config(model_type: str, dim: int, **given: Any) -> ModelConfig
 def default_train_config(model_type: str, **given: Any) -> TrainConfig:
     """The default training schedule of ``model_type``, ``given`` fields on top."""
     return TrainConfig(**(_TRAIN_DEFAULTS.get(model_type, {}) | given))
+
+
+# Model types that start training at a near-stationary point (residual blocks at the
+# identity, so the flow is the rows' Gaussian fit; FFJORD's near-zero velocity) and hardly
+# leave it at the flows' rate of 1e-3 (bench.resflow_ablation, bench.ffjord_rate). A trainer
+# that sets one rate for all its candidates (fit-anomaly's plans) gives these their own.
+OWN_RATE_TYPES = ("resflow", "ffjord")
+
+
+def candidate_lr(model_type: str, shared_lr: float) -> float:
+    """The rate ``model_type`` trains at where its trainer sets ``shared_lr`` for every
+    candidate: its own default rate for :data:`OWN_RATE_TYPES`, ``shared_lr`` otherwise."""
+    return default_train_config(model_type).lr if model_type in OWN_RATE_TYPES else shared_lr
