@@ -9,6 +9,8 @@
         # ... plus OT-CFM trained for FFJORD's measured wall time (merged likewise)
     python -m bench.flows --only resflow --sets gmm2 8gaussians --tune --jobs 2
         # every TUNE candidate of the residual flow; the best by validation log-likelihood
+    python -m bench.flows --only resflow --sets checkerboard 2spirals --tune 3 4 --jobs 2
+        # TUNE's candidates 3 and 4 only; a set's earlier row stays if its validation is better
     python -m bench.flows --render   # the zoo section again from docs/bench/flows.json
 
 Writes the ``flows`` section of ``docs/BENCHMARKS.md`` (through ``bench.report``) and the raw
@@ -107,6 +109,14 @@ _FAST: dict[str, Any] = {"lr": 2e-3, "ema_decay": 0.999}
 _RESFLOW_1E2: dict[str, Any] = {"lr": 1e-2, "arch": Arch(lipschitz=0.97)}
 _RESFLOW_2E2: dict[str, Any] = {"lr": 2e-2, "arch": Arch(lipschitz=0.97)}
 _RESFLOW_4E2: dict[str, Any] = {"lr": 4e-2, "arch": Arch(lipschitz=0.97)}
+# 32 and 64 blocks: where the 8-block flow trails NSF most (checkerboard, 2spirals), the rate
+# no longer moves it (its three rates within 0.05 nats on validation); depth is the next
+# lever. One 3000-step run of these takes 10 (32 blocks) to 20 minutes (64) on one core, so
+# they run on those two sets only, by position: --tune 3 4 5 6
+_RESFLOW_DEEP_2E2: dict[str, Any] = {"lr": 2e-2, "arch": Arch(lipschitz=0.97, transforms=32)}
+_RESFLOW_DEEP_4E2: dict[str, Any] = {"lr": 4e-2, "arch": Arch(lipschitz=0.97, transforms=32)}
+_RESFLOW_DEEPER_2E2: dict[str, Any] = {"lr": 2e-2, "arch": Arch(lipschitz=0.97, transforms=64)}
+_RESFLOW_DEEPER_4E2: dict[str, Any] = {"lr": 4e-2, "arch": Arch(lipschitz=0.97, transforms=64)}
 
 PLANS: dict[str, Plan] = {
     # Generated sets: 100k rows (80k train, 10k val, 10k test); 3000 x 256 = 768k draws, so
@@ -119,8 +129,8 @@ PLANS: dict[str, Plan] = {
                   by_kind={"maf": _FAST | {"arch": Arch(hidden_features=256)}, "nsf": _FAST,
                            "resflow": _RESFLOW_1E2}),
     "8gaussians": Plan(rows=100_000, steps=3000, by_kind={"resflow": _RESFLOW_4E2}),
-    "checkerboard": Plan(rows=100_000, steps=3000, by_kind={"resflow": _RESFLOW_2E2}),
-    "2spirals": Plan(rows=100_000, steps=3000, by_kind={"resflow": _RESFLOW_4E2}),
+    "checkerboard": Plan(rows=100_000, steps=3000, by_kind={"resflow": _RESFLOW_DEEPER_2E2}),
+    "2spirals": Plan(rows=100_000, steps=3000, by_kind={"resflow": _RESFLOW_DEEPER_4E2}),
     # default_preprocess (dequantize + standardize) fits the std at the cell midpoint, so the
     # always-zero pixels get std = STD_FLOOR and the dequantization noise is blown up by 1e8;
     # dequantize + logit instead (RealNVP's image preprocessing), log-dets counted as always.
@@ -139,7 +149,8 @@ TUNE: dict[str, list[dict[str, Any]]] = {
     # split only. The residual flow barely leaves its initial state at the plans' lr 1e-3
     # (bench.resflow_ablation), so its candidates are higher rates, each with a Lipschitz
     # coefficient of 0.97
-    "resflow": [_RESFLOW_1E2, _RESFLOW_2E2, _RESFLOW_4E2],
+    "resflow": [_RESFLOW_1E2, _RESFLOW_2E2, _RESFLOW_4E2, _RESFLOW_DEEP_2E2, _RESFLOW_DEEP_4E2,
+                _RESFLOW_DEEPER_2E2, _RESFLOW_DEEPER_4E2],
 }
 
 
@@ -327,14 +338,16 @@ def _changed(arch: Arch) -> dict[str, Any]:
     return {f: v for f, v in asdict(arch).items() if v != getattr(default, f)}
 
 
-def tuning_jobs(kinds: list[str], sets: list[str], plans: dict[str, Plan], served: bool
-                ) -> list[tuple[Any, ...]]:
+def tuning_jobs(kinds: list[str], sets: list[str], plans: dict[str, Plan], served: bool,
+                picks: list[int] | None = None) -> list[tuple[Any, ...]]:
     """``--tune``: one job per candidate of ``TUNE`` (each on top of the set plan without
-    its per-flow overrides) for every (flow, set) it names."""
+    its per-flow overrides; only those at positions ``picks`` when given) for every (flow,
+    set) it names."""
     jobs: list[tuple[Any, ...]] = []
     for name in sets:
         for kind in kinds:
-            for cand in TUNE.get(kind, []):
+            cands = TUNE.get(kind, [])
+            for cand in cands if picks is None else [cands[i] for i in picks]:
                 base = replace(plans[name], by_kind={})
                 fields = dict(cand)
                 if "arch" in cand:  # only the fields it changes from Arch(), on the set's
@@ -363,6 +376,21 @@ def pick_tuned(results: list[dict[str, Any]]) -> tuple[list[dict[str, Any]],
             best[key] = r
     return plain + [{k: v for k, v in r.items() if k != "overrides"} for r in best.values()
                     ], records
+
+
+def kept_if_better(results: list[dict[str, Any]], tuning: list[dict[str, Any]],
+                   old: dict[str, Any]) -> list[dict[str, Any]]:
+    """``results`` of a ``--tune`` run over some candidates, each tuned (flow, set) row
+    swapped for the earlier run's where that one's validation log-likelihood is higher."""
+    tuned = {(t["kind"], t["set"]) for t in tuning}
+    before = {(r["kind"], r["set"]): r for r in old.get("results", [])}
+    out = []
+    for r in results:
+        prev = before.get((r["kind"], r["set"]))
+        better = prev is not None and (r["kind"], r["set"]) in tuned and \
+            prev["val"]["log_likelihood"] > r["val"]["log_likelihood"]
+        out.append(prev if better else r)
+    return out
 
 
 # --------------------------------------------------------------------------- report
@@ -513,7 +541,8 @@ def render(payload: dict[str, Any]) -> str:
     wall = "; ".join(f"{w:.0f} s" for w in walls.values())
     parts += ["Reproduce: " + "; ".join(f"`{c}`" for c in cmds), "",
               f"Machine: {payload['machine']}; wall time {wall}. One torch thread per run, "
-              f"{payload['jobs']} runs side by side on a 2-core machine shared with other "
+              + (f"up to {payload['jobs']} runs side by side" if payload["jobs"] > 1 else
+                 "one run at a time") + " on a 2-core machine shared with other "
               f"work ({load}): the s / 1000 steps are loaded timings, compare within this "
               "table only; they include the periodic validation passes.", ""]
     parts += ["Log-likelihoods are of the user's data units (standardization's log-det "
@@ -585,15 +614,20 @@ NOTES = """\
   400-step ones are `python -m bench.resflow_ablation`), in which the rate mattered most.
   With them the residual flow is the closest flow on gmm6 and gmm16 and within 0.05 nats of
   NSF on gmm2 and 8gaussians. On checkerboard and 2spirals (a density with sharp edges, and
-  thin curved arms) it stays 0.28 and 0.35 nats behind NSF, and the three rates' validation
-  figures lie within 0.02 (checkerboard) and 0.05 nats (2spirals) of each other, so the rate
-  no longer explains the rest (a likely reason, not measured here: a spline draws a sharp
-  edge in one coordinate, while a composition of smooth residual maps with bounded slopes
-  approaches one only slowly). One seed per candidate: the validation gaps do not fall
-  monotonically with the rate (gmm2: 0.021, 0.054, 0.029 at 1e-2, 2e-2, 4e-2), so the choice
-  between neighbouring rates is partly noise. Evaluated and exported, every spectral norm is
-  exact (`ResidualFlow.eval()` sets each layer's singular vectors by an SVD): the per-step
-  power iteration lags weights that move at these rates.
+  thin curved arms) the 8-block flow stays 0.28 and 0.35 nats behind NSF, and the three
+  rates' validation figures lie within 0.02 (checkerboard) and 0.05 nats (2spirals) of each
+  other, so the rate no longer explains the rest. Depth does, in part: 32 and 64 blocks
+  (`--tune 3 5` on checkerboard, `--tune 4 6` on 2spirals, at the rate that won there at 8
+  blocks) bring checkerboard to 0.17 and 0.12 nats behind NSF and 2spirals to 0.09 and
+  0.07, each still short of 0.05, at 190 to 390 s per 1000 steps (5 to 11 times the
+  8-block flow's, 5 to 18 times NSF's). Each doubling of depth gains less (2spirals: 0.26
+  nats from 8 to 32 blocks, 0.02 from 32 to 64). A likely reason, not measured here: a
+  spline draws a sharp edge in one coordinate, while a composition of smooth residual maps
+  with bounded slopes approaches one only slowly. One seed per candidate: the validation
+  gaps do not fall monotonically with the rate (gmm2: 0.021, 0.054, 0.029 at 1e-2, 2e-2,
+  4e-2), so the choice between neighbouring rates is partly noise. Evaluated and exported,
+  every spectral norm is exact (`ResidualFlow.eval()` sets each layer's singular vectors by
+  an SVD): the per-step power iteration lags weights that move at these rates.
 - TarFlow (vector tokens) was not run at this budget: its 400-step runs took 180 to 530 s per
   1000 steps at width 64 with 4 blocks, 3 to 4 times NSF's in the same runs ("Flow families
   at a reduced budget"); its image variant is in the images section.
@@ -635,6 +669,7 @@ def publish(results: list[dict[str, Any]], *, command: str, quick: bool, jobs: i
             kept = [r for r in old["results"] if (r["kind"], r["set"]) not in done]
             payload["results"] = kept + results
             payload["plans"] = old.get("plans", {}) | payload["plans"]
+            payload["jobs"] = max(jobs, old.get("jobs", jobs))  # of every merged run
             if kept:
                 old_walls = old.get("wall_by_command",
                                     {old["command"]: old.get("wall_seconds", 0.0)})
@@ -676,9 +711,11 @@ def main(argv: list[str] | None = None) -> int:
                         f"log_likelihood rows/s at {SERVED_ROWS}-row calls")
     parser.add_argument("--render", action="store_true", help="rewrite the zoo section from "
                         f"{JSON_PATH.relative_to(ROOT)} and the notes in this file; run nothing")
-    parser.add_argument("--tune", action="store_true", help="train every candidate of "
-                        "TUNE for the flows in --only that it names, keep the one with the "
-                        "lowest validation gap and record the others in the Tuning table")
+    parser.add_argument("--tune", nargs="*", type=int, metavar="I", help="train every "
+                        "candidate of TUNE (or those at positions I) for the flows in --only "
+                        "that it names, keep the one with the lowest validation gap (an "
+                        "earlier run's row stays where its gap is lower) and record the "
+                        "others in the Tuning table")
     parser.add_argument("--equal-time", action="store_true", help="reduced budget: also "
                         "OT-CFM trained for as long as FFJORD took on each set (needs ffjord "
                         "in --only)")
@@ -705,12 +742,12 @@ def main(argv: list[str] | None = None) -> int:
     command = command_line("bench.flows", argv)
 
     jobs = [(k, s, plans[s], SEED, args.served) for s in sets for k in kinds
-            if not (args.tune and k in TUNE)]
-    if args.tune:
+            if not (args.tune is not None and k in TUNE)]
+    if args.tune is not None:
         if subset:
             parser.error("--tune chooses configurations at the zoo's budget: drop --steps "
                          "and --rows")
-        jobs += tuning_jobs(kinds, sets, plans, args.served)
+        jobs += tuning_jobs(kinds, sets, plans, args.served, args.tune or None)
     if args.jobs > 1:
         jobs.sort(key=lambda j: -_cost(j[0], j[1], j[2]))
     print(f"[flows] {len(jobs)} runs, jobs={args.jobs}: {command}", flush=True)
@@ -752,6 +789,8 @@ def main(argv: list[str] | None = None) -> int:
                        merge=args.served or args.equal_time)
         return 0
     results, tuning = pick_tuned(results)
+    if args.tune and JSON_PATH.exists() and not args.quick:  # some candidates: the best stays
+        results = kept_if_better(results, tuning, json.loads(JSON_PATH.read_text()))
     for r in tuning:
         print(f"[flows] tuning {r['set']} {r['kind']} {r['overrides'] or '(set plan)'}: "
               f"val log-lik {r['val_log_likelihood']:.4f}", flush=True)
