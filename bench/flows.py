@@ -137,10 +137,11 @@ PLANS: dict[str, Plan] = {
     "digits": Plan(rows=None, steps=3000, weight_decay=1e-4, eval_every=100, patience=5,
                    preprocess={"dequantize": True, "levels": 17, "standardize": False,
                                "logit_alpha": 0.05},
-                   max_steps={"iaf": 300}),
+                   max_steps={"iaf": 300}, by_kind={"resflow": _RESFLOW_4E2}),
     "breast_cancer": Plan(rows=None, steps=2000, weight_decay=1e-3, eval_every=50, patience=6,
-                          max_steps={"iaf": 1000}),
-    "wine": Plan(rows=None, steps=2000, weight_decay=1e-3, eval_every=50, patience=6),
+                          max_steps={"iaf": 1000}, by_kind={"resflow": _RESFLOW_1E2}),
+    "wine": Plan(rows=None, steps=2000, weight_decay=1e-3, eval_every=50, patience=6,
+                 by_kind={"resflow": _RESFLOW_2E2}),
 }
 
 
@@ -628,6 +629,12 @@ NOTES = """\
   4e-2), so the choice between neighbouring rates is partly noise. Evaluated and exported,
   every spectral norm is exact (`ResidualFlow.eval()` sets each layer's singular vectors by
   an SVD): the per-step power iteration lags weights that move at these rates.
+- The residual flow on digits and the small tables (`--tune 0 1 2`: the three 8-block
+  candidates, early stopping as every flow there): on digits 2.137 bits/dim, third after
+  nsf_ar and nsf (2.018, 2.026) and ahead of maf and realnvp, at 85 to 100 s per 1000 steps
+  (the exact 64-dimensional log-det is only evaluated on the validation and test rows); on
+  breast_cancer the highest test log-likelihood of every flow (37.9 nats, glow 31.8), also
+  the best on validation; on wine among the others (-26.8; 18 test rows, s.e. 3.7).
 - TarFlow (vector tokens) was not run at this budget: its 400-step runs took 180 to 530 s per
   1000 steps at width 64 with 4 blocks, 3 to 4 times NSF's in the same runs ("Flow families
   at a reduced budget"); its image variant is in the images section.
@@ -807,6 +814,7 @@ def subset_targets(results: list[dict[str, Any]]) -> list[str]:
     """The issue's targets a reduced run can speak to, each met / not met / not measured."""
     by = {(r["set"], r["kind"]): r["test"] for r in results}
     pace = {(r["set"], r["kind"]): r["seconds_per_1000_steps"] for r in results}
+    dims = {r["set"]: r["dim"] for r in results}
     lines = []
     for name in sorted({r["set"] for r in results}):
         ff, ot = by.get((name, "ffjord")), by.get((name, "otcfm"))
@@ -827,8 +835,11 @@ def subset_targets(results: list[dict[str, Any]]) -> list[str]:
         if rf and nsf:
             diff = nsf["log_likelihood"] - rf["log_likelihood"]
             side = "below" if diff > 0 else "above"
-            lines.append(f"- {name}: residual flow {abs(diff):.3f} nats {side} NSF (target: at "
-                         f"most 0.05 below): **{'met' if diff <= 0.05 else 'not met'}**")
+            # the issue sets this target on the 2-D toys; other sets show the difference only
+            verdict = (f"(target: at most 0.05 below): **{'met' if diff <= 0.05 else 'not met'}**"
+                       if dims[name] == 2 else f"(D = {dims[name]}: no target, which the "
+                       "issue sets on the 2-D toys)")
+            lines.append(f"- {name}: residual flow {abs(diff):.3f} nats {side} NSF {verdict}")
     return lines
 
 
