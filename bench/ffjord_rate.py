@@ -129,9 +129,10 @@ from converged (gap 0.20). At five times the steps, at its default rate of 1e-2 
 bench.suite's tuning half), FFJORD's gap falls to 0.066 nats in 967 s. In the same 967 s
 OT-CFM takes 74 000 to 77 000 steps and reaches 0.031 (lr 3e-2; 0.037 at 1e-2): OT-CFM is
 0.035 nats ahead, about 9 s.e. of the two gaps. The longer clock does not turn the result.
-One FFJORD step (an adaptive dopri5 solve with a forward-mode JVP, backpropagated through
-every solver step) costs 0.48 s here, 38 times an OT-CFM step (0.013 s). Over the first 400
-steps it cost 0.10 s: the field sharpens and the solver takes more steps. Per step, maximum
+FFJORD's steps (an adaptive dopri5 solve with a forward-mode JVP, backpropagated through
+every solver step) average 0.48 s here, 38 times OT-CFM's (0.013 s), against 0.10 s in the
+400-step run: as the field sharpens, the solver takes more steps (likely; the solver's step
+counts were not recorded). Per step, maximum
 likelihood gains more likelihood; per second of CPU at this network size, simulation-free
 regression gains more. Only 8gaussians ran at this clock (2924 s of wall for the three runs).
 gmm2 (a tie at 400 steps), checkerboard and 2spirals did not. One seed.
