@@ -49,8 +49,6 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 import argparse  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
-import shlex  # noqa: E402
-import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -658,11 +656,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-write", action="store_true", help="print only; write nothing")
     args = parser.parse_args(argv)
     from bench.jobs import run_jobs
-    from bench.report import machine_line, write_results
+    from bench.report import command_line, machine_line, write_results
 
     sets = args.sets or ALL_SETS
-    command = "python -m bench.anomaly " + " ".join(
-        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    command = command_line("bench.anomaly", argv)
     units = [(s, seed) for s in sets for seed in args.seeds]
     print(f"[anomaly] {len(units)} units, jobs={args.jobs}: {command}", flush=True)
     start = time.perf_counter()

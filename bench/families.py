@@ -33,8 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shlex
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field, replace
@@ -659,8 +657,9 @@ def main(argv: list[str] | None = None) -> int:
     options: dict[str, Any] = {"split": args.split}
     if args.quick:
         options |= {"steps": 200, "held_out": 300, "ll_rows": 50, "target_seeds": 2}
-    command = ("python -m bench.families " + " ".join(
-        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))).strip()
+    from bench.report import command_line, machine_line, write_results
+
+    command = command_line("bench.families", argv)
     print(f"[families] {command}", flush=True)
     start = time.perf_counter()
     jobs = [(s, plans, reflow_plan, options) for s in args.sets]
@@ -687,8 +686,6 @@ def main(argv: list[str] | None = None) -> int:
             merged_from = {"command": "`, `".join(origins),
                            "sets": list(dict.fromkeys(r["set"] for r in kept))}
     results.sort(key=lambda r: SETS.index(r["set"]))
-
-    from bench.report import machine_line, write_results
 
     payload: dict[str, Any] = {
         "command": command, "machine": machine_line(), "quick": args.quick, "jobs": args.jobs,

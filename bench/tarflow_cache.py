@@ -16,7 +16,6 @@ docs/BENCHMARKS.md and docs/bench/tarflow_cache.json.
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 import tempfile
 import time
@@ -26,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.report import machine_line, markdown_table, rerender, write_results
+from bench.report import command_line, machine_line, markdown_table, rerender, write_results
 from bench.runtimes import time_interleaved
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -161,8 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for tokens in args.tokens:
             rows += measure(tokens, args.batches, args.repeats, Path(tmp))
-    given = sys.argv[1:] if argv is None else argv
-    payload = {"command": " ".join(["python -m bench.tarflow_cache", *map(shlex.quote, given)]),
+    payload = {"command": command_line("bench.tarflow_cache", argv),
                "machine": machine_line(), "wall_s": time.perf_counter() - start,
                "arch": ARCH, "rows": rows}
     write_results(SECTION, render(payload), JSON_PATH, payload)
