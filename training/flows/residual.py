@@ -107,6 +107,16 @@ class SpectralLinear(nn.Linear):
         self.u.copy_(u.to(self.u.dtype))
         self.v.copy_(v.to(self.v.dtype))
 
+    def train(self, mode: bool = True) -> SpectralLinear:
+        """Switching to eval mode first settles the spectral norm exactly on the weight as it
+        is now (:meth:`settle`: the last step's update came after its power iteration, which
+        converges slowly when the top singular values are close), so a layer that is
+        evaluated, kept as the best state or exported, wherever it sits, holds its norm at
+        most ``coeff``."""
+        if not mode:
+            self.settle()
+        return super().train(mode)
+
     def normalized_weight(self) -> Tensor:
         sigma = self.u @ self.weight @ self.v
         return self.weight / torch.clamp(sigma.abs() / self.coeff, min=1.0)
@@ -304,19 +314,6 @@ class ResidualFlow(Flow):
                  context_features: int = 0) -> None:
         super().__init__(dim, transforms, context_features)
         self.series_terms = series_terms
-
-    def train(self, mode: bool = True) -> ResidualFlow:
-        """Switching to eval mode first settles every spectral norm exactly on the weights as
-        they are now (:meth:`SpectralLinear.settle`: the last step's update came after its
-        power iteration, which converges slowly when the top singular values are close), so
-        a flow that is evaluated, kept as the best state or exported holds ``Lip(g) <=
-        coeff^layers < 1``."""
-        if not mode:
-            for transform in self.transforms:
-                if isinstance(transform, ResidualBlock):
-                    for linear in transform.linears:
-                        linear.settle()
-        return super().train(mode)
 
     @property
     def serves_exact_log_det(self) -> bool:
