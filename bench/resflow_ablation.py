@@ -47,23 +47,20 @@ VARIANTS: list[tuple[str, dict[str, Any], bool]] = [
 @contextlib.contextmanager
 def exact_log_det_training() -> Iterator[None]:
     """While open, ``ResidualFlow.training_loss`` is the negative exact log-likelihood (the
-    served ``log_prob``), after the same power iteration per step."""
-    from training.flows.residual import ResidualBlock, ResidualFlow
+    served ``log_prob``) in place of the roulette estimate, after the same power iteration
+    per step (``training_loss`` itself runs it)."""
+    from training.flows.residual import ResidualFlow
 
-    roulette = ResidualFlow.training_loss
+    roulette = ResidualFlow.estimated_log_prob
 
     def exact(self: Any, x: Any, generator: Any = None, context: Any = None) -> Any:
-        if self.training:
-            for t in self.transforms:
-                if isinstance(t, ResidualBlock):
-                    t.power_iteration()
-        return -self.log_prob(x, context=context).mean()
+        return self.log_prob(x, context=context)
 
-    ResidualFlow.training_loss = exact  # type: ignore[method-assign]
+    ResidualFlow.estimated_log_prob = exact  # type: ignore[method-assign]
     try:
         yield
     finally:
-        ResidualFlow.training_loss = roulette  # type: ignore[method-assign]
+        ResidualFlow.estimated_log_prob = roulette  # type: ignore[method-assign]
 
 
 def gaussian_fit(name: str, rows: int) -> dict[str, Any]:
