@@ -32,7 +32,6 @@ import argparse
 import json
 import math
 import os
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -240,10 +239,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--merge", action="store_true",
                         help="keep the other models' rows from docs/bench/images.json")
     args = parser.parse_args(argv)
-    from bench.report import machine_line
+    from bench.report import command_line, machine_line
 
-    command = "python -m bench.images " + shlex.join(sys.argv[1:] if argv is None else argv)
-    run_line = f"`{command.strip()}` ({machine_line()})"
+    command = command_line("bench.images", argv)
+    run_line = f"`{command}` ({machine_line()})"
     results = run(args.models, args.quick, args.jobs)
     for row in results["models"].values():
         row["run"] = run_line
@@ -254,8 +253,8 @@ def main(argv: list[str] | None = None) -> int:
                                  "run", f"`{old.get('command', 'python -m bench.images')}`")}
                              for kind in MODELS
                              if kind in results["models"] or kind in old["models"]}
-    results["command"] = command.strip()
-    text = markdown(results, command.strip())
+    results["command"] = command
+    text = markdown(results, command)
     print(text)
     if not args.no_write:
         from bench.report import write_section
