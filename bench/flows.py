@@ -8,7 +8,7 @@
     python -m bench.flows --only ffjord otcfm --sets gmm2 --steps 400 --rows 5000 --equal-time
         # ... plus OT-CFM trained for FFJORD's measured wall time (merged likewise)
     python -m bench.flows --only resflow --sets gmm2 8gaussians --tune --jobs 2
-        # every TUNE candidate of the residual flow; the best by validation log-likelihood
+        # TUNE's 8-block candidates (BARE_TUNE) of the residual flow; the best by validation
     python -m bench.flows --only resflow --sets checkerboard 2spirals --tune 3 4 --jobs 2
         # TUNE's candidates 3 and 4 only; a set's earlier row stays if its validation is better
     python -m bench.flows --render   # the zoo section again from docs/bench/flows.json
@@ -153,6 +153,10 @@ TUNE: dict[str, list[dict[str, Any]]] = {
     "resflow": [_RESFLOW_1E2, _RESFLOW_2E2, _RESFLOW_4E2, _RESFLOW_DEEP_2E2, _RESFLOW_DEEP_4E2,
                 _RESFLOW_DEEPER_2E2, _RESFLOW_DEEPER_4E2],
 }
+BARE_TUNE: dict[str, int] = {"resflow": 3}
+"""How many leading candidates of ``TUNE`` a bare ``--tune`` (no positions) trains: the
+residual flow's deep ones (hours on every set) run only where named by position, so the
+commands recorded before they existed still mean the same runs."""
 
 
 def plan_for(plan: Plan, kind: str) -> Plan:
@@ -342,13 +346,15 @@ def _changed(arch: Arch) -> dict[str, Any]:
 def tuning_jobs(kinds: list[str], sets: list[str], plans: dict[str, Plan], served: bool,
                 picks: list[int] | None = None) -> list[tuple[Any, ...]]:
     """``--tune``: one job per candidate of ``TUNE`` (each on top of the set plan without
-    its per-flow overrides; only those at positions ``picks`` when given) for every (flow,
-    set) it names."""
+    its per-flow overrides; those at positions ``picks`` when given, else the first
+    ``BARE_TUNE`` of them) for every (flow, set) it names."""
     jobs: list[tuple[Any, ...]] = []
     for name in sets:
         for kind in kinds:
             cands = TUNE.get(kind, [])
-            for cand in cands if picks is None else [cands[i] for i in picks]:
+            chosen = (cands[:BARE_TUNE.get(kind, len(cands))] if picks is None
+                      else [cands[i] for i in picks])
+            for cand in chosen:
                 base = replace(plans[name], by_kind={})
                 fields = dict(cand)
                 if "arch" in cand:  # only the fields it changes from Arch(), on the set's
@@ -718,8 +724,9 @@ def main(argv: list[str] | None = None) -> int:
                         f"log_likelihood rows/s at {SERVED_ROWS}-row calls")
     parser.add_argument("--render", action="store_true", help="rewrite the zoo section from "
                         f"{JSON_PATH.relative_to(ROOT)} and the notes in this file; run nothing")
-    parser.add_argument("--tune", nargs="*", type=int, metavar="I", help="train every "
-                        "candidate of TUNE (or those at positions I) for the flows in --only "
+    parser.add_argument("--tune", nargs="*", type=int, metavar="I", help="train the "
+                        "candidates of TUNE (those at positions I; none given: the first "
+                        "BARE_TUNE of each flow) for the flows in --only "
                         "that it names, keep the one with the lowest validation gap (an "
                         "earlier run's row stays where its gap is lower) and record the "
                         "others in the Tuning table")

@@ -3,7 +3,7 @@ and a partial --tune never replaces a better earlier row."""
 
 from __future__ import annotations
 
-from bench.flows import PLANS, TUNE, kept_if_better, pick_tuned, tuning_jobs
+from bench.flows import BARE_TUNE, PLANS, TUNE, kept_if_better, pick_tuned, tuning_jobs
 
 
 def _row(kind: str, name: str, val: float, test: float, **extra: object) -> dict:
@@ -13,11 +13,19 @@ def _row(kind: str, name: str, val: float, test: float, **extra: object) -> dict
 
 
 def test_tune_positions_pick_those_candidates_only() -> None:
-    every = tuning_jobs(["resflow"], ["checkerboard"], PLANS, served=False)
+    every = tuning_jobs(["resflow"], ["checkerboard"], PLANS, served=False,
+                        picks=list(range(len(TUNE["resflow"]))))
     some = tuning_jobs(["resflow"], ["checkerboard"], PLANS, served=False, picks=[3, 4])
     assert len(every) == len(TUNE["resflow"]) and len(some) == 2
     assert [j[5] for j in some] == [j[5] for j in every[3:5]]
     assert {j[2].arch.transforms for j in some} == {32}
+
+
+def test_a_bare_tune_leaves_the_deep_candidates_to_positions() -> None:
+    """The commands recorded before the deep candidates existed still mean the same runs."""
+    bare = tuning_jobs(["resflow"], ["gmm2", "wine"], PLANS, served=False)
+    assert len(bare) == 2 * BARE_TUNE["resflow"] < 2 * len(TUNE["resflow"])
+    assert {j[2].arch.transforms for j in bare} == {PLANS["gmm2"].arch.transforms}
 
 
 def test_the_best_by_validation_is_kept_whatever_the_test_says() -> None:
