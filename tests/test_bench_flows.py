@@ -3,7 +3,15 @@ and a partial --tune never replaces a better earlier row."""
 
 from __future__ import annotations
 
-from bench.flows import BARE_TUNE, PLANS, TUNE, kept_if_better, pick_tuned, tuning_jobs
+from bench.flows import (
+    BARE_TUNE,
+    PLANS,
+    TUNE,
+    kept_if_better,
+    pick_tuned,
+    subset_targets,
+    tuning_jobs,
+)
 
 
 def _row(kind: str, name: str, val: float, test: float, **extra: object) -> dict:
@@ -41,3 +49,19 @@ def test_a_partial_tune_keeps_an_earlier_row_with_a_better_validation() -> None:
     tuning = [{"kind": "resflow", "set": s} for s in ("gmm2", "gmm6")]
     kept = kept_if_better(new, tuning, old)
     assert [r["val"]["log_likelihood"] for r in kept] == [-2.0, -8.0]
+
+
+def test_family_lines_need_no_dim_and_name_where_each_target_is() -> None:
+    """Slim rows of earlier subset runs carry no "dim"; TarFlow and FFJORD without OT-CFM
+    beside them get their distance to NSF and a pointer to their own targets."""
+    def slim(kind: str, ll: float) -> dict:
+        return {"set": "gmm2", "kind": kind, "seconds_per_1000_steps": 1.0,
+                "test": {"log_likelihood": ll}}
+
+    lines = subset_targets([slim("nsf", -3.0), slim("tarflow", -3.2), slim("ffjord", -2.9),
+                            slim("resflow", -3.01)])
+    assert lines[0].endswith("**met**") and "residual flow 0.010 nats below" in lines[0]
+    assert "TarFlow 0.200 nats below NSF" in lines[1] and "digits_image" in lines[1]
+    assert "FFJORD 0.100 nats above NSF" in lines[2] and "OT-CFM" in lines[2]
+    with_otcfm = subset_targets([slim("nsf", -3.0), slim("ffjord", -2.9), slim("otcfm", -3.1)])
+    assert len(with_otcfm) == 1 and "vs OT-CFM's PF-ODE" in with_otcfm[0]
