@@ -11,6 +11,8 @@
         # TUNE's 8-block candidates (BARE_TUNE) of the residual flow; the best by validation
     python -m bench.flows --only resflow --sets checkerboard 2spirals --tune 3 4 --jobs 2
         # TUNE's candidates 3 and 4 only; a set's earlier row stays if its validation is better
+    python -m bench.flows --only ffjord --sets gmm2 8gaussians checkerboard 2spirals
+        # FFJORD at its defaults (training.config), in the zoo's tables; only by --only
     python -m bench.flows --render   # the zoo section again from docs/bench/flows.json
 
 Writes the ``flows`` section of ``docs/BENCHMARKS.md`` (through ``bench.report``) and the raw
@@ -103,6 +105,18 @@ class Plan:
     max_seconds: float | None = None
 
 
+def _default_rate(kind: str) -> float:
+    from training.config import default_train_config
+
+    return default_train_config(kind).lr
+
+
+def _default_width() -> int:
+    from training.config import ModelConfig
+
+    return int(ModelConfig.model_fields["hidden_features"].default)
+
+
 # the tuned variant tried for the best-flow candidates: higher peak lr, EMA of the weights
 _FAST: dict[str, Any] = {"lr": 2e-3, "ema_decay": 0.999}
 # the residual flow's candidates of TUNE that won on each set's validation split
@@ -117,20 +131,28 @@ _RESFLOW_DEEP_2E2: dict[str, Any] = {"lr": 2e-2, "arch": Arch(lipschitz=0.97, tr
 _RESFLOW_DEEP_4E2: dict[str, Any] = {"lr": 4e-2, "arch": Arch(lipschitz=0.97, transforms=32)}
 _RESFLOW_DEEPER_2E2: dict[str, Any] = {"lr": 2e-2, "arch": Arch(lipschitz=0.97, transforms=64)}
 _RESFLOW_DEEPER_4E2: dict[str, Any] = {"lr": 4e-2, "arch": Arch(lipschitz=0.97, transforms=64)}
+# FFJORD at its defaults (training.config: the class network, 64 x 2, and its own rate, chosen
+# on bench.suite's tuning half); at the flows' lr 1e-3 its velocity hardly leaves zero
+_FFJORD_DEFAULT: dict[str, Any] = {"lr": _default_rate("ffjord"),
+                                   "arch": Arch(hidden_features=_default_width())}
 
 PLANS: dict[str, Plan] = {
     # Generated sets: 100k rows (80k train, 10k val, 10k test); 3000 x 256 = 768k draws, so
     # the smaller 30k-row sets were over-fitted (best validation before the last step).
     # by_kind: the configuration with the lower validation gap (Tuning table of the section).
-    "gmm2": Plan(rows=100_000, steps=3000, by_kind={"resflow": _RESFLOW_1E2}),
+    "gmm2": Plan(rows=100_000, steps=3000,
+                 by_kind={"resflow": _RESFLOW_1E2, "ffjord": _FFJORD_DEFAULT}),
     "gmm6": Plan(rows=100_000, steps=3000, max_steps={"iaf": 500},
                  by_kind={"nsf": _FAST, "nsf_ar": _FAST, "resflow": _RESFLOW_1E2}),
     "gmm16": Plan(rows=100_000, steps=3000, max_steps={"iaf": 300},
                   by_kind={"maf": _FAST | {"arch": Arch(hidden_features=256)}, "nsf": _FAST,
                            "resflow": _RESFLOW_1E2}),
-    "8gaussians": Plan(rows=100_000, steps=3000, by_kind={"resflow": _RESFLOW_4E2}),
-    "checkerboard": Plan(rows=100_000, steps=3000, by_kind={"resflow": _RESFLOW_DEEPER_2E2}),
-    "2spirals": Plan(rows=100_000, steps=3000, by_kind={"resflow": _RESFLOW_DEEPER_4E2}),
+    "8gaussians": Plan(rows=100_000, steps=3000,
+                       by_kind={"resflow": _RESFLOW_4E2, "ffjord": _FFJORD_DEFAULT}),
+    "checkerboard": Plan(rows=100_000, steps=3000,
+                         by_kind={"resflow": _RESFLOW_DEEPER_2E2, "ffjord": _FFJORD_DEFAULT}),
+    "2spirals": Plan(rows=100_000, steps=3000,
+                     by_kind={"resflow": _RESFLOW_DEEPER_4E2, "ffjord": _FFJORD_DEFAULT}),
     # default_preprocess (dequantize + standardize) fits the std at the cell midpoint, so the
     # always-zero pixels get std = STD_FLOOR and the dequantization noise is blown up by 1e8;
     # dequantize + logit instead (RealNVP's image preprocessing), log-dets counted as always.
@@ -641,9 +663,27 @@ NOTES = """\
   (the exact 64-dimensional log-det is only evaluated on the validation and test rows); on
   breast_cancer the highest test log-likelihood of every flow (37.9 nats, glow 31.8), also
   the best on validation; on wine among the others (-26.8; 18 test rows, s.e. 3.7).
-- TarFlow (vector tokens) was not run at this budget: its 400-step runs took 180 to 530 s per
-  1000 steps at width 64 with 4 blocks, 3 to 4 times NSF's in the same runs ("Flow families
-  at a reduced budget"); its image variant is in the images section.
+- TarFlow (vector tokens of one value each) trains with the plans' network and rate: 8 blocks
+  of 2 causal transformer layers of width 128 (2.1 million parameters, 10 to 15 times the
+  other flows'), lr 1e-3. Its gaps: gmm2 0.097, gmm6 0.094, gmm16 0.375, 8gaussians 0.140,
+  checkerboard 0.211; on 2spirals 0.39 nats below NSF. It is level with NSF on gmm6 and ahead
+  of it on gmm16 (0.475), behind the residual flow and MAF there (0.105, 0.202). On the 2-D
+  sets a block has two tokens: it maps the first coordinate by a constant affine map and the
+  second by an affine map given the first, which is an affine coupling. So it lands beside
+  RealNVP and Glow (8gaussians 0.139, 0.121), not beside the splines: the attention has one
+  earlier token to read. TarFlow's issue target is on images (digits_image against
+  glow_image at equal parameters: met, images section). Not run here: digits and the
+  tables (a 64-token sequence per row on digits).
+- FFJORD runs at its defaults (`training.config`: the 64 x 2 velocity network, 5.5 thousand
+  parameters, at its own rate of 1e-2, chosen on bench.suite's tuning half), Hutchinson's
+  trace in training, the exact divergence for validation and test, and only by `--only
+  ffjord` (it is a flow-matching model for serving). Its gaps: gmm2 0.097, 8gaussians
+  0.068. Each step is an adaptive dopri5 solve backpropagated step by step, at 510 to 525 s
+  per 1000 steps here (loaded timings), the dearest flow in these tables per step with the
+  fewest parameters. Its best validation came at step 2250 of 3000 on both sets. FFJORD's
+  issue target is against OT-CFM at equal wall time, not against NSF (sections "FFJORD
+  against OT-CFM at equal wall time"). There it is missed on 8gaussians at 400 and at 2000
+  steps. Not run here: checkerboard, 2spirals, gmm6, gmm16, digits and the tables.
 """
 
 
@@ -901,10 +941,11 @@ and OT-CFM 0.017x (tens of adaptive dopri5 steps, each a velocity and divergence
 Here 400 steps on 5000 rows: every model is far from converged, so the gaps say more about
 speed of learning than about capacity. The residual flow at the zoo's budget (3000 steps on
 100k rows; gmm2, gmm6, gmm16, 8gaussians, checkerboard, 2spirals) is in the flow zoo
-section. **Not measured** at that budget: FFJORD and TarFlow (vector tokens), and digits
-(bits/dim) for the residual flow and FFJORD. TarFlow on digits_image against glow_image at
-equal parameters, with its samples beside glow_image's, is in the images section
-(`python -m bench.images`).
+section, and so are TarFlow (vector tokens: the Gaussian mixtures and the 2-D toys) and
+FFJORD at its defaults (gmm2 and 8gaussians). **Not measured** at that budget: TarFlow on digits
+and the tables, FFJORD on the other sets. TarFlow on digits_image
+against glow_image at equal parameters, with its samples beside glow_image's, is in the
+images section (`python -m bench.images`).
 
 Run 3 repeats FFJORD and OT-CFM at 400 steps (the same test log-likelihoods as runs 1 and
 2, to the fourth decimal) and then trains OT-CFM for as long as FFJORD's loop took on each

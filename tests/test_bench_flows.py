@@ -7,8 +7,10 @@ from bench.flows import (
     BARE_TUNE,
     PLANS,
     TUNE,
+    configs,
     kept_if_better,
     pick_tuned,
+    plan_for,
     subset_targets,
     tuning_jobs,
 )
@@ -65,3 +67,18 @@ def test_family_lines_need_no_dim_and_name_where_each_target_is() -> None:
     assert "FFJORD 0.100 nats above NSF" in lines[2] and "OT-CFM" in lines[2]
     with_otcfm = subset_targets([slim("nsf", -3.0), slim("ffjord", -2.9), slim("otcfm", -3.1)])
     assert len(with_otcfm) == 1 and "vs OT-CFM's PF-ODE" in with_otcfm[0]
+
+
+def test_the_zoo_trains_ffjord_at_its_defaults() -> None:
+    """FFJORD's zoo rows are what `genserve train --model ffjord` gives (network and rate),
+    at the zoo's steps and batch."""
+    from training.config import ModelConfig, default_model_config, default_train_config
+
+    for name in ("gmm2", "8gaussians", "checkerboard", "2spirals"):
+        model_cfg, train_cfg, _ = configs(plan_for(PLANS[name], "ffjord"), "ffjord")
+        default = default_model_config("ffjord", 2)
+        assert (model_cfg.hidden_features, model_cfg.hidden_layers) == \
+            (default.hidden_features, default.hidden_layers) == \
+            (ModelConfig().hidden_features, ModelConfig().hidden_layers)
+        assert train_cfg.lr == default_train_config("ffjord").lr != PLANS[name].lr
+        assert (train_cfg.steps, train_cfg.batch_size) == (3000, 256)
