@@ -678,15 +678,16 @@ NOTES = """\
 - FFJORD runs at its defaults (`training.config`: the 64 x 2 velocity network, 5.5 thousand
   parameters, at its own rate of 1e-2, chosen on bench.suite's tuning half), Hutchinson's
   trace in training, the exact divergence for validation and test, and only by `--only
-  ffjord` (it is a flow-matching model for serving). Its gaps: gmm2 0.097, 8gaussians
-  0.068, checkerboard 0.452; on 2spirals 0.018 nats below NSF, closer than every other flow
-  there. Each step is an adaptive dopri5 solve backpropagated step by step, at 510 to 800 s
-  per 1000 steps here (loaded timings), the dearest flow in these tables per step with the
-  fewest parameters. On checkerboard, whose density has sharp edges, a smooth velocity field
-  of this size does worst of all; on the thin curved arms of 2spirals it does best after
-  NSF. FFJORD's issue target is against OT-CFM at equal wall time, not against NSF
-  (sections "FFJORD against OT-CFM at equal wall time"). There it is missed on 8gaussians
-  at 400 and at 2000 steps. Not run here: gmm6, gmm16, digits and the tables.
+  ffjord` (it is a flow-matching model for serving). Its gaps: gmm2 0.097, 8gaussians 0.068,
+  checkerboard 0.452; on 2spirals 0.018 nats below NSF, ahead of the residual flow and
+  TarFlow (the other flows measured there). Each step is an adaptive dopri5 solve
+  backpropagated step by step, at 510 to 800 s per 1000 steps here (loaded timings), the
+  dearest flow in these tables per step with the fewest parameters. On checkerboard, whose
+  density has sharp edges, a smooth velocity field of this size does worst of all; on the
+  thin curved arms of 2spirals it is close to NSF. FFJORD's issue target is against OT-CFM
+  at equal wall time, not against NSF (sections "FFJORD against OT-CFM at equal wall time").
+  There it is missed on 8gaussians at 400 and at 2000 steps. Not run here: gmm6, gmm16,
+  digits and the tables.
 """
 
 
