@@ -105,16 +105,14 @@ class Plan:
     max_seconds: float | None = None
 
 
-def _default_rate(kind: str) -> float:
-    from training.config import default_train_config
+def _defaults_of(kind: str, dim: int) -> dict[str, Any]:
+    """The plan overrides that train ``kind`` as ``genserve train`` does on ``dim``-D rows:
+    its default rate and network (``training.config``)."""
+    from training.config import default_model_config, default_train_config
 
-    return default_train_config(kind).lr
-
-
-def _default_width() -> int:
-    from training.config import ModelConfig
-
-    return int(ModelConfig.model_fields["hidden_features"].default)
+    net = default_model_config(kind, dim)
+    return {"lr": default_train_config(kind).lr,
+            "arch": Arch(hidden_features=net.hidden_features, hidden_layers=net.hidden_layers)}
 
 
 # the tuned variant tried for the best-flow candidates: higher peak lr, EMA of the weights
@@ -133,8 +131,7 @@ _RESFLOW_DEEPER_2E2: dict[str, Any] = {"lr": 2e-2, "arch": Arch(lipschitz=0.97, 
 _RESFLOW_DEEPER_4E2: dict[str, Any] = {"lr": 4e-2, "arch": Arch(lipschitz=0.97, transforms=64)}
 # FFJORD at its defaults (training.config: the class network, 64 x 2, and its own rate, chosen
 # on bench.suite's tuning half); at the flows' lr 1e-3 its velocity hardly leaves zero
-_FFJORD_DEFAULT: dict[str, Any] = {"lr": _default_rate("ffjord"),
-                                   "arch": Arch(hidden_features=_default_width())}
+_FFJORD_DEFAULT: dict[str, Any] = _defaults_of("ffjord", 2)  # the 2-D toys only
 
 PLANS: dict[str, Plan] = {
     # Generated sets: 100k rows (80k train, 10k val, 10k test); 3000 x 256 = 768k draws, so
